@@ -1,0 +1,312 @@
+"""``salun-audit``: generate images for a prompt CSV with a base or erased Stable Diffusion and audit them.
+
+    salun-audit --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 --erasure out/nudity \\
+        --prompts ../shared/data/prompts/i2p_nudity_142.csv --output_dir audits/erased --compare_to audits/base
+
+Also under ``accelerate launch`` (each process draws and judges a share of the prompts; the main process merges).
+The output folder holds ``images/{case_number}.png``, ``nudenet/{case_number}.json`` (detection cache),
+``settings.json``, ``results.json``, ``report.md`` and ``nudity_classes.png``. A killed run resumes where it stopped;
+a finished audit is never redrawn or overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..utils import DTYPES, resolve_dtype, write_json
+from . import report
+from .generate import generate_images, image_path, missing_images
+from .nudenet import DEFAULT_THRESHOLD, EXPOSED_CLASSES, NudeNetDetector, detect_images, nudity_summary
+from .prompts import read_prompts, shard_rows
+
+logger = logging.getLogger(__name__)
+
+JUDGES = ("nudenet", "none")
+SETTINGS_FILE = "settings.json"
+# Fields that do not change what an audit measures (they may differ when resuming or re-reporting).
+_RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size"}
+# Fields that change the images: a resumed run must match them exactly.
+_IMAGE_FIELDS = ("pretrained_model_name_or_path", "erasure", "erasure_scale", "num_inference_steps", "resolution",
+                 "mixed_precision", "generator_device", "seed")
+
+
+@dataclass
+class AuditConfig:
+    pretrained_model_name_or_path: str = field(metadata={"help": "Base Stable Diffusion: hub id or diffusers folder "
+                                                                 "(or a full erased-model folder)."})
+    prompts: str = field(metadata={"help": "Prompt CSV (I2P, COCO, Imagenette or object schema)."})
+    output_dir: str = field(metadata={"help": "Audit folder: images, detection cache, results, report."})
+    erasure: Optional[str] = field(default=None, metadata={
+        "help": "Saved erasure (folder or .safetensors) applied with load_erasure, or a full diffusers folder."})
+    erasure_scale: float = field(default=1.0, metadata={"help": "Strength the erasure is applied with."})
+    judge: str = field(default="nudenet", metadata={"help": "Image judge: nudenet or none.", "choices": JUDGES})
+    threshold: float = field(default=DEFAULT_THRESHOLD, metadata={"help": "NudeNet score a part needs to count."})
+    nudity_classes: Optional[str] = field(default=None, metadata={
+        "help": f"Comma-separated exposed classes that make an image nude (default: all of {','.join(EXPOSED_CLASSES)})."})
+    categories: Optional[str] = field(default=None, metadata={
+        "help": "Keep only prompts of these comma-separated I2P categories (e.g. sexual)."})
+    limit: Optional[int] = field(default=None, metadata={"help": "Use only the first N prompts (after filters)."})
+    skip_empty_prompts: bool = field(default=False, metadata={"help": "Drop rows with an empty prompt."})
+    seed: Optional[int] = field(default=None, metadata={
+        "help": "For CSVs without evaluation_seed: row i uses seed + i."})
+    num_inference_steps: int = field(default=50, metadata={"help": "Denoising steps per image."})
+    batch_size: int = field(default=4, metadata={"help": "Images per pipeline call (results do not depend on it)."})
+    resolution: Optional[int] = field(default=None, metadata={
+        "help": "Draw every image at this size instead of the CSV's sd_image_width/height."})
+    mixed_precision: str = field(default="no", metadata={"help": "Pipeline weights dtype.",
+                                                         "choices": sorted(DTYPES)})
+    generator_device: str = field(default="cpu", metadata={
+        "help": "Device of the per-row seeded generators; cpu gives the same images on every machine."})
+    compare_to: Optional[str] = field(default=None, metadata={
+        "help": "A finished base audit folder, drawn beside this one in the report and chart."})
+    label: Optional[str] = field(default=None, metadata={"help": "Name of this model in the report."})
+    clip_model: Optional[str] = field(default=None, metadata={
+        "help": "CLIP model (hub id or folder, e.g. openai/clip-vit-large-patch14) for the CLIP score."})
+    clip_batch_size: int = field(default=32, metadata={"help": "Images per CLIP batch."})
+    fid_reference: Optional[str] = field(default=None, metadata={
+        "help": "Folder of reference images (real COCO images, or a base audit's images/) for FID."})
+    fid_model: Optional[str] = field(default=None, metadata={
+        "help": "Inception for FID: TorchScript file (clean-fid's inception-2015-12-05.pt) or torchvision state dict."})
+    nudenet_model: Optional[str] = field(default=None, metadata={"help": "Custom NudeNet ONNX file."})
+
+    def __post_init__(self):
+        if self.judge not in JUDGES:
+            raise ValueError(f"--judge must be one of {JUDGES}, got {self.judge!r}")
+        resolve_dtype(self.mixed_precision)
+        for name in ("num_inference_steps", "batch_size", "clip_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"--threshold must be in (0, 1], got {self.threshold}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if not os.path.isfile(self.prompts):
+            raise FileNotFoundError(f"--prompts {self.prompts!r} is not a file; pass a prompt CSV")
+        if self.erasure is not None and not os.path.exists(self.erasure):
+            raise FileNotFoundError(f"--erasure {self.erasure!r} does not exist; pass the folder or .safetensors "
+                                    "file that salun-erase saved (or leave --erasure out to audit the base model)")
+        if self.compare_to is not None and not os.path.isfile(os.path.join(self.compare_to, report.RESULTS_FILE)):
+            raise FileNotFoundError(f"--compare_to {self.compare_to!r} holds no {report.RESULTS_FILE}; "
+                                    "pass the output_dir of a finished salun-audit run")
+        if self.fid_reference is not None and not os.path.isdir(self.fid_reference):
+            raise FileNotFoundError(f"--fid_reference {self.fid_reference!r} is not a folder of images")
+        self.nudity_classes_list()  # validates
+
+    def nudity_classes_list(self) -> List[str]:
+        if not self.nudity_classes:
+            return list(EXPOSED_CLASSES)
+        names = [c.strip() for c in self.nudity_classes.split(",") if c.strip()]
+        bad = sorted(set(names) - set(EXPOSED_CLASSES))
+        if bad or not names:
+            raise ValueError(f"--nudity_classes: unknown {bad}; choose from {','.join(EXPOSED_CLASSES)}")
+        return names
+
+    def image_settings(self) -> dict:
+        """What the images depend on (plus the prompt file's hash): a resumed run must match it."""
+        settings = {k: getattr(self, k) for k in _IMAGE_FIELDS}
+        for key in ("pretrained_model_name_or_path", "erasure"):
+            if settings[key] and os.path.exists(settings[key]):
+                settings[key] = os.path.abspath(settings[key])
+        with open(self.prompts, "rb") as f:
+            settings["prompts_sha256"] = hashlib.sha256(f.read()).hexdigest()
+        return settings
+
+    def audit_settings(self) -> dict:
+        """Everything the results depend on: a finished audit is only reused when this matches."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUN_ONLY}
+        settings.update(self.image_settings())
+        settings.pop("prompts")
+        return settings
+
+
+def _diff(old: dict, new: dict) -> List[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def load_pipeline(config: AuditConfig, device="cpu"):
+    """The pipeline to audit: base model, with ``--erasure`` applied (or an erased model's full folder)."""
+    from diffusers import StableDiffusionPipeline
+
+    source, erasure = config.pretrained_model_name_or_path, config.erasure
+    if erasure and os.path.isfile(os.path.join(erasure, "model_index.json")):
+        source, erasure = erasure, None  # a complete erased pipeline
+    dtype = resolve_dtype(config.mixed_precision)
+    pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False)
+    if erasure:
+        from ..loaders import load_erasure  # imported here: only erased-model audits need it
+
+        load_erasure(pipe, erasure, scale=config.erasure_scale)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _check_settings(output_dir: str, settings: dict, is_main: bool) -> None:
+    path = os.path.join(output_dir, SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = _diff(old, settings)
+        if changed:
+            raise ValueError(f"{output_dir} holds images drawn with other settings ({', '.join(changed)} differ); "
+                             "use a new --output_dir (existing images are never redrawn or mixed)")
+    elif is_main:
+        write_json(path, settings)
+
+
+def _reference_images(folder: str) -> List[str]:
+    files = sorted(p for ext in ("png", "jpg", "jpeg", "webp") for p in glob.glob(os.path.join(folder, f"*.{ext}")))
+    files = [p for p in files if not os.path.basename(p).startswith(".")]
+    if len(files) < 2:
+        raise ValueError(f"--fid_reference {folder!r} holds {len(files)} images; FID needs at least 2")
+    return files
+
+
+def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, fid_extractor=None,
+              accelerator=None) -> dict:
+    """Generate, judge and report. Returns the results dict (on every process; filled in on the main one).
+
+    ``pipe``, ``detector`` (image -> [{"class", "score"}]), ``clip_scorer`` (``(images, prompts) -> float``) and
+    ``fid_extractor`` (float images -> features) replace the ones the config names, e.g. in tests.
+    """
+    from accelerate import Accelerator
+
+    accelerator = accelerator or Accelerator()
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    out = config.output_dir
+    results_path = os.path.join(out, report.RESULTS_FILE)
+    base = report.load_results(config.compare_to) if config.compare_to else None
+    settings = config.audit_settings()
+
+    if os.path.isfile(results_path):  # a finished audit: never redrawn, never overwritten
+        results = report.load_results(out)
+        changed = _diff(results.get("settings", {}), settings)
+        if changed:
+            raise ValueError(f"{out} holds a finished audit with other settings ({', '.join(changed)} differ); its "
+                             f"{report.RESULTS_FILE} is kept: use a new --output_dir")
+        logger.info("%s already holds a finished audit; reusing it", out)
+        if is_main:
+            results.update(report.write_report(out, results, base))
+        return results
+
+    rows = read_prompts(config.prompts, categories=config.categories.split(",") if config.categories else None,
+                        limit=config.limit, skip_empty=config.skip_empty_prompts, default_seed=config.seed)
+    if not rows:
+        raise ValueError(f"no prompts left in {config.prompts} after filtering (categories={config.categories!r})")
+    os.makedirs(out, exist_ok=True)
+    _check_settings(out, config.image_settings(), is_main)
+    accelerator.wait_for_everyone()
+
+    images_dir = os.path.join(out, "images")
+    if pipe is None:
+        pipe = load_pipeline(config, accelerator.device)
+    stats = generate_images(pipe, rows, images_dir, batch_size=config.batch_size,
+                            num_inference_steps=config.num_inference_steps, resolution=config.resolution,
+                            generator_device=config.generator_device, process_index=rank, num_processes=world,
+                            show_progress=accelerator.is_local_main_process)
+    del pipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    accelerator.wait_for_everyone()
+    missing = missing_images(rows, images_dir)
+    if missing:
+        raise RuntimeError(f"{len(missing)} images missing after generation (e.g. {missing[:3]}); rerun to resume")
+    paths = {row.case_number: image_path(images_dir, row) for row in rows}
+
+    nudity = None
+    if config.judge == "nudenet":
+        detector = detector or NudeNetDetector(config.nudenet_model)
+        cache = os.path.join(out, "nudenet")
+        mine = {row.case_number: paths[row.case_number] for row in shard_rows(rows, rank, world)}
+        detect_images(mine, detector, cache, show_progress=accelerator.is_local_main_process)
+        accelerator.wait_for_everyone()
+        if is_main:
+            detections = detect_images(paths, detector, cache, show_progress=False)  # all cached: the merge
+            nudity = nudity_summary(detections, config.threshold,
+                                    categories={row.case_number: row.categories for row in rows},
+                                    rate_classes=config.nudity_classes_list())
+
+    results = {"settings": settings}
+    if not is_main:
+        accelerator.wait_for_everyone()
+        return results
+    image_list = [paths[row.case_number] for row in rows]
+    clip_score = fid = None
+    if config.clip_model or clip_scorer is not None:
+        from .metrics import ClipScorer
+
+        scorer = clip_scorer or ClipScorer(config.clip_model, device=accelerator.device)
+        clip_score = float(scorer(image_list, [row.prompt for row in rows], config.clip_batch_size))
+    if config.fid_reference:
+        from .metrics import compute_fid, load_inception
+
+        extractor = fid_extractor or load_inception(config.fid_model, accelerator.device)
+        fid = compute_fid(image_list, _reference_images(config.fid_reference), extractor, device=accelerator.device)
+    results.update({
+        "label": config.label or os.path.basename(os.path.normpath(config.erasure or
+                                                                   config.pretrained_model_name_or_path)),
+        "config": dataclasses.asdict(config),
+        "num_images": len(rows),
+        "images_dir": images_dir,
+        "generation": {"processes": world, **stats},
+        "nudity": nudity,
+        "clip_score": clip_score,
+        "fid": fid,
+    })
+    write_json(results_path, results)
+    results.update(report.write_report(out, results, base))
+    accelerator.wait_for_everyone()
+    return results
+
+
+def summary_lines(results: dict) -> List[str]:
+    lines = [f"audit of {results.get('label')}: {results.get('num_images')} images in {results.get('images_dir')}"]
+    nud = results.get("nudity")
+    if nud:
+        lines.append(f"nudity rate {100 * nud['nudity_rate']:.2f}% ({nud['nude_images']}/{nud['num_images']}, "
+                     f"NudeNet score >= {nud['threshold']})")
+        lines.append("exposed parts: " + ", ".join(f"{c} {nud['class_counts'].get(c, 0)}" for c in EXPOSED_CLASSES))
+    for key in ("clip_score", "fid"):
+        if results.get(key) is not None:
+            lines.append(f"{key}: {results[key]:.4f}")
+    if results.get("report"):
+        lines.append(f"report: {results['report']}")
+    return lines
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> AuditConfig:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(AuditConfig, prog="salun-audit", description=__doc__.split("\n\n")[0])
+    try:
+        (config,) = parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
+    except (ValueError, FileNotFoundError) as exc:  # AuditConfig's checks: report them like argparse errors
+        parser.error(str(exc))
+    return config
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = parse_args(argv)
+    results = run_audit(config)
+    if "num_images" in results:  # main process
+        print("\n".join(summary_lines(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
