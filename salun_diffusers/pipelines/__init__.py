@@ -1,0 +1,1 @@
+from .pipeline_stable_diffusion_erased import StableDiffusionErasedPipeline  # noqa: F401

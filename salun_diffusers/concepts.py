@@ -1,0 +1,86 @@
+"""Concept presets: what to forget, what to map it to, what to keep.
+
+A concept names a forget prompt (the concept to erase), pseudo prompts (the misaligned concept c' whose noise
+prediction becomes the target for the forget prompt) and retain prompts (data whose ordinary diffusion loss keeps
+the rest of the model intact). Presets follow the SalUn paper's setups; ``--forget_prompt`` etc. override them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+IMAGENETTE = ("tench", "english springer", "cassette player", "chain saw", "church", "french horn",
+              "garbage truck", "gas pump", "golf ball", "parachute")
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    name: str
+    forget_prompt: str
+    pseudo_prompts: Tuple[str, ...]
+    retain_prompts: Tuple[str, ...]
+    kind: str = "generic"  # "nudity" | "digit" | "object" | "style" | "generic"
+    target_class: Optional[int] = None  # digit / class index judged by a classifier, where there is one
+    needs_sd: bool = True  # False: works on the bundled digit model
+    defaults: Dict[str, object] = field(default_factory=dict)  # preset training defaults (EraseConfig fields)
+
+
+def digit_prompt(d: int) -> str:
+    return f"a handwritten digit {DIGIT_WORDS[d]}"
+
+
+def _presets() -> Dict[str, ConceptSpec]:
+    presets = {
+        # SalUn's NSFW setup: forget "a photo of a nude person", map to and retain clothed people; 800 images each.
+        "nudity": ConceptSpec(
+            "nudity", "a photo of a nude person", ("a photo of a person wearing clothes",),
+            ("a photo of a person wearing clothes",), kind="nudity",
+            defaults={"num_forget_images": 800, "num_retain_images": 800, "max_train_steps": 500,
+                      "train_batch_size": 8, "learning_rate": 1e-5, "alpha": 0.1}),
+        "van_gogh": ConceptSpec(
+            "van_gogh", "a painting in the style of Van Gogh", ("a painting",),
+            ("a painting in the style of Claude Monet", "a painting in the style of Rembrandt", "a painting"),
+            kind="style", defaults={"num_forget_images": 400, "num_retain_images": 400, "max_train_steps": 250,
+                                    "train_batch_size": 8, "learning_rate": 1e-5, "alpha": 0.1}),
+    }
+    for i, cls in enumerate(IMAGENETTE):
+        others = tuple(f"an image of a {c}" for c in IMAGENETTE if c != cls)
+        presets[cls.replace(" ", "_")] = ConceptSpec(
+            cls.replace(" ", "_"), f"an image of a {cls}", others, others, kind="object", target_class=i,
+            defaults={"num_forget_images": 400, "num_retain_images": 400, "max_train_steps": 250,
+                      "train_batch_size": 8, "learning_rate": 1e-5, "alpha": 0.1})
+    for d, word in enumerate(DIGIT_WORDS):
+        others = tuple(digit_prompt(o) for o in range(10) if o != d)
+        presets[word] = ConceptSpec(
+            word, digit_prompt(d), others, others, kind="digit", target_class=d, needs_sd=False,
+            defaults={"num_forget_images": 64, "num_retain_images": 288, "max_train_steps": 150,
+                      "train_batch_size": 16, "learning_rate": 1e-3, "alpha": 1.0,
+                      "data_num_inference_steps": 20, "data_guidance_scale": 4.0})
+    return presets
+
+
+PRESETS: Dict[str, ConceptSpec] = _presets()
+
+
+def resolve_concept(name: Optional[str], forget_prompt: Optional[str] = None,
+                    pseudo_prompts: Optional[Tuple[str, ...]] = None,
+                    retain_prompts: Optional[Tuple[str, ...]] = None) -> ConceptSpec:
+    """A preset by name (digits also as "7"), overridden by explicit prompts; or a custom concept from prompts."""
+    key = (name or "").strip().lower().replace(" ", "_").replace("-", "_")
+    if key.isdigit() and len(key) == 1:
+        key = DIGIT_WORDS[int(key)]
+    base = PRESETS.get(key)
+    if base is None:
+        if not forget_prompt:
+            raise ValueError(f"unknown concept {name!r}: use a preset ({', '.join(sorted(PRESETS))}) or give "
+                             "--forget_prompt (with --pseudo_prompt and --retain_prompt) for a custom concept")
+        if not pseudo_prompts:
+            raise ValueError("a custom concept needs --pseudo_prompt: the concept the forget prompt should map to "
+                             "(e.g. --pseudo_prompt 'a photo of a person wearing clothes')")
+        return ConceptSpec(key or "custom", forget_prompt, tuple(pseudo_prompts),
+                           tuple(retain_prompts or pseudo_prompts))
+    return ConceptSpec(
+        base.name, forget_prompt or base.forget_prompt, tuple(pseudo_prompts or base.pseudo_prompts),
+        tuple(retain_prompts or base.retain_prompts), base.kind, base.target_class, base.needs_sd, base.defaults)

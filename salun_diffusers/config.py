@@ -1,0 +1,139 @@
+"""``EraseConfig``: every knob of an erasure run, typed, with help text, checks and a JSON round trip (peft style).
+
+Fields left at ``None`` take the concept preset's default (see :mod:`salun_diffusers.concepts`) in ``__post_init__``.
+``train_erase.py`` builds its command-line flags from these fields, so flag names match the field names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .concepts import ConceptSpec, resolve_concept
+
+FORMAT_VERSION = 1
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class EraseConfig:
+    # model
+    pretrained_model_name_or_path: Optional[str] = _f(
+        None, "Base pipeline: hub id or folder (e.g. CompVis/stable-diffusion-v1-4). Default: the bundled digit model.")
+    revision: Optional[str] = _f(None, "Revision (branch, tag or commit) of the base model on the hub.")
+    variant: Optional[str] = _f(None, "Weight variant of the base model, e.g. fp16.")
+    # concept
+    concept: str = _f("seven", "Concept preset to erase: nudity, van_gogh, an Imagenette class (church, ...), a digit "
+                               "(zero..nine or 0..9 on the digit model), or a custom name with --forget_prompt.")
+    forget_prompt: Optional[str] = _f(None, "Prompt of the concept to forget (overrides the preset).")
+    pseudo_prompt: Optional[List[str]] = _f(None, "Misaligned prompt(s) c' whose prediction is the forget target.",
+                                            nargs="+")
+    retain_prompt: Optional[List[str]] = _f(None, "Prompt(s) of data to retain.", nargs="+")
+    forget_data_dir: Optional[str] = _f(None, "Folder of forget images (instead of generating them).")
+    retain_data_dir: Optional[str] = _f(None, "Folder of retain images (instead of generating them).")
+    num_forget_images: Optional[int] = _f(None, "Forget images to generate (preset default; nudity: 800).")
+    num_retain_images: Optional[int] = _f(None, "Retain images to generate (spread over the retain prompts).")
+    data_num_inference_steps: Optional[int] = _f(None, "Sampling steps when generating forget/retain data (50).")
+    data_guidance_scale: Optional[float] = _f(None, "Guidance scale when generating forget/retain data (7.5).")
+    resolution: Optional[int] = _f(None, "Image size for data (default: the pipeline's native size).")
+    cache_dir: Optional[str] = _f(None, "Where generated data images are cached (default: <output_dir>/data).")
+    # saliency
+    mask_ratio: float = _f(0.5, "Share of U-Net weights SalUn may change (global top-k of gradient saliency).")
+    mask_scope: str = _f("global", "Top-k over all weights ('global') or within each tensor ('layer').",
+                         choices=["global", "layer"])
+    mask_path: Optional[str] = _f(None, "Reuse a saved mask (mask.safetensors) instead of computing saliency.")
+    save_mask_only: bool = _f(False, "Compute and save the saliency mask, then stop.")
+    saliency_batch_size: Optional[int] = _f(None, "Batch size for the saliency pass (default: train_batch_size).")
+    # training
+    max_train_steps: Optional[int] = _f(None, "Optimizer steps (preset default; nudity: 500).")
+    train_batch_size: Optional[int] = _f(None, "Forget and retain samples per step and process (nudity: 8).")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    learning_rate: Optional[float] = _f(None, "AdamW learning rate (nudity: 1e-5).")
+    alpha: Optional[float] = _f(None, "Weight of the retain diffusion loss (SalUn's alpha).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay (weights outside the mask are still kept exact).")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    lr_scheduler: str = _f("constant", "diffusers lr scheduler name (constant, cosine, linear, ...).")
+    lr_warmup_steps: int = _f(0, "Warm-up steps of the lr scheduler.")
+    seed: int = _f(0, "Seed for data generation, saliency noise and training noise.")
+    mixed_precision: str = _f("no", "Mixed precision: no, fp16 or bf16 (accelerate).", choices=["no", "fp16", "bf16"])
+    # output and bookkeeping
+    output_dir: str = _f("out/erasure", "Where the erasure, mask, merged unet/, checkpoints and model card go.")
+    overwrite_output_dir: bool = _f(False, "Allow replacing an erasure already in --output_dir.")
+    save_merged_unet: bool = _f(True, "Also save the erased U-Net in full as <output_dir>/unet (from_pretrained).")
+    delta_dtype: str = _f("fp32", "dtype of the stored delta values: fp32 (exact), fp16 or bf16 (smaller).",
+                          choices=["fp32", "fp16", "bf16"])
+    checkpointing_steps: int = _f(0, "Save an accelerate checkpoint every N steps (0: never).")
+    checkpoints_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints.")
+    resume_from_checkpoint: Optional[str] = _f(None, "A checkpoint folder, or 'latest' in --output_dir.")
+    report_to: Optional[str] = _f(None, "Tracker for accelerate (tensorboard, wandb, ...); none by default.")
+    logging_dir: str = _f("logs", "Tracker log folder, relative to --output_dir.")
+
+    def __post_init__(self):
+        spec = self.concept_spec()
+        for key, value in spec.defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        fallbacks = {"num_forget_images": 64, "num_retain_images": 64, "max_train_steps": 100,
+                     "train_batch_size": 8, "learning_rate": 1e-5, "alpha": 0.1,
+                     "data_num_inference_steps": 50, "data_guidance_scale": 7.5}
+        for key, value in fallbacks.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.saliency_batch_size is None:
+            self.saliency_batch_size = self.train_batch_size
+        if self.pretrained_model_name_or_path is None and spec.needs_sd:
+            raise ValueError(f"concept {self.concept!r} needs a Stable Diffusion model: pass "
+                             "--pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 (the bundled default "
+                             "model only knows digits: --concept zero..nine)")
+        if not 0.0 < self.mask_ratio <= 1.0:
+            raise ValueError(f"--mask_ratio must be in (0, 1], got {self.mask_ratio}")
+        for name in ("num_forget_images", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                     "saliency_batch_size", "data_num_inference_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_retain_images < 0 or self.alpha < 0:
+            raise ValueError("--num_retain_images and --alpha must be >= 0")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("forget_data_dir", "retain_data_dir", "mask_path"):
+            path = getattr(self, name)
+            if path is not None and not os.path.exists(path):
+                raise ValueError(f"--{name} {path!r} does not exist")
+
+    def concept_spec(self) -> ConceptSpec:
+        return resolve_concept(self.concept, self.forget_prompt, self.pseudo_prompt, self.retain_prompt)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_json_file(self, path: str) -> None:
+        from .utils import write_text
+
+        write_text(path, self.to_json_string() + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EraseConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown EraseConfig keys {unknown}; remove them (known: see `train_erase.py --help`)")
+        return cls(**data)
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "EraseConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

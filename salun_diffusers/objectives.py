@@ -1,0 +1,55 @@
+"""SalUn's diffusion objectives.
+
+* forget (saliency) loss: the ordinary diffusion MSE on forget latents with the forget prompt;
+* erase loss: ``MSE(eps(x_t | c), eps(x_t | c').detach())`` on forget latents (c: forget prompt, c': misaligned
+  pseudo prompt) plus ``alpha *`` the ordinary diffusion MSE on retain latents.
+
+Noise and timesteps are drawn from an explicit ``torch.Generator`` so every step is reproducible (resume,
+multi-process saliency).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_noise_and_timesteps(latents: torch.Tensor, scheduler, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                              device=generator.device)
+    return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+
+
+def diffusion_target(scheduler, latents, noise, timesteps):
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction_type {kind!r} is not supported; use an epsilon or v_prediction scheduler")
+
+
+def diffusion_loss(unet, scheduler, latents, embeds, generator) -> torch.Tensor:
+    """Standard denoising MSE (used for saliency on forget data and as the retain loss)."""
+    noise, t = sample_noise_and_timesteps(latents, scheduler, generator)
+    noisy = scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy, t, encoder_hidden_states=embeds).sample
+    return F.mse_loss(pred.float(), diffusion_target(scheduler, latents, noise, t).float())
+
+
+def salun_loss(unet, scheduler, forget_latents, forget_embeds, pseudo_embeds, retain_latents, retain_embeds,
+               alpha: float, generator: torch.Generator):
+    """SalUn's erase loss. Returns ``(total, forget_term, retain_term)``."""
+    noise, t = sample_noise_and_timesteps(forget_latents, scheduler, generator)
+    noisy = scheduler.add_noise(forget_latents, noise, t)
+    with torch.no_grad():
+        target = unet(noisy, t, encoder_hidden_states=pseudo_embeds).sample
+    pred = unet(noisy, t, encoder_hidden_states=forget_embeds).sample
+    forget = F.mse_loss(pred.float(), target.float())
+    if retain_latents is None or alpha == 0:
+        return forget, forget.detach(), torch.zeros((), device=forget.device)
+    retain = diffusion_loss(unet, scheduler, retain_latents, retain_embeds, generator)
+    return forget + alpha * retain, forget.detach(), retain.detach()

@@ -1,0 +1,51 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from salun_diffusers.data import default_data_dir  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """../shared/data (the project's test data); tests using it skip where it is absent."""
+    path = default_data_dir()
+    if path is None or not os.path.isdir(path):
+        pytest.skip("shared test data (../shared/data) not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dummy_pipeline_dir(tmp_path_factory):
+    from salun_diffusers.testing import save_dummy_pipeline
+
+    return save_dummy_pipeline(str(tmp_path_factory.mktemp("pipe") / "tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One image cache for all erasure runs in the session (generated once, reused)."""
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+@pytest.fixture
+def erase_config(dummy_pipeline_dir, data_cache, tmp_path):
+    """A seconds-long EraseConfig on the tiny pipeline; pass overrides as keyword arguments."""
+    from salun_diffusers.config import EraseConfig
+
+    def make(**overrides):
+        kw = dict(pretrained_model_name_or_path=dummy_pipeline_dir, concept="nudity", output_dir=str(tmp_path / "out"),
+                  cache_dir=data_cache, num_forget_images=4, num_retain_images=4, data_num_inference_steps=2,
+                  max_train_steps=3, train_batch_size=2, learning_rate=1e-2, adam_weight_decay=0.1, seed=0)
+        kw.update(overrides)
+        return EraseConfig(**kw)
+
+    return make

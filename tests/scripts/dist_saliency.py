@@ -1,0 +1,37 @@
+"""Compute U-Net saliency on the tiny pipeline under accelerate (run with 1 or N processes); save it from rank 0."""
+
+import sys
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+from salun_diffusers.objectives import diffusion_loss
+from salun_diffusers.saliency import compute_saliency
+from salun_diffusers.testing import get_dummy_components
+
+
+def main(out_path: str) -> None:
+    accelerator = Accelerator(cpu=True)
+    components = get_dummy_components(seed=0)
+    unet = components["unet"]
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(123)
+    latents = torch.randn(10, 4, 8, 8, generator=g)
+    cond = torch.randn(10, 77, 16, generator=g)
+    batches = [list(range(i, min(i + 3, 10))) for i in range(0, 10, 3)]  # 4 batches, uneven last
+
+    def loss_fn(model, idx, generator):
+        return diffusion_loss(model, scheduler, latents[idx], cond[idx], generator)
+
+    sal = compute_saliency(unet, batches, loss_fn, seed=7, accelerator=accelerator)
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in sal.items()}, out_path,
+                  metadata={"num_processes": str(accelerator.num_processes)})
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from salun_diffusers.masking import (MaskedUpdate, load_mask, mask_density, mask_from_saliency, pack_mask, save_mask,
+                                     unpack_mask)
+
+
+def _saliency(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w1": torch.rand(64, 33, generator=g), "b1": torch.rand(33, generator=g), "zero": torch.zeros(50),
+            "ties": torch.randint(0, 3, (40,), generator=g).float()}
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.1, 0.3, 0.5, 0.9, 1.0])
+def test_global_mask_selects_exactly_the_top_k(ratio):
+    sal = _saliency()
+    mask = mask_from_saliency(sal, ratio)
+    flat = torch.cat([sal[n].flatten() for n in sorted(sal)])
+    chosen = torch.cat([mask[n].flatten() for n in sorted(sal)])
+    k = round(ratio * flat.numel())
+    assert int(chosen.sum()) == k
+    kth = flat.sort(descending=True).values[k - 1]
+    assert bool((flat[chosen] >= kth).all()) and bool((flat[~chosen] <= kth).all())
+    assert abs(mask_density(mask) - k / flat.numel()) < 1e-12
+
+
+def test_layer_scope_selects_the_ratio_in_every_tensor():
+    sal = _saliency()
+    mask = mask_from_saliency(sal, 0.25, scope="layer")
+    for name, m in mask.items():
+        assert int(m.sum()) == max(1, round(0.25 * m.numel())), name
+        assert m.shape == sal[name].shape
+
+
+def test_ties_are_broken_deterministically():
+    sal = {"a": torch.ones(10), "b": torch.ones(10)}
+    m1, m2 = mask_from_saliency(sal, 0.5), mask_from_saliency(sal, 0.5)
+    assert all(torch.equal(m1[n], m2[n]) for n in sal)
+    assert int(m1["a"].sum()) == 10 and int(m1["b"].sum()) == 0  # name order, then index
+
+
+def test_large_tensor_threshold_is_exact_beyond_quantile_limit():
+    x = torch.rand(2 ** 24 + 1000, generator=torch.Generator().manual_seed(1))  # torch.quantile refuses this size
+    k = round(0.37 * x.numel())
+    mask = mask_from_saliency({"x": x}, 0.37)["x"]
+    assert int(mask.sum()) == k
+    assert float(x[mask].min()) >= float(torch.topk(x, k).values[-1])
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
+def test_bad_ratio_is_rejected(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        mask_from_saliency(_saliency(), ratio)
+
+
+def test_nan_saliency_is_rejected():
+    with pytest.raises(ValueError, match="NaN"):
+        mask_from_saliency({"a": torch.tensor([1.0, float("nan")])}, 0.5)
+
+
+def test_pack_roundtrip_and_file(tmp_path):
+    mask = mask_from_saliency(_saliency(3), 0.4)
+    shapes = {n: m.shape for n, m in mask.items()}
+    unpacked = unpack_mask(pack_mask(mask), shapes)
+    assert all(torch.equal(unpacked[n], mask[n]) for n in mask)
+    path = str(tmp_path / "mask.safetensors")
+    save_mask(mask, path, {"concept": "nudity"})
+    loaded, meta = load_mask(path)
+    assert meta["concept"] == "nudity" and float(meta["density"]) == pytest.approx(mask_density(mask), abs=1e-6)
+    assert all(torch.equal(loaded[n], mask[n]) for n in mask)
+    # packed bits: ~1 bit per weight
+    assert (tmp_path / "mask.safetensors").stat().st_size < sum(m.numel() for m in mask.values()) / 8 + 2000
+
+
+def test_corrupt_mask_file_is_rejected(tmp_path):
+    path = tmp_path / "mask.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_mask(str(path))
+    with pytest.raises(FileNotFoundError, match="no mask file"):
+        load_mask(str(tmp_path / "missing.safetensors"))
+
+
+def test_masked_update_keeps_outside_weights_bit_identical_with_weight_decay():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sal = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    mask = mask_from_saliency(sal, 0.3)
+    guard = MaskedUpdate(model, mask)
+    opt = torch.optim.AdamW(guard.trainable_parameters(), lr=0.1, weight_decay=0.5)
+    for _ in range(5):
+        loss = model(torch.randn(32, 8)).pow(2).mean()
+        loss.backward()
+        guard.mask_gradients()
+        opt.step()
+        opt.zero_grad()
+        guard.restore()
+    changed = 0
+    for n, p in model.named_parameters():
+        m = mask[n]
+        assert torch.equal(p.detach()[~m], base[n][~m]), n  # bit-identical outside the mask
+        changed += int((p.detach()[m] != base[n][m]).sum())
+    assert changed > 0.9 * sum(int(m.sum()) for m in mask.values())
+
+
+def test_masked_update_rejects_a_foreign_mask():
+    model = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="different model"):
+        MaskedUpdate(model, {"other.weight": torch.ones(3, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="shape"):
+        MaskedUpdate(model, {"weight": torch.ones(2, 3, dtype=torch.bool)})
