@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Speed and memory of SalUn's three phases for any U-Net config, on any device.
+
+    python benchmarks/bench_erase.py --unet_config ../shared/data/configs/sd14_unet_config.json --device cuda \
+        --mixed_precision bf16 --batch_size 8                       # SD1.4-shaped U-Net, random weights
+    python benchmarks/bench_erase.py --unet_config tiny --device cpu    # seconds, anywhere
+
+Reports (JSON to --output, and a table on stdout):
+* saliency: seconds per forget sample (forward + backward of the diffusion loss, gradients accumulated);
+* training: seconds per SalUn step (forget + pseudo + retain passes at --batch_size, masked AdamW, restore);
+* sampling: images/s of a --num_inference_steps CFG denoising loop (U-Net only; VAE/text encoder excluded);
+* peak memory of each phase (CUDA allocator peak on GPU, process peak RSS on CPU).
+Weights are random: speed and memory do not depend on them. Timings never belong in tests; they belong here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from salun_diffusers.masking import MaskedUpdate, mask_from_saliency  # noqa: E402
+from salun_diffusers.objectives import diffusion_loss, salun_loss  # noqa: E402
+from salun_diffusers.saliency import compute_saliency  # noqa: E402
+
+SD14_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "configs",
+                           "sd14_unet_config.json")
+
+
+def build_unet(spec: str, device, pretrained: str = None):
+    from diffusers import UNet2DConditionModel
+
+    if pretrained:
+        return UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet").to(device)
+    if spec == "tiny":
+        from salun_diffusers.testing import get_dummy_components
+
+        return get_dummy_components()["unet"].to(device)
+    if spec == "digit":
+        from salun_diffusers.digits import DIGIT_PIPELINE_DIR
+
+        return UNet2DConditionModel.from_pretrained(DIGIT_PIPELINE_DIR, subfolder="unet").to(device)
+    if not os.path.isfile(spec):
+        raise SystemExit(f"--unet_config {spec!r} not found: pass a UNet2DConditionModel config.json, 'tiny' or "
+                         "'digit' (SD1.4's is at ../shared/data/configs/sd14_unet_config.json)")
+    with open(spec) as f:
+        config = json.load(f)
+    torch.manual_seed(0)
+    return UNet2DConditionModel.from_config(config).to(device)
+
+
+class Peak:
+    """Peak memory of a phase: CUDA allocator peak, or the process's peak RSS on CPU (monotone: an upper bound)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.gib = torch.cuda.max_memory_allocated() / 2 ** 30
+        else:
+            self.gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        return False
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--unet_config", default=SD14_CONFIG if os.path.isfile(SD14_CONFIG) else "tiny",
+                   help="UNet2DConditionModel config.json, or 'tiny' / 'digit' (default: SD1.4's when present)")
+    p.add_argument("--pretrained_model_name_or_path", default=None, help="Use a real pipeline's unet/ instead.")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mixed_precision", default="bf16" if torch.cuda.is_available() else "no",
+                   choices=["no", "fp16", "bf16"], help="autocast dtype for saliency and training")
+    p.add_argument("--sample_dtype", default="fp16" if torch.cuda.is_available() else "fp32",
+                   choices=["fp32", "fp16", "bf16"], help="U-Net dtype for the sampling loop")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--latent_size", type=int, default=None, help="latent side (default: config sample_size)")
+    p.add_argument("--saliency_batches", type=int, default=3)
+    p.add_argument("--train_steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--sample_batch", type=int, default=4)
+    p.add_argument("--mask_ratio", type=float, default=0.5)
+    p.add_argument("--phases", default="saliency,train,sample")
+    p.add_argument("--output", default=None, help="JSON output path")
+    args = p.parse_args(argv)
+
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    device = torch.device(args.device)
+    unet = build_unet(args.unet_config, device, args.pretrained_model_name_or_path)
+    cfg = unet.config
+    size = args.latent_size or cfg.sample_size
+    dim = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else cfg.cross_attention_dim[0]
+    n_params = sum(p.numel() for p in unet.parameters())
+    amp = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else (lambda: torch.autocast(device.type,
+                                                                                                      enabled=False))
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator(device=device).manual_seed(0)
+    bs = args.batch_size
+    latents = torch.randn(bs * max(args.saliency_batches, 2), cfg.in_channels, size, size, generator=g, device=device)
+    cond = torch.randn(3, 77, dim, generator=g, device=device)
+    result = {"unet_config": args.unet_config, "parameters": n_params, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "mixed_precision": args.mixed_precision, "batch_size": bs,
+              "latent_size": size, "threads": torch.get_num_threads()}
+    print(f"U-Net: {n_params / 1e6:.1f}M parameters, latents {cfg.in_channels}x{size}x{size}, device {device}")
+    phases = args.phases.split(",")
+
+    mask = None
+    if "saliency" in phases or "train" in phases:
+        unet.requires_grad_(True)
+        batches = [list(range(i * bs, (i + 1) * bs)) for i in range(args.saliency_batches)]
+
+        def loss_fn(model, idx, gen):
+            with autocast():
+                return diffusion_loss(model, sched, latents[idx], cond[0].expand(len(idx), -1, -1), gen)
+
+        compute_saliency(unet, batches[:1], loss_fn)  # warm-up
+        with Peak(device) as peak:
+            sync(device)
+            t = time.perf_counter()
+            sal = compute_saliency(unet, batches, loss_fn)
+            sync(device)
+            dt = time.perf_counter() - t
+        t = time.perf_counter()
+        mask = mask_from_saliency(sal, args.mask_ratio)
+        sync(device)
+        result.update({"saliency_s_per_sample": dt / (bs * len(batches)), "saliency_peak_gib": peak.gib,
+                       "mask_seconds": time.perf_counter() - t})
+        del sal
+        print(f"saliency: {result['saliency_s_per_sample'] * 1e3:.1f} ms/sample, peak {peak.gib:.2f} GiB, "
+              f"top-k mask over {n_params / 1e6:.0f}M weights in {result['mask_seconds']:.2f}s")
+
+    if "train" in phases:
+        guard = MaskedUpdate(unet, mask)
+        opt = torch.optim.AdamW(guard.trainable_parameters(), lr=1e-5, weight_decay=1e-2)
+
+        def step(i):
+            gen = torch.Generator(device=device).manual_seed(i)
+            with autocast():
+                loss, _, _ = salun_loss(unet, sched, latents[:bs], cond[0].expand(bs, -1, -1),
+                                        cond[1].expand(bs, -1, -1), latents[bs:2 * bs], cond[2].expand(bs, -1, -1),
+                                        0.1, gen)
+            loss.backward()
+            guard.mask_gradients()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            guard.restore()
+
+        step(0)  # warm-up (allocates optimizer state)
+        with Peak(device) as peak:
+            sync(device)
+            t = time.perf_counter()
+            for i in range(args.train_steps):
+                step(i + 1)
+            sync(device)
+            dt = time.perf_counter() - t
+        result.update({"train_s_per_step": dt / args.train_steps, "train_peak_gib": peak.gib})
+        print(f"training: {result['train_s_per_step']:.3f} s/step (batch {bs}: forget + pseudo + retain), "
+              f"peak {peak.gib:.2f} GiB")
+        del guard, opt
+        unet.zero_grad(set_to_none=True)
+
+    if "sample" in phases:
+        sdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.sample_dtype]
+        unet.requires_grad_(False)
+        unet.to(dtype=sdt)
+        ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                             set_alpha_to_one=False)
+        n = args.sample_batch
+        text = torch.cat([cond[1:2].expand(n, -1, -1), cond[0:1].expand(n, -1, -1)]).to(sdt)
+
+        @torch.no_grad()
+        def sample(steps):
+            ddim.set_timesteps(steps)
+            x = torch.randn(n, cfg.in_channels, size, size, generator=g, device=device, dtype=sdt)
+            for t in ddim.timesteps:
+                eps = unet(torch.cat([x, x]), t, encoder_hidden_states=text).sample
+                uncond, cond_eps = eps.chunk(2)
+                x = ddim.step(uncond + 7.5 * (cond_eps - uncond), t, x).prev_sample
+            return x
+
+        sample(2)
+        with Peak(device) as peak:
+            sync(device)
+            t = time.perf_counter()
+            sample(args.num_inference_steps)
+            sync(device)
+            dt = time.perf_counter() - t
+        result.update({"sample_images_per_s": n / dt, "sample_s_per_image": dt / n, "sample_peak_gib": peak.gib,
+                       "num_inference_steps": args.num_inference_steps, "sample_dtype": args.sample_dtype})
+        print(f"sampling: {n / dt:.3f} images/s ({dt / n:.2f} s/image, {args.num_inference_steps} CFG steps, "
+              f"{args.sample_dtype}), peak {peak.gib:.2f} GiB")
+
+    if args.output:
+        from salun_diffusers.utils import write_json
+
+        write_json(args.output, result)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
