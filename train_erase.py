@@ -10,6 +10,7 @@ Flags mirror the fields of ``salun_diffusers.config.EraseConfig`` (``--help`` li
 
 import argparse
 import logging
+import os
 import sys
 
 from salun_diffusers.cli_args import add_dataclass_arguments
@@ -39,6 +40,17 @@ def main(argv=None) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
+    spec = config.concept_spec()
+    if spec.kind == "digit" and config.pretrained_model_name_or_path is None and result.erasure_path \
+            and config.verdict_images > 0:
+        # the bundled digit model has a judge: say how well the digit was erased and the others kept
+        from salun_diffusers.erase import load_pipeline
+        from salun_diffusers.reporting import digit_verdict
+        from salun_diffusers.utils import write_json
+
+        verdict = digit_verdict(load_pipeline(config), result.pipeline, spec.target_class, config.verdict_images)
+        result.metrics["verdict"] = verdict["line"]
+        write_json(os.path.join(config.output_dir, "verdict.json"), verdict)
     print(summarize(config, result))
     return 0
 

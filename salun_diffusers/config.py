@@ -78,6 +78,7 @@ class EraseConfig:
     resume_from_checkpoint: Optional[str] = _f(None, "A checkpoint folder, or 'latest' in --output_dir.")
     report_to: Optional[str] = _f(None, "Tracker for accelerate (tensorboard, wandb, ...); none by default.")
     logging_dir: str = _f("logs", "Tracker log folder, relative to --output_dir.")
+    verdict_images: int = _f(50, "Digit model only: images per digit the bundled judge scores before/after (0: skip).")
 
     def __post_init__(self):
         spec = self.concept_spec()

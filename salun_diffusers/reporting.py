@@ -17,3 +17,34 @@ def summarize(config, result) -> str:
     if "verdict" in m:
         lines.append(f"  verdict: {m['verdict']}")
     return "\n".join(lines)
+
+
+EVAL_SEED = 10_000_000  # evaluation seeds never overlap the seeds of generated training data
+
+
+def digit_scores(pipe, judge, digit: int, n_per_digit: int = 50, seed: int = EVAL_SEED) -> dict:
+    """Judge a digit pipeline after erasing ``digit``.
+
+    ``unlearning_accuracy`` (UA): share of images for the erased digit's prompt the judge does NOT call that digit;
+    ``retained_accuracy``: judge accuracy on the other nine digits' prompts.
+    """
+    from .digits import judge_accuracy
+
+    acc = judge_accuracy(pipe, judge, range(10), n_per_digit=n_per_digit, seed=seed)["per_digit"]
+    others = [acc[d] for d in range(10) if d != digit]
+    return {"unlearning_accuracy": 1.0 - acc[digit], "retained_accuracy": sum(others) / len(others),
+            "per_digit_accuracy": acc, "n_per_digit": n_per_digit}
+
+
+def digit_verdict(base_pipe, erased_pipe, digit: int, n_per_digit: int = 50) -> dict:
+    """Before/after judge scores of a digit erasure, with a one-line verdict."""
+    from .digits import DigitJudge
+
+    judge = DigitJudge.from_pretrained()
+    before = digit_scores(base_pipe, judge, digit, n_per_digit)
+    after = digit_scores(erased_pipe, judge, digit, n_per_digit)
+    drop = before["retained_accuracy"] - after["retained_accuracy"]
+    line = (f"UA {after['unlearning_accuracy']:.1%} (before {before['unlearning_accuracy']:.1%}); retained accuracy "
+            f"{after['retained_accuracy']:.1%} (before {before['retained_accuracy']:.1%}, drop {drop * 100:+.1f} "
+            f"points); judged on {n_per_digit} images per digit")
+    return {"before": before, "after": after, "retained_drop": drop, "line": line}
