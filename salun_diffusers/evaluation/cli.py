@@ -18,10 +18,12 @@ import json
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
+from accelerate.utils import gather_object
 
 from ..utils import DTYPES, resolve_dtype, write_json
 from . import report
@@ -143,8 +145,10 @@ def load_pipeline(config: AuditConfig, device="cpu"):
     if erasure and os.path.isfile(os.path.join(erasure, "model_index.json")):
         source, erasure = erasure, None  # a complete erased pipeline
     dtype = resolve_dtype(config.mixed_precision)
-    pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+    with warnings.catch_warnings():  # newer diffusers rename torch_dtype to dtype; older ones know only torch_dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
     if erasure:
         from ..loaders import load_erasure  # imported here: only erased-model audits need it
 
@@ -175,6 +179,15 @@ def _reference_images(folder: str) -> List[str]:
     return files
 
 
+def _make_accelerator():
+    from accelerate import Accelerator
+
+    # accelerate only joins several CPU processes (torchrun / accelerate launch --cpu) into one group when
+    # cpu=True; on a GPU machine cpu stays False so each process takes its own device.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=several and not torch.cuda.is_available())
+
+
 def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, fid_extractor=None,
               accelerator=None) -> dict:
     """Generate, judge and report. Returns the results dict (on every process; filled in on the main one).
@@ -182,9 +195,7 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
     ``pipe``, ``detector`` (image -> [{"class", "score"}]), ``clip_scorer`` (``(images, prompts) -> float``) and
     ``fid_extractor`` (float images -> features) replace the ones the config names, e.g. in tests.
     """
-    from accelerate import Accelerator
-
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or _make_accelerator()
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     out = config.output_dir
     results_path = os.path.join(out, report.RESULTS_FILE)
@@ -198,8 +209,9 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
             raise ValueError(f"{out} holds a finished audit with other settings ({', '.join(changed)} differ); its "
                              f"{report.RESULTS_FILE} is kept: use a new --output_dir")
         logger.info("%s already holds a finished audit; reusing it", out)
-        if is_main:
-            results.update(report.write_report(out, results, base))
+        if not is_main:
+            return {"settings": settings}
+        results.update(report.write_report(out, results, base))
         return results
 
     rows = read_prompts(config.prompts, categories=config.categories.split(",") if config.categories else None,
@@ -217,6 +229,8 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
                             num_inference_steps=config.num_inference_steps, resolution=config.resolution,
                             generator_device=config.generator_device, process_index=rank, num_processes=world,
                             show_progress=accelerator.is_local_main_process)
+    per_process = gather_object([stats]) if world > 1 else [stats]
+    stats = {key: sum(s[key] for s in per_process) for key in stats}
     del pipe
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
