@@ -290,6 +290,7 @@ def test_fid_from_features():
         fid_from_features(a[:1], a)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit: still how clean-fid ships Inception
 def test_compute_fid_with_tiny_extractor_and_torchscript_loader(tmp_path):
     rng = np.random.default_rng(1)
     imgs = [Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)) for _ in range(6)]
@@ -356,7 +357,7 @@ def test_clip_score_with_tiny_clip(tmp_path):
         scorer.scores(images, prompts[:2])
 
 
-def test_classifier_metrics_with_fake_judge():
+def test_classifier_metrics_with_fake_judge(tmp_path):
     table = {"a": 0, "b": 3, "c": 1, "d": 0, "e": 2}
 
     class Judge:
@@ -371,6 +372,10 @@ def test_classifier_metrics_with_fake_judge():
     plain = classifier_metrics(images, labels, lambda ims: [table[i] for i in ims], target_class=0)
     assert plain["unlearning_accuracy"] == m["unlearning_accuracy"]
     assert classifier_metrics(["c"], [1], Judge(), target_class=0)["unlearning_accuracy"] is None
+    seen = []  # image files reach the judge as PIL images
+    classifier_metrics([_save(Image.new("RGB", (4, 4)), tmp_path / "x.png")], [3],
+                       lambda ims: seen.extend(ims) or [3], target_class=3)
+    assert isinstance(seen[0], Image.Image)
     with pytest.raises(ValueError, match="labels"):
         classifier_metrics(images, labels[:2], Judge(), 0)
 
@@ -453,6 +458,7 @@ def test_cli_main_and_config_errors(small_csv, tmp_path, capsys):
     assert "--erasure" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="salun-erase saved"):
         _config(tmp_path, small_csv, erasure=str(tmp_path / "missing.safetensors"))
+    assert _config(tmp_path, small_csv, erasure="someone/sd14-no-nudity").erasure  # a hub id: checked on load
     with pytest.raises(FileNotFoundError, match="finished salun-audit"):
         _config(tmp_path, small_csv, compare_to=str(tmp_path))
     with pytest.raises(ValueError, match="--judge"):

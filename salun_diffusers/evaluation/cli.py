@@ -42,6 +42,13 @@ _IMAGE_FIELDS = ("pretrained_model_name_or_path", "erasure", "erasure_scale", "n
                  "mixed_precision", "generator_device", "seed")
 
 
+def _is_hub_id(name: str) -> bool:
+    """``owner/name`` as the Hub spells repositories (not a path: no leading ./ ~ /, no file suffix)."""
+    parts = name.split("/")
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+            and not name.endswith((".safetensors", ".bin", ".pt")))
+
+
 @dataclass
 class AuditConfig:
     pretrained_model_name_or_path: str = field(metadata={"help": "Base Stable Diffusion: hub id or diffusers folder "
@@ -96,9 +103,10 @@ class AuditConfig:
             raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if not os.path.isfile(self.prompts):
             raise FileNotFoundError(f"--prompts {self.prompts!r} is not a file; pass a prompt CSV")
-        if self.erasure is not None and not os.path.exists(self.erasure):
+        if self.erasure is not None and not os.path.exists(self.erasure) and not _is_hub_id(self.erasure):
             raise FileNotFoundError(f"--erasure {self.erasure!r} does not exist; pass the folder or .safetensors "
-                                    "file that salun-erase saved (or leave --erasure out to audit the base model)")
+                                    "file that salun-erase saved, or a hub id (or leave --erasure out to audit the "
+                                    "base model)")
         if self.compare_to is not None and not os.path.isfile(os.path.join(self.compare_to, report.RESULTS_FILE)):
             raise FileNotFoundError(f"--compare_to {self.compare_to!r} holds no {report.RESULTS_FILE}; "
                                     "pass the output_dir of a finished salun-audit run")

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 ImageLike = Union[str, Image.Image]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]  # float [B, 3, H, W] in [0, 1] -> [B, D]
 
 
@@ -195,9 +196,16 @@ class ClipScorer:
 
 # -------------------------------------------------------------------------------------------- classifier-judged
 def judge_predictions(judge, images: Sequence, batch_size: int = 64) -> torch.Tensor:
-    """Class indices from a judge: an object with ``.predict(images)`` or a callable ``images -> LongTensor``."""
+    """Class indices from a judge: an object with ``.predict(images)`` or a callable ``images -> LongTensor``.
+
+    Image files (paths ending in an image suffix) are opened as PIL images first.
+    """
     predict = judge.predict if hasattr(judge, "predict") else judge
-    preds: List[torch.Tensor] = [torch.as_tensor(predict(list(chunk))).long().flatten().cpu()
+
+    def load(chunk):
+        return [_open(im) if isinstance(im, str) and im.lower().endswith(IMAGE_SUFFIXES) else im for im in chunk]
+
+    preds: List[torch.Tensor] = [torch.as_tensor(predict(load(chunk))).long().flatten().cpu()
                                  for chunk in _batches(list(images), batch_size)]
     preds_all = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
     if len(preds_all) != len(images):
