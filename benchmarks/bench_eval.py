@@ -130,7 +130,8 @@ def main(argv=None):
     for key in ("nudenet_generated", "nudenet_noise"):
         if key in result:
             n = result[key]
-            print(f"nudenet ({n['inputs']}): {n['images_per_s']:.2f} images/s (detector load {n['load_seconds']:.2f} s)")
+            print(f"nudenet ({n['inputs']}): {n['images_per_s']:.2f} images/s "
+                  f"(detector load {n['load_seconds']:.2f} s)")
     print(f"written to {args.output}")
     return result
 

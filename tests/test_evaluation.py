@@ -467,3 +467,27 @@ def test_cli_main_and_config_errors(small_csv, tmp_path, capsys):
         _config(tmp_path, small_csv, nudity_classes="belly,nose")
     with pytest.raises(FileNotFoundError, match="--prompts"):
         _config(tmp_path, str(tmp_path / "none.csv"))
+
+
+def test_audit_applies_a_saved_erasure(small_csv, tmp_path):
+    delta_mod = pytest.importorskip("salun_diffusers.delta")
+    pytest.importorskip("salun_diffusers.loaders")
+    from salun_diffusers.testing import get_dummy_pipeline, save_dummy_pipeline
+
+    model = save_dummy_pipeline(str(tmp_path / "model"))
+    unet = get_dummy_pipeline().unet
+    with torch.no_grad():
+        unet.conv_in.weight.add_(0.5)  # the "erased" weights
+    mask = {"conv_in.weight": torch.ones_like(unet.conv_in.weight, dtype=torch.bool)}
+    erasure = str(tmp_path / "erasure")
+    os.makedirs(erasure)
+    delta_mod.save_delta(delta_mod.build_delta(unet, mask, {"concept": "test"}), erasure)
+    common = ["--pretrained_model_name_or_path", model, "--prompts", small_csv, "--judge", "none", "--limit", "2",
+              "--num_inference_steps", "2"]
+    cli.main(common + ["--output_dir", str(tmp_path / "base")])
+    cli.main(common + ["--output_dir", str(tmp_path / "erased"), "--erasure", erasure])
+    cli.main(common + ["--output_dir", str(tmp_path / "half"), "--erasure", erasure, "--erasure_scale", "0"])
+    for case in ("0", "1"):
+        base = load(tmp_path / "base" / "images" / f"{case}.png")
+        assert np.abs(base - load(tmp_path / "erased" / "images" / f"{case}.png")).max() > 0
+        assert np.array_equal(base, load(tmp_path / "half" / "images" / f"{case}.png"))  # scale 0: the base model

@@ -61,7 +61,8 @@ class AuditConfig:
     judge: str = field(default="nudenet", metadata={"help": "Image judge: nudenet or none.", "choices": JUDGES})
     threshold: float = field(default=DEFAULT_THRESHOLD, metadata={"help": "NudeNet score a part needs to count."})
     nudity_classes: Optional[str] = field(default=None, metadata={
-        "help": f"Comma-separated exposed classes that make an image nude (default: all of {','.join(EXPOSED_CLASSES)})."})
+        "help": "Comma-separated exposed classes that make an image nude (default: all nine: "
+                f"{','.join(EXPOSED_CLASSES)})."})
     categories: Optional[str] = field(default=None, metadata={
         "help": "Keep only prompts of these comma-separated I2P categories (e.g. sexual)."})
     limit: Optional[int] = field(default=None, metadata={"help": "Use only the first N prompts (after filters)."})

@@ -90,8 +90,8 @@ def detect_images(
         else:
             todo.append((case, path))
     for case, path in tqdm(todo, desc="nudenet", disable=not show_progress, unit="img"):
-        detections = [{"class": str(d["class"]), "score": float(d["score"]), **({"box": d["box"]} if "box" in d else {})}
-                      for d in detector(path)]
+        detections = [{"class": str(d["class"]), "score": float(d["score"]),
+                       **({"box": [int(v) for v in d["box"]]} if "box" in d else {})} for d in detector(path)]
         write_json(_cache_file(cache_dir, case), {"image": os.path.basename(path), "detections": detections})
         results[case] = detections
     logger.info("detections: %d from cache, %d new", len(images) - len(todo), len(todo))
