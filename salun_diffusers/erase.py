@@ -38,7 +38,7 @@ from .masking import MaskedUpdate, load_mask, mask_density, mask_from_saliency, 
 from .objectives import diffusion_loss, salun_loss
 from .pipelines.pipeline_stable_diffusion_erased import BUNDLED_DIGIT_MODEL, resolve_base_model
 from .saliency import compute_saliency
-from .utils import atomic_path, write_json, write_text
+from .utils import write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -102,36 +102,21 @@ def generation_dir(cache_dir: str, model_id: str, revision, prompt: str, steps: 
     return os.path.join(cache_dir, f"{_slug(prompt)}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
 
 
-@torch.no_grad()
 def generate_images(pipe, prompt: str, seeds: Sequence[int], out_dir: str, *, num_inference_steps: int,
-                    guidance_scale: float, size: int, batch_size: int = 8, accelerator=None,
-                    desc: str = "generate") -> List[str]:
-    """Generate one PNG per seed into ``out_dir`` (``{seed}.png``); existing files are kept, not regenerated.
+                    guidance_scale: float, size: int, batch_size: int = 8, accelerator=None) -> List[str]:
+    """One PNG per seed (``{seed}.png``) in ``out_dir``, drawn by the evaluation generator (one seeded generator per
+    image, atomic writes, existing files kept, process ``r`` of ``N`` draws every N-th image). Returns the paths."""
+    from .evaluation.generate import generate_images as draw
+    from .evaluation.prompts import PromptRow
 
-    Each image's latents come from its own ``torch.Generator(seed)``, so an image does not depend on batching or
-    on which process made it. With accelerate, process ``r`` makes the images ``i % world == r``.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, f"{s}.png") for s in seeds]
-    world = accelerator.num_processes if accelerator else 1
-    rank = accelerator.process_index if accelerator else 0
-    todo = [i for i in range(len(seeds)) if i % world == rank and not os.path.isfile(paths[i])]
-    device = pipe.unet.device
+    rows = [PromptRow(str(s), prompt, int(s), guidance_scale, size, size) for s in seeds]
     main = accelerator.is_local_main_process if accelerator else True
-    bar = tqdm(total=len(todo), desc=desc, disable=not main or not todo)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        gens = [torch.Generator(device=device).manual_seed(int(seeds[i])) for i in chunk]
-        images = pipe([prompt] * len(chunk), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      height=size, width=size, generator=gens).images
-        for i, image in zip(chunk, images):
-            with atomic_path(paths[i]) as tmp:
-                image.save(tmp, format="PNG")
-        bar.update(len(chunk))
-    bar.close()
+    draw(pipe, rows, out_dir, batch_size=batch_size, num_inference_steps=num_inference_steps,
+         process_index=accelerator.process_index if accelerator else 0,
+         num_processes=accelerator.num_processes if accelerator else 1, show_progress=main)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    return paths
+    return [os.path.join(out_dir, f"{s}.png") for s in seeds]
 
 
 def read_image_folder(folder: str, default_prompt: str) -> List[tuple]:
@@ -196,8 +181,8 @@ def prepare_data(pipe, config: EraseConfig, spec: ConceptSpec, accelerator=None)
     def generated(prompt: str, n: int, seed_base: int, role: str) -> List[str]:
         folder = generation_dir(cache, model_id, config.revision, prompt, config.data_num_inference_steps,
                                 config.data_guidance_scale, size)
-        return generate_images(pipe, prompt, [seed_base + i for i in range(n)], folder,
-                               desc=f"{role}: {prompt[:40]}", **gen)
+        logger.info("%s data: %d images of %r in %s", role, n, prompt, folder)
+        return generate_images(pipe, prompt, [seed_base + i for i in range(n)], folder, **gen)
 
     if config.forget_data_dir:
         forget = [p for p, _ in read_image_folder(config.forget_data_dir, spec.forget_prompt)]
