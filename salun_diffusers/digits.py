@@ -1,0 +1,216 @@
+"""The "digit world": a tiny real text-to-image Stable Diffusion pipeline trained on MNIST, and a digit judge.
+
+Both are bundled in the package (``salun_diffusers/assets/``) and rebuilt by ``scripts/train_digit_world.py``.
+
+* ``digit-sd/`` is an ordinary :class:`~diffusers.StableDiffusionPipeline` folder (CLIP tokenizer + text encoder,
+  ``UNet2DConditionModel``, ``AutoencoderKL``, ``DDIMScheduler``) that draws 32x32 RGB handwritten digits for prompts
+  ``"a handwritten digit seven"``. It is small enough to erase concepts from and evaluate on CPU in about a minute.
+* ``digit-judge/`` is a small CNN (:class:`DigitJudge`) trained on real MNIST digits; it tells which digit an image
+  shows, so erasure can be measured ("is the erased digit still drawn? are the others?").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Dict, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .utils import atomic_path
+
+logger = logging.getLogger(__name__)
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PROMPT_TEMPLATE = "a handwritten digit {word}"
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DIGIT_PIPELINE_DIR = os.path.join(ASSETS_DIR, "digit-sd")
+DIGIT_JUDGE_DIR = os.path.join(ASSETS_DIR, "digit-judge")
+IMAGE_SIZE = 32
+# Recommended sampling settings for the bundled pipeline (the quality figures in assets/README.md use these).
+DIGIT_SAMPLING: Dict[str, float] = {"num_inference_steps": 20, "guidance_scale": 4.0, "height": IMAGE_SIZE,
+                                    "width": IMAGE_SIZE}
+_TRAIN_HINT = "rebuild it with `python scripts/train_digit_world.py --output_dir salun_diffusers/assets --seed 0`"
+
+
+def digit_prompt(d: int) -> str:
+    """``digit_prompt(7) -> "a handwritten digit seven"``."""
+    if not 0 <= int(d) <= 9:
+        raise ValueError(f"digit must be in 0..9, got {d!r}")
+    return PROMPT_TEMPLATE.format(word=DIGIT_WORDS[int(d)])
+
+
+def mnist_images(images_uint8) -> torch.Tensor:
+    """MNIST uint8 ``[N, 28, 28]`` (numpy or torch) -> float ``[N, 3, 32, 32]`` in [-1, 1] (padded by 2, grey as RGB)."""
+    x = images_uint8 if isinstance(images_uint8, torch.Tensor) else torch.from_numpy(np.array(images_uint8))
+    if x.ndim != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images [N, H, W] as load_mnist gives, got {tuple(x.shape)} {x.dtype}")
+    pad = (IMAGE_SIZE - x.shape[-1]) // 2
+    x = x.float().div(127.5).sub(1.0)
+    x = F.pad(x, (pad, pad, pad, pad), value=-1.0) if pad > 0 else x
+    return x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+def judge_split(n: int, seed: int = 0, n_train: int = 8000):
+    """Seeded split of ``n`` MNIST indices into (judge training indices, held-out indices), both sorted."""
+    if not 0 < n_train < n:
+        raise ValueError(f"n_train must be between 1 and {n - 1}, got {n_train}")
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    return perm[:n_train].sort().values, perm[n_train:].sort().values
+
+
+def load_digit_pipeline(device="cpu", torch_dtype=torch.float32):
+    """The bundled digit :class:`~diffusers.StableDiffusionPipeline` (progress bar disabled)."""
+    from diffusers import StableDiffusionPipeline
+
+    if not os.path.isfile(os.path.join(DIGIT_PIPELINE_DIR, "model_index.json")):
+        raise FileNotFoundError(f"bundled digit pipeline missing at {DIGIT_PIPELINE_DIR}; {_TRAIN_HINT}")
+    pipe = StableDiffusionPipeline.from_pretrained(DIGIT_PIPELINE_DIR, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=torch_dtype)  # a 5 MB model: cast after loading (any diffusers version)
+
+
+class DigitJudge(nn.Module):
+    """Small CNN classifying a digit image (white on black, as MNIST and the digit pipeline draw them) into 0..9.
+
+    Accepts what a diffusers pipeline returns: a list of PIL images, numpy ``[N, H, W, 3]`` in [0, 1]
+    (``output_type="np"``), or torch ``[N, 3, H, W]`` in [0, 1] (``output_type="pt"``); 1-channel inputs too.
+    Colour is averaged to grey and images are resized to 32x32.
+    """
+
+    def __init__(self, channels: Sequence[int] = (16, 32, 64), num_classes: int = 10, dropout: float = 0.2):
+        super().__init__()
+        self.config = {"channels": list(channels), "num_classes": num_classes, "dropout": dropout,
+                       "image_size": IMAGE_SIZE}
+        layers, c_in = [], 1
+        for c in channels:  # 32 -> 16 -> 8 -> 4
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                       nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for grey images ``[N, 1, 32, 32]`` in [0, 1]."""
+        return self.head(self.features(x * 2.0 - 1.0))
+
+    # ----------------------------------------------------------------------------------------------- input handling
+    def prepare(self, images) -> torch.Tensor:
+        """Any accepted image format -> float ``[N, 1, 32, 32]`` in [0, 1] on the judge's device."""
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise ValueError("DigitJudge got an empty list of images")
+            images = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
+        if isinstance(images, np.ndarray):
+            if images.ndim == 3:  # [N, H, W] grey
+                images = images[..., None]
+            if images.ndim != 4 or images.shape[-1] not in (1, 3):
+                raise ValueError(f"DigitJudge expects numpy images [N, H, W, 3] (channels last, as output_type='np' "
+                                 f"gives), got shape {images.shape}")
+            scale = 255.0 if images.dtype == np.uint8 else 1.0
+            x = torch.from_numpy(np.ascontiguousarray(images)).float().div(scale).permute(0, 3, 1, 2)
+        elif isinstance(images, torch.Tensor):
+            x = images.detach().float()
+            if x.ndim != 4 or x.shape[1] not in (1, 3):
+                raise ValueError(f"DigitJudge expects torch images [N, 3, H, W] (channels first, as output_type='pt' "
+                                 f"gives), got shape {tuple(x.shape)}")
+        else:
+            raise TypeError(f"DigitJudge expects PIL images, numpy [N, H, W, 3] or torch [N, 3, H, W]; got "
+                            f"{type(images).__name__}")
+        if x.numel() and float(x.min()) < -0.02:
+            raise ValueError(f"DigitJudge expects pixel values in [0, 1], got min {float(x.min()):.3f}; for "
+                             "[-1, 1] images pass (x + 1) / 2")
+        x = x.mean(dim=1, keepdim=True).to(self.head[-1].weight.device)
+        if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+            x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        return x.clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def predict_proba(self, images, batch_size: int = 512) -> torch.Tensor:
+        """Class probabilities, float ``[N, 10]`` (on CPU)."""
+        was_training = self.training
+        self.eval()
+        x = self.prepare(images)
+        probs = torch.cat([self(x[i:i + batch_size]).softmax(-1).cpu() for i in range(0, len(x), batch_size)])
+        self.train(was_training)
+        return probs
+
+    def predict(self, images, batch_size: int = 512) -> torch.Tensor:
+        """Predicted digits, long ``[N]`` (on CPU)."""
+        return self.predict_proba(images, batch_size=batch_size).argmax(-1)
+
+    # ------------------------------------------------------------------------------------------------ persistence
+    def save_pretrained(self, path: str) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``path`` (each atomically)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        with atomic_path(os.path.join(path, "config.json")) as tmp:
+            with open(tmp, "w") as f:
+                json.dump({"model_type": "digit-judge", **self.config}, f, indent=2)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(os.path.join(path, "model.safetensors")) as tmp:
+            save_file(state, tmp)
+        for name in ("config.json", "model.safetensors"):
+            os.chmod(os.path.join(path, name), 0o644)  # temp files are created 0600
+
+    @classmethod
+    def from_pretrained(cls, path: Optional[str] = None, device="cpu") -> "DigitJudge":
+        """Load a judge written by :meth:`save_pretrained` (default: the bundled one), in eval mode."""
+        from safetensors.torch import load_file
+
+        path = path or DIGIT_JUDGE_DIR
+        cfg_file, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+        if not (os.path.isfile(cfg_file) and os.path.isfile(weights)):
+            hint = _TRAIN_HINT if path == DIGIT_JUDGE_DIR else "pass a folder written by DigitJudge.save_pretrained"
+            raise FileNotFoundError(f"no digit judge (config.json + model.safetensors) in {path}; {hint}")
+        with open(cfg_file) as f:
+            cfg = json.load(f)
+        judge = cls(channels=cfg["channels"], num_classes=cfg["num_classes"], dropout=cfg.get("dropout", 0.0))
+        judge.config.update({k: v for k, v in cfg.items() if k not in judge.config and k != "model_type"})
+        judge.load_state_dict(load_file(weights))
+        return judge.to(device).eval()
+
+
+def generate_digits(pipe, digit: int, n: int, seed: int = 0, batch_size: int = 64, **sampling) -> np.ndarray:
+    """``n`` images for ``digit_prompt(digit)`` as numpy ``[n, H, W, 3]`` in [0, 1]; image ``i`` uses seed ``seed + i``.
+
+    Per-image generators make every image independent of the batch size. ``sampling`` overrides ``DIGIT_SAMPLING``.
+    """
+    kwargs = {**DIGIT_SAMPLING, **sampling}
+    device = getattr(pipe, "_execution_device", pipe.device)
+    gen_device = "cpu" if torch.device(device).type == "mps" else device
+    out = []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        gens = [torch.Generator(gen_device).manual_seed(seed + start + i) for i in range(count)]
+        out.append(pipe([digit_prompt(digit)] * count, generator=gens, output_type="np", **kwargs).images)
+    return np.concatenate(out)
+
+
+def judge_accuracy(pipe, judge: DigitJudge, digits: Iterable[int] = range(10), n_per_digit: int = 50, seed: int = 0,
+                   batch_size: int = 64, **sampling) -> dict:
+    """How often ``judge`` calls the pipeline's images of each digit correctly.
+
+    Image ``i`` of digit ``d`` is drawn with seed ``seed + 1000 * d + i`` (so results do not depend on batch size or
+    on which digits are asked for). Returns ``{"per_digit": {d: accuracy}, "mean": float, "min": float,
+    "n_per_digit": int}``; ``sampling`` overrides ``DIGIT_SAMPLING`` (e.g. ``guidance_scale=...``).
+    """
+    if not 0 < n_per_digit <= 1000:
+        raise ValueError(f"n_per_digit must be in 1..1000 (seeds of different digits would overlap), got {n_per_digit}")
+    per_digit = {}
+    for d in tqdm(list(digits), desc="judging digits", leave=False):
+        images = generate_digits(pipe, d, n_per_digit, seed=seed + 1000 * int(d), batch_size=batch_size, **sampling)
+        per_digit[int(d)] = float((judge.predict(images) == int(d)).float().mean())
+    values = list(per_digit.values())
+    result = {"per_digit": per_digit, "mean": float(np.mean(values)), "min": float(np.min(values)),
+              "n_per_digit": int(n_per_digit)}
+    logger.info("judge accuracy on generated digits: mean %.3f, min %.3f", result["mean"], result["min"])
+    return result
