@@ -38,6 +38,7 @@ from salun_diffusers.tokenizer import build_word_tokenizer  # noqa: E402
 from salun_diffusers.utils import write_json  # noqa: E402
 
 logger = logging.getLogger("train_digit_world")
+PROMPT_WORDS = ("a", "handwritten", "digit", *DIGIT_WORDS)
 
 
 @dataclass
@@ -300,7 +301,7 @@ def main(argv=None) -> dict:
     # (2) VAE
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tok_dir:
-        tokenizer = build_word_tokenizer(["a", "handwritten", "digit", *DIGIT_WORDS], tok_dir)
+        tokenizer = build_word_tokenizer(PROMPT_WORDS, tok_dir)
     torch.manual_seed(cfg.seed)
     vae, text_encoder, unet = build_models(tokenizer)
     vae = train_vae(cfg, vae, images, gen)
@@ -333,6 +334,9 @@ def main(argv=None) -> dict:
     sd_dir, judge_dir = os.path.join(cfg.output_dir, "digit-sd"), os.path.join(cfg.output_dir, "digit-judge")
     tmp_root = tempfile.mkdtemp(prefix=".tmp-digit-world-", dir=cfg.output_dir)
     pipe.save_pretrained(os.path.join(tmp_root, "digit-sd"), safe_serialization=True)
+    # transformers 5 saves only tokenizer.json; write vocab.json + merges.txt (same ids) so transformers 4 loads it too
+    shutil.rmtree(os.path.join(tmp_root, "digit-sd", "tokenizer"))
+    build_word_tokenizer(PROMPT_WORDS, os.path.join(tmp_root, "digit-sd", "tokenizer"))
     judge.save_pretrained(os.path.join(tmp_root, "digit-judge"))
     replace_dir(os.path.join(tmp_root, "digit-sd"), sd_dir)
     replace_dir(os.path.join(tmp_root, "digit-judge"), judge_dir)

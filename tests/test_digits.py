@@ -69,6 +69,8 @@ def test_tokenizer_keeps_digit_words_whole(pipe):
     assert len(ids) == 3 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
     assert len(tok(digit_prompt(7)).input_ids) == 6  # bos a handwritten digit seven eos
     assert tok.model_max_length == pipe.text_encoder.config.max_position_embeddings
+    for name in ("vocab.json", "merges.txt"):  # what transformers 4's slow CLIPTokenizer needs
+        assert os.path.isfile(os.path.join(DIGIT_PIPELINE_DIR, "tokenizer", name))
 
 
 def test_judge_heldout_accuracy(judge, data_dir):
@@ -148,5 +150,6 @@ def test_training_script_smoke(tmp_path, data_dir, monkeypatch):
                         "--vae_epochs", "1", "--unet_steps", "3", "--eval_n_per_digit", "1"])
     assert os.path.isfile(tmp_path / "digit-sd" / "model_index.json")
     assert os.path.isfile(tmp_path / "digit-judge" / "model.safetensors")
+    assert os.path.isfile(tmp_path / "digit-sd" / "tokenizer" / "vocab.json")
     assert metrics["generation"]["n_per_digit"] == 1
     assert json.load(open(tmp_path / "digit-world-metrics.json"))["judge"]["n_heldout"] == 100
