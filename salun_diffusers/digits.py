@@ -47,7 +47,9 @@ def digit_prompt(d: int) -> str:
 
 def mnist_images(images_uint8) -> torch.Tensor:
     """MNIST uint8 ``[N, 28, 28]`` (numpy or torch) -> float ``[N, 3, 32, 32]`` in [-1, 1] (padded by 2, grey as RGB)."""
-    x = images_uint8 if isinstance(images_uint8, torch.Tensor) else torch.from_numpy(np.array(images_uint8))
+    x = images_uint8
+    if not isinstance(x, torch.Tensor):
+        x = torch.from_numpy(np.array(x))
     if x.ndim != 3 or x.dtype != torch.uint8:
         raise ValueError(f"expected uint8 images [N, H, W] as load_mnist gives, got {tuple(x.shape)} {x.dtype}")
     pad = (IMAGE_SIZE - x.shape[-1]) // 2
@@ -95,7 +97,8 @@ class DigitJudge(nn.Module):
                        nn.MaxPool2d(2)]
             c_in = c
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(c_in, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for grey images ``[N, 1, 32, 32]`` in [0, 1]."""

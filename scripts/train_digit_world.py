@@ -116,7 +116,7 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, max_deg=12.0, max_shift
 
 
 # ------------------------------------------------------------------------------------------------------ phases
-def train_judge(cfg, grey: torch.Tensor, labels: torch.Tensor, train_idx, held_idx, gen) -> DigitJudge:
+def train_judge(cfg, grey: torch.Tensor, labels: torch.Tensor, train_idx, gen) -> DigitJudge:
     torch.manual_seed(cfg.seed)
     judge = DigitJudge()
     judge.config["train_split"] = {"seed": cfg.seed, "n_train": len(train_idx), "n_total": len(labels)}
@@ -292,7 +292,7 @@ def main(argv=None) -> dict:
     # (1) judge
     t0 = time.perf_counter()
     train_idx, held_idx = judge_split(len(labels), cfg.seed, cfg.judge_train_size)
-    judge = train_judge(cfg, grey, labels, train_idx, held_idx, gen)
+    judge = train_judge(cfg, grey, labels, train_idx, gen)
     judge_held = float((judge.predict(grey[held_idx]) == labels[held_idx]).float().mean())
     judge_train = float((judge.predict(grey[train_idx]) == labels[train_idx]).float().mean())
     times["judge_s"] = time.perf_counter() - t0
