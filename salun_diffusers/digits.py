@@ -46,7 +46,7 @@ def digit_prompt(d: int) -> str:
 
 
 def mnist_images(images_uint8) -> torch.Tensor:
-    """MNIST uint8 ``[N, 28, 28]`` (numpy or torch) -> float ``[N, 3, 32, 32]`` in [-1, 1] (padded by 2, grey as RGB)."""
+    """MNIST uint8 ``[N, 28, 28]`` (numpy or torch) -> float ``[N, 3, 32, 32]`` in [-1, 1], padded by 2, grey as RGB."""
     x = images_uint8
     if not isinstance(x, torch.Tensor):
         x = torch.from_numpy(np.array(x))
