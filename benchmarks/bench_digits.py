@@ -98,6 +98,8 @@ def main(argv=None):
     p.add_argument("--output_dir", default="out/bench-digits")
     p.add_argument("--digits", type=_ints, default=list(range(10)))
     p.add_argument("--ratios", type=_floats, default=[0.1, 0.3, 0.5, 0.7, 1.0])
+    p.add_argument("--sweep_digits", type=_ints, default=None,
+                   help="digits the ratios other than 0.5 (SalUn) and 1.0 (unmasked) run on (default: all --digits)")
     p.add_argument("--lora_ranks", type=_ints, default=[4, 16, 64])
     p.add_argument("--n_per_digit", type=int, default=50, help="judged images per digit prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -121,6 +123,8 @@ def main(argv=None):
     runs, loras, grid = [], [], []
     for d in args.digits:
         for ratio in args.ratios:
+            if args.sweep_digits is not None and ratio not in (SALUN_RATIO, 1.0) and d not in args.sweep_digits:
+                continue
             out = os.path.join(args.output_dir, "runs", f"{DIGIT_WORDS[d]}-r{ratio:g}")
             cfg = EraseConfig(concept=DIGIT_WORDS[d], mask_ratio=ratio, output_dir=out, cache_dir=cache,
                               overwrite_output_dir=True, seed=args.seed, save_merged_unet=False, **extra)

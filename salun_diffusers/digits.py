@@ -22,12 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .concepts import DIGIT_WORDS, digit_prompt  # noqa: F401  (re-exported)
 from .utils import atomic_path
 
 logger = logging.getLogger(__name__)
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-PROMPT_TEMPLATE = "a handwritten digit {word}"
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DIGIT_PIPELINE_DIR = os.path.join(ASSETS_DIR, "digit-sd")
 DIGIT_JUDGE_DIR = os.path.join(ASSETS_DIR, "digit-judge")
@@ -36,13 +35,6 @@ IMAGE_SIZE = 32
 DIGIT_SAMPLING: Dict[str, float] = {"num_inference_steps": 20, "guidance_scale": 4.0, "height": IMAGE_SIZE,
                                     "width": IMAGE_SIZE}
 _TRAIN_HINT = "rebuild it with `python scripts/train_digit_world.py --output_dir salun_diffusers/assets --seed 0`"
-
-
-def digit_prompt(d: int) -> str:
-    """``digit_prompt(7) -> "a handwritten digit seven"``."""
-    if not 0 <= int(d) <= 9:
-        raise ValueError(f"digit must be in 0..9, got {d!r}")
-    return PROMPT_TEMPLATE.format(word=DIGIT_WORDS[int(d)])
 
 
 def mnist_images(images_uint8) -> torch.Tensor:
