@@ -101,6 +101,8 @@ def main(argv=None):
     p.add_argument("--sweep_digits", type=_ints, default=None,
                    help="digits the ratios other than 0.5 (SalUn) and 1.0 (unmasked) run on (default: all --digits)")
     p.add_argument("--lora_ranks", type=_ints, default=[4, 16, 64])
+    p.add_argument("--lora_digits", type=_ints, default=None, help="digits whose SalUn erasure is exported as LoRAs "
+                   "(default: all --digits)")
     p.add_argument("--n_per_digit", type=int, default=50, help="judged images per digit prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -146,7 +148,7 @@ def main(argv=None):
             if ratio == SALUN_RATIO:
                 grid.append((f"{d} base", generate_digits(base, d, 8, seed=EVAL_SEED + 1000 * d)))
                 grid.append((f"{d} SalUn", generate_digits(result.pipeline, d, 8, seed=EVAL_SEED + 1000 * d)))
-                for rank in args.lora_ranks:
+                for rank in (args.lora_ranks if args.lora_digits is None or d in args.lora_digits else []):
                     state, stats = delta_to_lora(base.unet, result.unet, rank)
                     lora_dir = os.path.join(out, f"lora-r{rank}")
                     save_lora(state, lora_dir)
@@ -161,18 +163,23 @@ def main(argv=None):
                     print(f"  LoRA rank {rank}: UA {ls['unlearning_accuracy']:.1%}, retained "
                           f"{ls['retained_accuracy']:.1%}, energy kept {stats['energy_kept']:.1%}")
             del result
+            write_report(args, base_acc, runs, loras, grid, extra)
+    return write_report(args, base_acc, runs, loras, grid, extra, final=True)
 
+
+def write_report(args, base_acc, runs, loras, grid, extra, final=False):
     report = {"world": "digit (bundled MNIST text-to-image model, judged by the bundled digit classifier)",
               "n_per_digit": args.n_per_digit, "seed": args.seed, "base_per_digit_accuracy": base_acc,
               "runs": runs, "lora": loras, "erase_args": extra,
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": torch.get_num_threads(), "complete": final}
     write_json(os.path.join(args.output_dir, "report.json"), report)
     write_text(os.path.join(args.output_dir, "report.md"), markdown(report))
     if grid:
         sample_grid(grid, os.path.join(args.output_dir, "samples.png"))
     if len({r["mask_ratio"] for r in runs}) > 1:
         ratio_plot(runs, os.path.join(args.output_dir, "ratios.png"))
-    print(markdown(report))
+    if final:
+        print(markdown(report))
     return report
 
 
