@@ -124,7 +124,8 @@ def tune(args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--data_dir", default=None, help="folder with the MNIST IDX files (default ../shared/data/mnist)")
+    parser.add_argument("--data_dir", default=None,
+                        help="folder with the MNIST IDX files (default ../shared/data/mnist)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--hparams", default=None, help="tuned_hparams.json from --tune ({scenario: {method: {...}}})")
     parser.add_argument("--tune", action="store_true", help="grid-search lr x epochs instead of benchmarking")

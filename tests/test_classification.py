@@ -13,10 +13,10 @@ from salun_diffusers.classification import cli
 from salun_diffusers.classification.data import load_cifar10_data, load_mnist_data, make_forget_split
 from salun_diffusers.classification.experiment import ExperimentConfig
 from salun_diffusers.classification.methods import MethodConfig, random_wrong_labels, salun_mask, unlearn
-from salun_diffusers.classification.metrics import (accuracy, average_gap, evaluate_unlearning, format_table,
-                                                    mia_efficacy, predict_logits, summarize)
+from salun_diffusers.classification.metrics import (accuracy, average_gap, evaluate_unlearning,
+                                                    fit_confidence_threshold, format_table, mia_efficacy,
+                                                    predict_logits, summarize)
 from salun_diffusers.classification.models import ResNet18, SmallCNN, build_model
-from salun_diffusers.data import default_data_dir
 
 
 def _have_mnist():
@@ -96,6 +96,13 @@ def test_mia_efficacy_separable_cases():
     assert mia_efficacy(members, y, nonmembers, y, mixed, y[:60]) == pytest.approx(50.0)
     with pytest.raises(ValueError, match="member"):
         mia_efficacy(members[:0], y[:0], nonmembers, y, mixed, y[:60])
+
+
+def test_confidence_threshold_is_the_best_balanced_cut():
+    members, nonmembers = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.25, 0.5, 0.6])
+    # cuts after 0.2 and after 0.3 both reach balanced accuracy 5/6; the lower one wins, placed midway
+    assert fit_confidence_threshold(members, nonmembers) == pytest.approx(0.225)
+    assert fit_confidence_threshold(torch.tensor([0.1, 0.2]), torch.tensor([3.0, 4.0])) == pytest.approx(1.6)
 
 
 def test_average_gap_summary_and_table():

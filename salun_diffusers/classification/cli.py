@@ -39,13 +39,15 @@ def _json_arg(value: str, name: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="salun-classifier", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="salun-classifier", description=__doc__.split("\n")[0])
     fields = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
     for name in FLAGS:
         f = fields[name]
         kind = {"forget_ratio": float, "forget_class": int, "train_size": int, "split_seed": int}.get(name, str)
-        parser.add_argument(f"--{name}", type=kind, default=None, help=f.metadata["help"])
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if isinstance(default, list):
+            default = ",".join(map(str, default))
+        parser.add_argument(f"--{name}", type=kind, default=None, help=f"{f.metadata['help']} (default: {default})")
     parser.add_argument("--config", default=None, help="JSON file of an ExperimentConfig (flags given override it)")
     parser.add_argument("--train", default=None, help="JSON overrides of the original model's training config")
     parser.add_argument("--hparams", default=None, help="JSON text or file: {method: {field: value}} overrides")

@@ -75,7 +75,8 @@ class MethodConfig:
     def replace(self, **changes) -> "MethodConfig":
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise ValueError(f"unknown hyperparameter(s) {unknown}; valid: {[f.name for f in dataclasses.fields(self)]}")
+            valid = [f.name for f in dataclasses.fields(self)]
+            raise ValueError(f"unknown hyperparameter(s) {unknown}; valid: {valid}")
         return dataclasses.replace(self, **changes)
 
 

@@ -85,8 +85,9 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-def build_model(name: str, num_classes: int, in_channels: int, image_size: int, seed: Optional[int] = None) -> nn.Module:
-    """Build ``"cnn"`` or ``"resnet18"``; with ``seed``, the initial weights depend only on it (global RNG untouched)."""
+def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
+                seed: Optional[int] = None) -> nn.Module:
+    """Build ``"cnn"`` or ``"resnet18"``; with ``seed`` the initial weights depend only on it (global RNG untouched)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; use one of {MODELS} (or pass your own nn.Module to the Python API)")
     with torch.random.fork_rng(devices=[]):
