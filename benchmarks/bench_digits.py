@@ -16,7 +16,6 @@ This is the digit world (a real model trained on real MNIST), not Stable Diffusi
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os

@@ -12,3 +12,7 @@ from .loaders import (ErasureLoaderMixin, fuse_erasure, get_erasure_metadata, lo
                       set_erasure_scale, unload_erasure)
 from .masking import MaskedUpdate, load_mask, mask_density, mask_from_saliency, save_mask  # noqa: E402,F401
 from .saliency import accumulate_gradients, compute_saliency  # noqa: E402,F401
+
+__all__ = ["EraseConfig", "ErasureLoaderMixin", "MaskedUpdate", "accumulate_gradients", "compute_saliency",
+           "fuse_erasure", "get_erasure_metadata", "load_erasure", "load_mask", "mask_density", "mask_from_saliency",
+           "save_mask", "set_erasure_scale", "unload_erasure"]

@@ -6,13 +6,12 @@ Fields left at ``None`` take the concept preset's default (see :mod:`salun_diffu
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from .concepts import ConceptSpec, resolve_concept
+from .utils import JsonConfigMixin
 
 FORMAT_VERSION = 1
 
@@ -24,7 +23,7 @@ def _f(default, help: str, **kw):
 
 
 @dataclass
-class EraseConfig:
+class EraseConfig(JsonConfigMixin):
     # model
     pretrained_model_name_or_path: Optional[str] = _f(
         None, "Base pipeline: hub id or folder (e.g. CompVis/stable-diffusion-v1-4). Default: the bundled digit model.")
@@ -114,27 +113,3 @@ class EraseConfig:
 
     def concept_spec(self) -> ConceptSpec:
         return resolve_concept(self.concept, self.forget_prompt, self.pseudo_prompt, self.retain_prompt)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    def to_json_file(self, path: str) -> None:
-        from .utils import write_text
-
-        write_text(path, self.to_json_string() + "\n")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "EraseConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown EraseConfig keys {unknown}; remove them (known: see `train_erase.py --help`)")
-        return cls(**data)
-
-    @classmethod
-    def from_json_file(cls, path: str) -> "EraseConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))

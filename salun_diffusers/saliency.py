@@ -11,7 +11,7 @@ randomness comes from a generator seeded with ``seed + i``, so the all-reduced s
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 from tqdm.auto import tqdm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -50,3 +51,33 @@ def resolve_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown precision {name!r}; use one of {sorted(DTYPES)}") from None
+
+
+class JsonConfigMixin:
+    """JSON round trip for dataclass configs (peft style): unknown keys are refused, not silently dropped."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_json_file(self, path: str) -> None:
+        write_text(path, self.to_json_string() + "\n")
+
+    @classmethod
+    def from_dict(cls, data):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_json_string(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_json_file(cls, path: str):
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

@@ -261,7 +261,7 @@ def test_experiment_config_json_round_trip():
     cfg = ExperimentConfig(methods="retrain,salun", seeds="0,1", scenario="class", forget_class=3,
                            hparams={"salun": {"lr": 0.02, "mask_ratio": 0.3}}, train={"epochs": 2})
     assert cfg.hparams["salun"].mask_ratio == 0.3 and cfg.hparams["salun"].epochs == cfg.hparams["ft"].epochs
-    back = ExperimentConfig.from_json(cfg.to_json())
+    back = ExperimentConfig.from_json_string(cfg.to_json_string())
     assert back == cfg and back.seeds == [0, 1] and back.train.epochs == 2
 
 

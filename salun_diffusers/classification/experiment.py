@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from ..utils import write_json, write_text
+from ..utils import JsonConfigMixin, write_json, write_text
 from .data import DATASETS, SCENARIOS, ImageData, load_dataset, make_forget_split
 from .methods import METHODS, MethodConfig, train_classifier, unlearn
 from .metrics import METRICS, average_gap, evaluate_unlearning, format_table, summarize
@@ -62,7 +62,7 @@ def _as_list(value, cast) -> list:
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(JsonConfigMixin):
     """Everything one ``salun-classifier`` run needs; ``to_dict``/``from_dict`` round-trip through JSON."""
 
     dataset: str = field(default="mnist", metadata={"help": f"one of {DATASETS}"})
@@ -120,24 +120,6 @@ class ExperimentConfig:
     @property
     def model_name(self) -> str:
         return self.model if self.model != "auto" else ("cnn" if self.dataset == "mnist" else "resnet18")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "ExperimentConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown experiment config key(s) {unknown}; valid: {sorted(names)}")
-        return cls(**dict(data))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ExperimentConfig":
-        return cls.from_dict(json.loads(text))
 
 
 def _device(name: str) -> torch.device:
