@@ -98,7 +98,7 @@ def main(argv=None):
     parser.add_argument("--skip_nudenet", action="store_true")
     parser.add_argument("--num_threads", type=int, default=None,
                         help="torch CPU threads (1 is fastest for the tiny model on a busy machine)")
-    parser.add_argument("--output", default="bench_eval.json")
+    parser.add_argument("--output", default="out/bench_eval.json")
     args = parser.parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
