@@ -187,11 +187,12 @@ def markdown(report) -> str:
     lines = ["# Digit-world erasure benchmark", "",
              f"{report['world']}; {report['n_per_digit']} judged images per digit prompt.", "",
              "## By mask ratio (mean over erased digits)", "",
-             "| method | mask ratio | UA | retained acc. | retained drop (points) | min UA | max drop | s/erasure |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | mask ratio | digits | UA | retained acc. | retained drop (points) | min UA | max drop | s/erasure |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for ratio in sorted({r["mask_ratio"] for r in runs}):
         rs = [r for r in runs if r["mask_ratio"] == ratio]
-        lines.append(f"| {rs[0]['method']} | {ratio:g} | {np.mean([r['unlearning_accuracy'] for r in rs]):.1%} | "
+        digits = ",".join(str(r["digit"]) for r in rs) if len(rs) < 10 else "all"
+        lines.append(f"| {rs[0]['method']} | {ratio:g} | {digits} | {np.mean([r['unlearning_accuracy'] for r in rs]):.1%} | "
                      f"{np.mean([r['retained_accuracy'] for r in rs]):.1%} | "
                      f"{np.mean([r['retained_drop_points'] for r in rs]):+.2f} | "
                      f"{min(r['unlearning_accuracy'] for r in rs):.1%} | "
