@@ -77,6 +77,9 @@ def ratio_plot(runs, path):
     import matplotlib.pyplot as plt
 
     ratios = sorted({r["mask_ratio"] for r in runs})
+    # average over the digits erased at every ratio, so each point covers the same digits
+    common = set.intersection(*({r["digit"] for r in runs if r["mask_ratio"] == x} for x in ratios))
+    runs = [r for r in runs if r["digit"] in common]
     ua = [np.mean([r["unlearning_accuracy"] for r in runs if r["mask_ratio"] == x]) for x in ratios]
     ra = [np.mean([r["retained_accuracy"] for r in runs if r["mask_ratio"] == x]) for x in ratios]
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -84,7 +87,7 @@ def ratio_plot(runs, path):
     ax.plot(ratios, [100 * v for v in ra], "s-", label="retained accuracy (other digits)")
     ax.set_xlabel("mask ratio (1.0 = unmasked, ESD-like)")
     ax.set_ylabel("%")
-    ax.set_title("Digit world: erasure vs mask ratio (mean over digits)")
+    ax.set_title(f"Digit world: erasure vs mask ratio (digits {', '.join(map(str, sorted(common)))})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
