@@ -22,8 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .concepts import DIGIT_WORDS, digit_prompt  # noqa: F401  (re-exported)
+from .concepts import DIGIT_WORDS, digit_prompt
 from .utils import atomic_path
+
+__all__ = ["DIGIT_JUDGE_DIR", "DIGIT_PIPELINE_DIR", "DIGIT_SAMPLING", "DIGIT_WORDS", "DigitJudge", "digit_prompt",
+           "generate_digits", "judge_accuracy", "judge_split", "load_digit_pipeline", "mnist_images"]
 
 logger = logging.getLogger(__name__)
 
