@@ -93,7 +93,7 @@ def save_delta(delta: ErasureDelta, directory: str) -> str:
     path = os.path.join(directory, WEIGHTS_NAME)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
-    summary = {k: v for k, v in delta.metadata.items()}
+    summary = dict(delta.metadata)
     summary.update({"num_changed": delta.num_changed(), "num_tensors": len(delta.values)})
     write_json(os.path.join(directory, CONFIG_NAME), summary)
     return path

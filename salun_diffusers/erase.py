@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,7 +38,7 @@ from .masking import MaskedUpdate, load_mask, mask_density, mask_from_saliency, 
 from .objectives import diffusion_loss, salun_loss
 from .pipelines.pipeline_stable_diffusion_erased import BUNDLED_DIGIT_MODEL, resolve_base_model
 from .saliency import compute_saliency
-from .utils import write_json, write_text
+from .utils import DTYPES, resolve_dtype, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def saliency_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config:
     n = data.forget_latents.shape[0]
     bs = config.saliency_batch_size
     batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
-    autocast = accelerator.autocast if accelerator is not None else _nullcontext
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
 
     def loss_fn(model, idx, generator):
         latents = data.forget_latents[idx]
@@ -224,14 +225,6 @@ def saliency_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config:
 
     saliency = compute_saliency(unet, batches, loss_fn, seed=config.seed, accelerator=accelerator)
     return mask_from_saliency(saliency, config.mask_ratio, config.mask_scope)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -304,7 +297,7 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
             project_config=ProjectConfiguration(project_dir=config.output_dir,
                                                 logging_dir=os.path.join(config.output_dir, config.logging_dir)))
     spec = config.concept_spec()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     if accelerator.is_main_process:
         os.makedirs(config.output_dir, exist_ok=True)
         config.to_json_file(os.path.join(config.output_dir, "train_config.json"))
@@ -420,8 +413,7 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     erasure_path = unet_dir = None
     if accelerator.is_main_process:
         meta = erasure_metadata(config, spec)
-        delta = build_delta(unet, mask, meta, dtype={"fp32": torch.float32, "fp16": torch.float16,
-                                                    "bf16": torch.bfloat16}[config.delta_dtype])
+        delta = build_delta(unet, mask, meta, dtype=resolve_dtype(config.delta_dtype))
         erasure_path = save_delta(delta, config.output_dir)
         if config.save_merged_unet:
             unet_dir = os.path.join(config.output_dir, "unet")

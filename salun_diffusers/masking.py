@@ -72,19 +72,18 @@ def _select_top_k(named: Mapping[str, torch.Tensor], k: int) -> Mask:
         return {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}
     threshold = _kth_largest_key([named[n] for n in names], k)
     masks: Mask = {}
-    greater = {}
-    for n in names:
+    ties = {}
+    for n in names:  # one pass: entries above the threshold, and where the ties sit
         keys = _sortable_keys(named[n])
-        greater[n] = keys > threshold
-    need = k - sum(int(g.sum()) for g in greater.values())  # entries equal to the threshold still to take
+        masks[n] = (keys > threshold).view(named[n].shape)
+        ties[n] = torch.nonzero(keys == threshold).flatten()
+    need = k - sum(int(m.sum()) for m in masks.values())  # entries equal to the threshold still to take
     for n in names:
-        keys = _sortable_keys(named[n])
-        m = greater[n]
-        if need > 0:
-            ties = torch.nonzero(keys == threshold).flatten()[:need]
-            m[ties] = True
-            need -= ties.numel()
-        masks[n] = m.view(named[n].shape)
+        if need <= 0:
+            break
+        take = ties[n][:need]
+        masks[n].view(-1)[take] = True
+        need -= take.numel()
     return masks
 
 
