@@ -1,0 +1,8 @@
+"""The phases of a SalUn erasure run, one module each; :func:`salun_diffusers.erase.erase` runs them in order.
+
+* :mod:`.data`        base pipeline, forget / retain images (generated + cached, or folders), latents, prompt embeddings
+* :mod:`.saliency`    gradient saliency of the forget loss -> top-k mask (or a saved mask)
+* :mod:`.training`    masked fine-tuning with the SalUn objective under accelerate
+* :mod:`.checkpoints` checkpoint-N folders: find, resume, prune
+* :mod:`.outputs`     the output folder: checks before work, erasure file, merged U-Net, metrics, model card
+"""

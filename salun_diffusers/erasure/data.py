@@ -1,0 +1,170 @@
+"""Erasure phase 1, data: the base pipeline, forget / retain images (generated and cached, or read from folders),
+their latents and the prompt embeddings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..concepts import ConceptSpec
+from ..config import EraseConfig
+from ..pipelines.pipeline_stable_diffusion_erased import BUNDLED_DIGIT_MODEL, resolve_base_model
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class ConceptData:
+    """Latents of forget and retain images with the prompt index of each, and the embedding of every prompt."""
+
+    forget_latents: torch.Tensor
+    retain_latents: Optional[torch.Tensor]
+    retain_prompt_ids: Optional[torch.Tensor]
+    embeds: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def base_model_id(config: EraseConfig) -> str:
+    return config.pretrained_model_name_or_path or BUNDLED_DIGIT_MODEL
+
+
+def load_pipeline(config: EraseConfig):
+    """The base StableDiffusionPipeline (safety checker off: the forget data is, by design, the unsafe concept)."""
+    from diffusers import StableDiffusionPipeline
+
+    source = resolve_base_model(base_model_id(config))
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, revision=config.revision, variant=config.variant,
+                                                       safety_checker=None, requires_safety_checker=False)
+    except OSError as exc:
+        raise OSError(f"could not load the base model {source!r}: {exc}. Pass a local folder or a hub id that is "
+                      "reachable (set HF_HUB_OFFLINE=1 to use the local cache only)") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+
+
+def generation_dir(cache_dir: str, model_id: str, revision, prompt: str, steps: int, guidance: float,
+                   size: int) -> str:
+    """Cache folder of one prompt's generated images, keyed by everything that changes the images."""
+    key = json.dumps([model_id, revision, prompt, steps, guidance, size])
+    return os.path.join(cache_dir, f"{_slug(prompt)}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
+
+
+def generate_images(pipe, prompt: str, seeds: Sequence[int], out_dir: str, *, num_inference_steps: int,
+                    guidance_scale: float, size: int, batch_size: int = 8, accelerator=None) -> List[str]:
+    """One PNG per seed (``{seed}.png``) in ``out_dir``, drawn by the evaluation generator (one seeded generator per
+    image, atomic writes, existing files kept, process ``r`` of ``N`` draws every N-th image). Returns the paths."""
+    from ..evaluation.generate import generate_images as draw
+    from ..evaluation.prompts import PromptRow
+
+    rows = [PromptRow(str(s), prompt, int(s), guidance_scale, size, size) for s in seeds]
+    main = accelerator.is_local_main_process if accelerator else True
+    draw(pipe, rows, out_dir, batch_size=batch_size, num_inference_steps=num_inference_steps,
+         process_index=accelerator.process_index if accelerator else 0,
+         num_processes=accelerator.num_processes if accelerator else 1, show_progress=main)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return [os.path.join(out_dir, f"{s}.png") for s in seeds]
+
+
+def read_image_folder(folder: str, default_prompt: str) -> List[tuple]:
+    """``(path, prompt)`` pairs from a folder; captions from diffusers' ``metadata.jsonl`` (file_name, text)."""
+    captions = {}
+    meta = os.path.join(folder, "metadata.jsonl")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    captions[row["file_name"]] = row.get("text") or default_prompt
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder!r}")
+    return [(os.path.join(folder, f), captions.get(f, default_prompt)) for f in files]
+
+
+def _load_pixels(paths: Sequence[str], size: int) -> torch.Tensor:
+    arrays = []
+    for p in paths:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BICUBIC)
+            arrays.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def encode_images(vae, paths: Sequence[str], size: int, batch_size: int = 16, desc: str = "encode") -> torch.Tensor:
+    """Latents (distribution mode, times the VAE scaling factor) of image files, in float32 on the VAE's device."""
+    out = []
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    for start in tqdm(range(0, len(paths), batch_size), desc=desc, disable=len(paths) <= batch_size):
+        pixels = _load_pixels(paths[start:start + batch_size], size).to(vae.device, vae.dtype)
+        latents = vae.encode(pixels).latent_dist.mode()
+        out.append(((latents - shift) * scale).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Text-encoder hidden states ([77, D], float32) of each distinct prompt."""
+    out = {}
+    for prompt in dict.fromkeys(prompts):
+        ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+        out[prompt] = pipe.text_encoder(ids)[0][0].float()
+    return out
+
+
+def prepare_data(pipe, config: EraseConfig, spec: ConceptSpec, accelerator=None) -> ConceptData:
+    """Forget and retain latents + prompt embeddings (generating and caching images where no folder is given)."""
+    size = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    cache = config.cache_dir or os.path.join(config.output_dir, "data")
+    gen = dict(num_inference_steps=config.data_num_inference_steps, guidance_scale=config.data_guidance_scale,
+               size=size, batch_size=max(1, config.train_batch_size), accelerator=accelerator)
+    model_id = base_model_id(config)
+
+    def generated(prompt: str, n: int, seed_base: int, role: str) -> List[str]:
+        folder = generation_dir(cache, model_id, config.revision, prompt, config.data_num_inference_steps,
+                                config.data_guidance_scale, size)
+        logger.info("%s data: %d images of %r in %s", role, n, prompt, folder)
+        return generate_images(pipe, prompt, [seed_base + i for i in range(n)], folder, **gen)
+
+    if config.forget_data_dir:
+        forget = [p for p, _ in read_image_folder(config.forget_data_dir, spec.forget_prompt)]
+    else:
+        forget = generated(spec.forget_prompt, config.num_forget_images, config.seed * 100_000, "forget")
+    retain: List[tuple] = []
+    if config.retain_data_dir:
+        retain = read_image_folder(config.retain_data_dir, spec.retain_prompts[0])
+    elif config.num_retain_images > 0:
+        k = len(spec.retain_prompts)
+        for j, prompt in enumerate(spec.retain_prompts):
+            n = config.num_retain_images // k + (1 if j < config.num_retain_images % k else 0)
+            retain += [(p, prompt) for p in generated(prompt, n, config.seed * 100_000 + 50_000, "retain")]
+    prompts = [spec.forget_prompt, *spec.pseudo_prompts, *[p for _, p in retain]]
+    embeds = encode_prompts(pipe, prompts)
+    forget_latents = encode_images(pipe.vae, forget, size, desc="encode forget")
+    retain_latents = retain_ids = None
+    if retain:
+        retain_latents = encode_images(pipe.vae, [p for p, _ in retain], size, desc="encode retain")
+        order = list(embeds)
+        retain_ids = torch.tensor([order.index(p) for _, p in retain])
+    return ConceptData(forget_latents, retain_latents, retain_ids, embeds)

@@ -1,0 +1,110 @@
+"""Erasure phase 3, masked fine-tuning: ``MSE(eps(x_t|c), eps(x_t|c').detach()) + alpha * retain MSE`` on the masked
+weights only, under accelerate (mixed precision, accumulation, trackers, checkpoint-N, resume). After every optimizer
+step the weights outside the mask are restored to the base values (bit-identical)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..concepts import ConceptSpec
+from ..config import EraseConfig
+from ..masking import MaskedUpdate
+from ..objectives import salun_loss
+from .checkpoints import prune_checkpoints
+from .data import ConceptData
+
+logger = logging.getLogger(__name__)
+
+
+def training_scheduler(pipe):
+    """A DDPM scheduler with the pipeline's noise schedule (for noising training latents)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def _step_generators(seed: int, step: int, micro: int, rank: int, device):
+    """Per-(step, micro-batch, process) randomness: identical whether or not the run was resumed."""
+    s = (seed * 1_000_003 + step * 1009 + micro * 31 + rank) % (2 ** 63)
+    return torch.Generator().manual_seed(s), torch.Generator(device=device).manual_seed(s + 1)
+
+
+@dataclass
+class TrainResult:
+    unet: torch.nn.Module  # unwrapped
+    logs: dict  # last step's loss terms and lr
+
+
+def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig, mask: Mapping[str, torch.Tensor],
+          accelerator, resume_path: Optional[str] = None) -> TrainResult:
+    """Run ``config.max_train_steps`` SalUn steps on the masked weights of ``unet`` (resuming from ``resume_path``)."""
+    from diffusers.optimization import get_scheduler
+
+    device = accelerator.device
+    guard = MaskedUpdate(unet, mask)
+    optimizer = torch.optim.AdamW(guard.trainable_parameters(), lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
+                                  eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=config.max_train_steps * accelerator.num_processes)
+    unet_prepared, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    global_step = 0
+    if resume_path:
+        logger.info("resuming from %s", resume_path)
+        accelerator.load_state(resume_path)
+        global_step = int(os.path.basename(resume_path.rstrip("/")).split("-")[1])
+    if accelerator.is_main_process and config.report_to:
+        accelerator.init_trackers("salun-erase", config={k: v for k, v in config.to_dict().items()
+                                                         if isinstance(v, (int, float, str, bool))})
+
+    forget_cond = data.embeds[spec.forget_prompt]
+    pseudo = torch.stack([data.embeds[p] for p in spec.pseudo_prompts])
+    retain_table = torch.stack(list(data.embeds.values()))
+    bs = config.train_batch_size
+    bar = tqdm(range(config.max_train_steps), initial=global_step, desc="erase",
+               disable=not accelerator.is_local_main_process)
+    logs = {}
+    unet_prepared.train()
+    while global_step < config.max_train_steps:
+        for micro in range(config.gradient_accumulation_steps):
+            idx_gen, noise_gen = _step_generators(config.seed, global_step, micro, accelerator.process_index, device)
+            f_idx = torch.randint(0, data.forget_latents.shape[0], (bs,), generator=idx_gen)
+            p_idx = torch.randint(0, pseudo.shape[0], (bs,), generator=idx_gen)
+            r_lat = r_emb = None
+            if data.retain_latents is not None:
+                r_idx = torch.randint(0, data.retain_latents.shape[0], (bs,), generator=idx_gen)
+                r_lat = data.retain_latents[r_idx]
+                r_emb = retain_table[data.retain_prompt_ids[r_idx]]
+            with accelerator.accumulate(unet_prepared), accelerator.autocast():
+                loss, forget_term, retain_term = salun_loss(
+                    unet_prepared, scheduler, data.forget_latents[f_idx], forget_cond.expand(bs, -1, -1),
+                    pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen)
+                accelerator.backward(loss)
+                guard.mask_gradients()
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(guard.trainable_parameters(), config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        guard.restore()
+        global_step += 1
+        bar.update(1)
+        logs = {"loss": loss.item(), "forget_loss": forget_term.item(), "retain_loss": retain_term.item(),
+                "lr": lr_scheduler.get_last_lr()[0]}
+        bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        accelerator.log(logs, step=global_step)
+        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 \
+                and global_step < config.max_train_steps:
+            if accelerator.is_main_process:
+                prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
+                accelerator.save_state(os.path.join(config.output_dir, f"checkpoint-{global_step}"))
+    bar.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(accelerator.unwrap_model(unet_prepared), logs)
