@@ -46,3 +46,11 @@ def prune_checkpoints(output_dir: str, keep: Optional[int]) -> None:
     for name in found[: max(0, len(found) - keep + 1)]:
         logger.info("removing old checkpoint %s (checkpoints_total_limit=%d)", name, keep)
         shutil.rmtree(os.path.join(output_dir, name))
+
+
+def save_checkpoint(accelerator, config: EraseConfig, step: int) -> None:
+    """``accelerator.save_state`` into ``<output_dir>/checkpoint-<step>`` (main process), keeping at most
+    ``checkpoints_total_limit`` checkpoints."""
+    if accelerator.is_main_process:
+        prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
+        accelerator.save_state(os.path.join(config.output_dir, f"checkpoint-{step}"))

@@ -16,7 +16,7 @@ from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..masking import MaskedUpdate
 from ..objectives import salun_loss
-from .checkpoints import prune_checkpoints
+from .checkpoints import save_checkpoint
 from .data import ConceptData
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,12 @@ def _step_generators(seed: int, step: int, micro: int, rank: int, device):
     return torch.Generator().manual_seed(s), torch.Generator(device=device).manual_seed(s + 1)
 
 
+def make_optimizer(params, config: EraseConfig) -> torch.optim.Optimizer:
+    """The optimizer over the masked weights."""
+    return torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+
+
 @dataclass
 class TrainResult:
     unet: torch.nn.Module  # unwrapped
@@ -48,9 +54,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
 
     device = accelerator.device
     guard = MaskedUpdate(unet, mask)
-    optimizer = torch.optim.AdamW(guard.trainable_parameters(), lr=config.learning_rate,
-                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
-                                  eps=config.adam_epsilon)
+    optimizer = make_optimizer(guard.trainable_parameters(), config)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=config.max_train_steps * accelerator.num_processes)
@@ -102,9 +106,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
         accelerator.log(logs, step=global_step)
         if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 \
                 and global_step < config.max_train_steps:
-            if accelerator.is_main_process:
-                prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
-                accelerator.save_state(os.path.join(config.output_dir, f"checkpoint-{global_step}"))
+            save_checkpoint(accelerator, config, global_step)
     bar.close()
     accelerator.wait_for_everyone()
     return TrainResult(accelerator.unwrap_model(unet_prepared), logs)
