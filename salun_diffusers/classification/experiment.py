@@ -20,7 +20,7 @@ import torch
 from ..utils import JsonConfigMixin, write_json, write_text
 from .data import DATASETS, SCENARIOS, ImageData, load_dataset, make_forget_split
 from .methods import METHODS, MethodConfig, train_classifier, unlearn
-from .metrics import METRICS, average_gap, evaluate_unlearning, format_table, summarize
+from .metrics import METRICS, MIA_ATTACKS, average_gap, evaluate_unlearning, format_table, summarize
 from .models import MODELS, build_model
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class ExperimentConfig(JsonConfigMixin):
     train: Optional[MethodConfig] = field(default=None, metadata={"help": "training of the original model"})
     hparams: Dict[str, MethodConfig] = field(default_factory=dict, metadata={
         "help": "per-method hyperparameters; entries given override the dataset/scenario defaults field by field"})
+    mia: str = field(default="svc", metadata={
+        "help": f"membership attack of MIA-efficacy, one of {MIA_ATTACKS}: svc is the paper's (scikit-learn SVC on "
+                "the true-class confidence), threshold the exact best cut on it"})
     include_original: bool = field(default=True, metadata={"help": "also score the original model (no unlearning)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:i]"})
 
@@ -91,6 +94,8 @@ class ExperimentConfig(JsonConfigMixin):
             raise ValueError(f"unknown dataset {self.dataset!r}; use one of {DATASETS}")
         if self.model != "auto" and self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; use auto or one of {MODELS}")
+        if self.mia not in MIA_ATTACKS:
+            raise ValueError(f"unknown mia {self.mia!r}; use one of {MIA_ATTACKS}")
         if self.scenario not in SCENARIOS:
             raise ValueError(f"unknown scenario {self.scenario!r}; use one of {SCENARIOS}")
         if not 0.0 < self.forget_ratio < 1.0:
@@ -170,7 +175,8 @@ def run_experiment(config: ExperimentConfig, *, data: Optional[ImageData] = None
 
         def score(model):
             return evaluate_unlearning(model, data.train_x, data.train_y, split.forget_idx, split.retain_idx,
-                                       data.test_x, data.test_y, forget_class=split.forget_class, seed=seed)
+                                       data.test_x, data.test_y, forget_class=split.forget_class, seed=seed,
+                                       mia=config.mia)
 
         metrics: Dict[str, Dict[str, float]] = {}
         if config.include_original:
