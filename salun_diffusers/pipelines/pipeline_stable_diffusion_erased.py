@@ -40,7 +40,8 @@ def _erasure_dir_config(path) -> Optional[dict]:
 class StableDiffusionErasedPipeline(ErasureLoaderMixin, StableDiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, erasure=None, erasure_scale: float = 1.0,
-                        **kwargs):
+                        check_base: bool = True, **kwargs):
+        """``check_base=False``: apply the erasure even onto base weights other than those it was made from."""
         meta = _erasure_dir_config(pretrained_model_name_or_path)
         if meta is not None and erasure is None:
             erasure = pretrained_model_name_or_path
@@ -52,5 +53,5 @@ class StableDiffusionErasedPipeline(ErasureLoaderMixin, StableDiffusionPipeline)
             kwargs.setdefault("revision", meta.get("config", {}).get("revision"))
         pipe = super().from_pretrained(resolve_base_model(pretrained_model_name_or_path), *args, **kwargs)
         if erasure is not None:
-            pipe.load_erasure(erasure, scale=erasure_scale)
+            pipe.load_erasure(erasure, scale=erasure_scale, check_base=check_base)
         return pipe
