@@ -123,7 +123,7 @@ class AttackConfig:
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         resolve_dtype(self.mixed_precision)
-        from ..pipelines.pipeline_stable_diffusion_erased import BUNDLED_DIGIT_MODEL
+        from ..hub import BUNDLED_DIGIT_MODEL
 
         for name in ("model", "erasure", "base_model"):
             value = getattr(self, name)
