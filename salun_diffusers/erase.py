@@ -1,4 +1,4 @@
-"""SalUn erasure of a concept from a Stable Diffusion U-Net, driven by accelerate.
+"""SalUn erasure of a concept from a Stable Diffusion (1.x, 2.x, XL) U-Net, driven by accelerate.
 
 ``erase(config)`` runs the phases of :mod:`salun_diffusers.erasure` in order:
 
@@ -28,6 +28,7 @@ from .erasure.data import ConceptData, base_model_id, load_pipeline, prepare_dat
 from .erasure.outputs import check_output_dir, write_outputs
 from .erasure.saliency import compute_or_load_mask
 from .erasure.training import train, training_scheduler
+from .families import check_fits, text_encoders
 from .masking import mask_density
 from .utils import DTYPES
 
@@ -69,11 +70,16 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
         pipe = load_pipeline(config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
-    for module, dtype in ((pipe.vae, weight_dtype), (pipe.text_encoder, weight_dtype), (pipe.unet, torch.float32)):
+    check_fits(pipe, spec.pipeline_classes, f"concept {spec.name!r}")
+    # SDXL's VAE overflows in fp16 (its config says force_upcast): it stays float32 then
+    vae_dtype = torch.float32 if getattr(pipe.vae.config, "force_upcast", False) and weight_dtype == torch.float16 \
+        else weight_dtype
+    frozen = [(pipe.vae, vae_dtype)] + [(m, weight_dtype) for m in text_encoders(pipe)]
+    for module, dtype in frozen + [(pipe.unet, torch.float32)]:
         if module.dtype != dtype:
             module.to(dtype=dtype)
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for module, _ in frozen:
+        module.requires_grad_(False)
     unet = pipe.unet
     scheduler = training_scheduler(pipe)
 

@@ -29,7 +29,7 @@ def saliency_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config:
     def loss_fn(model, idx, generator):
         latents = data.forget_latents[idx]
         with autocast():
-            return diffusion_loss(model, scheduler, latents, cond.expand(len(idx), -1, -1), generator)
+            return diffusion_loss(model, scheduler, latents, cond.expand(len(idx)), generator)
 
     saliency = compute_saliency(unet, batches, loss_fn, seed=config.seed, accelerator=accelerator)
     return mask_from_saliency(saliency, config.mask_ratio, config.mask_scope)

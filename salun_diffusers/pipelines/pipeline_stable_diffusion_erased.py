@@ -1,7 +1,8 @@
-"""``StableDiffusionErasedPipeline``: a StableDiffusionPipeline whose ``from_pretrained`` takes an erasure.
+"""Erased pipelines: a StableDiffusionPipeline / StableDiffusionXLPipeline whose ``from_pretrained`` takes an erasure.
 
     pipe = StableDiffusionErasedPipeline.from_pretrained("CompVis/stable-diffusion-v1-4", erasure="out/no-nudity")
     pipe = StableDiffusionErasedPipeline.from_pretrained("out/no-nudity")   # base model read from the erasure's config
+    pipe = StableDiffusionXLErasedPipeline.from_pretrained("out/sdxl-no-nudity")   # an erasure of an SDXL base
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import os
 from typing import Optional
 
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ..delta import CONFIG_NAME
 from ..loaders import ErasureLoaderMixin
@@ -37,7 +38,11 @@ def _erasure_dir_config(path) -> Optional[dict]:
     return None
 
 
-class StableDiffusionErasedPipeline(ErasureLoaderMixin, StableDiffusionPipeline):
+class _ErasedFromPretrained(ErasureLoaderMixin):
+    """``from_pretrained(base, erasure=...)`` or ``from_pretrained(erasure_output_dir)`` for an erased pipeline."""
+
+    _base_family = StableDiffusionPipeline
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, erasure=None, erasure_scale: float = 1.0,
                         **kwargs):
@@ -50,7 +55,33 @@ class StableDiffusionErasedPipeline(ErasureLoaderMixin, StableDiffusionPipeline)
                                  "and erasure=... explicitly")
             pretrained_model_name_or_path = base
             kwargs.setdefault("revision", meta.get("config", {}).get("revision"))
-        pipe = super().from_pretrained(resolve_base_model(pretrained_model_name_or_path), *args, **kwargs)
+        source = resolve_base_model(pretrained_model_name_or_path)
+        cls._check_family(source, kwargs.get("revision"))
+        pipe = super().from_pretrained(source, *args, **kwargs)
         if erasure is not None:
             pipe.load_erasure(erasure, scale=erasure_scale)
         return pipe
+
+    @classmethod
+    def _check_family(cls, source, revision) -> None:
+        """Name the right erased class when the base's ``model_index.json`` names the other family."""
+        try:
+            name = DiffusionPipeline.load_config(source, revision=revision).get("_class_name", "")
+        except Exception:  # unreadable here: let from_pretrained report it
+            return
+        for erased in (StableDiffusionErasedPipeline, StableDiffusionXLErasedPipeline):
+            other = erased._base_family
+            if name == other.__name__ and not issubclass(cls, other):
+                raise ValueError(f"{source!r} is a {name}: load it with {erased.__name__}, not {cls.__name__}")
+
+
+class StableDiffusionErasedPipeline(_ErasedFromPretrained, StableDiffusionPipeline):
+    """SD 1.x / 2.x with ``load_erasure`` / ``unload_erasure`` / ``fuse_erasure`` / ``set_erasure_scale``."""
+
+    _base_family = StableDiffusionPipeline
+
+
+class StableDiffusionXLErasedPipeline(_ErasedFromPretrained, StableDiffusionXLPipeline):
+    """SDXL with ``load_erasure`` / ``unload_erasure`` / ``fuse_erasure`` / ``set_erasure_scale``."""
+
+    _base_family = StableDiffusionXLPipeline
