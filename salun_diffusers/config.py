@@ -70,6 +70,19 @@ class EraseConfig(JsonConfigMixin):
     output_dir: str = _f("out/erasure", "Where the erasure, mask, merged unet/, checkpoints and model card go.")
     overwrite_output_dir: bool = _f(False, "Allow replacing an erasure already in --output_dir.")
     save_merged_unet: bool = _f(True, "Also save the erased U-Net in full as <output_dir>/unet (from_pretrained).")
+    save_pipeline: str = _f("link", "Make --output_dir a diffusers pipeline folder (model_index.json + the merged unet/ + "
+                                    "the base's other components, symlinked per file or copied): "
+                                    "StableDiffusionPipeline.from_pretrained(output_dir) then loads the erased model. "
+                                    "'none': only the erasure (and unet/).", choices=["link", "copy", "none"])
+    export_lora_rank: int = _f(0, "Also export the erasure as a rank-N LoRA (pytorch_lora_weights.safetensors, for "
+                                  "pipe.load_lora_weights) beside the delta; 0: no LoRA.")
+    push_to_hub: bool = _f(False, "Upload --output_dir (without data/, checkpoints and logs) to the Hugging Face Hub.")
+    hub_model_id: Optional[str] = _f(None, "Hub repository for --push_to_hub (default: the output folder's name).")
+    hub_token: Optional[str] = _f(None, "Hub token for --push_to_hub (default: the logged-in token).")
+    validation_prompts: Optional[List[str]] = _f(None, "Prompts drawn during training (images saved under "
+                                                       "<output_dir>/validation and logged to the trackers).", nargs="+")
+    validation_steps: int = _f(0, "Draw the validation prompts every N steps (and after the last); 0: after the last.")
+    num_validation_images: int = _f(2, "Images per validation prompt (seeded with --seed).")
     delta_dtype: str = _f("fp32", "dtype of the stored delta values: fp32 (exact), fp16 or bf16 (smaller).",
                           choices=["fp32", "fp16", "bf16"])
     checkpointing_steps: int = _f(0, "Save an accelerate checkpoint every N steps (0: never).")
@@ -106,10 +119,20 @@ class EraseConfig(JsonConfigMixin):
             raise ValueError("--num_retain_images and --alpha must be >= 0")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.save_pipeline != "none" and not self.save_merged_unet:
+            raise ValueError("--no-save_merged_unet leaves no U-Net for the pipeline folder; add --save_pipeline none")
+        if self.save_pipeline not in ("link", "copy", "none"):
+            raise ValueError(f"--save_pipeline must be link, copy or none, got {self.save_pipeline!r}")
+        if self.export_lora_rank < 0 or self.validation_steps < 0 or self.num_validation_images < 1:
+            raise ValueError("--export_lora_rank and --validation_steps must be >= 0, --num_validation_images >= 1")
         for name in ("forget_data_dir", "retain_data_dir", "mask_path"):
             path = getattr(self, name)
             if path is not None and not os.path.exists(path):
                 raise ValueError(f"--{name} {path!r} does not exist")
+
+    def to_dict(self) -> dict:
+        """All fields, except the hub token (never written to train_config.json, metadata or trackers)."""
+        return {**super().to_dict(), "hub_token": None}
 
     def concept_spec(self) -> ConceptSpec:
         return resolve_concept(self.concept, self.forget_prompt, self.pseudo_prompt, self.retain_prompt)

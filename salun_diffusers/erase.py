@@ -28,6 +28,7 @@ from .erasure.data import ConceptData, base_model_id, load_pipeline, prepare_dat
 from .erasure.outputs import check_output_dir, write_outputs
 from .erasure.saliency import compute_or_load_mask
 from .erasure.training import train, training_scheduler
+from .erasure.validation import validation_hook
 from .families import check_fits, text_encoders
 from .masking import mask_density
 from .utils import DTYPES
@@ -100,7 +101,8 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
         return EraseResult(config.output_dir, None, mask_file, None, metrics, unet, pipe)
 
     # 3. masked fine-tuning
-    trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path)
+    trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
+                    on_step=validation_hook(pipe, config, accelerator))
     unet = trained.unet
     t_train = time.perf_counter()
     metrics.update({"train_seconds": t_train - t_saliency, "final": trained.logs,

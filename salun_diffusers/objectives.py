@@ -34,12 +34,16 @@ def diffusion_target(scheduler, latents, noise, timesteps):
     raise ValueError(f"prediction_type {kind!r} is not supported; use an epsilon or v_prediction scheduler")
 
 
-def diffusion_loss(unet, scheduler, latents, embeds: Cond, generator) -> torch.Tensor:
-    """Standard denoising MSE (used for saliency on forget data and as the retain loss). ``embeds``: a batch of
-    :class:`~salun_diffusers.families.PromptCond` (SDXL's added conditioning included) or of hidden states."""
+def diffusion_loss(unet, scheduler, latents, embeds: Cond, generator, added_cond_kwargs=None) -> torch.Tensor:
+    """Standard denoising MSE (used for saliency on forget data, as the retain loss and as the attacks' loss).
+    ``embeds``: a batch of :class:`~salun_diffusers.families.PromptCond` (SDXL's added conditioning included) or of
+    hidden states (then SDXL's ``added_cond_kwargs`` separately)."""
     noise, t = sample_noise_and_timesteps(latents, scheduler, generator)
     noisy = scheduler.add_noise(latents, noise, t)
-    pred = unet(noisy, t, **unet_kwargs(embeds)).sample
+    kwargs = unet_kwargs(embeds)
+    if added_cond_kwargs is not None:
+        kwargs["added_cond_kwargs"] = added_cond_kwargs
+    pred = unet(noisy, t, **kwargs).sample
     return F.mse_loss(pred.float(), diffusion_target(scheduler, latents, noise, t).float())
 
 
