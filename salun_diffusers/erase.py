@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .config import EraseConfig
+from .delta import base_values_digest
 from .erasure.checkpoints import resolve_resume
 from .erasure.data import ConceptData, base_model_id, load_pipeline, prepare_data  # noqa: F401  (re-exported)
 from .erasure.outputs import check_output_dir, write_outputs
@@ -99,6 +100,8 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     metrics = {"mask_density": density, "data_seconds": t_data - t0, "saliency_seconds": t_saliency - t_data}
     if config.save_mask_only:
         return EraseResult(config.output_dir, None, mask_file, None, metrics, unet, pipe)
+    # fingerprint of the base values the erasure applies to (taken before training): loaders refuse another base
+    base_digest = base_values_digest(unet, mask) if accelerator.is_main_process else None
 
     # 3. masked fine-tuning
     trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
@@ -113,6 +116,6 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     erasure_path = unet_dir = None
     if accelerator.is_main_process:
         metrics["total_seconds"] = time.perf_counter() - t0
-        erasure_path, unet_dir = write_outputs(config, spec, unet, mask, metrics)
+        erasure_path, unet_dir = write_outputs(config, spec, unet, mask, metrics, base_digest)
     accelerator.end_training()
     return EraseResult(config.output_dir, erasure_path, mask_file, unet_dir, metrics, unet, pipe)

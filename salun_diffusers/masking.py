@@ -7,7 +7,8 @@ One implementation serves the diffusion path (U-Net) and the classifier path (an
   or per layer. The global threshold is found by an exact two-pass radix select over the float bit patterns, so it
   works for SD1.4's ~860M weights (``torch.quantile`` refuses more than 2**24 elements) and streams tensor by tensor.
   Ties at the threshold are broken deterministically (parameter-name order, then flat index).
-* :func:`save_mask` / :func:`load_mask` store masks as packed bits in a safetensors file (1 bit per weight).
+* :func:`save_mask` / :func:`load_mask` store masks as packed bits in a safetensors file (1 bit per weight), sealed with
+  sha256 digests of the bits and the header that are verified on load (docs/erasure-format.md).
 * :class:`MaskedUpdate` zeroes gradients outside the mask and, after every optimizer step, copies the base values
   back outside the mask, so those weights stay bit-identical to the base even with weight decay or momentum.
 """
@@ -26,7 +27,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 MASK_FORMAT = "salun-mask"
-MASK_FORMAT_VERSION = 1
+MASK_FORMAT_VERSION = 2
 
 Mask = Dict[str, torch.Tensor]
 
@@ -146,23 +147,26 @@ def save_mask(mask: Mapping[str, torch.Tensor], path: str, metadata: Optional[Ma
     """Write ``mask`` as packed bits to a safetensors file (atomically: temp file, then rename)."""
     from safetensors.torch import save_file
 
-    from .utils import atomic_path
+    from .utils import atomic_path, seal_header
 
     header = {
         "format": MASK_FORMAT,
         "format_version": str(MASK_FORMAT_VERSION),
-        "shapes": json.dumps({n: list(m.shape) for n, m in mask.items()}),
+        "shapes": json.dumps({n: list(m.shape) for n, m in mask.items()}, sort_keys=True),
         "density": f"{mask_density(mask):.6f}",
     }
     for key, value in (metadata or {}).items():
-        header[key] = value if isinstance(value, str) else json.dumps(value)
+        header[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    packed = pack_mask(mask)
     with atomic_path(path) as tmp:
-        save_file(pack_mask(mask), tmp, metadata=header)
+        save_file(packed, tmp, metadata=seal_header(packed, header))
 
 
 def load_mask(path: str) -> tuple:
-    """Read a mask written by :func:`save_mask`. Returns ``(mask, metadata)``."""
+    """Read a mask written by :func:`save_mask`, verifying its seal. Returns ``(mask, metadata)``."""
     from safetensors import safe_open
+
+    from .utils import SEAL_KEY, check_seal
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no mask file at {path!r}; compute one with `train_erase.py --save_mask_only` "
@@ -175,7 +179,19 @@ def load_mask(path: str) -> tuple:
         raise ValueError(f"{path!r} is not a readable safetensors mask file ({exc})") from exc
     if meta.get("format") != MASK_FORMAT:
         raise ValueError(f"{path!r} is not a SalUn mask (format={meta.get('format')!r})")
-    shapes = json.loads(meta["shapes"])
+    fix = "recompute it (train_erase.py without --mask_path)"
+    if SEAL_KEY in meta:
+        check_seal(packed, meta, f"mask file {path!r}", fix)
+    elif meta.get("format_version") != "1":
+        raise ValueError(f"mask file {path!r} (format version {meta.get('format_version')!r}) has no {SEAL_KEY} seal; "
+                         f"the file is corrupt: {fix}")
+    else:
+        logger.warning("mask file %r is format version 1: it has no integrity seal, so corruption cannot be detected; "
+                       "recompute it to get a sealed version %d file", path, MASK_FORMAT_VERSION)
+    try:
+        shapes = json.loads(meta["shapes"])
+    except (KeyError, ValueError):
+        raise ValueError(f"mask file {path!r} has no readable 'shapes' field; the file is corrupt: {fix}") from None
     return unpack_mask(packed, shapes), meta
 
 
