@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from salun_diffusers import load_mask
 from salun_diffusers.config import EraseConfig
@@ -148,6 +148,11 @@ def test_delta_round_trips_and_the_erased_pipeline_generates(erased):
     assert (_images(sub) == erased_images).all()
     sub.unload_erasure()
     assert (_images(sub) == base_images).all()
+
+    # the output folder is a pipeline of the base's class, with the erased U-Net
+    plain = DiffusionPipeline.from_pretrained(config.output_dir)
+    assert type(plain) is PIPELINE[family]
+    assert all(torch.equal(p.detach(), erased_params[n]) for n, p in plain.unet.named_parameters())
 
     wrong = ERASED["sdxl" if family == "sd2" else "sd2"]
     with pytest.raises(ValueError, match=ERASED[family].__name__):

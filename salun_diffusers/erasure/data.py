@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..families import PromptCond, encode_prompts, load_base_pipeline
-from ..pipelines.pipeline_stable_diffusion_erased import BUNDLED_DIGIT_MODEL, resolve_base_model
+from ..hub import BUNDLED_DIGIT_MODEL, resolve_base_model
 
 logger = logging.getLogger(__name__)
 
