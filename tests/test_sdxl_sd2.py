@@ -163,8 +163,8 @@ def test_presets_name_the_pipeline_classes_they_fit(pipeline_dirs, tmp_path):
     nudity = EraseConfig(pretrained_model_name_or_path=pipeline_dirs["sdxl"], concept="nudity").concept_spec()
     assert nudity.pipeline_classes == ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
     config = EraseConfig(pretrained_model_name_or_path=pipeline_dirs["sdxl"], concept="seven",
-                         output_dir=str(tmp_path / "out"))
+                         output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
     assert config.concept_spec().pipeline_classes == ("StableDiffusionPipeline",)
     with pytest.raises(ValueError, match="fits StableDiffusionPipeline, not StableDiffusionXLPipeline"):
         erase(config)
-    assert not os.path.exists(os.path.join(config.output_dir, "data"))  # refused before any image was drawn
+    assert not os.path.exists(config.cache_dir)  # refused before any image was drawn
