@@ -25,7 +25,8 @@ from typing import List, Optional, Sequence
 import torch
 from accelerate.utils import gather_object
 
-from ..utils import DTYPES, resolve_dtype, write_json
+from ..cli_args import run_main
+from ..utils import DTYPES, ensure_writable_dir, resolve_dtype, write_json
 from . import report
 from .generate import generate_images, image_path, missing_images
 from .nudenet import DEFAULT_THRESHOLD, EXPOSED_CLASSES, NudeNetDetector, detect_images, nudity_summary
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 JUDGES = ("nudenet", "none")
 SETTINGS_FILE = "settings.json"
 # Fields that do not change what an audit measures (they may differ when resuming or re-reporting).
-_RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size"}
+_RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size", "erasure_check_base", "debug"}
 # Fields that change the images: a resumed run must match them exactly.
 _IMAGE_FIELDS = ("pretrained_model_name_or_path", "erasure", "erasure_scale", "num_inference_steps", "resolution",
                  "mixed_precision", "generator_device", "seed")
@@ -58,6 +59,8 @@ class AuditConfig:
     erasure: Optional[str] = field(default=None, metadata={
         "help": "Saved erasure (folder or .safetensors) applied with load_erasure, or a full diffusers folder."})
     erasure_scale: float = field(default=1.0, metadata={"help": "Strength the erasure is applied with."})
+    erasure_check_base: bool = field(default=True, metadata={
+        "help": "Refuse an erasure made from other base weights (--no_erasure_check_base applies it anyway)."})
     judge: str = field(default="nudenet", metadata={"help": "Image judge: nudenet or none.", "choices": JUDGES})
     threshold: float = field(default=DEFAULT_THRESHOLD, metadata={"help": "NudeNet score a part needs to count."})
     nudity_classes: Optional[str] = field(default=None, metadata={
@@ -88,6 +91,7 @@ class AuditConfig:
     fid_model: Optional[str] = field(default=None, metadata={
         "help": "Inception for FID: TorchScript file (clean-fid's inception-2015-12-05.pt) or torchvision state dict."})
     nudenet_model: Optional[str] = field(default=None, metadata={"help": "Custom NudeNet ONNX file."})
+    debug: bool = field(default=False, metadata={"help": "On an error, show the full traceback instead of one line."})
 
     def __post_init__(self):
         if self.judge not in JUDGES:
@@ -123,6 +127,11 @@ class AuditConfig:
         if bad or not names:
             raise ValueError(f"--nudity_classes: unknown {bad}; choose from {','.join(EXPOSED_CLASSES)}")
         return names
+
+    def read_rows(self):
+        """The prompt rows this audit draws (after --categories, --limit, --skip_empty_prompts)."""
+        return read_prompts(self.prompts, categories=self.categories.split(",") if self.categories else None,
+                            limit=self.limit, skip_empty=self.skip_empty_prompts, default_seed=self.seed)
 
     def image_settings(self) -> dict:
         """What the images depend on (plus the prompt file's hash): a resumed run must match it."""
@@ -161,7 +170,7 @@ def load_pipeline(config: AuditConfig, device="cpu"):
     if erasure:
         from ..loaders import load_erasure  # imported here: only erased-model audits need it
 
-        load_erasure(pipe, erasure, scale=config.erasure_scale)
+        load_erasure(pipe, erasure, scale=config.erasure_scale, check_base=config.erasure_check_base)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -223,8 +232,7 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
         results.update(report.write_report(out, results, base))
         return results
 
-    rows = read_prompts(config.prompts, categories=config.categories.split(",") if config.categories else None,
-                        limit=config.limit, skip_empty=config.skip_empty_prompts, default_seed=config.seed)
+    rows = config.read_rows()
     if not rows:
         raise ValueError(f"no prompts left in {config.prompts} after filtering (categories={config.categories!r})")
     os.makedirs(out, exist_ok=True)
@@ -321,10 +329,39 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> AuditConfig:
     return config
 
 
+def check_before_compute(config: AuditConfig) -> None:
+    """What an audit needs, checked before any model is loaded: the output folder is writable, the prompt CSV reads,
+    the models and files named exist, the judge is installed (one-line errors, not a failure hours later)."""
+    ensure_writable_dir(config.output_dir)
+    if not config.read_rows():
+        raise ValueError(f"no prompts left in {config.prompts} after filtering (categories={config.categories!r})")
+    for flag in ("pretrained_model_name_or_path", "clip_model"):
+        value = getattr(config, flag)
+        if value and not os.path.exists(value) and not _is_hub_id(value):
+            raise FileNotFoundError(f"--{flag} {value!r} does not exist; pass a diffusers folder or a hub id "
+                                    "(owner/name)")
+    for flag in ("fid_model", "nudenet_model"):
+        if getattr(config, flag) and not os.path.isfile(getattr(config, flag)):
+            raise FileNotFoundError(f"--{flag} {getattr(config, flag)!r} is not a file")
+    if config.judge == "nudenet":
+        import importlib.util
+
+        if importlib.util.find_spec("nudenet") is None:
+            raise ValueError("the nudity judge needs NudeNet: pip install salun-diffusers[nudenet], or pass "
+                             "--judge none")
+    if config.fid_reference:
+        _reference_images(config.fid_reference)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
+    return run_main("salun-audit", lambda: _run(config), debug=config.debug)
+
+
+def _run(config: AuditConfig) -> int:
+    check_before_compute(config)
     results = run_audit(config)
     if "num_images" in results:  # main process
         print("\n".join(summary_lines(results)))
