@@ -43,7 +43,10 @@ class EraseConfig(JsonConfigMixin):
     data_num_inference_steps: Optional[int] = _f(None, "Sampling steps when generating forget/retain data (50).")
     data_guidance_scale: Optional[float] = _f(None, "Guidance scale when generating forget/retain data (7.5).")
     resolution: Optional[int] = _f(None, "Image size for data (default: the pipeline's native size).")
-    cache_dir: Optional[str] = _f(None, "Where generated data images are cached (default: <output_dir>/data).")
+    cache_dir: Optional[str] = _f(None, "Where generated data images are cached (default: the user cache, "
+                                        "$SALUN_DIFFUSERS_CACHE or $XDG_CACHE_HOME/salun_diffusers or "
+                                        "~/.cache/salun_diffusers, under data/; keyed by model, prompt, steps, "
+                                        "guidance and size, so every run of the same data reuses it).")
     # saliency
     mask_ratio: float = _f(0.5, "Share of U-Net weights SalUn may change (global top-k of gradient saliency).")
     mask_scope: str = _f("global", "Top-k over all weights ('global') or within each tensor ('layer').",
@@ -61,9 +64,15 @@ class EraseConfig(JsonConfigMixin):
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay (weights outside the mask are still kept exact).")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    gradient_checkpointing: bool = _f(False, "Recompute U-Net activations in the backward pass (less memory, "
+                                             "about a third more compute).")
+    use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes (pip install salun-diffusers[8bit]): a quarter "
+                                    "of the optimizer-state memory.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     lr_scheduler: str = _f("constant", "diffusers lr scheduler name (constant, cosine, linear, ...).")
     lr_warmup_steps: int = _f(0, "Warm-up steps of the lr scheduler.")
+    threads: Optional[int] = _f(None, "torch CPU threads (default: 1 for a small model such as the digit U-Net, "
+                                      "else every core the process may use; OMP_NUM_THREADS also wins).")
     seed: int = _f(0, "Seed for data generation, saliency noise and training noise.")
     mixed_precision: str = _f("no", "Mixed precision: no, fp16 or bf16 (accelerate).", choices=["no", "fp16", "bf16"])
     # output and bookkeeping
@@ -117,6 +126,8 @@ class EraseConfig(JsonConfigMixin):
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.num_retain_images < 0 or self.alpha < 0:
             raise ValueError("--num_retain_images and --alpha must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if self.save_pipeline != "none" and not self.save_merged_unet:

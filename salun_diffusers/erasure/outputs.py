@@ -37,9 +37,11 @@ def check_output_dir(config: EraseConfig) -> None:
 
 
 def write_outputs(config: EraseConfig, spec: ConceptSpec, unet, mask: Mapping[str, torch.Tensor],
-                  metrics: dict) -> Tuple[str, Optional[str]]:
-    """Write the erasure, the merged U-Net (if asked), metrics and model card. Returns ``(erasure path, unet dir)``."""
-    delta = build_delta(unet, mask, erasure_metadata(config, spec), dtype=resolve_dtype(config.delta_dtype))
+                  metrics: dict, base_digest: Optional[Mapping[str, str]] = None) -> Tuple[str, Optional[str]]:
+    """Write the erasure, the merged U-Net (if asked), metrics and model card. Returns ``(erasure path, unet dir)``.
+    ``base_digest``: :func:`~salun_diffusers.delta.base_values_digest` of the base U-Net, taken before training."""
+    delta = build_delta(unet, mask, erasure_metadata(config, spec), dtype=resolve_dtype(config.delta_dtype),
+                        base_digest=base_digest)
     erasure_path = save_delta(delta, config.output_dir)
     unet_dir = save_pipeline_folder(config, unet) if config.save_merged_unet else None
     metrics["num_changed_weights"] = delta.num_changed()
@@ -189,7 +191,8 @@ def hub_repo_id(config: EraseConfig) -> str:
 
 def erasure_metadata(config: EraseConfig, spec: ConceptSpec) -> dict:
     cfg = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "cache_dir", "resume_from_checkpoint",
-                                                                   "overwrite_output_dir", "logging_dir", "report_to")}
+                                                                   "overwrite_output_dir", "logging_dir", "report_to",
+                                                                   "threads")}
     cfg.update({"base_model": base_model_id(config), "concept": spec.name, "forget_prompt": spec.forget_prompt,
                 "pseudo_prompts": list(spec.pseudo_prompts), "retain_prompts": list(spec.retain_prompts),
                 "salun_diffusers_version": __version__})

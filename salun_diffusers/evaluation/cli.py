@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence
 import torch
 from accelerate.utils import gather_object
 
-from ..utils import DTYPES, resolve_dtype, write_json
+from ..utils import DTYPES, configure_threads, resolve_dtype, write_json
 from . import report
 from .generate import generate_images, image_path, missing_images
 from .judges import CLASS_JUDGES, JUDGES, load_class_judge, row_labels
@@ -36,9 +36,10 @@ from .prompts import read_prompts, shard_rows
 
 logger = logging.getLogger(__name__)
 
+AUDIT_JUDGES = (*JUDGES, "none")
 SETTINGS_FILE = "settings.json"
 # Fields that do not change what an audit measures (they may differ when resuming or re-reporting).
-_RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size"}
+_RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size", "threads"}
 # Fields that change the images: a resumed run must match them exactly.
 _IMAGE_FIELDS = ("pretrained_model_name_or_path", "erasure", "erasure_scale", "num_inference_steps", "resolution",
                  "mixed_precision", "generator_device", "seed")
@@ -65,7 +66,7 @@ class AuditConfig:
     erasure_scale: float = field(default=1.0, metadata={"help": "Strength the erasure is applied with."})
     judge: str = field(default="nudenet", metadata={
         "help": "Image judge: nudenet (exposed parts), digit (the bundled digit classifier), classifier (a "
-                "transformers image classifier, --judge_model) or none.", "choices": JUDGES})
+                "transformers image classifier, --judge_model) or none.", "choices": AUDIT_JUDGES})
     judge_model: Optional[str] = field(default=None, metadata={
         "help": "--judge classifier: a transformers image classifier (hub id or folder, e.g. microsoft/resnet-50); "
                 "--judge digit: a DigitJudge folder (default: the bundled one)."})
@@ -102,10 +103,12 @@ class AuditConfig:
     fid_model: Optional[str] = field(default=None, metadata={
         "help": "Inception for FID: TorchScript file (clean-fid's inception-2015-12-05.pt) or torchvision state dict."})
     nudenet_model: Optional[str] = field(default=None, metadata={"help": "Custom NudeNet ONNX file."})
+    threads: Optional[int] = field(default=None, metadata={
+        "help": "torch CPU threads (default: 1 for a small model, else every usable core; OMP_NUM_THREADS wins)."})
 
     def __post_init__(self):
-        if self.judge not in JUDGES:
-            raise ValueError(f"--judge must be one of {JUDGES}, got {self.judge!r}")
+        if self.judge not in AUDIT_JUDGES:
+            raise ValueError(f"--judge must be one of {AUDIT_JUDGES}, got {self.judge!r}")
         if self.judge == "digit":
             from ..digits import DIGIT_PROMPTS_CSV, DIGIT_SAMPLING
             from ..hub import BUNDLED_DIGIT_MODEL
@@ -267,6 +270,7 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
     images_dir = os.path.join(out, "images")
     if pipe is None:
         pipe = load_pipeline(config, accelerator.device)
+    configure_threads(sum(p.numel() for p in pipe.unet.parameters()), config.threads)
     stats = generate_images(pipe, rows, images_dir, batch_size=config.batch_size,
                             num_inference_steps=config.num_inference_steps, resolution=config.resolution,
                             generator_device=config.generator_device, process_index=rank, num_processes=world,

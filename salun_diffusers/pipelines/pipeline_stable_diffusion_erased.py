@@ -37,7 +37,8 @@ def _erasure_dir_config(path) -> Optional[dict]:
 class StableDiffusionErasedPipeline(ErasureLoaderMixin, StableDiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, erasure=None, erasure_scale: float = 1.0,
-                        **kwargs):
+                        check_base: bool = True, **kwargs):
+        """``check_base=False``: apply the erasure even onto base weights other than those it was made from."""
         meta = _erasure_dir_config(pretrained_model_name_or_path)
         if meta is not None and erasure is None:
             out_dir, erasure = pretrained_model_name_or_path, pretrained_model_name_or_path
@@ -57,5 +58,5 @@ class StableDiffusionErasedPipeline(ErasureLoaderMixin, StableDiffusionPipeline)
         else:
             pipe = super().from_pretrained(resolve_base_model(pretrained_model_name_or_path), *args, **kwargs)
         if erasure is not None:
-            pipe.load_erasure(erasure, scale=erasure_scale)
+            pipe.load_erasure(erasure, scale=erasure_scale, check_base=check_base)
         return pipe
