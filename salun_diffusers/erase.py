@@ -31,7 +31,7 @@ from .erasure.saliency import compute_or_load_mask
 from .erasure.training import train, training_scheduler
 from .erasure.validation import validation_hook
 from .masking import mask_density
-from .utils import DTYPES
+from .utils import DTYPES, configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     unet = pipe.unet
+    configure_threads(sum(p.numel() for p in unet.parameters()), config.threads)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     scheduler = training_scheduler(pipe)
 
     # 1. data
@@ -101,6 +104,8 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
                     on_step=validation_hook(pipe, config, accelerator))
     unet = trained.unet
+    if config.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
     t_train = time.perf_counter()
     metrics.update({"train_seconds": t_train - t_saliency, "final": trained.logs,
                     "max_train_steps": config.max_train_steps,

@@ -20,15 +20,13 @@ import os
 import sys
 from typing import List, Optional
 
-import torch
-
 from ..cli_args import add_debug_flag, run_main
-from ..utils import ensure_writable_dir
+from ..utils import configure_threads, ensure_writable_dir
 from .data import load_dataset
 from .experiment import ExperimentConfig, check_output_dir, run_experiment, write_results
 
 FLAGS = ("dataset", "data_dir", "model", "scenario", "forget_ratio", "forget_class", "methods", "seeds",
-         "mnist_source", "train_size", "split_seed", "device")
+         "mnist_source", "train_size", "split_seed", "mia", "device")
 
 
 def _json_arg(value: str, name: str) -> dict:
@@ -57,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_original", action="store_true", help="do not score the original model")
     parser.add_argument("--output_dir", required=True, help="where results.json and results.md are written")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --output_dir")
-    parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (1 is fastest for the "
-                        "small CNN on a busy machine)")
+    parser.add_argument("--threads", "--num_threads", dest="threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 for a small model such as the MNIST CNN, "
+                             "else every usable core; OMP_NUM_THREADS also wins)")
     parser.add_argument("--log_level", default="INFO", help="logging level")
     return add_debug_flag(parser)
 
@@ -91,13 +90,13 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--log_level {args.log_level!r}: unknown level; use DEBUG, INFO, WARNING or ERROR")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
+    if args.threads is not None:
+        configure_threads(0, args.threads)  # checks >= 1; remembered: run_experiment's policy call keeps it
     # check before compute: results can be written, the data can be read
     check_output_dir(args.output_dir, args.overwrite)
     ensure_writable_dir(args.output_dir)
     data = load_dataset(config.dataset, config.data_dir, mnist_source=config.mnist_source,
                         train_size=config.train_size, split_seed=config.split_seed)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
     results = run_experiment(config, data=data)
     write_results(results, args.output_dir, overwrite=args.overwrite)
     print(results["markdown"])
