@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .config import EraseConfig
+from .erasure.adversarial import make_adversary
 from .erasure.checkpoints import resolve_resume
 from .erasure.data import ConceptData, base_model_id, load_pipeline, prepare_data  # noqa: F401  (re-exported)
 from .erasure.outputs import check_output_dir, write_outputs
@@ -94,7 +95,8 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
         return EraseResult(config.output_dir, None, mask_file, None, metrics, unet, pipe)
 
     # 3. masked fine-tuning
-    trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path)
+    trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
+                    make_adversary(pipe, scheduler, data, spec, config))
     unet = trained.unet
     t_train = time.perf_counter()
     metrics.update({"train_seconds": t_train - t_saliency, "final": trained.logs,
