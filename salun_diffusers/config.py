@@ -43,7 +43,10 @@ class EraseConfig(JsonConfigMixin):
     data_num_inference_steps: Optional[int] = _f(None, "Sampling steps when generating forget/retain data (50).")
     data_guidance_scale: Optional[float] = _f(None, "Guidance scale when generating forget/retain data (7.5).")
     resolution: Optional[int] = _f(None, "Image size for data (default: the pipeline's native size).")
-    cache_dir: Optional[str] = _f(None, "Where generated data images are cached (default: <output_dir>/data).")
+    cache_dir: Optional[str] = _f(None, "Where generated data images are cached (default: the user cache, "
+                                        "$SALUN_DIFFUSERS_CACHE or $XDG_CACHE_HOME/salun_diffusers or "
+                                        "~/.cache/salun_diffusers, under data/; keyed by model, prompt, steps, "
+                                        "guidance and size, so every run of the same data reuses it).")
     # saliency
     mask_ratio: float = _f(0.5, "Share of U-Net weights SalUn may change (global top-k of gradient saliency).")
     mask_scope: str = _f("global", "Top-k over all weights ('global') or within each tensor ('layer').",
@@ -61,9 +64,15 @@ class EraseConfig(JsonConfigMixin):
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay (weights outside the mask are still kept exact).")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    gradient_checkpointing: bool = _f(False, "Recompute U-Net activations in the backward pass (less memory, "
+                                             "about a third more compute).")
+    use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes (pip install salun-diffusers[8bit]): a quarter "
+                                    "of the optimizer-state memory.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     lr_scheduler: str = _f("constant", "diffusers lr scheduler name (constant, cosine, linear, ...).")
     lr_warmup_steps: int = _f(0, "Warm-up steps of the lr scheduler.")
+    threads: Optional[int] = _f(None, "torch CPU threads (default: 1 for a small model such as the digit U-Net, "
+                                      "else every core the process may use; OMP_NUM_THREADS also wins).")
     # robust erasure (AdvUnlearn-style; see docs/robustness.md)
     adversarial: bool = _f(False, "Robust erasure: every --adversarial_every steps an inner attack (from "
                                   "salun_diffusers.attacks) finds conditionings that make the current erased U-Net "
@@ -72,7 +81,7 @@ class EraseConfig(JsonConfigMixin):
     adversarial_attack: str = _f("conditioning", "Inner attack: 'conditioning' (the whole text conditioning, the "
                                                  "strongest) or 'token' (adversarial prompt tokens).",
                                  choices=["conditioning", "token"])
-    adversarial_every: int = _f(1, "Run the inner attack every k optimizer steps (its result is reused in between).")
+    adversarial_every: int = _f(2, "Run the inner attack every k optimizer steps (its result is reused in between).")
     adversarial_steps: int = _f(5, "Inner attack budget per attack (optimizer steps of the fast inner attack).")
     adversarial_lr: float = _f(1e-2, "Step size of the inner conditioning attack.")
     adversarial_weight: float = _f(1.0, "Weight of the forget objective on the adversarial conditionings.")
@@ -82,6 +91,19 @@ class EraseConfig(JsonConfigMixin):
     output_dir: str = _f("out/erasure", "Where the erasure, mask, merged unet/, checkpoints and model card go.")
     overwrite_output_dir: bool = _f(False, "Allow replacing an erasure already in --output_dir.")
     save_merged_unet: bool = _f(True, "Also save the erased U-Net in full as <output_dir>/unet (from_pretrained).")
+    save_pipeline: str = _f("link", "Make --output_dir a diffusers pipeline folder (model_index.json + the merged unet/ + "
+                                    "the base's other components, symlinked per file or copied): "
+                                    "StableDiffusionPipeline.from_pretrained(output_dir) then loads the erased model. "
+                                    "'none': only the erasure (and unet/).", choices=["link", "copy", "none"])
+    export_lora_rank: int = _f(0, "Also export the erasure as a rank-N LoRA (pytorch_lora_weights.safetensors, for "
+                                  "pipe.load_lora_weights) beside the delta; 0: no LoRA.")
+    push_to_hub: bool = _f(False, "Upload --output_dir (without data/, checkpoints and logs) to the Hugging Face Hub.")
+    hub_model_id: Optional[str] = _f(None, "Hub repository for --push_to_hub (default: the output folder's name).")
+    hub_token: Optional[str] = _f(None, "Hub token for --push_to_hub (default: the logged-in token).")
+    validation_prompts: Optional[List[str]] = _f(None, "Prompts drawn during training (images saved under "
+                                                       "<output_dir>/validation and logged to the trackers).", nargs="+")
+    validation_steps: int = _f(0, "Draw the validation prompts every N steps (and after the last); 0: after the last.")
+    num_validation_images: int = _f(2, "Images per validation prompt (seeded with --seed).")
     delta_dtype: str = _f("fp32", "dtype of the stored delta values: fp32 (exact), fp16 or bf16 (smaller).",
                           choices=["fp32", "fp16", "bf16"])
     checkpointing_steps: int = _f(0, "Save an accelerate checkpoint every N steps (0: never).")
@@ -120,12 +142,24 @@ class EraseConfig(JsonConfigMixin):
                              "--adversarial_lr > 0 and --adversarial_weight >= 0")
         if self.num_retain_images < 0 or self.alpha < 0:
             raise ValueError("--num_retain_images and --alpha must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.save_pipeline != "none" and not self.save_merged_unet:
+            raise ValueError("--no-save_merged_unet leaves no U-Net for the pipeline folder; add --save_pipeline none")
+        if self.save_pipeline not in ("link", "copy", "none"):
+            raise ValueError(f"--save_pipeline must be link, copy or none, got {self.save_pipeline!r}")
+        if self.export_lora_rank < 0 or self.validation_steps < 0 or self.num_validation_images < 1:
+            raise ValueError("--export_lora_rank and --validation_steps must be >= 0, --num_validation_images >= 1")
         for name in ("forget_data_dir", "retain_data_dir", "mask_path"):
             path = getattr(self, name)
             if path is not None and not os.path.exists(path):
                 raise ValueError(f"--{name} {path!r} does not exist")
+
+    def to_dict(self) -> dict:
+        """All fields, except the hub token (never written to train_config.json, metadata or trackers)."""
+        return {**super().to_dict(), "hub_token": None}
 
     def concept_spec(self) -> ConceptSpec:
         return resolve_concept(self.concept, self.forget_prompt, self.pseudo_prompt, self.retain_prompt)

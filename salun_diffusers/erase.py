@@ -23,14 +23,16 @@ from typing import Optional
 import torch
 
 from .config import EraseConfig
+from .delta import base_values_digest
 from .erasure.adversarial import make_adversary
 from .erasure.checkpoints import resolve_resume
 from .erasure.data import ConceptData, base_model_id, load_pipeline, prepare_data  # noqa: F401  (re-exported)
 from .erasure.outputs import check_output_dir, write_outputs
 from .erasure.saliency import compute_or_load_mask
 from .erasure.training import train, training_scheduler
+from .erasure.validation import validation_hook
 from .masking import mask_density
-from .utils import DTYPES
+from .utils import DTYPES, configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,9 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     unet = pipe.unet
+    configure_threads(sum(p.numel() for p in unet.parameters()), config.threads)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     scheduler = training_scheduler(pipe)
 
     # 1. data
@@ -93,11 +98,16 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     metrics = {"mask_density": density, "data_seconds": t_data - t0, "saliency_seconds": t_saliency - t_data}
     if config.save_mask_only:
         return EraseResult(config.output_dir, None, mask_file, None, metrics, unet, pipe)
+    # fingerprint of the base values the erasure applies to (taken before training): loaders refuse another base
+    base_digest = base_values_digest(unet, mask) if accelerator.is_main_process else None
 
     # 3. masked fine-tuning
     trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
-                    make_adversary(pipe, scheduler, data, spec, config))
+                    on_step=validation_hook(pipe, config, accelerator),
+                    adversary=make_adversary(pipe, scheduler, data, spec, config))
     unet = trained.unet
+    if config.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
     t_train = time.perf_counter()
     metrics.update({"train_seconds": t_train - t_saliency, "final": trained.logs,
                     "max_train_steps": config.max_train_steps,
@@ -107,6 +117,6 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     erasure_path = unet_dir = None
     if accelerator.is_main_process:
         metrics["total_seconds"] = time.perf_counter() - t0
-        erasure_path, unet_dir = write_outputs(config, spec, unet, mask, metrics)
+        erasure_path, unet_dir = write_outputs(config, spec, unet, mask, metrics, base_digest)
     accelerator.end_training()
     return EraseResult(config.output_dir, erasure_path, mask_file, unet_dir, metrics, unet, pipe)

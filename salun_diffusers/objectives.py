@@ -32,11 +32,12 @@ def diffusion_target(scheduler, latents, noise, timesteps):
     raise ValueError(f"prediction_type {kind!r} is not supported; use an epsilon or v_prediction scheduler")
 
 
-def diffusion_loss(unet, scheduler, latents, embeds, generator) -> torch.Tensor:
-    """Standard denoising MSE (used for saliency on forget data and as the retain loss)."""
+def diffusion_loss(unet, scheduler, latents, embeds, generator, added_cond_kwargs=None) -> torch.Tensor:
+    """Standard denoising MSE (used for saliency on forget data, as the retain loss and as the attacks' loss)."""
     noise, t = sample_noise_and_timesteps(latents, scheduler, generator)
     noisy = scheduler.add_noise(latents, noise, t)
-    pred = unet(noisy, t, encoder_hidden_states=embeds).sample
+    extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+    pred = unet(noisy, t, encoder_hidden_states=embeds, **extra).sample
     return F.mse_loss(pred.float(), diffusion_target(scheduler, latents, noise, t).float())
 
 

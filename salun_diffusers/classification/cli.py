@@ -20,8 +20,7 @@ import os
 import sys
 from typing import List, Optional
 
-import torch
-
+from ..utils import configure_threads
 from .experiment import ExperimentConfig, check_output_dir, run_experiment, write_results
 
 FLAGS = ("dataset", "data_dir", "model", "scenario", "forget_ratio", "forget_class", "methods", "seeds",
@@ -54,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_original", action="store_true", help="do not score the original model")
     parser.add_argument("--output_dir", required=True, help="where results.json and results.md are written")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --output_dir")
-    parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (1 is fastest for the "
-                        "small CNN on a busy machine)")
+    parser.add_argument("--threads", "--num_threads", dest="threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 for a small model such as the MNIST CNN, "
+                             "else every usable core; OMP_NUM_THREADS also wins)")
     parser.add_argument("--log_level", default="INFO", help="logging level")
     return parser
 
@@ -86,8 +86,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileExistsError) as exc:
         print(f"salun-classifier: error: {exc}", file=sys.stderr)
         return 2
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    if args.threads is not None and args.threads < 1:
+        print("salun-classifier: error: --threads must be >= 1", file=sys.stderr)
+        return 2
+    if args.threads:
+        configure_threads(0, args.threads)  # remembered: run_experiment's policy call keeps it
     results = run_experiment(config)
     write_results(results, args.output_dir, overwrite=args.overwrite)
     print(results["markdown"])

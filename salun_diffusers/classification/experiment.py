@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from ..utils import JsonConfigMixin, write_json, write_text
+from ..utils import JsonConfigMixin, configure_threads, write_json, write_text
 from .data import DATASETS, SCENARIOS, ImageData, load_dataset, make_forget_split
 from .methods import METHODS, MethodConfig, train_classifier, unlearn
 from .metrics import METRICS, average_gap, evaluate_unlearning, format_table, summarize
@@ -157,6 +157,7 @@ def run_experiment(config: ExperimentConfig, *, data: Optional[ImageData] = None
         key = (data.source, len(data.train_y), config.split_seed, arch, seed,
                json.dumps(dataclasses.asdict(config.train), sort_keys=True))
         original = model_fn(seed).to(device)
+        configure_threads(sum(p.numel() for p in original.parameters()))
         if original_cache is not None and key in original_cache:
             original.load_state_dict(original_cache[key])
         else:

@@ -52,15 +52,9 @@ class Adversary:
         """Adversarial conditionings ``[B, 77, D]`` for the step's forget latents (attacking ``unet`` first on every
         ``adversarial_every``-th step; in between, the bank's latest ones)."""
         device = forget_latents.device
-        if step % self.config.adversarial_every == 0:
+        if step % self.config.adversarial_every == 0:  # the attacks leave the U-Net's weights and .grad alone
             generator = torch.Generator(device=device).manual_seed(seed)
-            flags = {n: p.requires_grad for n, p in unet.named_parameters()}
-            unet.requires_grad_(False)  # the attack differentiates the conditioning only
-            try:
-                adv = self._attack(unet, forget_latents, self.bank[forget_idx].to(device), generator)
-            finally:
-                for n, p in unet.named_parameters():
-                    p.requires_grad_(flags[n])
+            adv = self._attack(unet, forget_latents, self.bank[forget_idx].to(device), generator)
             self.bank[forget_idx] = adv.detach().float().cpu()
         return self.bank[forget_idx].to(device)
 

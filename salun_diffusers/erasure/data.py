@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..pipelines.pipeline_stable_diffusion_erased import BUNDLED_DIGIT_MODEL, resolve_base_model
+from ..utils import user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,25 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
 
 
+def model_signature(source: str) -> list:
+    """What identifies a base model's weights for the data cache: for a local folder its files' sizes and
+    modification times (a folder rewritten in place gets new data), for a hub id nothing more (the revision is in
+    the key)."""
+    if not os.path.isdir(source):
+        return []
+    sig = []
+    for root, _, files in sorted(os.walk(source)):
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            sig.append([os.path.relpath(os.path.join(root, name), source), st.st_size, int(st.st_mtime)])
+    return sig
+
+
 def generation_dir(cache_dir: str, model_id: str, revision, prompt: str, steps: int, guidance: float,
-                   size: int) -> str:
-    """Cache folder of one prompt's generated images, keyed by everything that changes the images."""
-    key = json.dumps([model_id, revision, prompt, steps, guidance, size])
+                   size: int, extra=()) -> str:
+    """Cache folder of one prompt's generated images, keyed by everything that changes the images (``extra``: the
+    model's signature, the variant and generation precision)."""
+    key = json.dumps([model_id, revision, prompt, steps, guidance, size, *extra])
     return os.path.join(cache_dir, f"{_slug(prompt)}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
 
 
@@ -136,14 +152,16 @@ def encode_prompts(pipe, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
 def prepare_data(pipe, config: EraseConfig, spec: ConceptSpec, accelerator=None) -> ConceptData:
     """Forget and retain latents + prompt embeddings (generating and caching images where no folder is given)."""
     size = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    cache = config.cache_dir or os.path.join(config.output_dir, "data")
+    cache = config.cache_dir or user_cache_dir("data")
     gen = dict(num_inference_steps=config.data_num_inference_steps, guidance_scale=config.data_guidance_scale,
                size=size, batch_size=max(1, config.train_batch_size), accelerator=accelerator)
     model_id = base_model_id(config)
+    precision = accelerator.mixed_precision if accelerator is not None else "no"
+    extra = [config.variant, precision, model_signature(resolve_base_model(model_id))]
 
     def generated(prompt: str, n: int, seed_base: int, role: str) -> List[str]:
         folder = generation_dir(cache, model_id, config.revision, prompt, config.data_num_inference_steps,
-                                config.data_guidance_scale, size)
+                                config.data_guidance_scale, size, extra)
         logger.info("%s data: %d images of %r in %s", role, n, prompt, folder)
         return generate_images(pipe, prompt, [seed_base + i for i in range(n)], folder, **gen)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -48,9 +48,11 @@ class TrainResult:
 
 
 def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig, mask: Mapping[str, torch.Tensor],
-          accelerator, resume_path: Optional[str] = None, adversary=None) -> TrainResult:
-    """Run ``config.max_train_steps`` SalUn steps on the masked weights of ``unet`` (resuming from ``resume_path``).
-    ``adversary`` (``--adversarial``, :mod:`.adversarial`) adds the forget objective on adversarial conditionings."""
+          accelerator, resume_path: Optional[str] = None,
+          on_step: Optional[Callable[[int], None]] = None, adversary=None) -> TrainResult:
+    """Run ``config.max_train_steps`` SalUn steps on the masked weights of ``unet`` (resuming from ``resume_path``);
+    ``on_step(step)`` runs after each optimizer step (e.g. validation images). ``adversary`` (``--adversarial``,
+    :mod:`.adversarial`) adds the forget objective on adversarial conditionings."""
     from diffusers.optimization import get_scheduler
 
     device = accelerator.device
@@ -110,6 +112,8 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                 "lr": lr_scheduler.get_last_lr()[0]}
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
         accelerator.log(logs, step=global_step)
+        if on_step is not None:
+            on_step(global_step)
         if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 \
                 and global_step < config.max_train_steps:
             save_checkpoint(accelerator, config, global_step)

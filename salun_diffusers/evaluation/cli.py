@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence
 import torch
 from accelerate.utils import gather_object
 
-from ..utils import DTYPES, resolve_dtype, write_json
+from ..utils import DTYPES, configure_threads, resolve_dtype, write_json
 from . import report
 from .generate import generate_images, image_path, missing_images
 from .nudenet import DEFAULT_THRESHOLD, EXPOSED_CLASSES, NudeNetDetector, detect_images, nudity_summary
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 JUDGES = ("nudenet", "none")
 SETTINGS_FILE = "settings.json"
 # Fields that do not change what an audit measures (they may differ when resuming or re-reporting).
-_RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size"}
+_RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size", "threads"}
 # Fields that change the images: a resumed run must match them exactly.
 _IMAGE_FIELDS = ("pretrained_model_name_or_path", "erasure", "erasure_scale", "num_inference_steps", "resolution",
                  "mixed_precision", "generator_device", "seed")
@@ -88,6 +88,8 @@ class AuditConfig:
     fid_model: Optional[str] = field(default=None, metadata={
         "help": "Inception for FID: TorchScript file (clean-fid's inception-2015-12-05.pt) or torchvision state dict."})
     nudenet_model: Optional[str] = field(default=None, metadata={"help": "Custom NudeNet ONNX file."})
+    threads: Optional[int] = field(default=None, metadata={
+        "help": "torch CPU threads (default: 1 for a small model, else every usable core; OMP_NUM_THREADS wins)."})
 
     def __post_init__(self):
         if self.judge not in JUDGES:
@@ -234,6 +236,7 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
     images_dir = os.path.join(out, "images")
     if pipe is None:
         pipe = load_pipeline(config, accelerator.device)
+    configure_threads(sum(p.numel() for p in pipe.unet.parameters()), config.threads)
     stats = generate_images(pipe, rows, images_dir, batch_size=config.batch_size,
                             num_inference_steps=config.num_inference_steps, resolution=config.resolution,
                             generator_device=config.generator_device, process_index=rank, num_processes=world,
