@@ -179,11 +179,13 @@ def test_salun_lowers_forget_accuracy_on_small_mnist():
     model = build_model("cnn", 10, 1, 28, seed=0)
     from salun_diffusers.classification.methods import train_classifier
 
-    train_classifier(model, data.train_x, data.train_y, MethodConfig(epochs=4, lr=0.05, schedule="cosine"))
+    train_classifier(model, data.train_x, data.train_y, MethodConfig(epochs=4, lr=0.05, schedule="cosine",
+                                                                      batch_size=128, augment="none"))
     forget = (data.train_x[split.forget_idx], data.train_y[split.forget_idx])
     retain = (data.train_x[split.retain_idx], data.train_y[split.retain_idx])
     before = accuracy(predict_logits(model, forget[0]), forget[1])
-    res = unlearn(model, "salun", forget, retain, MethodConfig(epochs=2, lr=0.01), num_classes=10)
+    res = unlearn(model, "salun", forget, retain, MethodConfig(epochs=2, lr=0.01, batch_size=128, augment="none"),
+                  num_classes=10)
     after = accuracy(predict_logits(res.model, forget[0]), forget[1])
     retained = accuracy(predict_logits(res.model, retain[0]), retain[1])
     assert before > 90 and after < 20 and retained > 85, (before, after, retained)

@@ -24,7 +24,7 @@ from ..utils import configure_threads
 from .experiment import ExperimentConfig, check_output_dir, run_experiment, write_results
 
 FLAGS = ("dataset", "data_dir", "model", "scenario", "forget_ratio", "forget_class", "methods", "seeds",
-         "mnist_source", "train_size", "split_seed", "device")
+         "mnist_source", "train_size", "split_seed", "mia", "device")
 
 
 def _json_arg(value: str, name: str) -> dict:
