@@ -113,6 +113,14 @@ def unet_kwargs(cond: Cond) -> dict:
     return {"encoder_hidden_states": cond.embeds, "added_cond_kwargs": cond.added}
 
 
+def cat_conds(conds: Sequence[Cond]) -> Cond:
+    """Batches of conditionings one after another (``torch.cat`` along the batch), tensors or :class:`PromptCond`."""
+    if isinstance(conds[0], torch.Tensor):
+        return torch.cat(list(conds))
+    added = None if conds[0].added is None else {k: torch.cat([c.added[k] for c in conds]) for k in conds[0].added}
+    return PromptCond(torch.cat([c.embeds for c in conds]), added)
+
+
 def sdxl_time_ids(height: int, width: int) -> torch.Tensor:
     """SDXL's micro-conditioning for an uncropped image drawn at its own size: ``(h, w, 0, 0, h, w)``, as the SDXL
     pipeline passes by default (diffusers' SDXL training script passes the image's original size and crop)."""
@@ -147,12 +155,12 @@ def encode_prompts(pipe, prompts: Sequence[str], size: Optional[int] = None,
     return out
 
 
-def check_fits(pipe, allowed: Sequence[str], what: str) -> None:
+def check_fits(pipe, allowed: Sequence[str], what: str, fix: str = "pick another base model or concept") -> None:
     """Refuse a pipeline whose class is not among ``allowed`` (e.g. a preset's pipeline classes)."""
     name = pipeline_class_name(pipe)
     if name not in allowed:
-        raise ValueError(f"{what} fits {' or '.join(allowed)}, not {name}; pick another base model or concept")
+        raise ValueError(f"{what} fits {' or '.join(allowed)}, not {name}; {fix}")
 
 
-__all__ = ["PIPELINE_CLASSES", "PromptCond", "check_fits", "encode_prompts", "load_base_pipeline",
+__all__ = ["PIPELINE_CLASSES", "PromptCond", "cat_conds", "check_fits", "encode_prompts", "load_base_pipeline",
            "pipeline_class_name", "sdxl_time_ids", "text_encoders", "unet_kwargs"]
