@@ -82,6 +82,18 @@ class EraseConfig(JsonConfigMixin):
     lr_warmup_steps: int = _f(0, "Warm-up steps of the lr scheduler.")
     threads: Optional[int] = _f(None, "torch CPU threads (default: 1 for a small model such as the digit U-Net, "
                                       "else every core the process may use; OMP_NUM_THREADS also wins).")
+    # robust erasure (AdvUnlearn-style; see docs/robustness.md)
+    adversarial: bool = _f(False, "Robust erasure: every --adversarial_every steps an inner attack (from "
+                                  "salun_diffusers.attacks) finds conditionings that make the current erased U-Net "
+                                  "draw the concept again on forget latents; the forget objective is applied to them "
+                                  "too. The mask still limits what changes.")
+    adversarial_attack: str = _f("conditioning", "Inner attack: 'conditioning' (the whole text conditioning, the "
+                                                 "strongest) or 'token' (adversarial prompt tokens).",
+                                 choices=["conditioning", "token"])
+    adversarial_every: int = _f(2, "Run the inner attack every k optimizer steps (its result is reused in between).")
+    adversarial_steps: int = _f(5, "Inner attack budget per attack (optimizer steps of the fast inner attack).")
+    adversarial_lr: float = _f(1e-2, "Step size of the inner conditioning attack.")
+    adversarial_weight: float = _f(1.0, "Weight of the forget objective on the adversarial conditionings.")
     seed: int = _f(0, "Seed for data generation, saliency noise and training noise.")
     mixed_precision: str = _f("no", "Mixed precision: no, fp16 or bf16 (accelerate).", choices=["no", "fp16", "bf16"])
     # output and bookkeeping
@@ -139,6 +151,10 @@ class EraseConfig(JsonConfigMixin):
                      "saliency_batch_size", "data_num_inference_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.adversarial and (self.adversarial_every < 1 or self.adversarial_steps < 1
+                                 or self.adversarial_lr <= 0 or self.adversarial_weight < 0):
+            raise ValueError("--adversarial needs --adversarial_every >= 1, --adversarial_steps >= 1, "
+                             "--adversarial_lr > 0 and --adversarial_weight >= 0")
         if self.num_retain_images < 0 or self.alpha < 0:
             raise ValueError("--num_retain_images and --alpha must be >= 0")
         if self.threads is not None and self.threads < 1:

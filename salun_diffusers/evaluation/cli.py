@@ -27,7 +27,8 @@ from typing import List, Optional, Sequence
 import torch
 from accelerate.utils import gather_object
 
-from ..utils import DTYPES, configure_threads, resolve_dtype, write_json
+from ..cli_args import run_main
+from ..utils import DTYPES, configure_threads, ensure_writable_dir, resolve_dtype, write_json
 from . import report
 from .generate import generate_images, image_path, missing_images
 from .judges import CLASS_JUDGES, JUDGES, load_class_judge, row_labels
@@ -39,7 +40,8 @@ logger = logging.getLogger(__name__)
 AUDIT_JUDGES = (*JUDGES, "none")
 SETTINGS_FILE = "settings.json"
 # Fields that do not change what an audit measures (they may differ when resuming or re-reporting).
-_RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size", "threads"}
+_RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size", "threads", "erasure_check_base",
+             "debug"}
 # Fields that change the images: a resumed run must match them exactly.
 _IMAGE_FIELDS = ("pretrained_model_name_or_path", "erasure", "erasure_scale", "num_inference_steps", "resolution",
                  "mixed_precision", "generator_device", "seed")
@@ -64,6 +66,8 @@ class AuditConfig:
     erasure: Optional[str] = field(default=None, metadata={
         "help": "Saved erasure (folder or .safetensors) applied with load_erasure, or a full diffusers folder."})
     erasure_scale: float = field(default=1.0, metadata={"help": "Strength the erasure is applied with."})
+    erasure_check_base: bool = field(default=True, metadata={
+        "help": "Refuse an erasure made from other base weights (--no_erasure_check_base applies it anyway)."})
     judge: str = field(default="nudenet", metadata={
         "help": "Image judge: nudenet (exposed parts), digit (the bundled digit classifier), classifier (a "
                 "transformers image classifier, --judge_model) or none.", "choices": AUDIT_JUDGES})
@@ -105,6 +109,7 @@ class AuditConfig:
     nudenet_model: Optional[str] = field(default=None, metadata={"help": "Custom NudeNet ONNX file."})
     threads: Optional[int] = field(default=None, metadata={
         "help": "torch CPU threads (default: 1 for a small model, else every usable core; OMP_NUM_THREADS wins)."})
+    debug: bool = field(default=False, metadata={"help": "On an error, show the full traceback instead of one line."})
 
     def __post_init__(self):
         if self.judge not in AUDIT_JUDGES:
@@ -156,6 +161,11 @@ class AuditConfig:
             raise ValueError(f"--nudity_classes: unknown {bad}; choose from {','.join(EXPOSED_CLASSES)}")
         return names
 
+    def read_rows(self):
+        """The prompt rows this audit draws (after --categories, --limit, --skip_empty_prompts)."""
+        return read_prompts(self.prompts, categories=self.categories.split(",") if self.categories else None,
+                            limit=self.limit, skip_empty=self.skip_empty_prompts, default_seed=self.seed)
+
     def image_settings(self) -> dict:
         """What the images depend on (plus the prompt file's hash): a resumed run must match it."""
         settings = {k: getattr(self, k) for k in _IMAGE_FIELDS}
@@ -197,7 +207,7 @@ def load_pipeline(config: AuditConfig, device="cpu"):
     if erasure:
         from ..loaders import load_erasure  # imported here: only erased-model audits need it
 
-        load_erasure(pipe, erasure, scale=config.erasure_scale)
+        load_erasure(pipe, erasure, scale=config.erasure_scale, check_base=config.erasure_check_base)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -259,8 +269,7 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
         results.update(report.write_report(out, results, base))
         return results
 
-    rows = read_prompts(config.prompts, categories=config.categories.split(",") if config.categories else None,
-                        limit=config.limit, skip_empty=config.skip_empty_prompts, default_seed=config.seed)
+    rows = config.read_rows()
     if not rows:
         raise ValueError(f"no prompts left in {config.prompts} after filtering (categories={config.categories!r})")
     os.makedirs(out, exist_ok=True)
@@ -403,10 +412,39 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "salun-audit",
     return config
 
 
+def check_before_compute(config: AuditConfig) -> None:
+    """What an audit needs, checked before any model is loaded: the output folder is writable, the prompt CSV reads,
+    the models and files named exist, the judge is installed (one-line errors, not a failure hours later)."""
+    ensure_writable_dir(config.output_dir)
+    if not config.read_rows():
+        raise ValueError(f"no prompts left in {config.prompts} after filtering (categories={config.categories!r})")
+    for flag in ("pretrained_model_name_or_path", "clip_model", "judge_model"):
+        value = getattr(config, flag)
+        if value and not os.path.exists(value) and not _is_hub_id(value):
+            raise FileNotFoundError(f"--{flag} {value!r} does not exist; pass a diffusers folder or a hub id "
+                                    "(owner/name)")
+    for flag in ("fid_model", "nudenet_model"):
+        if getattr(config, flag) and not os.path.isfile(getattr(config, flag)):
+            raise FileNotFoundError(f"--{flag} {getattr(config, flag)!r} is not a file")
+    if config.judge == "nudenet":
+        import importlib.util
+
+        if importlib.util.find_spec("nudenet") is None:
+            raise ValueError("the nudity judge needs NudeNet: pip install salun-diffusers[nudenet], or pass "
+                             "--judge none")
+    if config.fid_reference:
+        _reference_images(config.fid_reference)
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = "salun-audit", description: Optional[str] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv, prog, description)
+    return run_main(prog, lambda: _run(config), debug=config.debug)
+
+
+def _run(config: AuditConfig) -> int:
+    check_before_compute(config)
     results = run_audit(config)
     if "num_images" in results:  # main process
         print("\n".join(summary_lines(results)))
