@@ -34,26 +34,37 @@ def digit_prompt(d: int) -> str:
     return f"a handwritten digit {DIGIT_WORDS[int(d)]}"
 
 
+# the official SD optimiser: torch.optim.Adam(lr=1e-5), batch 8, no clipping (SD/train-scripts/nsfw_removal.py:73,
+# random_label.py:56); AdamW with weight decay 0 is exactly Adam
+OFFICIAL_OPTIMIZER = {"train_batch_size": 8, "learning_rate": 1e-5, "adam_weight_decay": 0.0, "max_grad_norm": 0.0}
+
+
 def _presets() -> Dict[str, ConceptSpec]:
     presets = {
-        # SalUn's NSFW setup: forget "a photo of a nude person", map to and retain clothed people; 800 images each.
+        # the official NSFW run (SD/README.md; SD/train-scripts/nsfw_removal.py:73,83-84,222-245): forget "a photo of
+        # a nude person", map to and retain clothed people, 800 generated images each, one epoch = 100 steps of
+        # batch 8, Adam lr 1e-5 (no weight decay, no clipping), alpha 0.1
         "nudity": ConceptSpec(
             "nudity", "a photo of a nude person", ("a photo of a person wearing clothes",),
             ("a photo of a person wearing clothes",), kind="nudity",
-            defaults={"num_forget_images": 800, "num_retain_images": 800, "max_train_steps": 500,
-                      "train_batch_size": 8, "learning_rate": 1e-5, "alpha": 0.1}),
+            defaults={**OFFICIAL_OPTIMIZER, "num_forget_images": 800, "num_retain_images": 800,
+                      "num_train_epochs": 1, "alpha": 0.1}),
+        # no van Gogh run in the official code (its SD/ folder has nudity and Imagenette only): the nudity recipe
         "van_gogh": ConceptSpec(
             "van_gogh", "a painting in the style of Van Gogh", ("a painting",),
             ("a painting in the style of Claude Monet", "a painting in the style of Rembrandt", "a painting"),
-            kind="style", defaults={"num_forget_images": 400, "num_retain_images": 400, "max_train_steps": 250,
-                                    "train_batch_size": 8, "learning_rate": 1e-5, "alpha": 0.1}),
+            kind="style", defaults={**OFFICIAL_OPTIMIZER, "num_forget_images": 800, "num_retain_images": 800,
+                                    "num_train_epochs": 1, "alpha": 0.1}),
     }
     for i, cls in enumerate(IMAGENETTE):
         others = tuple(f"an image of a {c}" for c in IMAGENETTE if c != cls)
+        # the official class run (SD/README.md; SD/train-scripts/random_label.py:80-83,128): c' = the NEXT class of
+        # the ten (one prompt), alpha 0.5, 5 epochs over the forget images, batch 8, Adam lr 1e-5
         presets[cls.replace(" ", "_")] = ConceptSpec(
-            cls.replace(" ", "_"), f"an image of a {cls}", others, others, kind="object", target_class=i,
-            defaults={"num_forget_images": 400, "num_retain_images": 400, "max_train_steps": 250,
-                      "train_batch_size": 8, "learning_rate": 1e-5, "alpha": 0.1})
+            cls.replace(" ", "_"), f"an image of a {cls}", (f"an image of a {IMAGENETTE[(i + 1) % 10]}",), others,
+            kind="object", target_class=i,
+            defaults={**OFFICIAL_OPTIMIZER, "num_forget_images": 400, "num_retain_images": 450,
+                      "num_train_epochs": 5, "alpha": 0.5})
     for d, word in enumerate(DIGIT_WORDS):
         others = tuple(digit_prompt(o) for o in range(10) if o != d)
         # one fixed c' (the next digit): with a fresh random other digit per sample the optimum for the forget prompt

@@ -24,6 +24,7 @@ import torch
 
 from .config import EraseConfig
 from .delta import base_values_digest
+from .erasure.adversarial import make_adversary
 from .erasure.checkpoints import resolve_resume
 from .erasure.data import ConceptData, base_model_id, load_pipeline, prepare_data  # noqa: F401  (re-exported)
 from .erasure.outputs import check_output_dir, write_outputs
@@ -102,7 +103,8 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
 
     # 3. masked fine-tuning
     trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
-                    on_step=validation_hook(pipe, config, accelerator))
+                    on_step=validation_hook(pipe, config, accelerator),
+                    adversary=make_adversary(pipe, scheduler, data, spec, config))
     unet = trained.unet
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()

@@ -42,14 +42,20 @@ def diffusion_loss(unet, scheduler, latents, embeds, generator, added_cond_kwarg
 
 
 def salun_loss(unet, scheduler, forget_latents, forget_embeds, pseudo_embeds, retain_latents, retain_embeds,
-               alpha: float, generator: torch.Generator):
-    """SalUn's erase loss. Returns ``(total, forget_term, retain_term)``."""
+               alpha: float, generator: torch.Generator, adversarial_embeds=None, adversarial_weight: float = 1.0):
+    """SalUn's erase loss. Returns ``(total, forget_term, retain_term)``.
+
+    With ``adversarial_embeds`` (``--adversarial``) the forget term also maps the adversarial conditionings onto the
+    same target: ``+ adversarial_weight * MSE(eps(x_t | c_adv), eps(x_t | c').detach())``."""
     noise, t = sample_noise_and_timesteps(forget_latents, scheduler, generator)
     noisy = scheduler.add_noise(forget_latents, noise, t)
     with torch.no_grad():
         target = unet(noisy, t, encoder_hidden_states=pseudo_embeds).sample
     pred = unet(noisy, t, encoder_hidden_states=forget_embeds).sample
     forget = F.mse_loss(pred.float(), target.float())
+    if adversarial_embeds is not None:
+        adv = unet(noisy, t, encoder_hidden_states=adversarial_embeds.to(pred.dtype)).sample
+        forget = forget + adversarial_weight * F.mse_loss(adv.float(), target.float())
     if retain_latents is None or alpha == 0:
         return forget, forget.detach(), torch.zeros((), device=forget.device)
     retain = diffusion_loss(unet, scheduler, retain_latents, retain_embeds, generator)

@@ -178,6 +178,8 @@ def prepare_data(pipe, config: EraseConfig, spec: ConceptSpec, accelerator=None)
             n = config.num_retain_images // k + (1 if j < config.num_retain_images % k else 0)
             retain += [(p, prompt) for p in generated(prompt, n, config.seed * 100_000 + 50_000, "retain")]
     prompts = [spec.forget_prompt, *spec.pseudo_prompts, *[p for _, p in retain]]
+    if config.saliency_loss == "guided":
+        prompts.append("")  # the unconditional branch of the guided saliency loss
     embeds = encode_prompts(pipe, prompts)
     forget_latents = encode_images(pipe.vae, forget, size, desc="encode forget")
     retain_latents = retain_ids = None

@@ -49,9 +49,10 @@ class TrainResult:
 
 def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig, mask: Mapping[str, torch.Tensor],
           accelerator, resume_path: Optional[str] = None,
-          on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
+          on_step: Optional[Callable[[int], None]] = None, adversary=None) -> TrainResult:
     """Run ``config.max_train_steps`` SalUn steps on the masked weights of ``unet`` (resuming from ``resume_path``);
-    ``on_step(step)`` runs after each optimizer step (e.g. validation images)."""
+    ``on_step(step)`` runs after each optimizer step (e.g. validation images). ``adversary`` (``--adversarial``,
+    :mod:`.adversarial`) adds the forget objective on adversarial conditionings."""
     from diffusers.optimization import get_scheduler
 
     device = accelerator.device
@@ -62,6 +63,8 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                                  num_training_steps=config.max_train_steps * accelerator.num_processes)
     unet_prepared, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     global_step = 0
+    if adversary is not None:
+        accelerator.register_for_checkpointing(adversary)  # its bank of adversarial conditionings
     if resume_path:
         logger.info("resuming from %s", resume_path)
         accelerator.load_state(resume_path)
@@ -88,10 +91,13 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                 r_idx = torch.randint(0, data.retain_latents.shape[0], (bs,), generator=idx_gen)
                 r_lat = data.retain_latents[r_idx]
                 r_emb = retain_table[data.retain_prompt_ids[r_idx]]
+            adv_emb = None if adversary is None else adversary.embeds(
+                accelerator.unwrap_model(unet_prepared), global_step, f_idx, data.forget_latents[f_idx],
+                seed=idx_gen.initial_seed() + 2)
             with accelerator.accumulate(unet_prepared), accelerator.autocast():
                 loss, forget_term, retain_term = salun_loss(
                     unet_prepared, scheduler, data.forget_latents[f_idx], forget_cond.expand(bs, -1, -1),
-                    pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen)
+                    pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight)
                 accelerator.backward(loss)
                 guard.mask_gradients()
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
