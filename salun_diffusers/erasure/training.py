@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
+from ..families import PromptCond
 from ..masking import MaskedUpdate
 from ..objectives import salun_loss
 from .checkpoints import save_checkpoint
@@ -74,8 +75,8 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                                                          if isinstance(v, (int, float, str, bool))})
 
     forget_cond = data.embeds[spec.forget_prompt]
-    pseudo = torch.stack([data.embeds[p] for p in spec.pseudo_prompts])
-    retain_table = torch.stack(list(data.embeds.values()))
+    pseudo = PromptCond.stack([data.embeds[p] for p in spec.pseudo_prompts])
+    retain_table = PromptCond.stack(list(data.embeds.values()))
     bs = config.train_batch_size
     bar = tqdm(range(config.max_train_steps), initial=global_step, desc="erase",
                disable=not accelerator.is_local_main_process)
@@ -85,7 +86,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
         for micro in range(config.gradient_accumulation_steps):
             idx_gen, noise_gen = _step_generators(config.seed, global_step, micro, accelerator.process_index, device)
             f_idx = torch.randint(0, data.forget_latents.shape[0], (bs,), generator=idx_gen)
-            p_idx = torch.randint(0, pseudo.shape[0], (bs,), generator=idx_gen)
+            p_idx = torch.randint(0, len(pseudo), (bs,), generator=idx_gen)
             r_lat = r_emb = None
             if data.retain_latents is not None:
                 r_idx = torch.randint(0, data.retain_latents.shape[0], (bs,), generator=idx_gen)
@@ -96,7 +97,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                 seed=idx_gen.initial_seed() + 2)
             with accelerator.accumulate(unet_prepared), accelerator.autocast():
                 loss, forget_term, retain_term = salun_loss(
-                    unet_prepared, scheduler, data.forget_latents[f_idx], forget_cond.expand(bs, -1, -1),
+                    unet_prepared, scheduler, data.forget_latents[f_idx], forget_cond.expand(bs),
                     pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight)
                 accelerator.backward(loss)
                 guard.mask_gradients()
