@@ -101,7 +101,8 @@ def check_base_values(meta: Mapping, model: torch.nn.Module, mask: Mapping[str, 
     base = cfg.get("base_model") or cfg.get("pretrained_model_name_or_path")
     raise ValueError(f"this erasure was made from other base weights (base model {base!r}): the U-Net has the right "
                      "shapes but different values where the erasure applies (e.g. SD1.5 instead of SD1.4); load the "
-                     "base it was made from, or pass check_base=False to apply it anyway")
+                     "base it was made from, or pass check_base=False (salun-audit: --no_erasure_check_base) to apply it "
+                     "anyway")
 
 
 @dataclass

@@ -31,6 +31,18 @@ def atomic_path(path: str) -> Iterator[str]:
             os.remove(tmp)
 
 
+def ensure_writable_dir(path: str, flag: str = "--output_dir") -> None:
+    """Create ``path`` if needed and prove a file can be written in it, before any work (one-line ``ValueError``)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path!r} cannot be created or written ({exc.strerror or exc}); choose a folder you "
+                         "can write to") from None
+
+
 def write_json(path: str, obj: Any) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
