@@ -192,7 +192,7 @@ def test_cli_end_to_end_and_resume(dummy_pipeline_dir, prompt_csv, tmp_path, mon
     if attack == "token":
         assert row["adversarial_prompt"].endswith("a photo of a person") and len(row["adversarial_tokens"]) == 2
     if attack == "inversion":
-        assert (out / "inversion.safetensors").is_file()
+        assert (out / "inversion.safetensors").is_file() and results["inversion"]["seconds"] > 0
 
     # resume: finished rows are reused; only a row killed before it was written, or a new one (--limit raised;
     # not for inversion, whose embedding is learned on all the run's targets), is attacked

@@ -189,10 +189,10 @@ def _diff(old: dict, new: dict) -> List[str]:
 
 
 def load_pipeline(config: AuditConfig, device="cpu"):
-    """The pipeline to audit: base model, with ``--erasure`` applied (or an erased model's full folder)."""
-    from diffusers import StableDiffusionPipeline
-
+    """The pipeline to audit (SD 1.x/2.x or SDXL): base model, with ``--erasure`` applied (or an erased model's full
+    folder)."""
     from ..delta import WEIGHTS_NAME
+    from ..families import load_base_pipeline
     from ..hub import resolve_base_model
 
     source, erasure = resolve_base_model(config.pretrained_model_name_or_path), config.erasure
@@ -202,8 +202,7 @@ def load_pipeline(config: AuditConfig, device="cpu"):
     dtype = resolve_dtype(config.mixed_precision)
     with warnings.catch_warnings():  # newer diffusers rename torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = load_base_pipeline(source, torch_dtype=dtype)
     if erasure:
         from ..loaders import load_erasure  # imported here: only erased-model audits need it
 
@@ -400,10 +399,11 @@ def summary_lines(results: dict) -> List[str]:
     return lines
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> AuditConfig:
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "salun-audit",
+               description: Optional[str] = None) -> AuditConfig:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(AuditConfig, prog="salun-audit", description=__doc__.split("\n\n")[0])
+    parser = HfArgumentParser(AuditConfig, prog=prog, description=description or __doc__.split("\n\n")[0])
     try:
         (config,) = parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
     except (ValueError, FileNotFoundError) as exc:  # AuditConfig's checks: report them like argparse errors
@@ -435,11 +435,11 @@ def check_before_compute(config: AuditConfig) -> None:
         _reference_images(config.fid_reference)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "salun-audit", description: Optional[str] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = parse_args(argv)
-    return run_main("salun-audit", lambda: _run(config), debug=config.debug)
+    config = parse_args(argv, prog, description)
+    return run_main(prog, lambda: _run(config), debug=config.debug)
 
 
 def _run(config: AuditConfig) -> int:
@@ -448,6 +448,17 @@ def _run(config: AuditConfig) -> int:
     if "num_images" in results:  # main process
         print("\n".join(summary_lines(results)))
     return 0
+
+
+def run_protocol(prog: str, description: str, defaults: dict, argv: Optional[Sequence[str]] = None) -> int:
+    """``salun-audit`` with an evaluation protocol's defaults (the top-level ``evaluation/`` scripts): each
+    ``{"--flag": value}`` is used unless the command line gives the flag; ``None`` values are left out."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    preset = [str(x) for flag, value in defaults.items() if value is not None and flag not in given
+              for x in (flag, value)]
+    shown = " ".join(f"{k} {v}" for k, v in defaults.items() if v is not None)
+    return main(preset + argv, prog=prog, description=f"{description} Defaults: {shown or 'none'}.")
 
 
 if __name__ == "__main__":
