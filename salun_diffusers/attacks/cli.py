@@ -63,8 +63,11 @@ class AttackConfig:
                                          "or --model itself when nothing is erased).")
     attack: str = _f("token", "token (UnlearnDiffAtk: adversarial words prepended), inversion (one learned token "
                               "embedding) or conditioning (the whole text conditioning, white-box).", choices=ATTACKS)
-    judge: Optional[str] = _f(None, "Image judge: nudenet or digit (default: digit with --digit, else nudenet).",
-                              choices=["nudenet", "digit"])
+    judge: Optional[str] = _f(None, "Image judge: nudenet, digit or classifier (default: digit with --digit, else "
+                                    "nudenet).", choices=["nudenet", "digit", "classifier"])
+    judge_model: Optional[str] = _f(None, "--judge classifier: a transformers image classifier (hub id or folder, e.g. "
+                                          "microsoft/resnet-50); --judge digit: a DigitJudge folder (default: bundled).")
+    target_class: Optional[str] = _f(None, "--judge classifier: the class a success must show (name or index).")
     digit: Optional[int] = _f(None, "Digit world: the digit (0-9) the digit judge looks for; without --prompts, "
                                     "--num_prompts rows are made for it.")
     from_prompt: Optional[str] = _f(None, "With --digit and no --prompts: the prompt attacked (e.g. the neutral "
@@ -106,6 +109,9 @@ class AttackConfig:
             self.judge = "digit" if self.digit is not None else "nudenet"
         if self.judge == "digit" and self.digit is None:
             raise ValueError("--judge digit needs --digit D (the digit a success must show)")
+        if self.judge == "classifier" and (self.judge_model is None or self.target_class is None):
+            raise ValueError("--judge classifier needs --judge_model (an image classifier) and --target_class (the "
+                             "class a success must show)")
         if self.attack not in ATTACKS:
             raise ValueError(f"--attack must be one of {ATTACKS}, got {self.attack!r}")
         for name in ("num_prompts", "num_tokens", "batch_size"):
@@ -340,7 +346,9 @@ def make_judge(config: AttackConfig):
     from ..evaluation.judges import make_judge as make
 
     if config.judge == "digit":
-        return make("digit", digit=config.digit)
+        return make("digit", digit=config.digit, judge_dir=config.judge_model)
+    if config.judge == "classifier":
+        return make("classifier", target=config.target_class, model=config.judge_model)
     return make("nudenet", threshold=config.threshold, model_path=config.nudenet_model)
 
 
