@@ -192,7 +192,7 @@ def hub_repo_id(config: EraseConfig) -> str:
 def erasure_metadata(config: EraseConfig, spec: ConceptSpec) -> dict:
     cfg = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "cache_dir", "resume_from_checkpoint",
                                                                    "overwrite_output_dir", "logging_dir", "report_to",
-                                                                   "threads")}
+                                                                   "threads", "data_batch_size")}
     cfg.update({"base_model": base_model_id(config), "concept": spec.name, "forget_prompt": spec.forget_prompt,
                 "pseudo_prompts": list(spec.pseudo_prompts), "retain_prompts": list(spec.retain_prompts),
                 "salun_diffusers_version": __version__})
