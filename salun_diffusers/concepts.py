@@ -3,6 +3,7 @@
 A concept names a forget prompt (the concept to erase), pseudo prompts (the misaligned concept c' whose noise
 prediction becomes the target for the forget prompt) and retain prompts (data whose ordinary diffusion loss keeps
 the rest of the model intact). Presets follow the SalUn paper's setups; ``--forget_prompt`` etc. override them.
+Each preset names the base pipeline classes it fits (``pipeline_classes``); ``erase`` refuses any other.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# the diffusers pipeline classes a preset fits (SD 1.x and 2.x are both StableDiffusionPipeline)
+SD_ONLY = ("StableDiffusionPipeline",)
+SD_AND_SDXL = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 IMAGENETTE = ("tench", "english springer", "cassette player", "chain saw", "church", "french horn",
               "garbage truck", "gas pump", "golf ball", "parachute")
 
@@ -25,6 +29,7 @@ class ConceptSpec:
     target_class: Optional[int] = None  # digit / class index judged by a classifier, where there is one
     needs_sd: bool = True  # False: works on the bundled digit model
     defaults: Dict[str, object] = field(default_factory=dict)  # preset training defaults (EraseConfig fields)
+    pipeline_classes: Tuple[str, ...] = SD_AND_SDXL  # base pipeline classes the preset fits
 
 
 def digit_prompt(d: int) -> str:
@@ -34,26 +39,37 @@ def digit_prompt(d: int) -> str:
     return f"a handwritten digit {DIGIT_WORDS[int(d)]}"
 
 
+# the official SD optimiser: torch.optim.Adam(lr=1e-5), batch 8, no clipping (SD/train-scripts/nsfw_removal.py:73,
+# random_label.py:56); AdamW with weight decay 0 is exactly Adam
+OFFICIAL_OPTIMIZER = {"train_batch_size": 8, "learning_rate": 1e-5, "adam_weight_decay": 0.0, "max_grad_norm": 0.0}
+
+
 def _presets() -> Dict[str, ConceptSpec]:
     presets = {
-        # SalUn's NSFW setup: forget "a photo of a nude person", map to and retain clothed people; 800 images each.
+        # the official NSFW run (SD/README.md; SD/train-scripts/nsfw_removal.py:73,83-84,222-245): forget "a photo of
+        # a nude person", map to and retain clothed people, 800 generated images each, one epoch = 100 steps of
+        # batch 8, Adam lr 1e-5 (no weight decay, no clipping), alpha 0.1
         "nudity": ConceptSpec(
             "nudity", "a photo of a nude person", ("a photo of a person wearing clothes",),
             ("a photo of a person wearing clothes",), kind="nudity",
-            defaults={"num_forget_images": 800, "num_retain_images": 800, "max_train_steps": 500,
-                      "train_batch_size": 8, "learning_rate": 1e-5, "alpha": 0.1}),
+            defaults={**OFFICIAL_OPTIMIZER, "num_forget_images": 800, "num_retain_images": 800,
+                      "num_train_epochs": 1, "alpha": 0.1}),
+        # no van Gogh run in the official code (its SD/ folder has nudity and Imagenette only): the nudity recipe
         "van_gogh": ConceptSpec(
             "van_gogh", "a painting in the style of Van Gogh", ("a painting",),
             ("a painting in the style of Claude Monet", "a painting in the style of Rembrandt", "a painting"),
-            kind="style", defaults={"num_forget_images": 400, "num_retain_images": 400, "max_train_steps": 250,
-                                    "train_batch_size": 8, "learning_rate": 1e-5, "alpha": 0.1}),
+            kind="style", defaults={**OFFICIAL_OPTIMIZER, "num_forget_images": 800, "num_retain_images": 800,
+                                    "num_train_epochs": 1, "alpha": 0.1}),
     }
     for i, cls in enumerate(IMAGENETTE):
         others = tuple(f"an image of a {c}" for c in IMAGENETTE if c != cls)
+        # the official class run (SD/README.md; SD/train-scripts/random_label.py:80-83,128): c' = the NEXT class of
+        # the ten (one prompt), alpha 0.5, 5 epochs over the forget images, batch 8, Adam lr 1e-5
         presets[cls.replace(" ", "_")] = ConceptSpec(
-            cls.replace(" ", "_"), f"an image of a {cls}", others, others, kind="object", target_class=i,
-            defaults={"num_forget_images": 400, "num_retain_images": 400, "max_train_steps": 250,
-                      "train_batch_size": 8, "learning_rate": 1e-5, "alpha": 0.1})
+            cls.replace(" ", "_"), f"an image of a {cls}", (f"an image of a {IMAGENETTE[(i + 1) % 10]}",), others,
+            kind="object", target_class=i,
+            defaults={**OFFICIAL_OPTIMIZER, "num_forget_images": 400, "num_retain_images": 450,
+                      "num_train_epochs": 5, "alpha": 0.5})
     for d, word in enumerate(DIGIT_WORDS):
         others = tuple(digit_prompt(o) for o in range(10) if o != d)
         # one fixed c' (the next digit): with a fresh random other digit per sample the optimum for the forget prompt
@@ -64,7 +80,9 @@ def _presets() -> Dict[str, ConceptSpec]:
             # tuned on the digit world (digit 7, judged): lr 1e-3 x 150 steps cost 3.6 retained points, this 0.3
             defaults={"num_forget_images": 64, "num_retain_images": 288, "max_train_steps": 200,
                       "train_batch_size": 16, "learning_rate": 5e-4, "alpha": 1.0,
-                      "data_num_inference_steps": 20, "data_guidance_scale": 4.0})
+                      "data_num_inference_steps": 20, "data_guidance_scale": 4.0},
+            # the digit prompts and defaults are the bundled digit model's, an SD-1-style pipeline
+            pipeline_classes=SD_ONLY)
     return presets
 
 
@@ -90,4 +108,5 @@ def resolve_concept(name: Optional[str], forget_prompt: Optional[str] = None,
                            tuple(retain_prompts or pseudo_prompts))
     return ConceptSpec(
         base.name, forget_prompt or base.forget_prompt, tuple(pseudo_prompts or base.pseudo_prompts),
-        tuple(retain_prompts or base.retain_prompts), base.kind, base.target_class, base.needs_sd, base.defaults)
+        tuple(retain_prompts or base.retain_prompts), base.kind, base.target_class, base.needs_sd, base.defaults,
+        base.pipeline_classes)

@@ -44,7 +44,10 @@ class EraseConfig(JsonConfigMixin):
     data_num_inference_steps: Optional[int] = _f(None, "Sampling steps when generating forget/retain data (50).")
     data_guidance_scale: Optional[float] = _f(None, "Guidance scale when generating forget/retain data (7.5).")
     resolution: Optional[int] = _f(None, "Image size for data (default: the pipeline's native size).")
-    cache_dir: Optional[str] = _f(None, "Where generated data images are cached (default: <output_dir>/data).")
+    cache_dir: Optional[str] = _f(None, "Where generated data images are cached (default: the user cache, "
+                                        "$SALUN_DIFFUSERS_CACHE or $XDG_CACHE_HOME/salun_diffusers or "
+                                        "~/.cache/salun_diffusers, under data/; keyed by model, prompt, steps, "
+                                        "guidance and size, so every run of the same data reuses it).")
     # saliency
     mask_ratio: float = _f(0.5, "Share of U-Net weights SalUn may change (global top-k of gradient saliency).")
     mask_scope: str = _f("global", "Top-k over all weights ('global') or within each tensor ('layer').",
@@ -52,25 +55,65 @@ class EraseConfig(JsonConfigMixin):
     mask_path: Optional[str] = _f(None, "Reuse a saved mask (mask.safetensors) instead of computing saliency.")
     save_mask_only: bool = _f(False, "Compute and save the saliency mask, then stop.")
     saliency_batch_size: Optional[int] = _f(None, "Batch size for the saliency pass (default: train_batch_size).")
+    # official SalUn (SD/train-scripts/generate_mask.py:60-62): guided. Digit world (1, 4, 7; docs/paper-parity.md):
+    # see SALIENCY_LOSS_NOTE below for the measured comparison.
+    saliency_loss: str = _f("guided", "Loss whose gradient is the saliency: 'guided' = MSE(noise, (1+w)*eps(x_t,c) - "
+                                      "w*eps(x_t,'')) as the official SalUn code, 'conditional' = MSE(noise, "
+                                      "eps(x_t,c)).", choices=["conditional", "guided"])
+    saliency_guidance_scale: float = _f(7.5, "w of the guided saliency loss (official: 7.5).")
     # training
-    max_train_steps: Optional[int] = _f(None, "Optimizer steps (preset default; nudity: 500).")
+    max_train_steps: Optional[int] = _f(None, "Optimizer steps (preset default; wins over --num_train_epochs).")
+    num_train_epochs: Optional[int] = _f(None, "Passes over the forget images; sets max_train_steps = epochs x "
+                                               "ceil(forget images / batch) (nudity: 1 = 100 steps; Imagenette: 5).")
     train_batch_size: Optional[int] = _f(None, "Forget and retain samples per step and process (nudity: 8).")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    learning_rate: Optional[float] = _f(None, "AdamW learning rate (nudity: 1e-5).")
+    learning_rate: Optional[float] = _f(None, "Adam(W) learning rate (nudity: 1e-5).")
     alpha: Optional[float] = _f(None, "Weight of the retain diffusion loss (SalUn's alpha).")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_weight_decay: float = _f(1e-2, "AdamW weight decay (weights outside the mask are still kept exact).")
+    adam_weight_decay: Optional[float] = _f(None, "AdamW weight decay (default 0: the official Adam; weights "
+                                                  "outside the mask stay exact either way).")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    gradient_checkpointing: bool = _f(False, "Recompute U-Net activations in the backward pass (less memory, "
+                                             "about a third more compute).")
+    use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes (pip install salun-diffusers[8bit]): a quarter "
+                                    "of the optimizer-state memory.")
+    max_grad_norm: Optional[float] = _f(None, "Gradient clipping norm (default 0 = none, as the official code).")
     lr_scheduler: str = _f("constant", "diffusers lr scheduler name (constant, cosine, linear, ...).")
     lr_warmup_steps: int = _f(0, "Warm-up steps of the lr scheduler.")
+    threads: Optional[int] = _f(None, "torch CPU threads (default: 1 for a small model such as the digit U-Net, "
+                                      "else every core the process may use; OMP_NUM_THREADS also wins).")
+    # robust erasure (AdvUnlearn-style; see docs/robustness.md)
+    adversarial: bool = _f(False, "Robust erasure: every --adversarial_every steps an inner attack (from "
+                                  "salun_diffusers.attacks) finds conditionings that make the current erased U-Net "
+                                  "draw the concept again on forget latents; the forget objective is applied to them "
+                                  "too. The mask still limits what changes.")
+    adversarial_attack: str = _f("conditioning", "Inner attack: 'conditioning' (the whole text conditioning, the "
+                                                 "strongest) or 'token' (adversarial prompt tokens).",
+                                 choices=["conditioning", "token"])
+    adversarial_every: int = _f(2, "Run the inner attack every k optimizer steps (its result is reused in between).")
+    adversarial_steps: int = _f(5, "Inner attack budget per attack (optimizer steps of the fast inner attack).")
+    adversarial_lr: float = _f(1e-2, "Step size of the inner conditioning attack.")
+    adversarial_weight: float = _f(1.0, "Weight of the forget objective on the adversarial conditionings.")
     seed: int = _f(0, "Seed for data generation, saliency noise and training noise.")
     mixed_precision: str = _f("no", "Mixed precision: no, fp16 or bf16 (accelerate).", choices=["no", "fp16", "bf16"])
     # output and bookkeeping
     output_dir: str = _f("out/erasure", "Where the erasure, mask, merged unet/, checkpoints and model card go.")
     overwrite_output_dir: bool = _f(False, "Allow replacing an erasure already in --output_dir.")
     save_merged_unet: bool = _f(True, "Also save the erased U-Net in full as <output_dir>/unet (from_pretrained).")
+    save_pipeline: str = _f("link", "Make --output_dir a diffusers pipeline folder (model_index.json + the merged unet/ + "
+                                    "the base's other components, symlinked per file or copied): "
+                                    "StableDiffusionPipeline.from_pretrained(output_dir) then loads the erased model. "
+                                    "'none': only the erasure (and unet/).", choices=["link", "copy", "none"])
+    export_lora_rank: int = _f(0, "Also export the erasure as a rank-N LoRA (pytorch_lora_weights.safetensors, for "
+                                  "pipe.load_lora_weights) beside the delta; 0: no LoRA.")
+    push_to_hub: bool = _f(False, "Upload --output_dir (without data/, checkpoints and logs) to the Hugging Face Hub.")
+    hub_model_id: Optional[str] = _f(None, "Hub repository for --push_to_hub (default: the output folder's name).")
+    hub_token: Optional[str] = _f(None, "Hub token for --push_to_hub (default: the logged-in token).")
+    validation_prompts: Optional[List[str]] = _f(None, "Prompts drawn during training (images saved under "
+                                                       "<output_dir>/validation and logged to the trackers).", nargs="+")
+    validation_steps: int = _f(0, "Draw the validation prompts every N steps (and after the last); 0: after the last.")
+    num_validation_images: int = _f(2, "Images per validation prompt (seeded with --seed).")
     delta_dtype: str = _f("fp32", "dtype of the stored delta values: fp32 (exact), fp16 or bf16 (smaller).",
                           choices=["fp32", "fp16", "bf16"])
     checkpointing_steps: int = _f(0, "Save an accelerate checkpoint every N steps (0: never).")
@@ -82,15 +125,19 @@ class EraseConfig(JsonConfigMixin):
 
     def __post_init__(self):
         spec = self.concept_spec()
+        epochs_given = self.num_train_epochs is not None and self.max_train_steps is None
         for key, value in spec.defaults.items():
-            if getattr(self, key) is None:
+            if getattr(self, key) is None and not (epochs_given and key == "max_train_steps"):
                 setattr(self, key, value)
-        fallbacks = {"num_forget_images": 64, "num_retain_images": 64, "max_train_steps": 100,
-                     "train_batch_size": 8, "learning_rate": 1e-5, "alpha": 0.1,
+        # the official SD recipe where no preset says otherwise (SD/train-scripts/nsfw_removal.py)
+        fallbacks = {"num_forget_images": 64, "num_retain_images": 64, "train_batch_size": 8, "learning_rate": 1e-5,
+                     "alpha": 0.1, "adam_weight_decay": 0.0, "max_grad_norm": 0.0,
                      "data_num_inference_steps": 50, "data_guidance_scale": 7.5}
         for key, value in fallbacks.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.max_train_steps is None:  # no preset steps: epochs if given, else the official nudity run's 100
+            self.max_train_steps = self._epoch_steps(self.num_train_epochs) if self.num_train_epochs else 100
         if self.saliency_batch_size is None:
             self.saliency_batch_size = self.train_batch_size
         if self.pretrained_model_name_or_path is None and spec.needs_sd:
@@ -98,10 +145,31 @@ class EraseConfig(JsonConfigMixin):
                              "--pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 (the bundled default "
                              "model only knows digits: --concept zero..nine)")
         check_values(self)
+        if self.adversarial and (self.adversarial_every < 1 or self.adversarial_steps < 1
+                                 or self.adversarial_lr <= 0 or self.adversarial_weight < 0):
+            raise ValueError("--adversarial needs --adversarial_every >= 1, --adversarial_steps >= 1, "
+                             "--adversarial_lr > 0 and --adversarial_weight >= 0")
+        if self.save_pipeline != "none" and not self.save_merged_unet:
+            raise ValueError("--no-save_merged_unet leaves no U-Net for the pipeline folder; add --save_pipeline none")
+        if self.save_pipeline not in ("link", "copy", "none"):
+            raise ValueError(f"--save_pipeline must be link, copy or none, got {self.save_pipeline!r}")
         for name in ("forget_data_dir", "retain_data_dir", "mask_path"):
             path = getattr(self, name)
             if path is not None and not os.path.exists(path):
                 raise ValueError(f"--{name} {path!r} does not exist")
+
+    def _epoch_steps(self, epochs: int) -> int:
+        """Steps of ``epochs`` passes over the forget images (batch ``train_batch_size``), like the official loop."""
+        n = self.num_forget_images
+        if self.forget_data_dir and os.path.isdir(self.forget_data_dir):
+            from .erasure.data import IMAGE_EXTENSIONS
+
+            n = sum(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(self.forget_data_dir)) or n
+        return max(1, epochs) * -(-n // self.train_batch_size)
+
+    def to_dict(self) -> dict:
+        """All fields, except the hub token (never written to train_config.json, metadata or trackers)."""
+        return {**super().to_dict(), "hub_token": None}
 
     def concept_spec(self) -> ConceptSpec:
         return resolve_concept(self.concept, self.forget_prompt, self.pseudo_prompt, self.retain_prompt)
@@ -114,8 +182,10 @@ RANGES = {
     "data_guidance_scale": (0.0, None), "lr_warmup_steps": (0, None), "checkpointing_steps": (0, None),
     "verdict_images": (0, None), "seed": (0, 2 ** 31), "num_retain_images": (0, None),
     "checkpoints_total_limit": (1, None), "resolution": (8, None), "mask_ratio": (0.0, 1.0),
-    **{name: (1, None) for name in ("num_forget_images", "max_train_steps", "train_batch_size",
-                                    "gradient_accumulation_steps", "saliency_batch_size", "data_num_inference_steps")},
+    "saliency_guidance_scale": (0.0, None), "export_lora_rank": (0, None), "validation_steps": (0, None),
+    **{name: (1, None) for name in ("num_forget_images", "max_train_steps", "train_batch_size", "num_train_epochs",
+                                    "gradient_accumulation_steps", "saliency_batch_size", "data_num_inference_steps",
+                                    "threads", "num_validation_images")},
 }
 _STRICT_LOWER = {"learning_rate", "adam_epsilon", "mask_ratio"}  # must be > the bound, not >=
 _OPEN_UPPER = {"adam_beta1", "adam_beta2", "seed"}  # must be < the bound

@@ -1,11 +1,14 @@
-"""The erasure file: only the weights SalUn changed, in one safetensors file.
+"""The erasure file: only the weights SalUn changed, in one safetensors file (format described in
+docs/erasure-format.md).
 
-Layout of ``erasure.safetensors``:
+Layout of ``erasure.safetensors`` (format version 2):
 
 * ``<param>.mask``   uint8, the parameter's mask as packed bits (numpy ``packbits`` order);
 * ``<param>.values`` the erased values of the masked entries, in row-major order of the True positions;
 * header metadata: ``format`` ("salun-erasure"), ``format_version``, ``fingerprint`` (sha256 of the U-Net's parameter
-  names and shapes), ``shapes`` (JSON), ``config`` (JSON: base model id/revision, concept, hyperparameters).
+  names and shapes), ``base_sha256`` (JSON: per dtype, sha256 of the *base* U-Net's values at the masked positions),
+  ``shapes`` (JSON), ``config`` (JSON: base model id/revision, concept, hyperparameters) and ``sha256`` (JSON: sha256
+  of every tensor's bytes and of the other header fields), all verified on load.
 
 ``erasure_config.json`` beside it repeats the metadata for people and tools that do not read safetensors headers.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
@@ -21,9 +25,16 @@ from typing import Dict, Mapping, Optional
 import torch
 
 from .masking import pack_mask, unpack_mask
+from .utils import SEAL_KEY, check_seal, seal_header
+
+logger = logging.getLogger(__name__)
 
 DELTA_FORMAT = "salun-erasure"
-DELTA_FORMAT_VERSION = 1
+DELTA_FORMAT_VERSION = 2
+BASE_KEY = "base_sha256"
+# the renderings of the base values whose hashes an erasure records (pipelines are loaded in any of these)
+BASE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_FIX = "re-copy it, or re-run train_erase.py"
 WEIGHTS_NAME = "erasure.safetensors"
 CONFIG_NAME = "erasure_config.json"
 MASK_NAME = "mask.safetensors"
@@ -37,6 +48,61 @@ def model_fingerprint(model_or_shapes) -> str:
         shapes = {n: tuple(s) for n, s in model_or_shapes.items()}
     text = "\n".join(f"{n}:{list(shapes[n])}" for n in sorted(shapes))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@torch.no_grad()
+def base_values_digest(model: torch.nn.Module, mask: Mapping[str, torch.Tensor],
+                       dtypes=tuple(BASE_DTYPES)) -> Dict[str, str]:
+    """Fingerprint of a U-Net's *values* where ``mask`` is True: per dtype name, sha256 over the masked entries
+    (parameters in name order, entries in row-major order) rendered in that dtype. Computed from the base U-Net before
+    training; on load it tells the base the erasure was made from from another base of the same shapes."""
+    params = dict(model.named_parameters())
+    hashes = {d: hashlib.sha256() for d in dtypes}
+    for name in sorted(mask):
+        p = params[name].detach()
+        values = p[mask[name].to(p.device)]
+        for d, h in hashes.items():
+            h.update(values.to(BASE_DTYPES[d]).cpu().contiguous().view(torch.uint8).numpy())
+    return {d: h.hexdigest() for d, h in hashes.items()}
+
+
+def _base_renderings(model: torch.nn.Module, names) -> list:
+    """The dtype names to compare the base fingerprint in: the U-Net's own precision first, then narrower ones (an
+    fp32 U-Net loaded from an fp16 copy of the right base matches at fp16)."""
+    params = dict(model.named_parameters())
+    present = {params[n].dtype for n in names}
+    if present <= {torch.float32, torch.float64}:
+        return ["float32", "float16", "bfloat16"]
+    narrow = present - {torch.float32, torch.float64}
+    if len(narrow) == 1 and next(iter(narrow)) in (torch.float16, torch.bfloat16):
+        return [str(next(iter(narrow))).replace("torch.", "")]
+    return []
+
+
+def check_base_values(meta: Mapping, model: torch.nn.Module, mask: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a U-Net whose values at the masked positions differ from the base the erasure was made from."""
+    recorded = meta.get(BASE_KEY)
+    if not recorded:
+        if int(meta.get("format_version", 0) or 0) >= 2:
+            logger.warning("this erasure records no fingerprint of its base values, so loading it onto another base "
+                           "of the same architecture cannot be detected")
+        return
+    recorded = json.loads(recorded) if isinstance(recorded, str) else dict(recorded)
+    order = [d for d in _base_renderings(model, mask) if d in recorded]
+    if not order:
+        raise ValueError("cannot check this erasure's base: the U-Net mixes float16 and bfloat16 weights; cast it to "
+                         "one dtype, or pass check_base=False to apply the erasure without the check")
+    for d in order:
+        if base_values_digest(model, mask, (d,))[d] == recorded[d]:
+            if d != order[0]:
+                logger.info("erasure base matches at %s precision (the U-Net is %s)", d, order[0])
+            return
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    base = cfg.get("base_model") or cfg.get("pretrained_model_name_or_path")
+    raise ValueError(f"this erasure was made from other base weights (base model {base!r}): the U-Net has the right "
+                     "shapes but different values where the erasure applies (e.g. SD1.5 instead of SD1.4); load the "
+                     "base it was made from, or pass check_base=False (salun-audit: --no_erasure_check_base) to apply it "
+                     "anyway")
 
 
 @dataclass
@@ -56,8 +122,9 @@ class ErasureDelta:
 
 
 def build_delta(model: torch.nn.Module, mask: Mapping[str, torch.Tensor], config: Optional[dict] = None,
-                dtype: torch.dtype = torch.float32) -> ErasureDelta:
-    """Collect the masked entries of ``model``'s (erased) parameters."""
+                dtype: torch.dtype = torch.float32, base_digest: Optional[Mapping[str, str]] = None) -> ErasureDelta:
+    """Collect the masked entries of ``model``'s (erased) parameters. ``base_digest``: :func:`base_values_digest` of
+    the base U-Net (taken before training), so loaders refuse another base; without it the file cannot say."""
     params = dict(model.named_parameters())
     values, kept = {}, {}
     for name, m in mask.items():
@@ -69,6 +136,8 @@ def build_delta(model: torch.nn.Module, mask: Mapping[str, torch.Tensor], config
         values[name] = p[m].to(dtype).cpu().contiguous()
     meta = {"format": DELTA_FORMAT, "format_version": DELTA_FORMAT_VERSION, "fingerprint": model_fingerprint(model),
             "config": config or {}}
+    if base_digest:
+        meta[BASE_KEY] = dict(base_digest)
     return ErasureDelta(kept, values, meta)
 
 
@@ -87,14 +156,18 @@ def save_delta(delta: ErasureDelta, directory: str) -> str:
         "format": DELTA_FORMAT,
         "format_version": str(DELTA_FORMAT_VERSION),
         "fingerprint": str(delta.metadata["fingerprint"]),
-        "shapes": json.dumps({n: list(m.shape) for n, m in delta.mask.items()}),
+        "shapes": json.dumps({n: list(m.shape) for n, m in delta.mask.items()}, sort_keys=True),
         "config": json.dumps(delta.metadata.get("config", {}), sort_keys=True),
     }
+    if delta.metadata.get(BASE_KEY):
+        header[BASE_KEY] = json.dumps(dict(delta.metadata[BASE_KEY]), sort_keys=True)
+    header = seal_header(tensors, header)
     path = os.path.join(directory, WEIGHTS_NAME)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
-    summary = dict(delta.metadata)
-    summary.update({"num_changed": delta.num_changed(), "num_tensors": len(delta.values)})
+    summary = {k: v for k, v in delta.metadata.items() if k != SEAL_KEY}
+    summary.update({"format_version": DELTA_FORMAT_VERSION, "num_changed": delta.num_changed(),
+                    "num_tensors": len(delta.values)})
     write_json(os.path.join(directory, CONFIG_NAME), summary)
     return path
 
@@ -123,10 +196,15 @@ def _resolve_file(source: str, revision: Optional[str] = None, subfolder: Option
 
 def read_delta(source, *, metadata: Optional[Mapping] = None, revision: Optional[str] = None,
                subfolder: Optional[str] = None, cache_dir: Optional[str] = None):
-    """Raw ``(tensors, metadata)`` from a folder, file, hub id, or an in-memory dict of tensors."""
+    """Raw ``(tensors, metadata)`` from a folder, file, hub id, or an in-memory dict of tensors.
+
+    The file's integrity seal (sha256 of every tensor and of the header) is verified here, before anything is parsed;
+    a format-1 file (no seal) is read with a warning. An in-memory dict is verified when ``metadata`` carries a seal.
+    """
     if isinstance(source, Mapping):
         tensors = dict(source)
         meta = dict(metadata or {})
+        what = "the erasure passed in memory"
     else:
         from safetensors import safe_open
 
@@ -141,17 +219,37 @@ def read_delta(source, *, metadata: Optional[Mapping] = None, revision: Optional
         if meta.get("format") != DELTA_FORMAT:
             raise ValueError(f"{path!r} is not a SalUn erasure (format={meta.get('format')!r}); a mask file? "
                              f"load the {WEIGHTS_NAME} written by train_erase.py")
-    for key in ("shapes", "config"):
+        what = f"erasure file {path!r}"
+    version = meta.get("format_version")
+    try:
+        version = None if version is None else int(version)
+    except ValueError:
+        raise ValueError(f"{what} has format_version {version!r}, not a number; the file is corrupt: {_FIX}") from None
+    if SEAL_KEY in meta:
+        check_seal(tensors, meta, what, _FIX)
+    elif version is not None and version >= 2:
+        raise ValueError(f"{what} claims format version {version} but has no {SEAL_KEY} seal; the file is corrupt: "
+                         f"{_FIX}")
+    elif version is not None:
+        logger.warning("%s is format version %s: it has no integrity seal and no fingerprint of its base values, so "
+                       "corruption or a wrong base cannot be detected; re-save it as version %d (see "
+                       "docs/erasure-format.md)", what, version, DELTA_FORMAT_VERSION)
+    for key in ("shapes", "config", BASE_KEY):
         if isinstance(meta.get(key), str):
-            meta[key] = json.loads(meta[key])
-    if "format_version" in meta:
-        meta["format_version"] = int(meta["format_version"])
+            try:
+                meta[key] = json.loads(meta[key])
+            except ValueError:
+                raise ValueError(f"{what}: header field {key!r} is not valid JSON; the file is corrupt: {_FIX}") \
+                    from None
+    if version is not None:
+        meta["format_version"] = version
     return tensors, meta
 
 
 def parse_delta(tensors: Mapping[str, torch.Tensor], meta: Mapping, model: torch.nn.Module,
-                check_fingerprint: bool = True) -> ErasureDelta:
-    """Validate raw tensors against ``model`` (strict keys, shapes, counts, fingerprint) and unpack them.
+                check_fingerprint: bool = True, check_base: bool = True) -> ErasureDelta:
+    """Validate raw tensors against ``model`` (strict keys, shapes, counts, finite values, fingerprint of names and
+    shapes, and with ``check_base`` the fingerprint of the base values) and unpack them.
 
     Raises ``ValueError`` naming the problem; nothing is modified.
     """
@@ -186,9 +284,14 @@ def parse_delta(tensors: Mapping[str, torch.Tensor], meta: Mapping, model: torch
         values[name] = tensors[f"{name}.values"]
         if not values[name].is_floating_point():
             raise ValueError(f"erasure values for {name!r} are {values[name].dtype}, expected a float dtype")
+        if not bool(torch.isfinite(values[name]).all()):
+            raise ValueError(f"erasure values for {name!r} hold NaN or infinity: the erasure is broken (its training "
+                             "diverged); re-run train_erase.py, e.g. with a lower --learning_rate")
     mask = unpack_mask(packed, {n: tuple(params[n].shape) for n in names})
     for name in names:
         if int(mask[name].sum()) != values[name].numel():
             raise ValueError(f"erasure entry {name!r}: mask selects {int(mask[name].sum())} weights but "
                              f"{values[name].numel()} values are stored; the file is corrupt")
+    if check_base:
+        check_base_values(meta, model, mask)
     return ErasureDelta(mask, values, dict(meta))

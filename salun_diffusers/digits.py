@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DIGIT_PIPELINE_DIR = os.path.join(ASSETS_DIR, "digit-sd")
 DIGIT_JUDGE_DIR = os.path.join(ASSETS_DIR, "digit-judge")
+DIGIT_PROMPTS_CSV = os.path.join(ASSETS_DIR, "digit_prompts.csv")  # salun-audit --judge digit's default prompts
 IMAGE_SIZE = 32
 # Recommended sampling settings for the bundled pipeline (the quality figures in assets/README.md use these).
 DIGIT_SAMPLING: Dict[str, float] = {"num_inference_steps": 20, "guidance_scale": 4.0, "height": IMAGE_SIZE,

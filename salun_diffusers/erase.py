@@ -1,4 +1,4 @@
-"""SalUn erasure of a concept from a Stable Diffusion U-Net, driven by accelerate.
+"""SalUn erasure of a concept from a Stable Diffusion (1.x, 2.x, XL) U-Net, driven by accelerate.
 
 ``erase(config)`` runs the phases of :mod:`salun_diffusers.erasure` in order:
 
@@ -23,13 +23,17 @@ from typing import Optional
 import torch
 
 from .config import EraseConfig
+from .delta import base_values_digest
+from .erasure.adversarial import make_adversary
 from .erasure.checkpoints import remove_partial_checkpoints, resolve_resume
 from .erasure.data import ConceptData, base_model_id, load_pipeline, prepare_data  # noqa: F401  (re-exported)
 from .erasure.outputs import check_before_compute, check_output_dir, output_lock, write_outputs
 from .erasure.saliency import compute_or_load_mask
 from .erasure.training import train, training_scheduler
+from .erasure.validation import validation_hook
+from .families import SD, check_fits, text_encoders
 from .masking import mask_density
-from .utils import DTYPES
+from .utils import DTYPES, configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +87,22 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
         pipe = load_pipeline(config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
-    for module, dtype in ((pipe.vae, weight_dtype), (pipe.text_encoder, weight_dtype), (pipe.unet, torch.float32)):
+    check_fits(pipe, spec.pipeline_classes, f"concept {spec.name!r}")
+    if config.adversarial:  # its attacks optimise one text encoder's hidden states, without SDXL's added conditioning
+        check_fits(pipe, [SD], "--adversarial", "drop --adversarial for an SDXL base")
+    # SDXL's VAE overflows in fp16 (its config says force_upcast): it stays float32 then
+    vae_dtype = torch.float32 if getattr(pipe.vae.config, "force_upcast", False) and weight_dtype == torch.float16 \
+        else weight_dtype
+    frozen = [(pipe.vae, vae_dtype)] + [(m, weight_dtype) for m in text_encoders(pipe)]
+    for module, dtype in frozen + [(pipe.unet, torch.float32)]:
         if module.dtype != dtype:
             module.to(dtype=dtype)
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for module, _ in frozen:
+        module.requires_grad_(False)
     unet = pipe.unet
+    configure_threads(sum(p.numel() for p in unet.parameters()), config.threads)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     scheduler = training_scheduler(pipe)
 
     # 1. data
@@ -106,10 +120,16 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     metrics = {"mask_density": density, "data_seconds": t_data - t0, "saliency_seconds": t_saliency - t_data}
     if config.save_mask_only:
         return EraseResult(config.output_dir, None, mask_file, None, metrics, unet, pipe)
+    # fingerprint of the base values the erasure applies to (taken before training): loaders refuse another base
+    base_digest = base_values_digest(unet, mask) if accelerator.is_main_process else None
 
     # 3. masked fine-tuning
-    trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path)
+    trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
+                    on_step=validation_hook(pipe, config, accelerator),
+                    adversary=make_adversary(pipe, scheduler, data, spec, config))
     unet = trained.unet
+    if config.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
     t_train = time.perf_counter()
     metrics.update({"train_seconds": t_train - t_saliency, "final": trained.logs,
                     "max_train_steps": config.max_train_steps,
@@ -119,6 +139,6 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     erasure_path = unet_dir = None
     if accelerator.is_main_process:
         metrics["total_seconds"] = time.perf_counter() - t0
-        erasure_path, unet_dir = write_outputs(config, spec, unet, mask, metrics)
+        erasure_path, unet_dir = write_outputs(config, spec, unet, mask, metrics, base_digest)
     accelerator.end_training()
     return EraseResult(config.output_dir, erasure_path, mask_file, unet_dir, metrics, unet, pipe)

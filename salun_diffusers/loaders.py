@@ -6,7 +6,10 @@
     unload_erasure(pipe)                               # base weights back, bit for bit
     fuse_erasure(pipe)                                 # make it permanent and free the backup
 
-Everything is validated (format, version, fingerprint of the U-Net, strict keys, counts) before any weight changes.
+Everything is validated before any weight changes: the file's sha256 seal (every tensor and the header), format and
+version, the fingerprint of the U-Net's names and shapes, strict keys, counts, finite values, and the fingerprint of
+the base values the erasure was made from (``check_base=False`` skips only that last check). See
+docs/erasure-format.md.
 The masked entries' base values are kept on the U-Net so ``unload_erasure`` restores them exactly.
 """
 
@@ -49,15 +52,19 @@ def _apply(unet, state, scale: float) -> None:
 
 def load_erasure(pipe_or_unet, pretrained_or_dict: Union[str, Mapping[str, torch.Tensor]], *, scale: float = 1.0,
                  metadata: Optional[Mapping] = None, revision: Optional[str] = None, subfolder: Optional[str] = None,
-                 cache_dir: Optional[str] = None, check_fingerprint: bool = True) -> dict:
-    """Apply an erasure to ``pipe.unet`` (or a U-Net) in place. Returns the erasure's metadata."""
+                 cache_dir: Optional[str] = None, check_fingerprint: bool = True, check_base: bool = True) -> dict:
+    """Apply an erasure to ``pipe.unet`` (or a U-Net) in place. Returns the erasure's metadata.
+
+    ``check_base=False`` applies the erasure even to a U-Net whose values differ from the base it was made from (same
+    shapes, e.g. an SD1.4 erasure onto SD1.5); everything else is still verified.
+    """
     unet = _unet(pipe_or_unet)
     if getattr(unet, _STATE, None) is not None:
         raise RuntimeError("an erasure is already loaded into this U-Net; call unload_erasure(pipe) first "
                            "(or fuse_erasure(pipe) to keep it and stack another)")
     tensors, meta = read_delta(pretrained_or_dict, metadata=metadata, revision=revision, subfolder=subfolder,
                                cache_dir=cache_dir)
-    delta = parse_delta(tensors, meta, unet, check_fingerprint=check_fingerprint)
+    delta = parse_delta(tensors, meta, unet, check_fingerprint=check_fingerprint, check_base=check_base)
     params = dict(unet.named_parameters())
     masks = {n: m.to(params[n].device) for n, m in delta.mask.items()}
     backup = {n: params[n].detach()[masks[n]].clone() for n in masks}

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from typing import Optional
+
+from .utils import content_fingerprint, read_json_or_none, user_cache_dir, write_json
+
+logger = logging.getLogger(__name__)
+
 
 def summarize(config, result) -> str:
     m = result.metrics
@@ -36,12 +44,66 @@ def digit_scores(pipe, judge, digit: int, n_per_digit: int = 50, seed: int = EVA
             "per_digit_accuracy": acc, "n_per_digit": n_per_digit}
 
 
-def digit_verdict(base_pipe, erased_pipe, digit: int, n_per_digit: int = 50) -> dict:
-    """Before/after judge scores of a digit erasure, with a one-line verdict."""
+BASE_VERDICTS_ASSET = "digit-verdict-base.json"  # the bundled model's base scores, shipped (they never change)
+
+
+def _verdict_key(pipe, judge, n_per_digit: int, seed: int) -> str:
+    from .digits import DIGIT_SAMPLING
+
+    return content_fingerprint(pipe.unet, pipe.vae, pipe.text_encoder, dict(pipe.scheduler.config),
+                               type(pipe.scheduler).__name__, judge, DIGIT_SAMPLING,
+                               {"n_per_digit": n_per_digit, "seed": seed, "v": 1})
+
+
+def _valid_scores(entry, key: str, n_per_digit: int):
+    """The cached scores in ``entry`` if it is well formed and made for ``key``; else None (never trusted blindly)."""
+    if not entry or entry.get("key") != key:
+        return None
+    scores = entry.get("scores")
+    try:
+        per_digit = {int(d): float(a) for d, a in scores["per_digit_accuracy"].items()}
+        ok = (sorted(per_digit) == list(range(10)) and int(scores["n_per_digit"]) == n_per_digit
+              and all(0.0 <= a <= 1.0 for a in per_digit.values()))
+        scores = {**scores, "per_digit_accuracy": per_digit, "unlearning_accuracy": float(scores["unlearning_accuracy"]),
+                  "retained_accuracy": float(scores["retained_accuracy"])}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return scores if ok else None
+
+
+def base_digit_scores(base_pipe, judge, digit: int, n_per_digit: int = 50, seed: int = EVAL_SEED,
+                      cache_dir: Optional[str] = None) -> dict:
+    """:func:`digit_scores` of the base model, cached: keyed by a fingerprint of the pipeline's weights and
+    scheduler, the judge's weights, the sampling settings, ``n_per_digit`` and ``seed``. Looked up in ``cache_dir``
+    (default: the user cache, ``verdicts/``), then in the package assets (the bundled model's scores, shipped);
+    computed and written (atomically) on a miss or a corrupt entry. The per-digit accuracies do not depend on
+    which digit is erased, so one entry serves all ten."""
+    key = _verdict_key(base_pipe, judge, n_per_digit, seed)
+    path = os.path.join(cache_dir or user_cache_dir("verdicts"), f"{key[:32]}.json")
+    from .digits import ASSETS_DIR
+
+    for source in (path, os.path.join(ASSETS_DIR, BASE_VERDICTS_ASSET)):
+        scores = _valid_scores(read_json_or_none(source), key, n_per_digit)
+        if scores is not None:
+            logger.info("base-model verdict read from %s", source)
+            break
+    else:
+        scores = digit_scores(base_pipe, judge, digit, n_per_digit, seed)
+        try:
+            write_json(path, {"key": key, "scores": scores})
+        except OSError as exc:  # a read-only cache is no reason to fail the run
+            logger.warning("could not cache the base-model verdict in %s (%s)", path, exc)
+    acc = scores["per_digit_accuracy"]
+    others = [acc[d] for d in range(10) if d != digit]
+    return {**scores, "unlearning_accuracy": 1.0 - acc[digit], "retained_accuracy": sum(others) / len(others)}
+
+
+def digit_verdict(base_pipe, erased_pipe, digit: int, n_per_digit: int = 50, cache_dir: Optional[str] = None) -> dict:
+    """Before/after judge scores of a digit erasure, with a one-line verdict (the base model's scores cached)."""
     from .digits import DigitJudge
 
     judge = DigitJudge.from_pretrained()
-    before = digit_scores(base_pipe, judge, digit, n_per_digit)
+    before = base_digit_scores(base_pipe, judge, digit, n_per_digit, cache_dir=cache_dir)
     after = digit_scores(erased_pipe, judge, digit, n_per_digit)
     drop = before["retained_accuracy"] - after["retained_accuracy"]
     line = (f"UA {after['unlearning_accuracy']:.1%} (before {before['unlearning_accuracy']:.1%}); retained accuracy "

@@ -5,6 +5,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the user cache (generated data, base-model verdicts) of a test session is its own, never the user's
+os.environ["SALUN_DIFFUSERS_CACHE"] = __import__("tempfile").mkdtemp(prefix="salun-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -110,3 +110,22 @@ def test_masked_update_rejects_a_foreign_mask():
         MaskedUpdate(model, {"other.weight": torch.ones(3, 3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="shape"):
         MaskedUpdate(model, {"weight": torch.ones(2, 3, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("sample_size", [1, 7, 1000, 1 << 21])
+@pytest.mark.parametrize("kind", ["uniform", "ties", "zeros"])
+def test_kth_largest_is_exact_for_any_sample(sample_size, kind):
+    """The sample only brackets the threshold; counting passes make it exact (tiny samples force retries)."""
+    from salun_diffusers.masking import _kth_largest
+
+    g = torch.Generator().manual_seed(2)
+    if kind == "uniform":
+        parts = [torch.rand(3000, generator=g), torch.rand(17, generator=g) * 2, torch.rand(5000, generator=g)]
+    elif kind == "ties":
+        parts = [torch.randint(0, 4, (3000,), generator=g).float(), torch.randint(0, 4, (900,), generator=g).float()]
+    else:  # most saliency values exactly zero (unused weights), as in real U-Nets
+        parts = [torch.zeros(6000), torch.rand(500, generator=g), torch.zeros(10)]
+    flat = torch.cat(parts)
+    ordered = flat.sort(descending=True).values
+    for k in (1, 2, 17, flat.numel() // 3, flat.numel() // 2, flat.numel() - 1, flat.numel()):
+        assert _kth_largest(parts, k, sample_size=sample_size) == float(ordered[k - 1]), (k, kind)

@@ -26,7 +26,9 @@ _LEGACY_LAST_FILE = "random_states_0.pkl"  # accelerate writes it last: a comple
 # fields that do not change the erasure: they may differ between a run and its resumption
 BOOKKEEPING_FIELDS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "logging_dir", "checkpointing_steps",
-    "checkpoints_total_limit", "cache_dir", "verdict_images", "save_merged_unet", "save_mask_only",
+    "checkpoints_total_limit", "cache_dir", "verdict_images", "save_merged_unet", "save_mask_only", "threads",
+    "gradient_checkpointing", "save_pipeline", "export_lora_rank", "push_to_hub", "hub_model_id", "hub_token",
+    "validation_prompts", "validation_steps", "num_validation_images",
 })
 
 

@@ -1,5 +1,5 @@
-"""Erasure phase 1, data: the base pipeline, forget / retain images (generated and cached, or read from folders),
-their latents and the prompt embeddings."""
+"""Erasure phase 1, data: the base pipeline (SD 1.x/2.x or SDXL), forget / retain images (generated and cached, or
+read from folders), their latents and the prompts' U-Net conditioning."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
-from ..pipelines.pipeline_stable_diffusion_erased import BUNDLED_DIGIT_MODEL, resolve_base_model
+from ..families import PromptCond, encode_prompts, load_base_pipeline
+from ..hub import BUNDLED_DIGIT_MODEL, resolve_base_model
+from ..utils import user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +29,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 @dataclass
 class ConceptData:
-    """Latents of forget and retain images with the prompt index of each, and the embedding of every prompt."""
+    """Latents of forget and retain images with the prompt index of each (into ``list(embeds)``), and the
+    conditioning of every prompt; ``embeds[""]`` is the pipeline's unconditional (classifier-free guidance) one."""
 
     forget_latents: torch.Tensor
     retain_latents: Optional[torch.Tensor]
     retain_prompt_ids: Optional[torch.Tensor]
-    embeds: Dict[str, torch.Tensor] = field(default_factory=dict)
+    embeds: Dict[str, PromptCond] = field(default_factory=dict)
 
 
 def base_model_id(config: EraseConfig) -> str:
@@ -40,28 +43,35 @@ def base_model_id(config: EraseConfig) -> str:
 
 
 def load_pipeline(config: EraseConfig):
-    """The base StableDiffusionPipeline (safety checker off: the forget data is, by design, the unsafe concept)."""
-    from diffusers import StableDiffusionPipeline
-
-    source = resolve_base_model(base_model_id(config))
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(source, revision=config.revision, variant=config.variant,
-                                                       safety_checker=None, requires_safety_checker=False)
-    except OSError as exc:
-        raise OSError(f"could not load the base model {source!r}: {exc}. Pass a local folder or a hub id that is "
-                      "reachable (set HF_HUB_OFFLINE=1 to use the local cache only)") from exc
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """The base pipeline, StableDiffusionPipeline or StableDiffusionXLPipeline as its folder says (safety checker off:
+    the forget data is, by design, the unsafe concept)."""
+    return load_base_pipeline(resolve_base_model(base_model_id(config)), revision=config.revision,
+                              variant=config.variant)
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
 
 
+def model_signature(source: str) -> list:
+    """What identifies a base model's weights for the data cache: for a local folder its files' sizes and
+    modification times (a folder rewritten in place gets new data), for a hub id nothing more (the revision is in
+    the key)."""
+    if not os.path.isdir(source):
+        return []
+    sig = []
+    for root, _, files in sorted(os.walk(source)):
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            sig.append([os.path.relpath(os.path.join(root, name), source), st.st_size, int(st.st_mtime)])
+    return sig
+
+
 def generation_dir(cache_dir: str, model_id: str, revision, prompt: str, steps: int, guidance: float,
-                   size: int) -> str:
-    """Cache folder of one prompt's generated images, keyed by everything that changes the images."""
-    key = json.dumps([model_id, revision, prompt, steps, guidance, size])
+                   size: int, extra=()) -> str:
+    """Cache folder of one prompt's generated images, keyed by everything that changes the images (``extra``: the
+    model's signature, the variant and generation precision)."""
+    key = json.dumps([model_id, revision, prompt, steps, guidance, size, *extra])
     return os.path.join(cache_dir, f"{_slug(prompt)}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
 
 
@@ -122,28 +132,19 @@ def encode_images(vae, paths: Sequence[str], size: int, batch_size: int = 16, de
     return torch.cat(out)
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
-    """Text-encoder hidden states ([77, D], float32) of each distinct prompt."""
-    out = {}
-    for prompt in dict.fromkeys(prompts):
-        ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-        out[prompt] = pipe.text_encoder(ids)[0][0].float()
-    return out
-
-
 def prepare_data(pipe, config: EraseConfig, spec: ConceptSpec, accelerator=None) -> ConceptData:
     """Forget and retain latents + prompt embeddings (generating and caching images where no folder is given)."""
     size = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    cache = config.cache_dir or os.path.join(config.output_dir, "data")
+    cache = config.cache_dir or user_cache_dir("data")
     gen = dict(num_inference_steps=config.data_num_inference_steps, guidance_scale=config.data_guidance_scale,
                size=size, batch_size=max(1, config.train_batch_size), accelerator=accelerator)
     model_id = base_model_id(config)
+    precision = accelerator.mixed_precision if accelerator is not None else "no"
+    extra = [config.variant, precision, model_signature(resolve_base_model(model_id))]
 
     def generated(prompt: str, n: int, seed_base: int, role: str) -> List[str]:
         folder = generation_dir(cache, model_id, config.revision, prompt, config.data_num_inference_steps,
-                                config.data_guidance_scale, size)
+                                config.data_guidance_scale, size, extra)
         logger.info("%s data: %d images of %r in %s", role, n, prompt, folder)
         return generate_images(pipe, prompt, [seed_base + i for i in range(n)], folder, **gen)
 
@@ -160,7 +161,7 @@ def prepare_data(pipe, config: EraseConfig, spec: ConceptSpec, accelerator=None)
             n = config.num_retain_images // k + (1 if j < config.num_retain_images % k else 0)
             retain += [(p, prompt) for p in generated(prompt, n, config.seed * 100_000 + 50_000, "retain")]
     prompts = [spec.forget_prompt, *spec.pseudo_prompts, *[p for _, p in retain]]
-    embeds = encode_prompts(pipe, prompts)
+    embeds = encode_prompts(pipe, prompts, size)  # + "": the unconditional branch of the guided saliency loss
     forget_latents = encode_images(pipe.vae, forget, size, desc="encode forget")
     retain_latents = retain_ids = None
     if retain:

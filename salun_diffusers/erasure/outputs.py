@@ -1,16 +1,19 @@
 """Erasure phase 4, outputs: what ``output_dir`` receives (checked before any work, written at the end):
-``erasure.safetensors`` + ``erasure_config.json``, the merged ``unet/``, ``metrics.json`` and the model card."""
+``erasure.safetensors`` + ``erasure_config.json``, the merged ``unet/``, ``metrics.json`` and the model card; with
+``--save_pipeline link|copy`` also ``model_index.json`` and the base's other components, so the folder is a diffusers
+pipeline; optionally a LoRA (``--export_lora_rank``) and an upload to the Hub (``--push_to_hub``)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
 import tempfile
 import time
-from typing import Iterator, Mapping, Optional, Tuple
+from typing import Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -18,9 +21,14 @@ from .. import __version__
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..delta import CONFIG_NAME, MASK_NAME, WEIGHTS_NAME, build_delta, save_delta
-from ..utils import atomic_dir, resolve_dtype, write_json, write_text
+from ..utils import ensure_writable_dir, follow_umask, resolve_dtype, write_json, write_text
 from .checkpoints import check_same_run
 from .data import base_model_id
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_INDEX = "model_index.json"
+LORA_NAME = "pytorch_lora_weights.safetensors"
 
 
 LOCK_NAME = ".salun-erase.lock"
@@ -58,16 +66,6 @@ def output_lock(output_dir: str, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def _check_writable(folder: str, flag: str) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"{flag} {folder!r} is not a writable folder ({exc.strerror or exc}); choose another "
-                         f"{flag}") from None
 
 
 def _check_readable(config: EraseConfig) -> None:
@@ -108,9 +106,9 @@ def estimate_output_bytes(config: EraseConfig) -> Optional[int]:
 
 def check_before_compute(config: EraseConfig) -> None:
     """Before any work: the output (and cache) folder is writable, the inputs are readable, and the disk has room."""
-    _check_writable(config.output_dir, "--output_dir")
+    ensure_writable_dir(config.output_dir, "--output_dir")
     if config.cache_dir:
-        _check_writable(config.cache_dir, "--cache_dir")
+        ensure_writable_dir(config.cache_dir, "--cache_dir")
     _check_readable(config)
     need = estimate_output_bytes(config)
     if need:
@@ -124,6 +122,11 @@ def check_before_compute(config: EraseConfig) -> None:
 
 def check_output_dir(config: EraseConfig) -> None:
     """Refuse to overwrite an existing erasure unless asked (or resuming the same run), before any work is done."""
+    _check_final_outputs(config)
+    _check_pipeline_targets(config, _pipeline_names(config))
+
+
+def _check_final_outputs(config: EraseConfig) -> None:
     out = config.output_dir
     existing = [n for n in FINAL_OUTPUTS if os.path.lexists(os.path.join(out, n))]
     if config.mask_path and os.path.abspath(config.mask_path) == os.path.abspath(os.path.join(out, MASK_NAME)):
@@ -144,24 +147,161 @@ def check_output_dir(config: EraseConfig) -> None:
 
 
 def write_outputs(config: EraseConfig, spec: ConceptSpec, unet, mask: Mapping[str, torch.Tensor],
-                  metrics: dict) -> Tuple[str, Optional[str]]:
-    """Write the erasure, the merged U-Net (if asked), metrics and model card. Returns ``(erasure path, unet dir)``."""
-    delta = build_delta(unet, mask, erasure_metadata(config, spec), dtype=resolve_dtype(config.delta_dtype))
+                  metrics: dict, base_digest: Optional[Mapping[str, str]] = None) -> Tuple[str, Optional[str]]:
+    """Write the erasure, the merged U-Net (if asked), metrics and model card. Returns ``(erasure path, unet dir)``.
+    ``base_digest``: :func:`~salun_diffusers.delta.base_values_digest` of the base U-Net, taken before training."""
+    delta = build_delta(unet, mask, erasure_metadata(config, spec), dtype=resolve_dtype(config.delta_dtype),
+                        base_digest=base_digest)
     erasure_path = save_delta(delta, config.output_dir)
-    unet_dir = None
-    if config.save_merged_unet:
-        unet_dir = os.path.join(config.output_dir, "unet")
-        with atomic_dir(unet_dir) as tmp:
-            unet.save_pretrained(tmp, safe_serialization=True)
+    unet_dir = save_pipeline_folder(config, unet) if config.save_merged_unet else None
     metrics["num_changed_weights"] = delta.num_changed()
+    if config.export_lora_rank:
+        metrics["lora"] = export_lora(config, unet)
     write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
     write_text(os.path.join(config.output_dir, "README.md"), model_card(config, spec, metrics))
+    if config.push_to_hub:
+        from ..hub import push_to_hub
+
+        metrics["hub_url"] = push_to_hub(config.output_dir, hub_repo_id(config), token=config.hub_token)
     return erasure_path, unet_dir
+
+
+# ------------------------------------------------------------------------------------ the output folder as a pipeline
+def _pipeline_names(config: EraseConfig, base_dir: Optional[str] = None) -> List[str]:
+    """What the pipeline part of the output folder consists of: ``unet`` (+ the base's other component folders and
+    ``model_index.json`` with ``--save_pipeline link|copy``)."""
+    if not config.save_merged_unet:
+        return []
+    if config.save_pipeline == "none":
+        return ["unet"]
+    names = ["unet", PIPELINE_INDEX]
+    if base_dir is not None:
+        names[1:1] = [k for k in _base_index(base_dir) if os.path.isdir(os.path.join(base_dir, k)) and k != "unet"]
+    return names
+
+
+def _check_pipeline_targets(config: EraseConfig, names: List[str]) -> None:
+    if config.overwrite_output_dir or config.resume_from_checkpoint:
+        return
+    clash = [n for n in names if os.path.lexists(os.path.join(config.output_dir, n))]
+    if clash:
+        raise FileExistsError(f"{config.output_dir} already holds {', '.join(clash)}; choose another --output_dir, "
+                              "or pass --overwrite_output_dir to replace them")
+
+
+def _base_index(base_dir: str) -> dict:
+    """The base's model_index.json, components whose folder is not available locally set to null."""
+    path = os.path.join(base_dir, PIPELINE_INDEX)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the base model folder {base_dir} has no {PIPELINE_INDEX}, so the output cannot be "
+                                "made a pipeline folder; pass --save_pipeline none")
+    with open(path) as f:
+        index = json.load(f)
+    for key, value in index.items():
+        if not key.startswith("_") and isinstance(value, list) and value and value[0] is not None \
+                and not os.path.isdir(os.path.join(base_dir, key)):
+            logger.info("the base's %s is not available locally (not loaded); the output pipeline has none", key)
+            index[key] = [None, None]
+    return index
+
+
+def _temp_dir(parent: str, name: str) -> str:
+    return tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+
+
+def _install_dir(tmp: str, dest: str) -> None:
+    """Rename a finished temp folder onto ``dest``; an existing ``dest`` is moved aside first, deleted after.
+    Its folders and files follow the umask (mkdtemp makes 0700 folders, safetensors 0600 files)."""
+    follow_umask(tmp)
+    aside = None
+    if os.path.lexists(dest):
+        aside = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(dest))
+        os.replace(dest, os.path.join(aside, "old"))
+    os.replace(tmp, dest)
+    if aside:
+        shutil.rmtree(aside)
+
+
+def _fill_component(src: str, dst: str, mode: str) -> None:
+    """Symlink (per file, to the resolved file: a cache blob for hub models) or copy a base component folder."""
+    for root, dirs, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        for d in dirs:
+            os.makedirs(os.path.join(dst, rel, d), exist_ok=True)
+        for f in files:
+            source, target = os.path.realpath(os.path.join(root, f)), os.path.normpath(os.path.join(dst, rel, f))
+            if mode == "link":
+                os.symlink(source, target)
+            else:
+                shutil.copyfile(source, target)
+
+
+def save_pipeline_folder(config: EraseConfig, unet) -> str:
+    """Write the merged ``unet/`` and, with ``--save_pipeline link|copy``, the base's other components and
+    ``model_index.json`` into the output folder. Every folder is built under a temp name and renamed into place;
+    ``model_index.json`` comes last, so a folder is never a half-written pipeline. Returns the ``unet/`` path."""
+    out = config.output_dir
+    base_dir = index = None
+    if config.save_pipeline != "none":
+        from ..hub import local_model_dir
+
+        base_dir = local_model_dir(base_model_id(config), config.revision)
+        index = _base_index(base_dir)
+    names = _pipeline_names(config, base_dir)
+    _check_pipeline_targets(config, names)
+    staged = []
+    try:
+        tmp = _temp_dir(out, "unet")
+        staged.append((tmp, "unet"))
+        unet.save_pretrained(tmp, safe_serialization=True)
+        for name in names:
+            if name not in ("unet", PIPELINE_INDEX):
+                tmp = _temp_dir(out, name)
+                staged.append((tmp, name))
+                _fill_component(os.path.join(base_dir, name), tmp, config.save_pipeline)
+        for tmp, name in staged:
+            _install_dir(tmp, os.path.join(out, name))
+    finally:
+        for tmp, _ in staged:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp)
+    if index is not None:
+        write_json(os.path.join(out, PIPELINE_INDEX), index)
+        logger.info("%s is a diffusers pipeline (components %s from %s)", out,
+                    "linked" if config.save_pipeline == "link" else "copied", base_dir)
+    return os.path.join(out, "unet")
+
+
+def export_lora(config: EraseConfig, unet) -> dict:
+    """Write ``pytorch_lora_weights.safetensors`` (rank ``--export_lora_rank``) beside the delta; return its stats."""
+    from diffusers import UNet2DConditionModel
+
+    from ..hub import resolve_base_model
+    from ..lora import delta_to_lora, save_lora
+
+    base = UNet2DConditionModel.from_pretrained(resolve_base_model(base_model_id(config)), subfolder="unet",
+                                                revision=config.revision, variant=config.variant)
+    state, stats = delta_to_lora(base, unet, config.export_lora_rank)
+    tmp = _temp_dir(config.output_dir, "lora")
+    try:
+        save_lora(state, tmp, weight_name=LORA_NAME)
+        follow_umask(tmp)
+        os.replace(os.path.join(tmp, LORA_NAME), os.path.join(config.output_dir, LORA_NAME))
+    finally:
+        shutil.rmtree(tmp)
+    logger.info("LoRA rank %d: %d layers, %.1f%% of the delta's energy", stats["rank"], stats["layers"],
+                100 * stats["energy_kept"])
+    return stats
+
+
+def hub_repo_id(config: EraseConfig) -> str:
+    return config.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(config.output_dir)))
 
 
 def erasure_metadata(config: EraseConfig, spec: ConceptSpec) -> dict:
     cfg = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "cache_dir", "resume_from_checkpoint",
-                                                                   "overwrite_output_dir", "logging_dir", "report_to")}
+                                                                   "overwrite_output_dir", "logging_dir", "report_to",
+                                                                   "threads")}
     cfg.update({"base_model": base_model_id(config), "concept": spec.name, "forget_prompt": spec.forget_prompt,
                 "pseudo_prompts": list(spec.pseudo_prompts), "retain_prompts": list(spec.retain_prompts),
                 "salun_diffusers_version": __version__})
@@ -190,22 +330,7 @@ were changed; every other weight is bit-identical to the base model.
 
 ## Use
 
-```python
-from diffusers import StableDiffusionPipeline
-from salun_diffusers import load_erasure
-
-pipe = StableDiffusionPipeline.from_pretrained("{base}")
-load_erasure(pipe, "path/to/this/folder")   # or the StableDiffusionErasedPipeline below
-```
-
-```python
-from salun_diffusers.pipelines import StableDiffusionErasedPipeline
-
-pipe = StableDiffusionErasedPipeline.from_pretrained("path/to/this/folder")
-```
-
-{"The erased U-Net is also saved in full: `UNet2DConditionModel.from_pretrained(folder, subfolder='unet')`." if config.save_merged_unet else ""}
-
+{_card_usage(config, base)}
 ## Training
 
 | setting | value |
@@ -220,10 +345,48 @@ pipe = StableDiffusionErasedPipeline.from_pretrained("path/to/this/folder")
 | wall time | {metrics.get('total_seconds', 0):.1f} s |
 
 Files: `{WEIGHTS_NAME}` (masked values + packed mask), `{CONFIG_NAME}`, `{MASK_NAME}`, `train_config.json`,
-`metrics.json`.
+`metrics.json`{", `unet/`" if config.save_merged_unet else ""}{", `model_index.json` and the base's other components ("
+ + {"link": "linked", "copy": "copied"}.get(config.save_pipeline, "") + ")" if config.save_merged_unet and config.save_pipeline != "none" else ""}{
+ f", `{LORA_NAME}` (rank {config.export_lora_rank}, {metrics['lora']['energy_kept']:.0%} of the delta's energy)"
+ if metrics.get("lora") else ""}.
 
 ## Limitations
 
 Erasure reduces, but does not guarantee the absence of, the concept; adversarial prompts can recover erased
 concepts. Audit the model (e.g. `salun-audit` with NudeNet over I2P) before relying on it.
 """
+
+
+def _card_usage(config: EraseConfig, base: str) -> str:
+    """The model card's "Use" section: the ways this folder loads."""
+    parts = []
+    if config.save_merged_unet and config.save_pipeline != "none":
+        parts.append("""This folder is a diffusers pipeline with the erased U-Net:
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")
+```
+""")
+    parts.append(f"""The erasure as a delta over the base model (`set_erasure_scale` / `unload_erasure` work on it):
+
+```python
+from diffusers import StableDiffusionPipeline
+from salun_diffusers import load_erasure
+
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+load_erasure(pipe, "path/to/this/folder")
+```
+
+```python
+from salun_diffusers.pipelines import StableDiffusionErasedPipeline
+
+pipe = StableDiffusionErasedPipeline.from_pretrained("path/to/this/folder")   # base read from the erasure
+```
+""")
+    if config.save_merged_unet:
+        parts.append("The erased U-Net alone: `UNet2DConditionModel.from_pretrained(folder, subfolder='unet')`.\n")
+    if config.export_lora_rank:
+        parts.append(f"As a LoRA (an SVD approximation): `pipe.load_lora_weights(folder, weight_name='{LORA_NAME}')`.\n")
+    return "\n".join(parts)

@@ -1,5 +1,11 @@
 """Erasure phase 2, saliency: the gradient of the forget diffusion loss over every U-Net weight, then a top-k mask
-(computed, or reused from ``mask.safetensors`` / ``--mask_path``)."""
+(computed, or reused from ``mask.safetensors`` / ``--mask_path``).
+
+The loss is the official SalUn one by default (``--saliency_loss guided``; OPTML-Group/Unlearn-Saliency@a6e89fd,
+SD/train-scripts/generate_mask.py:57-62): ``MSE(noise, (1+w) eps(x_t, c) - w eps(x_t, ""))`` with w = 7.5, the
+classifier-free-guided prediction the sampler actually uses, gradients through both branches.
+``--saliency_loss conditional`` takes the plain ``MSE(noise, eps(x_t, c))``.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,43 @@ import contextlib
 import logging
 import os
 
+import torch
+import torch.nn.functional as F
+
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..delta import MASK_NAME, model_fingerprint
+from ..families import cat_conds, unet_kwargs
 from ..masking import load_mask, mask_from_saliency, save_mask
-from ..objectives import diffusion_loss
+from ..objectives import diffusion_loss, diffusion_target, sample_noise_and_timesteps
 from ..saliency import compute_saliency
 from .data import ConceptData, base_model_id
 
 logger = logging.getLogger(__name__)
 
 
+UNCOND_PROMPT = ""
+
+
+def guided_diffusion_loss(unet, scheduler, latents, embeds, uncond_embeds, guidance_scale: float,
+                          generator) -> torch.Tensor:
+    """``MSE(target, (1 + w) * eps(x_t, c) - w * eps(x_t, ""))``: the official SalUn saliency loss (one batched
+    U-Net call for both branches; the gradient flows through both, as in the official code)."""
+    noise, t = sample_noise_and_timesteps(latents, scheduler, generator)
+    noisy = scheduler.add_noise(latents, noise, t)
+    out = unet(torch.cat([noisy, noisy]), torch.cat([t, t]), **unet_kwargs(cat_conds([embeds, uncond_embeds]))).sample
+    cond, uncond = out.chunk(2)
+    pred = (1 + guidance_scale) * cond.float() - guidance_scale * uncond.float()
+    return F.mse_loss(pred, diffusion_target(scheduler, latents, noise, t).float())
+
+
 def saliency_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig, accelerator=None):
-    """Global (or per-layer) top-k mask of |grad| of the forget diffusion loss."""
+    """Global (or per-layer) top-k mask of |grad| of the forget loss (``config.saliency_loss``), one pass over the
+    forget set."""
     cond = data.embeds[spec.forget_prompt]
+    guided = config.saliency_loss == "guided"
+    if guided and UNCOND_PROMPT not in data.embeds:
+        raise ValueError("the guided saliency loss needs the empty prompt's embedding (prepare_data adds it)")
     n = data.forget_latents.shape[0]
     bs = config.saliency_batch_size
     batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
@@ -28,8 +57,13 @@ def saliency_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config:
 
     def loss_fn(model, idx, generator):
         latents = data.forget_latents[idx]
+        c = cond.expand(len(idx))
         with autocast():
-            return diffusion_loss(model, scheduler, latents, cond.expand(len(idx), -1, -1), generator)
+            if guided:
+                uncond = data.embeds[UNCOND_PROMPT].expand(len(idx))
+                return guided_diffusion_loss(model, scheduler, latents, c, uncond, config.saliency_guidance_scale,
+                                             generator)
+            return diffusion_loss(model, scheduler, latents, c, generator)
 
     saliency = compute_saliency(unet, batches, loss_fn, seed=config.seed, accelerator=accelerator)
     return mask_from_saliency(saliency, config.mask_ratio, config.mask_scope)
@@ -51,5 +85,7 @@ def compute_or_load_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, 
     if accelerator.is_main_process:
         save_mask(mask, mask_file, {"fingerprint": model_fingerprint(unet), "ratio": config.mask_ratio,
                                     "scope": config.mask_scope, "concept": spec.name,
+                                    "saliency_loss": config.saliency_loss,
+                                    "saliency_guidance_scale": config.saliency_guidance_scale,
                                     "base_model": base_model_id(config)})
     return mask, mask_file

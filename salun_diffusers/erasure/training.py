@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
+from ..families import PromptCond
 from ..masking import MaskedUpdate
 from ..objectives import salun_loss
 from .checkpoints import save_checkpoint
@@ -84,8 +85,11 @@ class TrainResult:
 
 
 def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig, mask: Mapping[str, torch.Tensor],
-          accelerator, resume_path: Optional[str] = None) -> TrainResult:
-    """Run ``config.max_train_steps`` SalUn steps on the masked weights of ``unet`` (resuming from ``resume_path``)."""
+          accelerator, resume_path: Optional[str] = None,
+          on_step: Optional[Callable[[int], None]] = None, adversary=None) -> TrainResult:
+    """Run ``config.max_train_steps`` SalUn steps on the masked weights of ``unet`` (resuming from ``resume_path``);
+    ``on_step(step)`` runs after each optimizer step (e.g. validation images). ``adversary`` (``--adversarial``,
+    :mod:`.adversarial`) adds the forget objective on adversarial conditionings."""
     from diffusers.optimization import get_scheduler
 
     device = accelerator.device
@@ -96,6 +100,8 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                                  num_training_steps=config.max_train_steps * accelerator.num_processes)
     unet_prepared, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     global_step = 0
+    if adversary is not None:
+        accelerator.register_for_checkpointing(adversary)  # its bank of adversarial conditionings
     if resume_path:
         logger.info("resuming from %s", resume_path)
         accelerator.load_state(resume_path)
@@ -105,8 +111,8 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                                                          if isinstance(v, (int, float, str, bool))})
 
     forget_cond = data.embeds[spec.forget_prompt]
-    pseudo = torch.stack([data.embeds[p] for p in spec.pseudo_prompts])
-    retain_table = torch.stack(list(data.embeds.values()))
+    pseudo = PromptCond.stack([data.embeds[p] for p in spec.pseudo_prompts])
+    retain_table = PromptCond.stack(list(data.embeds.values()))
     bs = config.train_batch_size
     bar = tqdm(range(config.max_train_steps), initial=global_step, desc="erase",
                disable=not accelerator.is_local_main_process)
@@ -116,16 +122,19 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
         for micro in range(config.gradient_accumulation_steps):
             idx_gen, noise_gen = _step_generators(config.seed, global_step, micro, accelerator.process_index, device)
             f_idx = torch.randint(0, data.forget_latents.shape[0], (bs,), generator=idx_gen)
-            p_idx = torch.randint(0, pseudo.shape[0], (bs,), generator=idx_gen)
+            p_idx = torch.randint(0, len(pseudo), (bs,), generator=idx_gen)
             r_lat = r_emb = None
             if data.retain_latents is not None:
                 r_idx = torch.randint(0, data.retain_latents.shape[0], (bs,), generator=idx_gen)
                 r_lat = data.retain_latents[r_idx]
                 r_emb = retain_table[data.retain_prompt_ids[r_idx]]
+            adv_emb = None if adversary is None else adversary.embeds(
+                accelerator.unwrap_model(unet_prepared), global_step, f_idx, data.forget_latents[f_idx],
+                seed=idx_gen.initial_seed() + 2)
             with accelerator.accumulate(unet_prepared), accelerator.autocast():
                 loss, forget_term, retain_term = salun_loss(
-                    unet_prepared, scheduler, data.forget_latents[f_idx], forget_cond.expand(bs, -1, -1),
-                    pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen)
+                    unet_prepared, scheduler, data.forget_latents[f_idx], forget_cond.expand(bs),
+                    pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight)
                 check_finite(loss, "loss", global_step + 1, config)
                 accelerator.backward(loss)
                 guard.mask_gradients()
@@ -141,6 +150,8 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                 "lr": lr_scheduler.get_last_lr()[0]}
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
         accelerator.log(logs, step=global_step)
+        if on_step is not None:
+            on_step(global_step)
         if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 \
                 and global_step < config.max_train_steps:
             check_finite_weights(unet, global_step, config)  # a checkpoint is never saved from a non-finite state

@@ -13,7 +13,6 @@ POINT (at training step / checkpoint STEP):
 The process really dies by SIGKILL (no Python cleanup, no ``finally``), as with ``kill -9``.
 """
 
-import contextlib
 import os
 import signal
 import sys
@@ -78,14 +77,9 @@ def main():
             return out
         training.salun_loss = killing_loss
     if point == "outputs":
-        atomic_dir = outputs.atomic_dir
-
-        @contextlib.contextmanager
-        def killing_atomic_dir(path):
-            with atomic_dir(path) as tmp:
-                yield tmp
-                die()
-        outputs.atomic_dir = killing_atomic_dir
+        def killing_install_dir(tmp, dest):
+            die()  # the merged unet/ is complete in its temporary folder, not yet renamed into place
+        outputs._install_dir = killing_install_dir
     sys.exit(train_erase.main(argv))
 
 

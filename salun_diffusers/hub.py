@@ -1,0 +1,53 @@
+"""Where models are: the bundled digit model's id, base-model resolution to a local folder, and pushing an output
+folder to the Hugging Face Hub. Low in the library (no diffusers pipeline imports), so every layer may use it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_DIGIT_MODEL = "salun-diffusers/digit-sd"
+# What an output folder never uploads: the generated-data cache, training checkpoints, tracker logs, temp files.
+HUB_IGNORE_PATTERNS = ["data/**", "checkpoint-*/**", "logs/**", "validation/**", ".tmp-*", "**/.tmp-*", ".old-*"]
+
+
+def resolve_base_model(name_or_path: str) -> str:
+    """Map the bundled digit model's id to its folder inside the package; anything else is returned as is."""
+    if name_or_path == BUNDLED_DIGIT_MODEL:
+        from .digits import DIGIT_PIPELINE_DIR
+
+        return DIGIT_PIPELINE_DIR
+    return name_or_path
+
+
+def local_model_dir(name_or_path: str, revision: Optional[str] = None) -> str:
+    """The local folder holding a base model's files: the folder itself, the bundled model's folder, or a hub id's
+    snapshot in the Hugging Face cache (never downloaded here: the base was loaded, so its files are cached)."""
+    path = resolve_base_model(name_or_path)
+    if os.path.isdir(path):
+        return os.path.abspath(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, revision=revision, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001  (huggingface_hub raises several kinds for "not cached")
+        raise FileNotFoundError(f"no local copy of the base model {name_or_path!r} in the Hugging Face cache "
+                                f"({type(exc).__name__}); pass --save_pipeline none, or a local folder as "
+                                "--pretrained_model_name_or_path") from None
+
+
+def push_to_hub(folder: str, repo_id: str, token: Optional[str] = None, private: Optional[bool] = None,
+                commit_message: str = "SalUn erasure (salun-diffusers)") -> str:
+    """Create ``repo_id`` (if needed) and upload ``folder`` without its data cache, checkpoints and logs (symlinked
+    pipeline components are uploaded as the files they point to). Returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message,
+                      ignore_patterns=HUB_IGNORE_PATTERNS)
+    logger.info("pushed %s to %s", folder, url)
+    return str(url)

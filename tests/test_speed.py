@@ -1,0 +1,115 @@
+"""Speed and memory features (issue 12): the thread policy, the user cache (generated data shared across output
+folders, the base model's digit verdict), memory-lean masked training. Timings live in benchmarks/bench_speed.py."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from salun_diffusers import utils
+from salun_diffusers.erase import erase
+
+
+@pytest.fixture
+def fresh_threads(monkeypatch):
+    monkeypatch.setitem(utils._threads_state, "requested", None)
+    monkeypatch.setitem(utils._threads_state, "logged", None)
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_thread_policy_small_model_one_thread_flag_and_env_win(fresh_threads, monkeypatch, caplog):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(utils, "available_cores", lambda: 4)
+    torch.set_num_threads(3)
+    with caplog.at_level("INFO", logger="salun_diffusers.utils"):
+        assert utils.configure_threads(1_000_000) == 1 == torch.get_num_threads()  # the digit U-Net's size
+        assert utils.configure_threads(860_000_000) == 4 == torch.get_num_threads()  # SD1.4's size: every core
+        utils.configure_threads(860_000_000)
+    assert sum("torch threads" in r.message for r in caplog.records) == 2  # logged once per decision
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    torch.set_num_threads(2)  # what torch does at start-up with OMP_NUM_THREADS=2
+    assert utils.configure_threads(1_000_000) == 2  # the user's OMP_NUM_THREADS wins over the policy
+    assert utils.configure_threads(1_000_000, threads=3) == 3 == torch.get_num_threads()  # --threads wins over both
+    assert utils.configure_threads(860_000_000) == 3  # and is remembered by later calls
+    with pytest.raises(ValueError, match="--threads"):
+        utils.configure_threads(1, threads=0)
+
+
+def test_available_cores_follows_the_affinity_mask():
+    assert utils.available_cores() == len(os.sched_getaffinity(0))
+
+
+def test_generated_data_is_shared_across_output_dirs(erase_config, tmp_path, monkeypatch):
+    cache = tmp_path / "user-cache"
+    monkeypatch.setenv("SALUN_DIFFUSERS_CACHE", str(cache))
+    erase(erase_config(output_dir=str(tmp_path / "a"), cache_dir=None, save_mask_only=True))
+    files = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(cache) for f in fs}
+    assert sum(p.endswith(".png") for p in files) == 8 and all(p.startswith(str(cache / "data")) for p in files)
+    erase(erase_config(output_dir=str(tmp_path / "b"), cache_dir=None, save_mask_only=True))
+    after = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(cache) for f in fs}
+    assert after == files  # the second run into another folder drew nothing
+    assert not os.path.exists(tmp_path / "b" / "data")
+
+
+def test_data_cache_key_changes_with_the_model_files(tmp_path):
+    from salun_diffusers.erasure.data import generation_dir, model_signature
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "w.bin").write_bytes(b"1234")
+    key = lambda: generation_dir("c", str(model), None, "p", 2, 7.5, 32, ["no", model_signature(str(model))])  # noqa
+    first = key()
+    assert key() == first
+    (model / "w.bin").write_bytes(b"123456")  # the weights were rewritten in place
+    assert key() != first
+    assert generation_dir("c", "m", None, "p", 2, 7.5, 32, ["bf16"]) != generation_dir("c", "m", None, "p", 2, 7.5,
+                                                                                      32, ["no"])
+
+
+def test_base_verdict_is_cached_keyed_and_a_corrupt_entry_is_rewritten(tmp_path, monkeypatch):
+    from salun_diffusers import reporting
+    from salun_diffusers.digits import DigitJudge, load_digit_pipeline
+
+    pipe, judge = load_digit_pipeline(), DigitJudge.from_pretrained()
+    cache = str(tmp_path / "verdicts")
+    first = reporting.base_digit_scores(pipe, judge, 7, n_per_digit=2, cache_dir=cache)
+    (entry,) = os.listdir(cache)
+    path = os.path.join(cache, entry)
+
+    def no_judging(*a, **k):
+        raise AssertionError("the cached base verdict should have been used")
+
+    real = reporting.digit_scores
+    monkeypatch.setattr(reporting, "digit_scores", no_judging)
+    again = reporting.base_digit_scores(pipe, judge, 3, n_per_digit=2, cache_dir=cache)  # any digit: one entry
+    assert again["per_digit_accuracy"] == first["per_digit_accuracy"]
+    assert again["unlearning_accuracy"] == 1 - first["per_digit_accuracy"][3]
+    for corrupt in ("{not json", json.dumps({"key": "other", "scores": first}),
+                    json.dumps({"key": json.load(open(path))["key"], "scores": {"per_digit_accuracy": {"0": 2.0}}})):
+        with open(path, "w") as f:
+            f.write(corrupt)
+        with pytest.raises(AssertionError, match="cached base verdict"):  # not trusted: judged again
+            reporting.base_digit_scores(pipe, judge, 7, n_per_digit=2, cache_dir=cache)
+    monkeypatch.setattr(reporting, "digit_scores", real)
+    rewritten = reporting.base_digit_scores(pipe, judge, 7, n_per_digit=2, cache_dir=cache)
+    assert rewritten["per_digit_accuracy"] == first["per_digit_accuracy"]
+    assert json.load(open(path))["scores"]["n_per_digit"] == 2  # the corrupt entry was rewritten
+    with torch.no_grad():  # other weights -> another key (judged again, a second entry)
+        next(pipe.unet.parameters()).add_(1e-3)
+    reporting.base_digit_scores(pipe, judge, 7, n_per_digit=2, cache_dir=cache)
+    assert len(os.listdir(cache)) == 2
+
+
+def test_bundled_base_verdict_matches_its_key():
+    """The shipped base-model scores are found for the bundled model (so a first run judges only the erased model)."""
+    from salun_diffusers import reporting
+    from salun_diffusers.digits import ASSETS_DIR, DigitJudge, load_digit_pipeline
+
+    with open(os.path.join(ASSETS_DIR, reporting.BASE_VERDICTS_ASSET)) as f:
+        entry = json.load(f)
+    key = reporting._verdict_key(load_digit_pipeline(), DigitJudge.from_pretrained(), 50, reporting.EVAL_SEED)
+    scores = reporting._valid_scores(entry, key, 50)
+    assert scores is not None and scores["retained_accuracy"] >= 0.95
