@@ -81,7 +81,7 @@ def _run(config: EraseConfig) -> int:
         from salun_diffusers.utils import write_json
 
         verdict = digit_verdict(load_pipeline(config), result.pipeline, spec.target_class, config.verdict_images)
-        result.metrics["verdict"] = verdict["line"]
+        result.metrics.update({"verdict": verdict["line"], "verdict_seconds": verdict["seconds"]})
         write_json(os.path.join(config.output_dir, "verdict.json"), verdict)
     print(summarize(config, result))
     return 0

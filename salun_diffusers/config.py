@@ -43,6 +43,8 @@ class EraseConfig(JsonConfigMixin):
     num_retain_images: Optional[int] = _f(None, "Retain images to generate (spread over the retain prompts).")
     data_num_inference_steps: Optional[int] = _f(None, "Sampling steps when generating forget/retain data (50).")
     data_guidance_scale: Optional[float] = _f(None, "Guidance scale when generating forget/retain data (7.5).")
+    data_batch_size: Optional[int] = _f(None, "Images per pipeline call when generating data (default: 64 for a small "
+                                              "model such as the digit U-Net, else --train_batch_size).")
     resolution: Optional[int] = _f(None, "Image size for data (default: the pipeline's native size).")
     cache_dir: Optional[str] = _f(None, "Where generated data images are cached (default: the user cache, "
                                         "$SALUN_DIFFUSERS_CACHE or $XDG_CACHE_HOME/salun_diffusers or "
@@ -185,7 +187,7 @@ RANGES = {
     "saliency_guidance_scale": (0.0, None), "export_lora_rank": (0, None), "validation_steps": (0, None),
     **{name: (1, None) for name in ("num_forget_images", "max_train_steps", "train_batch_size", "num_train_epochs",
                                     "gradient_accumulation_steps", "saliency_batch_size", "data_num_inference_steps",
-                                    "threads", "num_validation_images")},
+                                    "threads", "num_validation_images", "data_batch_size")},
 }
 _STRICT_LOWER = {"learning_rate", "adam_epsilon", "mask_ratio"}  # must be > the bound, not >=
 _OPEN_UPPER = {"adam_beta1", "adam_beta2", "seed"}  # must be < the bound

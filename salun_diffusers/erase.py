@@ -31,7 +31,7 @@ from .erasure.outputs import check_before_compute, check_output_dir, output_lock
 from .erasure.saliency import compute_or_load_mask
 from .erasure.training import train, training_scheduler
 from .erasure.validation import validation_hook
-from .families import SD, check_fits, text_encoders
+from .families import SD, SDXL, check_fits, pipeline_class_name, text_encoders
 from .masking import mask_density
 from .utils import DTYPES, configure_threads
 
@@ -90,9 +90,9 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     check_fits(pipe, spec.pipeline_classes, f"concept {spec.name!r}")
     if config.adversarial:  # its attacks optimise one text encoder's hidden states, without SDXL's added conditioning
         check_fits(pipe, [SD], "--adversarial", "drop --adversarial for an SDXL base")
-    # SDXL's VAE overflows in fp16 (its config says force_upcast): it stays float32 then
-    vae_dtype = torch.float32 if getattr(pipe.vae.config, "force_upcast", False) and weight_dtype == torch.float16 \
-        else weight_dtype
+    # SDXL's VAE overflows in fp16 (its config says force_upcast; the SDXL pipeline upcasts it too): float32 then
+    upcast = pipeline_class_name(pipe) == SDXL and getattr(pipe.vae.config, "force_upcast", False)
+    vae_dtype = torch.float32 if upcast and weight_dtype == torch.float16 else weight_dtype
     frozen = [(pipe.vae, vae_dtype)] + [(m, weight_dtype) for m in text_encoders(pipe)]
     for module, dtype in frozen + [(pipe.unet, torch.float32)]:
         if module.dtype != dtype:
@@ -117,7 +117,8 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     t_saliency = time.perf_counter()
     density = mask_density(mask)
     logger.info("mask: %.4f of %d U-Net weights selected", density, sum(m.numel() for m in mask.values()))
-    metrics = {"mask_density": density, "data_seconds": t_data - t0, "saliency_seconds": t_saliency - t_data}
+    metrics = {"pipeline_class": pipeline_class_name(pipe), "mask_density": density, "data_seconds": t_data - t0,
+               "saliency_seconds": t_saliency - t_data}
     if config.save_mask_only:
         return EraseResult(config.output_dir, None, mask_file, None, metrics, unet, pipe)
     # fingerprint of the base values the erasure applies to (taken before training): loaders refuse another base
