@@ -383,8 +383,15 @@ def _killed(point, step, argv, timeout=600):
     return proc
 
 
-def _reference_erasure(erase_config, tmp_path, **kw):
-    return erase(erase_config(output_dir=str(tmp_path / "reference"), **kw)).erasure_path
+def _kill_run_setup(erase_config, dummy_pipeline_dir, data_cache, tmp_path, steps):
+    """An uninterrupted in-process run's erasure, and the output folder and flags of the same run for subprocesses
+    (a checkpoint every step, at most 2 kept)."""
+    expected = erase(erase_config(output_dir=str(tmp_path / "reference"), max_train_steps=steps, checkpointing_steps=1,
+                                  checkpoints_total_limit=2)).erasure_path
+    out = tmp_path / "run"
+    argv = _tiny_argv(dummy_pipeline_dir, data_cache, out, "--max_train_steps", str(steps), "--checkpointing_steps",
+                      "1", "--checkpoints_total_limit", "2")
+    return expected, out, argv
 
 
 def _assert_same_erasure(path, expected_path):
@@ -413,11 +420,7 @@ def _assert_same_erasure(path, expected_path):
 
 def test_kill_9_while_writing_a_checkpoint_then_resume_is_bit_identical(
         erase_config, dummy_pipeline_dir, data_cache, tmp_path):
-    kw = dict(max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2)
-    expected = _reference_erasure(erase_config, tmp_path, **kw)
-    out = tmp_path / "run"
-    argv = _tiny_argv(dummy_pipeline_dir, data_cache, out, "--max_train_steps", "4", "--checkpointing_steps", "1",
-                      "--checkpoints_total_limit", "2")
+    expected, out, argv = _kill_run_setup(erase_config, dummy_pipeline_dir, data_cache, tmp_path, steps=4)
     killed = _killed("checkpoint-write", 3, argv)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert os.path.isdir(out / ".tmp-checkpoint-3") and not os.path.exists(out / "checkpoint-3")
@@ -430,11 +433,7 @@ def test_kill_9_while_writing_a_checkpoint_then_resume_is_bit_identical(
 @pytest.mark.slow
 def test_kill_9_at_every_point_of_a_run_then_resume_is_bit_identical(
         erase_config, dummy_pipeline_dir, data_cache, tmp_path):
-    kw = dict(max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2)
-    expected = _reference_erasure(erase_config, tmp_path, **kw)
-    out = tmp_path / "run"
-    argv = _tiny_argv(dummy_pipeline_dir, data_cache, out, "--max_train_steps", "5", "--checkpointing_steps", "1",
-                      "--checkpoints_total_limit", "2")
+    expected, out, argv = _kill_run_setup(erase_config, dummy_pipeline_dir, data_cache, tmp_path, steps=5)
     resume = ["--resume_from_checkpoint", "latest"]
     chain = [("checkpoint-write", 2, []),   # dies writing checkpoint-2          -> latest complete: 1
              ("step", 2, resume),           # dies inside step 3 (2nd step here) -> 2
