@@ -33,7 +33,7 @@ from .erasure.training import train, training_scheduler
 from .erasure.validation import validation_hook
 from .families import SD, check_fits, text_encoders
 from .masking import mask_density
-from .utils import DTYPES, configure_threads
+from .utils import DTYPES, cast_module, configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     frozen = [(pipe.vae, vae_dtype)] + [(m, weight_dtype) for m in text_encoders(pipe)]
     for module, dtype in frozen + [(pipe.unet, torch.float32)]:
         if module.dtype != dtype:
-            module.to(dtype=dtype)
+            cast_module(module, dtype)
     for module, _ in frozen:
         module.requires_grad_(False)
     unet = pipe.unet
