@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         from salun_diffusers.utils import write_json
 
         verdict = digit_verdict(load_pipeline(config), result.pipeline, spec.target_class, config.verdict_images)
-        result.metrics["verdict"] = verdict["line"]
+        result.metrics.update({"verdict": verdict["line"], "verdict_seconds": verdict["seconds"]})
         write_json(os.path.join(config.output_dir, "verdict.json"), verdict)
     print(summarize(config, result))
     return 0

@@ -42,6 +42,8 @@ class EraseConfig(JsonConfigMixin):
     num_retain_images: Optional[int] = _f(None, "Retain images to generate (spread over the retain prompts).")
     data_num_inference_steps: Optional[int] = _f(None, "Sampling steps when generating forget/retain data (50).")
     data_guidance_scale: Optional[float] = _f(None, "Guidance scale when generating forget/retain data (7.5).")
+    data_batch_size: Optional[int] = _f(None, "Images per pipeline call when generating data (default: 64 for a small "
+                                              "model such as the digit U-Net, else --train_batch_size).")
     resolution: Optional[int] = _f(None, "Image size for data (default: the pipeline's native size).")
     cache_dir: Optional[str] = _f(None, "Where generated data images are cached (default: the user cache, "
                                         "$SALUN_DIFFUSERS_CACHE or $XDG_CACHE_HOME/salun_diffusers or "
@@ -145,6 +147,8 @@ class EraseConfig(JsonConfigMixin):
                              "model only knows digits: --concept zero..nine)")
         if not 0.0 < self.mask_ratio <= 1.0:
             raise ValueError(f"--mask_ratio must be in (0, 1], got {self.mask_ratio}")
+        if self.data_batch_size is not None and self.data_batch_size < 1:
+            raise ValueError(f"--data_batch_size must be >= 1, got {self.data_batch_size}")
         if self.num_train_epochs is not None and self.num_train_epochs < 1:
             raise ValueError(f"--num_train_epochs must be >= 1, got {self.num_train_epochs}")
         for name in ("num_forget_images", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",

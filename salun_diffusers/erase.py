@@ -31,7 +31,7 @@ from .erasure.outputs import check_output_dir, write_outputs
 from .erasure.saliency import compute_or_load_mask
 from .erasure.training import train, training_scheduler
 from .erasure.validation import validation_hook
-from .families import SD, check_fits, text_encoders
+from .families import SD, check_fits, pipeline_class_name, text_encoders
 from .masking import mask_density
 from .utils import DTYPES, cast_module, configure_threads
 
@@ -103,7 +103,8 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     t_saliency = time.perf_counter()
     density = mask_density(mask)
     logger.info("mask: %.4f of %d U-Net weights selected", density, sum(m.numel() for m in mask.values()))
-    metrics = {"mask_density": density, "data_seconds": t_data - t0, "saliency_seconds": t_saliency - t_data}
+    metrics = {"pipeline_class": pipeline_class_name(pipe), "mask_density": density, "data_seconds": t_data - t0,
+               "saliency_seconds": t_saliency - t_data}
     if config.save_mask_only:
         return EraseResult(config.output_dir, None, mask_file, None, metrics, unet, pipe)
     # fingerprint of the base values the erasure applies to (taken before training): loaders refuse another base

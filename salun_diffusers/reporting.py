@@ -17,7 +17,8 @@ def summarize(config, result) -> str:
              f"  mask: {m['mask_density']:.1%} of U-Net weights",
              f"  time: data {m['data_seconds']:.1f}s, saliency {m['saliency_seconds']:.1f}s"
              + (f", training {m['train_seconds']:.1f}s ({m['seconds_per_step']:.3f}s/step)" if "train_seconds" in m
-                else "")]
+                else "")
+             + (f", verdict {m['verdict_seconds']:.1f}s" if "verdict_seconds" in m else "")]
     if result.erasure_path:
         lines.append(f"  erasure: {result.erasure_path} ({m.get('num_changed_weights', 0):,} weights)")
     if result.unet_dir:
@@ -107,8 +108,11 @@ def base_digit_scores(base_pipe, judge, digit: int, n_per_digit: int = 50, seed:
 
 def digit_verdict(base_pipe, erased_pipe, digit: int, n_per_digit: int = 50, cache_dir: Optional[str] = None) -> dict:
     """Before/after judge scores of a digit erasure, with a one-line verdict (the base model's scores cached)."""
+    import time
+
     from .digits import DigitJudge
 
+    start = time.perf_counter()
     judge = DigitJudge.from_pretrained()
     before = base_digit_scores(base_pipe, judge, digit, n_per_digit, cache_dir=cache_dir)
     after = digit_scores(erased_pipe, judge, digit, n_per_digit)
@@ -116,4 +120,5 @@ def digit_verdict(base_pipe, erased_pipe, digit: int, n_per_digit: int = 50, cac
     line = (f"UA {after['unlearning_accuracy']:.1%} (before {before['unlearning_accuracy']:.1%}); retained accuracy "
             f"{after['retained_accuracy']:.1%} (before {before['retained_accuracy']:.1%}, drop {drop * 100:+.1f} "
             f"points); judged on {n_per_digit} images per digit")
-    return {"before": before, "after": after, "retained_drop": drop, "line": line}
+    return {"before": before, "after": after, "retained_drop": drop, "line": line,
+            "seconds": time.perf_counter() - start}

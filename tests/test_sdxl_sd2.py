@@ -37,7 +37,7 @@ def erased(request, pipeline_dirs, tmp_path_factory):
     config = EraseConfig(pretrained_model_name_or_path=pipeline_dirs[family], concept="nudity",
                          output_dir=str(tmp_path_factory.mktemp(family) / "out"), num_forget_images=4,
                          num_retain_images=4, data_num_inference_steps=2, max_train_steps=3, train_batch_size=2,
-                         learning_rate=1e-2, adam_weight_decay=0.1, mask_ratio=0.3)
+                         learning_rate=1e-2, adam_weight_decay=0.1, mask_ratio=0.3, export_lora_rank=4)
     return family, config, erase(config)
 
 
@@ -157,6 +157,32 @@ def test_delta_round_trips_and_the_erased_pipeline_generates(erased):
     wrong = ERASED["sdxl" if family == "sd2" else "sd2"]
     with pytest.raises(ValueError, match=ERASED[family].__name__):
         wrong.from_pretrained(config.pretrained_model_name_or_path, erasure=config.output_dir)
+
+
+def test_card_audit_loader_and_lora_fit_the_family(erased, tmp_path):
+    from salun_diffusers.evaluation.cli import AuditConfig, load_pipeline
+
+    family, config, result = erased
+    card = open(os.path.join(config.output_dir, "README.md")).read()
+    assert f"{PIPELINE[family].__name__}.from_pretrained" in card and ERASED[family].__name__ in card
+    assert result.metrics["pipeline_class"] == PIPELINE[family].__name__
+
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text(f"prompt,evaluation_seed\n{PROMPT},1\n")
+    audited = load_pipeline(AuditConfig(output_dir=str(tmp_path / "audit"), erasure=config.output_dir, judge="none",
+                                        pretrained_model_name_or_path=config.pretrained_model_name_or_path,
+                                        prompts=str(prompts)))
+    assert type(audited) is PIPELINE[family]
+    assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(audited.unet.parameters(), result.unet.parameters()))
+
+    pipe = load_base_pipeline(config.pretrained_model_name_or_path)
+    cond = encode_prompts(pipe, [PROMPT], size=16)[PROMPT].expand(1)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out_base = pipe.unet(x, 10, **unet_kwargs(cond)).sample
+        pipe.load_lora_weights(config.output_dir, weight_name="pytorch_lora_weights.safetensors")
+        out_lora = pipe.unet(x, 10, **unet_kwargs(cond)).sample
+    assert result.metrics["lora"]["layers"] > 0 and not torch.equal(out_lora, out_base)
 
 
 def test_presets_name_the_pipeline_classes_they_fit(pipeline_dirs, tmp_path):

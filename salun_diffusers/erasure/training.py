@@ -1,6 +1,7 @@
 """Erasure phase 3, masked fine-tuning: ``MSE(eps(x_t|c), eps(x_t|c').detach()) + alpha * retain MSE`` on the masked
 weights only, under accelerate (mixed precision, accumulation, trackers, checkpoint-N, resume). After every optimizer
-step the weights outside the mask are restored to the base values (bit-identical)."""
+step the masked values are written into the weights; the weights outside the mask are never written (bit-identical to
+the base), and the optimizer state covers the masked values only."""
 
 from __future__ import annotations
 
@@ -37,8 +38,16 @@ def _step_generators(seed: int, step: int, micro: int, rank: int, device):
 
 
 def make_optimizer(params, config: EraseConfig) -> torch.optim.Optimizer:
-    """The optimizer over the masked weights."""
-    return torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+    """The optimizer over the masked weights (8-bit AdamW from bitsandbytes with ``--use_8bit_adam``)."""
+    optim = torch.optim.AdamW
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes "
+                             "(or salun-diffusers[8bit]), or drop --use_8bit_adam") from None
+        optim = bnb.optim.AdamW8bit
+    return optim(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                              weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
 
 
@@ -57,7 +66,9 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     from diffusers.optimization import get_scheduler
 
     device = accelerator.device
-    guard = MaskedUpdate(unet, mask)
+    # one process: gradients gathered into the masked values during backward (one full-size gradient at a time);
+    # under DDP the full gradients are reduced first, then gathered
+    guard = MaskedUpdate(unet, mask, hooks=accelerator.num_processes == 1)
     optimizer = make_optimizer(guard.trainable_parameters(), config)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
@@ -69,6 +80,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     if resume_path:
         logger.info("resuming from %s", resume_path)
         accelerator.load_state(resume_path)
+        guard.reload()  # the masked values the optimizer trains, from the loaded weights
         global_step = int(os.path.basename(resume_path.rstrip("/")).split("-")[1])
     if accelerator.is_main_process and config.report_to:
         accelerator.init_trackers("salun-erase", config={k: v for k, v in config.to_dict().items()
@@ -119,5 +131,6 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                 and global_step < config.max_train_steps:
             save_checkpoint(accelerator, config, global_step)
     bar.close()
+    guard.remove_hooks()
     accelerator.wait_for_everyone()
     return TrainResult(accelerator.unwrap_model(unet_prepared), logs)

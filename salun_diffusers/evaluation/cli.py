@@ -189,10 +189,10 @@ def _diff(old: dict, new: dict) -> List[str]:
 
 
 def load_pipeline(config: AuditConfig, device="cpu"):
-    """The pipeline to audit: base model, with ``--erasure`` applied (or an erased model's full folder)."""
-    from diffusers import StableDiffusionPipeline
-
+    """The pipeline to audit (SD 1.x/2.x or SDXL): base model, with ``--erasure`` applied (or an erased model's full
+    folder)."""
     from ..delta import WEIGHTS_NAME
+    from ..families import load_base_pipeline
     from ..hub import resolve_base_model
 
     source, erasure = resolve_base_model(config.pretrained_model_name_or_path), config.erasure
@@ -202,8 +202,7 @@ def load_pipeline(config: AuditConfig, device="cpu"):
     dtype = resolve_dtype(config.mixed_precision)
     with warnings.catch_warnings():  # newer diffusers rename torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = load_base_pipeline(source, torch_dtype=dtype)
     if erasure:
         from ..loaders import load_erasure  # imported here: only erased-model audits need it
 
