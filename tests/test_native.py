@@ -265,8 +265,11 @@ def test_no_unactionable_warnings_at_import_or_when_casting(erase_config, tmp_pa
         pytest.skip("this transformers/torchvision install prints no fallback notice")
     assert "requires torchvision" not in ours.stderr and "another warning" in ours.stderr
 
+    from accelerate.state import AcceleratorState
+
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_warning()
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is per process; bf16 needs a new one
     try:
         capfd.readouterr()
         load_digit_pipeline(torch_dtype=torch.bfloat16)
@@ -274,4 +277,5 @@ def test_no_unactionable_warnings_at_import_or_when_casting(erase_config, tmp_pa
         err = capfd.readouterr().err
     finally:
         diffusers_logging.set_verbosity(level)
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert "should be kept in float32" not in err
