@@ -31,7 +31,7 @@ from .erasure.outputs import check_output_dir, write_outputs
 from .erasure.saliency import compute_or_load_mask
 from .erasure.training import train, training_scheduler
 from .erasure.validation import validation_hook
-from .families import SD, check_fits, pipeline_class_name, text_encoders
+from .families import SD, SDXL, check_fits, pipeline_class_name, text_encoders
 from .masking import mask_density
 from .utils import DTYPES, cast_module, configure_threads
 
@@ -76,9 +76,9 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     check_fits(pipe, spec.pipeline_classes, f"concept {spec.name!r}")
     if config.adversarial:  # its attacks optimise one text encoder's hidden states, without SDXL's added conditioning
         check_fits(pipe, [SD], "--adversarial", "drop --adversarial for an SDXL base")
-    # SDXL's VAE overflows in fp16 (its config says force_upcast): it stays float32 then
-    vae_dtype = torch.float32 if getattr(pipe.vae.config, "force_upcast", False) and weight_dtype == torch.float16 \
-        else weight_dtype
+    # SDXL's VAE overflows in fp16 (its config says force_upcast; the SDXL pipeline upcasts it too): float32 then
+    upcast = pipeline_class_name(pipe) == SDXL and getattr(pipe.vae.config, "force_upcast", False)
+    vae_dtype = torch.float32 if upcast and weight_dtype == torch.float16 else weight_dtype
     frozen = [(pipe.vae, vae_dtype)] + [(m, weight_dtype) for m in text_encoders(pipe)]
     for module, dtype in frozen + [(pipe.unet, torch.float32)]:
         if module.dtype != dtype:

@@ -194,3 +194,19 @@ def test_presets_name_the_pipeline_classes_they_fit(pipeline_dirs, tmp_path):
     with pytest.raises(ValueError, match="fits StableDiffusionPipeline, not StableDiffusionXLPipeline"):
         erase(config)
     assert not os.path.exists(config.cache_dir)  # refused before any image was drawn
+
+
+@pytest.mark.parametrize("name,parameters", [("sd21_unet_config.json", 865_910_724),
+                                             ("sdxl_unet_config.json", 2_567_463_684)])
+def test_benchmark_unet_configs_have_the_published_shapes(name, parameters):
+    """benchmarks/configs: SD 2.1's and SDXL's U-Net configs (for bench_erase.py) build U-Nets of the published
+    parameter counts (built on the meta device: no memory, no weights)."""
+    import json
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "configs", name)
+    with open(path) as f, init_empty_weights():
+        unet = UNet2DConditionModel.from_config(json.load(f))
+    assert sum(p.numel() for p in unet.parameters()) == parameters
