@@ -33,7 +33,7 @@ from .erasure.training import train, training_scheduler
 from .erasure.validation import validation_hook
 from .families import SD, SDXL, check_fits, pipeline_class_name, text_encoders
 from .masking import mask_density
-from .utils import DTYPES, configure_threads
+from .utils import DTYPES, cast_module, configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     frozen = [(pipe.vae, vae_dtype)] + [(m, weight_dtype) for m in text_encoders(pipe)]
     for module, dtype in frozen + [(pipe.unet, torch.float32)]:
         if module.dtype != dtype:
-            module.to(dtype=dtype)
+            cast_module(module, dtype)
     for module, _ in frozen:
         module.requires_grad_(False)
     unet = pipe.unet

@@ -156,6 +156,15 @@ def check_seal(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any], w
                          f"it was modified or corrupted: {fix}")
 
 
+def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module.to(dtype)`` without the warning diffusers (0.42) prints on every dtype cast of a model even when it
+    keeps no module in float32 (it lists an empty ``[]``); a model that does keep some still gets its own ``.to()``,
+    warning included."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(dtype=dtype)
+    return torch.nn.Module.to(module, dtype=dtype)
+
+
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
