@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .concepts import DIGIT_WORDS, digit_prompt
-from .utils import atomic_path
+from .utils import atomic_path, cast_module
 
 __all__ = ["DIGIT_JUDGE_DIR", "DIGIT_PIPELINE_DIR", "DIGIT_SAMPLING", "DIGIT_WORDS", "DigitJudge", "digit_prompt",
            "generate_digits", "judge_accuracy", "judge_split", "load_digit_pipeline", "mnist_images"]
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DIGIT_PIPELINE_DIR = os.path.join(ASSETS_DIR, "digit-sd")
 DIGIT_JUDGE_DIR = os.path.join(ASSETS_DIR, "digit-judge")
+DIGIT_PROMPTS_CSV = os.path.join(ASSETS_DIR, "digit_prompts.csv")  # salun-audit --judge digit's default prompts
 IMAGE_SIZE = 32
 # Recommended sampling settings for the bundled pipeline (the quality figures in assets/README.md use these).
 DIGIT_SAMPLING: Dict[str, float] = {"num_inference_steps": 20, "guidance_scale": 4.0, "height": IMAGE_SIZE,
@@ -70,7 +71,11 @@ def load_digit_pipeline(device="cpu", torch_dtype=torch.float32):
     pipe = StableDiffusionPipeline.from_pretrained(DIGIT_PIPELINE_DIR, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=torch_dtype)  # a 5 MB model: cast after loading (any diffusers version)
+    pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # a 5 MB model: cast after loading (any diffusers version)
+        if module.dtype != torch_dtype:
+            cast_module(module, torch_dtype)
+    return pipe
 
 
 class DigitJudge(nn.Module):

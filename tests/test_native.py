@@ -3,11 +3,14 @@
 SD path, mechanical (the tiny config-built pipeline) and the digit world (the bundled model, a short erasure).
 """
 
+import json
 import os
+import sys
 from unittest import mock
 
 import pytest
 import torch
+from PIL import Image
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
 from salun_diffusers.erase import erase
@@ -118,7 +121,7 @@ def test_push_to_hub_uploads_the_output_folder_without_caches(linked):
     assert kwargs["folder_path"] == config.output_dir and kwargs["repo_id"] == "me/no-nudity"
     out = config.output_dir
     files = [os.path.relpath(os.path.join(root, f), out) for root, _, fs in os.walk(out) for f in fs]
-    assert any(f.startswith("data/") for f in files) and any(f.startswith("validation/") for f in files)
+    assert any(f.startswith("validation/") for f in files)
     uploaded = set(filter_repo_objects(files, ignore_patterns=kwargs["ignore_patterns"]))
     for name in ("model_index.json", "erasure.safetensors", "README.md", "unet/config.json", "vae/config.json",
                  "pytorch_lora_weights.safetensors"):
@@ -157,3 +160,122 @@ def test_digit_world_output_folder_is_a_pipeline(tmp_path):
                  **{**DIGIT_SAMPLING, "num_inference_steps": 2}).images
     assert image.shape == (1, 32, 32, 3)
     assert _same_unet(StableDiffusionErasedPipeline.from_pretrained(out).unet, result.unet)
+
+
+# ------------------------------------------------------------------------------------------------- audit judges
+def _digit_rows_csv(path, per_digit=2):
+    """Every 10th row of the bundled digit prompts: ``per_digit`` images of each digit."""
+    import csv
+
+    from salun_diffusers.digits import DIGIT_PROMPTS_CSV
+
+    with open(DIGIT_PROMPTS_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = [r for r in rows if int(r["case_number"].split("-")[1]) < per_digit]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)
+    return str(path)
+
+
+def test_audit_judge_digit_on_the_bundled_model_with_and_without_an_erasure(tmp_path, capsys):
+    """Digit world: the base model's digits are read right by the judge (real accuracy); an erased folder's concept
+    becomes the target class; the report and chart compare it with the base audit."""
+    from salun_diffusers.config import EraseConfig
+    from salun_diffusers.evaluation import cli
+
+    csv_path = _digit_rows_csv(tmp_path / "digits.csv")
+    base_dir = str(tmp_path / "audit-base")
+    assert cli.main(["--judge", "digit", "--prompts", csv_path, "--output_dir", base_dir, "--label", "base"]) == 0
+    printed = capsys.readouterr().out
+    assert "per class: zero" in printed
+    base = json.load(open(os.path.join(base_dir, "results.json")))
+    assert base["config"]["pretrained_model_name_or_path"] == "salun-diffusers/digit-sd"
+    assert base["classes"]["target_class"] is None and base["classes"]["retain_accuracy"] >= 0.9
+    assert os.path.isfile(os.path.join(base_dir, "class_accuracy.png"))
+
+    out = str(tmp_path / "no-seven")
+    erase(EraseConfig(concept="seven", output_dir=out, num_forget_images=4, num_retain_images=9,
+                      data_num_inference_steps=2, max_train_steps=2, train_batch_size=2))
+    audit = str(tmp_path / "audit-erased")
+    assert cli.main(["--judge", "digit", "--prompts", csv_path, "--erasure", out, "--output_dir", audit,
+                     "--compare_to", base_dir]) == 0
+    results = json.load(open(os.path.join(audit, "results.json")))
+    cls = results["classes"]
+    assert cls["target_class"] == 7 and cls["num_forget"] == 2 and cls["num_retain"] == 18
+    assert "unlearning accuracy" in capsys.readouterr().out
+    md = open(os.path.join(audit, "report.md")).read()
+    assert "Classifier judge (digit)" in md and "| seven |" in md and "base: " in md
+    assert "class_accuracy.png" in md
+
+
+def test_audit_judge_classifier_with_a_transformers_classifier(tmp_path, dummy_pipeline_dir):
+    """SD path, mechanical: any AutoModelForImageClassification judges; classes match by name or synonym."""
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    from salun_diffusers.evaluation import cli
+    from salun_diffusers.evaluation.judges import load_class_judge
+
+    judge_dir = str(tmp_path / "judge")
+    torch.manual_seed(0)
+    ResNetForImageClassification(ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1],
+        id2label={0: "tench, Tinca tinca", 1: "church, church building", 2: "garbage truck, dustcart"})
+    ).save_pretrained(judge_dir)
+    ConvNextImageProcessor(size={"shortest_edge": 32}).save_pretrained(judge_dir)
+    judge = load_class_judge("classifier", judge_dir)
+    assert [judge.class_index(n) for n in ("church", "garbage_truck", "Tench", "2")] == [1, 2, 0, 2]
+    with pytest.raises(ValueError, match="no class 'parachute'"):
+        judge.class_index("parachute")
+
+    csv_path = tmp_path / "objects.csv"
+    csv_path.write_text("case_number,prompt,evaluation_seed,class\n0,a church,1,church\n1,a church,2,church\n"
+                        "2,a fish,3,tench\n3,a truck,4,garbage truck\n")
+    audit = str(tmp_path / "audit")
+    assert cli.main(["--pretrained_model_name_or_path", dummy_pipeline_dir, "--prompts", str(csv_path),
+                     "--output_dir", audit, "--judge", "classifier", "--judge_model", judge_dir, "--target_class",
+                     "church", "--num_inference_steps", "2"]) == 0
+    cls = json.load(open(os.path.join(audit, "results.json")))["classes"]
+    predicted = judge.predict([Image.open(os.path.join(audit, "images", f"{i}.png")) for i in range(4)]).tolist()
+    assert cls["num_forget"] == 2 and cls["unlearning_accuracy"] == sum(p != 1 for p in predicted[:2]) / 2
+    assert cls["retain_accuracy"] == ((predicted[2] == 0) + (predicted[3] == 2)) / 2
+    with pytest.raises(SystemExit):
+        cli.main(["--prompts", str(csv_path), "--output_dir", audit, "--judge", "classifier"])
+
+
+# ------------------------------------------------------------------------------------------------------- warnings
+def test_no_unactionable_warnings_at_import_or_when_casting(erase_config, tmp_path, capfd):
+    """transformers' torchvision-fallback notice (printed at every import of diffusers' pipelines) and diffusers'
+    "modules that should be kept in float32: []" (printed at every dtype cast) are not shown; other warnings are."""
+    import subprocess
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from salun_diffusers.digits import load_digit_pipeline
+
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "warning", "DIFFUSERS_VERBOSITY": "warning"}
+    code = "import {first}; from diffusers import StableDiffusionPipeline; import logging; " \
+           "logging.getLogger('transformers.utils.import_utils').warning('another warning')"
+    plain = subprocess.run([sys.executable, "-c", code.format(first="diffusers")], env=env, capture_output=True,
+                           text=True)
+    ours = subprocess.run([sys.executable, "-c", code.format(first="salun_diffusers")], env=env, capture_output=True,
+                          text=True)
+    if "requires torchvision" not in plain.stderr:
+        pytest.skip("this transformers/torchvision install prints no fallback notice")
+    assert "requires torchvision" not in ours.stderr and "another warning" in ours.stderr
+
+    from accelerate.state import AcceleratorState
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is per process; bf16 needs a new one
+    try:
+        capfd.readouterr()
+        load_digit_pipeline(torch_dtype=torch.bfloat16)
+        erase(erase_config(output_dir=str(tmp_path / "bf16"), mixed_precision="bf16", max_train_steps=1))
+        err = capfd.readouterr().err
+    finally:
+        diffusers_logging.set_verbosity(level)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert "should be kept in float32" not in err

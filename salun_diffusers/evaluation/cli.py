@@ -2,6 +2,8 @@
 
     salun-audit --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 --erasure out/nudity \\
         --prompts ../shared/data/prompts/i2p_nudity_142.csv --output_dir audits/erased --compare_to audits/base
+    salun-audit --judge digit --erasure out/no-seven --output_dir audits/no-seven     # the bundled digit world
+    salun-audit --judge classifier --judge_model microsoft/resnet-50 --prompts imagenette.csv --target_class church ...
 
 Also under ``accelerate launch`` (each process draws and judges a share of the prompts; the main process merges).
 The output folder holds ``images/{case_number}.png``, ``nudenet/{case_number}.json`` (detection cache),
@@ -17,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -25,18 +28,21 @@ from typing import List, Optional, Sequence
 import torch
 from accelerate.utils import gather_object
 
-from ..utils import DTYPES, configure_threads, resolve_dtype, write_json
+from ..cli_args import run_main
+from ..utils import DTYPES, configure_threads, ensure_writable_dir, resolve_dtype, write_json
 from . import report
 from .generate import generate_images, image_path, missing_images
+from .judges import CLASS_JUDGES, JUDGES, load_class_judge, row_labels
 from .nudenet import DEFAULT_THRESHOLD, EXPOSED_CLASSES, NudeNetDetector, detect_images, nudity_summary
 from .prompts import read_prompts, shard_rows
 
 logger = logging.getLogger(__name__)
 
-JUDGES = ("nudenet", "none")
+AUDIT_JUDGES = (*JUDGES, "none")
 SETTINGS_FILE = "settings.json"
 # Fields that do not change what an audit measures (they may differ when resuming or re-reporting).
-_RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size", "threads"}
+_RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size", "threads", "erasure_check_base",
+             "debug"}
 # Fields that change the images: a resumed run must match them exactly.
 _IMAGE_FIELDS = ("pretrained_model_name_or_path", "erasure", "erasure_scale", "num_inference_steps", "resolution",
                  "mixed_precision", "generator_device", "seed")
@@ -51,14 +57,27 @@ def _is_hub_id(name: str) -> bool:
 
 @dataclass
 class AuditConfig:
-    pretrained_model_name_or_path: str = field(metadata={"help": "Base Stable Diffusion: hub id or diffusers folder "
-                                                                 "(or a full erased-model folder)."})
-    prompts: str = field(metadata={"help": "Prompt CSV (I2P, COCO, Imagenette or object schema)."})
     output_dir: str = field(metadata={"help": "Audit folder: images, detection cache, results, report."})
+    pretrained_model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "Base Stable Diffusion: hub id or diffusers folder (or a full erased-model folder). Default with "
+                "--judge digit: the bundled digit model."})
+    prompts: Optional[str] = field(default=None, metadata={
+        "help": "Prompt CSV (I2P, COCO, Imagenette or object schema). Default with --judge digit: the bundled "
+                "digit prompts (20 per digit)."})
     erasure: Optional[str] = field(default=None, metadata={
         "help": "Saved erasure (folder or .safetensors) applied with load_erasure, or a full diffusers folder."})
     erasure_scale: float = field(default=1.0, metadata={"help": "Strength the erasure is applied with."})
-    judge: str = field(default="nudenet", metadata={"help": "Image judge: nudenet or none.", "choices": JUDGES})
+    erasure_check_base: bool = field(default=True, metadata={
+        "help": "Refuse an erasure made from other base weights (--no_erasure_check_base applies it anyway)."})
+    judge: str = field(default="nudenet", metadata={
+        "help": "Image judge: nudenet (exposed parts), digit (the bundled digit classifier), classifier (a "
+                "transformers image classifier, --judge_model) or none.", "choices": AUDIT_JUDGES})
+    judge_model: Optional[str] = field(default=None, metadata={
+        "help": "--judge classifier: a transformers image classifier (hub id or folder, e.g. microsoft/resnet-50); "
+                "--judge digit: a DigitJudge folder (default: the bundled one)."})
+    target_class: Optional[str] = field(default=None, metadata={
+        "help": "Class judges: the erased class (name or index; default: the erasure's concept). Rows without a "
+                "'class' column are taken to show it."})
     threshold: float = field(default=DEFAULT_THRESHOLD, metadata={"help": "NudeNet score a part needs to count."})
     nudity_classes: Optional[str] = field(default=None, metadata={
         "help": "Comma-separated exposed classes that make an image nude (default: all nine: "
@@ -69,7 +88,8 @@ class AuditConfig:
     skip_empty_prompts: bool = field(default=False, metadata={"help": "Drop rows with an empty prompt."})
     seed: Optional[int] = field(default=None, metadata={
         "help": "For CSVs without evaluation_seed: row i uses seed + i."})
-    num_inference_steps: int = field(default=50, metadata={"help": "Denoising steps per image."})
+    num_inference_steps: Optional[int] = field(default=None, metadata={
+        "help": "Denoising steps per image (default 50; 20 with --judge digit, as the digit world is measured)."})
     batch_size: int = field(default=4, metadata={"help": "Images per pipeline call (results do not depend on it)."})
     resolution: Optional[int] = field(default=None, metadata={
         "help": "Draw every image at this size instead of the CSV's sd_image_width/height."})
@@ -90,10 +110,26 @@ class AuditConfig:
     nudenet_model: Optional[str] = field(default=None, metadata={"help": "Custom NudeNet ONNX file."})
     threads: Optional[int] = field(default=None, metadata={
         "help": "torch CPU threads (default: 1 for a small model, else every usable core; OMP_NUM_THREADS wins)."})
+    debug: bool = field(default=False, metadata={"help": "On an error, show the full traceback instead of one line."})
 
     def __post_init__(self):
-        if self.judge not in JUDGES:
-            raise ValueError(f"--judge must be one of {JUDGES}, got {self.judge!r}")
+        if self.judge not in AUDIT_JUDGES:
+            raise ValueError(f"--judge must be one of {AUDIT_JUDGES}, got {self.judge!r}")
+        if self.judge == "digit":
+            from ..digits import DIGIT_PROMPTS_CSV, DIGIT_SAMPLING
+            from ..hub import BUNDLED_DIGIT_MODEL
+
+            self.pretrained_model_name_or_path = self.pretrained_model_name_or_path or BUNDLED_DIGIT_MODEL
+            self.prompts = self.prompts or DIGIT_PROMPTS_CSV
+            self.num_inference_steps = self.num_inference_steps or int(DIGIT_SAMPLING["num_inference_steps"])
+        if self.num_inference_steps is None:
+            self.num_inference_steps = 50
+        if self.pretrained_model_name_or_path is None or self.prompts is None:
+            raise ValueError("--pretrained_model_name_or_path and --prompts are required (both have defaults only "
+                             "with --judge digit, the bundled digit world)")
+        if self.judge == "classifier" and not self.judge_model:
+            raise ValueError("--judge classifier needs --judge_model: a transformers image classifier (hub id or "
+                             "folder, e.g. microsoft/resnet-50)")
         resolve_dtype(self.mixed_precision)
         for name in ("num_inference_steps", "batch_size", "clip_batch_size"):
             if getattr(self, name) < 1:
@@ -126,6 +162,11 @@ class AuditConfig:
             raise ValueError(f"--nudity_classes: unknown {bad}; choose from {','.join(EXPOSED_CLASSES)}")
         return names
 
+    def read_rows(self):
+        """The prompt rows this audit draws (after --categories, --limit, --skip_empty_prompts)."""
+        return read_prompts(self.prompts, categories=self.categories.split(",") if self.categories else None,
+                            limit=self.limit, skip_empty=self.skip_empty_prompts, default_seed=self.seed)
+
     def image_settings(self) -> dict:
         """What the images depend on (plus the prompt file's hash): a resumed run must match it."""
         settings = {k: getattr(self, k) for k in _IMAGE_FIELDS}
@@ -149,21 +190,24 @@ def _diff(old: dict, new: dict) -> List[str]:
 
 
 def load_pipeline(config: AuditConfig, device="cpu"):
-    """The pipeline to audit: base model, with ``--erasure`` applied (or an erased model's full folder)."""
-    from diffusers import StableDiffusionPipeline
+    """The pipeline to audit (SD 1.x/2.x or SDXL): base model, with ``--erasure`` applied (or an erased model's full
+    folder)."""
+    from ..delta import WEIGHTS_NAME
+    from ..families import load_base_pipeline
+    from ..hub import resolve_base_model
 
-    source, erasure = config.pretrained_model_name_or_path, config.erasure
-    if erasure and os.path.isfile(os.path.join(erasure, "model_index.json")):
-        source, erasure = erasure, None  # a complete erased pipeline
+    source, erasure = resolve_base_model(config.pretrained_model_name_or_path), config.erasure
+    if erasure and os.path.isfile(os.path.join(erasure, "model_index.json")) \
+            and not os.path.isfile(os.path.join(erasure, WEIGHTS_NAME)):
+        source, erasure = erasure, None  # a complete erased pipeline without an erasure file
     dtype = resolve_dtype(config.mixed_precision)
     with warnings.catch_warnings():  # newer diffusers rename torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = load_base_pipeline(source, torch_dtype=dtype)
     if erasure:
         from ..loaders import load_erasure  # imported here: only erased-model audits need it
 
-        load_erasure(pipe, erasure, scale=config.erasure_scale)
+        load_erasure(pipe, erasure, scale=config.erasure_scale, check_base=config.erasure_check_base)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -225,8 +269,7 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
         results.update(report.write_report(out, results, base))
         return results
 
-    rows = read_prompts(config.prompts, categories=config.categories.split(",") if config.categories else None,
-                        limit=config.limit, skip_empty=config.skip_empty_prompts, default_seed=config.seed)
+    rows = config.read_rows()
     if not rows:
         raise ValueError(f"no prompts left in {config.prompts} after filtering (categories={config.categories!r})")
     os.makedirs(out, exist_ok=True)
@@ -270,6 +313,8 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
         accelerator.wait_for_everyone()
         return results
     image_list = [paths[row.case_number] for row in rows]
+    classes = class_judge_results(config, rows, image_list, accelerator.device) if config.judge in CLASS_JUDGES \
+        else None
     clip_score = fid = None
     if config.clip_model or clip_scorer is not None:
         from .metrics import ClipScorer
@@ -289,6 +334,7 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
         "images_dir": images_dir,
         "generation": {"processes": world, **stats},
         "nudity": nudity,
+        "classes": classes,
         "clip_score": clip_score,
         "fid": fid,
     })
@@ -298,6 +344,35 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
     return results
 
 
+def _erasure_concept(erasure: Optional[str]) -> Optional[str]:
+    """The concept an erasure file/folder records (its target class for class judges), if readable."""
+    if not erasure or not os.path.exists(erasure):
+        return None
+    from ..delta import read_delta
+
+    try:
+        _, meta = read_delta(erasure)
+    except (OSError, ValueError):
+        return None
+    return (meta.get("config") or {}).get("concept")
+
+
+def class_judge_results(config: AuditConfig, rows, images: Sequence[str], device="cpu") -> dict:
+    """Judge the images with a class judge: unlearning accuracy of the target class, accuracy on the others and
+    per class (``classifier_metrics``), with the class names."""
+    from .metrics import classifier_metrics
+
+    judge = load_class_judge(config.judge, config.judge_model, device)
+    target_name = config.target_class or _erasure_concept(config.erasure)
+    target = judge.class_index(target_name) if target_name is not None else None
+    labels = row_labels(judge, rows, target)
+    metrics = classifier_metrics(images, labels, judge, -1 if target is None else target)
+    metrics["target_class"] = target
+    metrics["class_names"] = {str(i): judge.class_names[i] for i in sorted(set(labels) | ({target} - {None}))}
+    metrics["judge"] = config.judge
+    return metrics
+
+
 def summary_lines(results: dict) -> List[str]:
     lines = [f"audit of {results.get('label')}: {results.get('num_images')} images in {results.get('images_dir')}"]
     nud = results.get("nudity")
@@ -305,6 +380,18 @@ def summary_lines(results: dict) -> List[str]:
         lines.append(f"nudity rate {100 * nud['nudity_rate']:.2f}% ({nud['nude_images']}/{nud['num_images']}, "
                      f"NudeNet score >= {nud['threshold']})")
         lines.append("exposed parts: " + ", ".join(f"{c} {nud['class_counts'].get(c, 0)}" for c in EXPOSED_CLASSES))
+    cls = results.get("classes")
+    if cls:
+        names = cls["class_names"]
+        if cls.get("unlearning_accuracy") is not None:
+            lines.append(f"unlearning accuracy {100 * cls['unlearning_accuracy']:.2f}% ({cls['num_forget']} images "
+                         f"of {names[str(cls['target_class'])]!r} the {cls['judge']} judge does not call it)")
+        if cls.get("retain_accuracy") is not None:
+            lines.append(f"accuracy on the other classes {100 * cls['retain_accuracy']:.2f}% ({cls['num_retain']} "
+                         "images)")
+        lines.append("per class: " + ", ".join(f"{names[str(c)]} {100 * a:.0f}%"
+                                               for c, a in sorted(cls["per_class_accuracy"].items(),
+                                                                  key=lambda kv: int(kv[0]))))
     for key in ("clip_score", "fid"):
         if results.get(key) is not None:
             lines.append(f"{key}: {results[key]:.4f}")
@@ -313,10 +400,11 @@ def summary_lines(results: dict) -> List[str]:
     return lines
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> AuditConfig:
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "salun-audit",
+               description: Optional[str] = None) -> AuditConfig:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(AuditConfig, prog="salun-audit", description=__doc__.split("\n\n")[0])
+    parser = HfArgumentParser(AuditConfig, prog=prog, description=description or __doc__.split("\n\n")[0])
     try:
         (config,) = parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
     except (ValueError, FileNotFoundError) as exc:  # AuditConfig's checks: report them like argparse errors
@@ -324,14 +412,61 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> AuditConfig:
     return config
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def check_before_compute(config: AuditConfig) -> None:
+    """What an audit needs, checked before any model is loaded: the output folder is writable, the prompt CSV reads,
+    the models and files named exist, the judge is installed (one-line errors, not a failure hours later)."""
+    ensure_writable_dir(config.output_dir)
+    rows = config.read_rows()
+    if not rows:
+        raise ValueError(f"no prompts left in {config.prompts} after filtering (categories={config.categories!r})")
+    # disk: a PNG of a generated image takes at least ~1/4 of its raw RGB size (rows of unknown size not counted)
+    need = sum((config.resolution or r.width or 0) * (config.resolution or r.height or 0) * 3 // 4 for r in rows)
+    free = shutil.disk_usage(config.output_dir).free
+    if need > free:
+        raise ValueError(f"--output_dir {config.output_dir!r} has {free / 2**30:.2f} GiB free but {len(rows)} images "
+                         f"need at least {need / 2**30:.2f} GiB; free space or choose another folder")
+    for flag in ("pretrained_model_name_or_path", "clip_model", "judge_model"):
+        value = getattr(config, flag)
+        if value and not os.path.exists(value) and not _is_hub_id(value):
+            raise FileNotFoundError(f"--{flag} {value!r} does not exist; pass a diffusers folder or a hub id "
+                                    "(owner/name)")
+    for flag in ("fid_model", "nudenet_model"):
+        if getattr(config, flag) and not os.path.isfile(getattr(config, flag)):
+            raise FileNotFoundError(f"--{flag} {getattr(config, flag)!r} is not a file")
+    if config.judge == "nudenet":
+        import importlib.util
+
+        if importlib.util.find_spec("nudenet") is None:
+            raise ValueError("the nudity judge needs NudeNet: pip install salun-diffusers[nudenet], or pass "
+                             "--judge none")
+    if config.fid_reference:
+        _reference_images(config.fid_reference)
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "salun-audit", description: Optional[str] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = parse_args(argv)
+    config = parse_args(argv, prog, description)
+    return run_main(prog, lambda: _run(config), debug=config.debug)
+
+
+def _run(config: AuditConfig) -> int:
+    check_before_compute(config)
     results = run_audit(config)
     if "num_images" in results:  # main process
         print("\n".join(summary_lines(results)))
     return 0
+
+
+def run_protocol(prog: str, description: str, defaults: dict, argv: Optional[Sequence[str]] = None) -> int:
+    """``salun-audit`` with an evaluation protocol's defaults (the top-level ``evaluation/`` scripts): each
+    ``{"--flag": value}`` is used unless the command line gives the flag; ``None`` values are left out."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    preset = [str(x) for flag, value in defaults.items() if value is not None and flag not in given
+              for x in (flag, value)]
+    shown = " ".join(f"{k} {v}" for k, v in defaults.items() if v is not None)
+    return main(preset + argv, prog=prog, description=f"{description} Defaults: {shown or 'none'}.")
 
 
 if __name__ == "__main__":

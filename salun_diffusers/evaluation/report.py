@@ -1,4 +1,5 @@
-"""Audit reports: ``results.json`` (the data), ``report.md`` and a bar chart of exposed-part counts.
+"""Audit reports: ``results.json`` (the data), ``report.md`` and bar charts: exposed-part counts (NudeNet) or
+per-class accuracy (class judges: digit, classifier).
 
 The chart compares this audit with a base audit (``--compare_to``), like the SalUn paper's nudity figure.
 Markdown and chart are derived from the JSON and may be rewritten; ``results.json`` of a finished audit is not.
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 PLOT_FILE = "nudity_classes.png"
+CLASS_PLOT_FILE = "class_accuracy.png"
 
 
 def load_results(audit_dir: str) -> dict:
@@ -31,11 +33,17 @@ def load_results(audit_dir: str) -> dict:
 
 def plot_class_counts(counts: Mapping[str, Mapping[str, int]], path: str, title: str = "") -> str:
     """Grouped bar chart: one group per exposed class, one bar per model (``{model label: {class: count}}``)."""
+    return plot_grouped_bars(counts, list(EXPOSED_CLASSES), path, title, "images with the part exposed")
+
+
+def plot_grouped_bars(series: Mapping[str, Mapping[str, float]], classes, path: str, title: str = "",
+                      ylabel: str = "", integer: bool = True) -> str:
+    """Grouped bar chart: one group per class, one bar per model (``{model label: {class: value}}``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    classes = list(EXPOSED_CLASSES)
+    counts = series
     fig = Figure(figsize=(9, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -43,15 +51,15 @@ def plot_class_counts(counts: Mapping[str, Mapping[str, int]], path: str, title:
     for i, (label, per_class) in enumerate(counts.items()):
         xs = [k + (i - (len(counts) - 1) / 2) * width for k in range(len(classes))]
         bars = ax.bar(xs, [per_class.get(c, 0) for c in classes], width, label=label)
-        ax.bar_label(bars, fontsize=7)
+        ax.bar_label(bars, fontsize=7, fmt="%g" if integer else "%.2f")
     ax.set_xticks(range(len(classes)))
     ax.set_xticklabels([c.replace("_", "\n") for c in classes], fontsize=8)
     top = max([v for per_class in counts.values() for v in per_class.values()] + [1])
-    ax.set_ylim(0, top * 1.15)
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("images with the part exposed")
+    ax.set_ylim(0, top * 1.3)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=integer))
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper right", ncol=max(1, len(counts)), fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -89,27 +97,72 @@ def render_markdown(results: dict, base: Optional[dict] = None) -> str:
                 lines.append(f"| {cat} | {e['images']} | {e['nude_images']} | {_pct(e['nudity_rate'])} |")
         if os.path.basename(results.get("plot") or ""):
             lines += ["", f"![exposed parts]({os.path.basename(results['plot'])})"]
+    cls = results.get("classes")
+    if cls:
+        lines += ["", *_class_lines(cls, (base or {}).get("classes"))]
+        if os.path.basename(results.get("class_plot") or ""):
+            lines += ["", f"![per-class accuracy]({os.path.basename(results['class_plot'])})"]
     for key, title in (("clip_score", "CLIP score"), ("fid", "FID")):
         if results.get(key) is not None:
             lines += ["", f"## {title}", "", f"{results[key]:.4f}"]
     return "\n".join(lines) + "\n"
 
 
+def _class_lines(cls: dict, base_cls: Optional[dict]) -> list:
+    names = {**(base_cls or {}).get("class_names", {}), **cls["class_names"]}
+    lines = [f"## Classifier judge ({cls['judge']})", ""]
+    if cls.get("unlearning_accuracy") is not None:
+        ua = f"Unlearning accuracy (images of **{names[str(cls['target_class'])]}** the judge does not call it): " \
+             f"**{_pct(cls['unlearning_accuracy'])}** of {cls['num_forget']}"
+        if base_cls and base_cls.get("unlearning_accuracy") is not None:
+            ua += f"; base: {_pct(base_cls['unlearning_accuracy'])}"
+        lines.append(ua)
+    if cls.get("retain_accuracy") is not None:
+        ra = f"Accuracy on the other classes: **{_pct(cls['retain_accuracy'])}** of {cls['num_retain']}"
+        if base_cls and base_cls.get("retain_accuracy") is not None:
+            ra += f"; base: {_pct(base_cls['retain_accuracy'])}"
+        lines += ["", ra]
+    base_acc = (base_cls or {}).get("per_class_accuracy", {})
+    lines += ["", "| class | accuracy | base |" if base_cls else "| class | accuracy |",
+              "|---|---:|---:|" if base_cls else "|---|---:|"]
+    for c, acc in sorted(cls["per_class_accuracy"].items(), key=lambda kv: int(kv[0])):
+        row = f"| {names.get(str(c), c)} | {_pct(acc)} |"
+        lines.append(row + (f" {_pct(base_acc.get(str(c), base_acc.get(c)))} |" if base_cls else ""))
+    return lines
+
+
+def _labels(results: dict, base: Optional[dict]):
+    label = results.get("label") or "this model"
+    base_label = (base or {}).get("label") or "base"
+    if base_label == label:
+        base_label, label = f"{base_label} (base)", f"{label} (this audit)"
+    return label, base_label
+
+
 def write_report(output_dir: str, results: dict, base: Optional[dict] = None) -> Dict[str, str]:
     """Write ``report.md`` (and the chart, where there are nudity counts) into ``output_dir``; return their paths."""
     paths = {}
+    label, base_label = _labels(results, base)
     if results.get("nudity"):
         counts = {}
-        label = results.get("label") or "this model"
         if base and base.get("nudity"):
-            base_label = base.get("label") or "base"
-            if base_label == label:
-                base_label, label = f"{base_label} (base)", f"{label} (this audit)"
             counts[base_label] = base["nudity"]["class_counts"]
         counts[label] = results["nudity"]["class_counts"]
         paths["plot"] = plot_class_counts(counts, os.path.join(output_dir, PLOT_FILE),
                                           title=f"NudeNet exposed parts (score >= {results['nudity']['threshold']})")
         results = {**results, "plot": paths["plot"]}
+    cls = results.get("classes")
+    if cls:
+        names = {**((base or {}).get("classes") or {}).get("class_names", {}), **cls["class_names"]}
+        series = {}
+        if base and base.get("classes"):
+            series[base_label] = {names.get(str(c), str(c)): a for c, a in base["classes"]["per_class_accuracy"].items()}
+        series[label] = {names.get(str(c), str(c)): a for c, a in cls["per_class_accuracy"].items()}
+        order = [names[k] for k in sorted(names, key=int)]
+        paths["class_plot"] = plot_grouped_bars(series, order, os.path.join(output_dir, CLASS_PLOT_FILE),
+                                                title=f"{cls['judge']} judge: share of images called their class",
+                                                ylabel="accuracy", integer=False)
+        results = {**results, "class_plot": paths["class_plot"]}
     paths["report"] = os.path.join(output_dir, REPORT_FILE)
     write_text(paths["report"], render_markdown(results, base))
     logger.info("report written to %s", paths["report"])

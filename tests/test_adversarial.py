@@ -1,0 +1,86 @@
+"""``train_erase.py --adversarial`` (AdvUnlearn-style robust SalUn) on the tiny config-built pipeline (CPU, seconds)."""
+
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from salun_diffusers import load_mask
+from salun_diffusers.erase import erase
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_erase  # noqa: E402
+
+ADV = dict(adversarial=True, adversarial_every=3, adversarial_steps=2, adversarial_lr=0.05, max_train_steps=4)
+
+
+def _base_params(path):
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    return {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+
+
+def _same(a, b):
+    a, b = dict(a.named_parameters()), dict(b.named_parameters())
+    return all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
+
+
+@pytest.mark.parametrize("attack", ["conditioning", "token"])
+def test_train_erase_adversarial_end_to_end_keeps_weights_outside_the_mask(attack, dummy_pipeline_dir, data_cache,
+                                                                          tmp_path, capsys):
+    out = str(tmp_path / "adv")
+    argv = ["--pretrained_model_name_or_path", dummy_pipeline_dir, "--concept", "nudity", "--output_dir", out,
+            "--cache_dir", data_cache, "--num_forget_images", "4", "--num_retain_images", "4",
+            "--data_num_inference_steps", "2", "--max_train_steps", "3", "--train_batch_size", "2",
+            "--learning_rate", "1e-2", "--adam_weight_decay", "0.1", "--mask_ratio", "0.3",
+            "--adversarial", "--adversarial_attack", attack, "--adversarial_steps", "2", "--adversarial_every", "2"]
+    assert train_erase.main(argv) == 0
+    assert "erased concept 'nudity'" in capsys.readouterr().out
+    for name in ("erasure.safetensors", "mask.safetensors", "unet/config.json", "train_config.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    from diffusers import UNet2DConditionModel
+
+    erased = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    base = _base_params(dummy_pipeline_dir)
+    mask, _ = load_mask(os.path.join(out, "mask.safetensors"))
+    changed = 0
+    for name, p in erased.named_parameters():
+        m = mask[name]
+        assert torch.equal(p.detach()[~m], base[name][~m]), name  # bit-identical outside the mask
+        changed += int((p.detach()[m] != base[name][m]).sum())
+    assert changed > 0.5 * sum(int(m.sum()) for m in mask.values())
+
+
+def test_adversarial_term_changes_the_erasure(erase_config, tmp_path):
+    plain = erase(erase_config(output_dir=str(tmp_path / "plain"), max_train_steps=2))
+    adv = erase(erase_config(output_dir=str(tmp_path / "adv"), max_train_steps=2, adversarial=True,
+                             adversarial_steps=2, adversarial_lr=0.05))
+    assert not _same(plain.unet, adv.unet)
+    # same mask: the inner attack does not touch the saliency
+    m1, _ = load_mask(plain.mask_path)
+    m2, _ = load_mask(adv.mask_path)
+    assert all(torch.equal(m1[n], m2[n]) for n in m1)
+
+
+def test_resumed_adversarial_run_equals_an_uninterrupted_one(erase_config, tmp_path):
+    # attacks on steps 0 and 3; the checkpoint at step 2 must carry the bank of adversarial conditionings from step 0
+    full = erase(erase_config(output_dir=str(tmp_path / "full"), **ADV))
+    cfg = erase_config(output_dir=str(tmp_path / "resumed"), checkpointing_steps=2, **ADV)
+    erase(cfg)
+    for name in ("erasure.safetensors", "erasure_config.json", "unet"):
+        path = os.path.join(cfg.output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    resumed = erase(erase_config(output_dir=cfg.output_dir, resume_from_checkpoint="latest", **ADV))
+    assert _same(full.unet, resumed.unet)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"adversarial_steps": 0}, "adversarial_steps"),
+    ({"adversarial_every": 0}, "adversarial_every"),
+    ({"adversarial_lr": 0.0}, "adversarial_lr"),
+])
+def test_bad_adversarial_config_is_rejected_with_the_fix(erase_config, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        erase_config(adversarial=True, **overrides)
