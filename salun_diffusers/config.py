@@ -27,7 +27,8 @@ def _f(default, help: str, **kw):
 class EraseConfig(JsonConfigMixin):
     # model
     pretrained_model_name_or_path: Optional[str] = _f(
-        None, "Base pipeline: hub id or folder (e.g. CompVis/stable-diffusion-v1-4). Default: the bundled digit model.")
+        None, "Base pipeline, SD 1.x/2.x or SDXL: hub id or folder (e.g. CompVis/stable-diffusion-v1-4). Default: the "
+              "bundled digit model.")
     revision: Optional[str] = _f(None, "Revision (branch, tag or commit) of the base model on the hub.")
     variant: Optional[str] = _f(None, "Weight variant of the base model, e.g. fp16.")
     # concept
