@@ -56,7 +56,7 @@ def method_grid(method, small: bool = False, lrs=None):
 
 
 def target_check(summary: dict) -> dict:
-    gaps = {m: summary[m]["gap"][0] for m in BASELINES if m in summary}
+    gaps = {m: summary[m]["gap"][0] for m in BASELINES if m in summary and summary[m]["gap"][0] is not None}
     best = min(gaps, key=gaps.get)
     return {"gaps": gaps, "best": best, "met": gaps.get("salun", float("inf")) <= gaps[best] + TARGET_MARGIN}
 
@@ -97,8 +97,12 @@ def run_benchmark(args) -> dict:
     cache, out, md = {}, {}, ["# Classifier unlearning benchmark (MNIST, SmallCNN)", ""]
     for name in args.scenarios:
         scenario = SCENARIOS[name]
+        chosen, train = dict(hparams.get(name, {})), None
+        if args.augment:  # one augmentation for the original model, Retrain and every method
+            train = {"augment": args.augment}
+            chosen = {m: {**chosen.get(m, {}), "augment": args.augment} for m in ("retrain",) + BASELINES}
         config = ExperimentConfig(dataset="mnist", data_dir=args.data_dir, seeds=args.seeds, **scenario,
-                                  hparams=hparams.get(name, {}))
+                                  hparams=chosen, train=train)
         start = time.perf_counter()
         result = run_experiment(config, data=data, original_cache=cache)
         result["wall_seconds"] = time.perf_counter() - start
@@ -170,6 +174,8 @@ def main(argv=None) -> int:
                         help="folder with the MNIST IDX files (default ../shared/data/mnist)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"which of {', '.join(SCENARIOS)}")
+    parser.add_argument("--augment", default=None, choices=["crop_flip", "crop", "none"],
+                        help="one augmentation everywhere instead of the defaults (MNIST: crop)")
     parser.add_argument("--hparams", default=None, help="tuned_hparams.json from --tune ({scenario: {method: {...}}})")
     parser.add_argument("--tune", action="store_true", help="grid-search lr x epochs instead of benchmarking")
     parser.add_argument("--tune_seeds", default="100,101")
