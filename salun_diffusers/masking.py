@@ -272,7 +272,7 @@ class MaskedUpdate:
             p.requires_grad_(True)
             self.params[name] = p
             self.masks[name] = m.to(device=p.device, dtype=torch.bool)
-            self.values[name] = torch.nn.Parameter(p.detach()[self.masks[name]].clone())
+            self.values[name] = torch.nn.Parameter(p.detach()[self.masks[name]])  # boolean indexing copies
             if hooks:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._gather_hook(name)))
 
