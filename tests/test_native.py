@@ -279,3 +279,34 @@ def test_no_unactionable_warnings_at_import_or_when_casting(erase_config, tmp_pa
         diffusers_logging.set_verbosity(level)
         AcceleratorState._reset_state(reset_partial_state=True)
     assert "should be kept in float32" not in err
+
+
+def test_hub_base_links_into_the_hugging_face_cache(erase_config, dummy_pipeline_dir, tmp_path, monkeypatch):
+    """A base given as a hub id (offline, from the HF cache): components link to the cache's blobs."""
+    import hashlib
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--me--tiny-sd"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    for root, _, files in os.walk(dummy_pipeline_dir):
+        for f in files:
+            src = os.path.join(root, f)
+            blob = repo / "blobs" / hashlib.sha256(open(src, "rb").read()).hexdigest()
+            shutil.copyfile(src, blob)
+            link = repo / "snapshots" / commit / os.path.relpath(src, dummy_pipeline_dir)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.relpath(blob, link.parent), link)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+    result = erase(erase_config(pretrained_model_name_or_path="me/tiny-sd", output_dir=str(tmp_path / "out")))
+    out = result.output_dir
+    assert os.path.realpath(os.path.join(out, "vae", "config.json")).startswith(str(repo / "blobs"))
+    assert _same_unet(DiffusionPipeline.from_pretrained(out).unet, result.unet)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "base_model: me/tiny-sd" in card
