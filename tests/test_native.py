@@ -160,6 +160,8 @@ def test_digit_world_output_folder_is_a_pipeline(tmp_path):
                  **{**DIGIT_SAMPLING, "num_inference_steps": 2}).images
     assert image.shape == (1, 32, 32, 3)
     assert _same_unet(StableDiffusionErasedPipeline.from_pretrained(out).unet, result.unet)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "load_digit_pipeline()" in card and 'from_pretrained("salun-diffusers/digit-sd")' not in card
 
 
 # ------------------------------------------------------------------------------------------------- audit judges
