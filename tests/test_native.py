@@ -79,6 +79,7 @@ def test_copy_and_none_modes_and_no_overwrite(erase_config, tmp_path, linked):
     assert not any(os.path.islink(os.path.join(root, f)) for root, _, files in os.walk(out) for f in files)
     assert _same_unet(DiffusionPipeline.from_pretrained(out).unet, copied.unet)
 
+    assert erase_config(save_merged_unet=False).save_pipeline == "none"  # no U-Net, no pipeline folder
     plain = erase(erase_config(output_dir=str(tmp_path / "none"), save_pipeline="none"))
     assert not os.path.exists(os.path.join(plain.output_dir, "model_index.json"))
     assert not os.path.exists(os.path.join(plain.output_dir, "vae"))
