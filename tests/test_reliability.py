@@ -154,6 +154,17 @@ def test_train_erase_exits_1_on_divergence_with_one_line(dummy_pipeline_dir, dat
     assert not os.path.exists(out / WEIGHTS_NAME)
 
 
+def test_out_of_memory_is_one_line_with_the_fix(monkeypatch, tmp_path, capsys):
+    import salun_diffusers.erase as erase_module
+
+    def oom(config, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+    monkeypatch.setattr(erase_module, "erase", oom)
+    assert train_erase.main(["--output_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert len(_error_lines(err)) == 1 and "--gradient_checkpointing" in err and "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------------- 4-6. checkpoints and resume
 
 
