@@ -78,9 +78,9 @@ def _rc(argv):
 @pytest.mark.parametrize("argv", [["--alpha", "nan"], ["--alpha", "inf"], ["--max_grad_norm", "nan"],
                                   ["--alpha", "x"], ["--alpah", "1"], ["--mask_ratio", "2"]],
                          ids=lambda argv: "=".join(argv))
-def test_train_erase_bad_values_one_line_exit_2_no_erasure(argv, tmp_path, capsys):
+def test_train_erase_bad_values_one_line_exit_2_no_erasure(argv, dummy_pipeline_dir, data_cache, tmp_path, capsys):
     out = tmp_path / "out"
-    assert _rc(["--concept", "seven", "--output_dir", str(out), *argv]) == 2
+    assert _rc(_tiny_argv(dummy_pipeline_dir, data_cache, out, "--max_train_steps", "1", *argv)) == 2
     err = capsys.readouterr().err
     assert len(_error_lines(err)) == 1 and "Traceback" not in err and "usage:" not in err
     assert not os.path.exists(out / WEIGHTS_NAME)
