@@ -78,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep_digits", type=_ints, default=None, help="digits of the sweep (default: all --digits)")
     p.add_argument("--seed", type=int, default=0, help="erasure seed; attack rows use seeds 20000000 + 1000*seed + i")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--report_name", default="report", help="report files: <name>.json / .md (another name lets a "
+                   "second process share --output_dir's erasures and attack runs, e.g. the sweep alone)")
     p.add_argument("--erase_args", default="{}", help="JSON of extra EraseConfig fields for every erasure")
     p.add_argument("--adversarial_args", default="{}",
                    help="JSON of extra EraseConfig fields for the --adversarial erasure, e.g. '{\"adversarial_every\": 1}'")
@@ -197,7 +199,8 @@ def main(argv=None):
         for ratio in ratios:
             print(f"sweep: digit {d}, mask ratio {ratio:g}")
             run = erasure(args, d, ratio, False, judge)
-            res = attack(args, d, f"mask{ratio:g}", run["folder"], "conditioning", base, attacked_pipeline(run["folder"]))
+            model = "SalUn" if ratio == SALUN_RATIO else f"mask{ratio:g}"  # 0.5: the same run as the table's
+            res = attack(args, d, model, run["folder"], "conditioning", base, attacked_pipeline(run["folder"]))
             report["sweep"].append({"digit": d, "mask_ratio": ratio, "conditioning_asr": res["asr"],
                                     "unlearning_accuracy": run["unlearning_accuracy"],
                                     "retained_accuracy": run["retained_accuracy"]})
@@ -341,10 +344,11 @@ def tradeoff_plot(report, path):
 
 
 def write_report(args, report):
-    write_json(os.path.join(args.output_dir, "report.json"), report)
+    name = args.report_name
+    write_json(os.path.join(args.output_dir, f"{name}.json"), report)
     if report["sweep"] and len({s["mask_ratio"] for s in report["sweep"]}) > 1:
-        tradeoff_plot(report, os.path.join(args.output_dir, "tradeoff.png"))
-    write_text(os.path.join(args.output_dir, "report.md"), markdown(report))
+        tradeoff_plot(report, os.path.join(args.output_dir, "tradeoff.png" if name == "report" else f"{name}.png"))
+    write_text(os.path.join(args.output_dir, f"{name}.md"), markdown(report))
 
 
 if __name__ == "__main__":
