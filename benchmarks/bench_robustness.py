@@ -51,6 +51,7 @@ logger = logging.getLogger("bench_robustness")
 ATTACKS = ("conditioning", "token", "inversion")
 MODELS = ("base", "SalUn", "SalUn --adversarial")
 SALUN_RATIO = 0.5
+STRONG = "conditioning_strong"  # the row key of the stronger conditioning attack
 ATTACK_SEED = 2 * EVAL_SEED  # attacked rows use seeds ATTACK_SEED + 1000 * seed + i: never training or UA seeds
 
 
@@ -72,6 +73,10 @@ def parse_args(argv=None):
     for attack in ATTACKS:
         p.add_argument(f"--{attack}_steps", type=int, default=None,
                        help=f"{attack} attack steps (default: salun-attack's, {DEFAULT_STEPS[attack]})")
+    p.add_argument("--strong_conditioning_steps", type=int, default=300,
+                   help="budget of a second, stronger conditioning attack on the erasures and in the mask-ratio sweep "
+                        "(0: none). At the CLI's 100 steps plain SalUn already resists on the digit world, which "
+                        "would hide the difference --adversarial makes")
     p.add_argument("--neutral_prompt", default="a handwritten digit", help="what the base model is attacked from")
     p.add_argument("--ratios", type=_floats, default=[0.1, 0.3, 0.5, 0.7, 1.0],
                    help="mask ratios of the trade-off sweep (conditioning attack + retained accuracy)")
@@ -138,12 +143,13 @@ def attacked_pipeline(folder):
     return pipe
 
 
-def attack(args, digit: int, model: str, folder, attack_name: str, base_pipe, pipe) -> dict:
-    """One ``salun-attack`` run (resumable, in attacks/<word>-<model>-<attack>/); its results dict."""
+def attack(args, digit: int, model: str, folder, attack_name: str, base_pipe, pipe, steps=None) -> dict:
+    """One ``salun-attack`` run (resumable, in attacks/<word>-<model>-<attack>[-s<steps>]/); its results dict."""
     slug = {"base": "base", "SalUn": "salun", "SalUn --adversarial": "adversarial"}.get(model, model)
-    steps = getattr(args, f"{attack_name}_steps")
+    steps = steps or getattr(args, f"{attack_name}_steps")
+    name = f"{DIGIT_WORDS[digit]}-{slug}-{attack_name}" + (f"-s{steps}" if steps else "")
     cfg = AttackConfig(model=folder or BUNDLED_DIGIT_MODEL, output_dir=os.path.join(
-        args.output_dir, "attacks", f"{DIGIT_WORDS[digit]}-{slug}-{attack_name}"), attack=attack_name, digit=digit,
+        args.output_dir, "attacks", name), attack=attack_name, digit=digit,
         from_prompt=args.neutral_prompt if folder is None else None, num_prompts=args.num_prompts, steps=steps,
         seed=ATTACK_SEED + 1000 * args.seed, label=f"{model} ({DIGIT_WORDS[digit]})")
     t0 = time.perf_counter()
@@ -188,6 +194,9 @@ def main(argv=None):
                    **{k: run[k] for k in ("wall_seconds", "cpu_seconds", "data_seconds", "train_seconds") if k in run}}
             for a in ATTACKS:
                 row[a] = attack(args, d, model, folder, a, base, pipe)
+            if folder and args.strong_conditioning_steps:
+                row[STRONG] = attack(args, d, model, folder, "conditioning", base, pipe,
+                                     steps=args.strong_conditioning_steps)
             report["rows"].append(row)
             write_report(args, report)
         if SALUN_RATIO in args.ratios and d in args.sweep_digits:
@@ -200,7 +209,8 @@ def main(argv=None):
             print(f"sweep: digit {d}, mask ratio {ratio:g}")
             run = erasure(args, d, ratio, False, judge)
             model = "SalUn" if ratio == SALUN_RATIO else f"mask{ratio:g}"  # 0.5: the same run as the table's
-            res = attack(args, d, model, run["folder"], "conditioning", base, attacked_pipeline(run["folder"]))
+            res = attack(args, d, model, run["folder"], "conditioning", base, attacked_pipeline(run["folder"]),
+                         steps=args.strong_conditioning_steps or None)
             report["sweep"].append({"digit": d, "mask_ratio": ratio, "conditioning_asr": res["asr"],
                                     "unlearning_accuracy": run["unlearning_accuracy"],
                                     "retained_accuracy": run["retained_accuracy"]})
@@ -214,7 +224,7 @@ def main(argv=None):
 
 def sweep_point(report, run, digit, ratio):
     row = next(r for r in report["rows"] if r["digit"] == digit and r["model"] == "SalUn")
-    return {"digit": digit, "mask_ratio": ratio, "conditioning_asr": row["conditioning"]["asr"],
+    return {"digit": digit, "mask_ratio": ratio, "conditioning_asr": row[STRONG if STRONG in row else "conditioning"]["asr"],
             "unlearning_accuracy": run["unlearning_accuracy"], "retained_accuracy": run["retained_accuracy"]}
 
 
@@ -234,9 +244,11 @@ def targets(report) -> list:
     for a in ATTACKS:
         v = _mean(by["base"], a, "asr")
         out.append((f"{a} attack on the base model from a neutral prompt >= 90%", f"{v:.0%}", v >= 0.9))
-    plain_c, adv_c = _mean(by["SalUn"], "conditioning", "asr"), _mean(by["SalUn --adversarial"], "conditioning", "asr")
-    out.append(("--adversarial at least halves the conditioning attack's ASR", f"{plain_c:.0%} -> {adv_c:.0%}",
-                adv_c <= plain_c / 2))
+    for key, what in (("conditioning", ""), (STRONG, f" ({report['args']['strong_conditioning_steps']} steps)")):
+        if all(key in r for r in by["SalUn"] + by["SalUn --adversarial"]):
+            p, q = _mean(by["SalUn"], key, "asr"), _mean(by["SalUn --adversarial"], key, "asr")
+            out.append((f"--adversarial at least halves the conditioning attack's ASR{what}", f"{p:.0%} -> {q:.0%}"
+                        + (" (nothing to halve)" if p == 0 else ""), q <= p / 2 and p > 0))
     for a in ("token", "inversion"):
         p, q = _mean(by["SalUn"], a, "asr"), _mean(by["SalUn --adversarial"], a, "asr")
         out.append((f"--adversarial {a} ASR at or below SalUn's", f"{p:.0%} -> {q:.0%}", q <= p))
@@ -266,27 +278,34 @@ def markdown(report) -> str:
              f"\"{a['neutral_prompt']}\", the erasures from the digit's own prompt. ASR counts a row when the image "
              f"before or after the attack shows the digit. UA / retained accuracy: {a['n_per_digit']} judged images "
              f"per digit prompt. Erasure seed {a['seed']}; torch threads {report['torch_threads']}.", "",
-             "| digit | model | UA | retained acc. | conditioning ASR | token ASR | inversion ASR | erasure s (wall / CPU) |",
-             "|---|---|---|---|---|---|---|---|"]
-    rows = report["rows"]
+             f"| digit | model | UA | retained acc. | conditioning ASR | token ASR | inversion ASR | conditioning ASR, "
+             f"{a['strong_conditioning_steps']} steps | erasure s (wall / CPU) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    rows, cols = report["rows"], (*ATTACKS, STRONG)
+
+    def cell(rs, k):
+        rs = [r for r in rs if k in r]
+        return f"{_mean(rs, k, 'asr'):.0%}" if rs else "–"
+
     for r in rows:
         t = f"{r['wall_seconds']:.0f} / {r['cpu_seconds']:.0f}" if "wall_seconds" in r else "–"
         lines.append(f"| {r['digit']} | {r['model']} | {r['unlearning_accuracy']:.1%} | {r['retained_accuracy']:.1%} | "
-                     + " | ".join(f"{r[k]['asr']:.0%}" for k in ATTACKS) + f" | {t} |")
+                     + " | ".join(cell([r], k) for k in cols) + f" | {t} |")
     for m in MODELS:
         rs = [r for r in rows if r["model"] == m]
         if len(rs) > 1:
             t = (f"{_mean(rs, 'wall_seconds'):.0f} / {_mean(rs, 'cpu_seconds'):.0f}" if "wall_seconds" in rs[0]
                  else "–")
             lines.append(f"| mean | **{m}** | {_mean(rs, 'unlearning_accuracy'):.1%} | "
-                         f"{_mean(rs, 'retained_accuracy'):.1%} | "
-                         + " | ".join(f"{_mean(rs, k, 'asr'):.0%}" for k in ATTACKS) + f" | {t} |")
+                         f"{_mean(rs, 'retained_accuracy'):.1%} | " + " | ".join(cell(rs, k) for k in cols)
+                         + f" | {t} |")
     found = targets(report)
     if found:
         lines += ["", "## Targets (issue 9), as measured", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in found]
     if report["sweep"]:
-        lines += ["", "## Conditioning attack vs mask ratio (plain SalUn recipe at each ratio)", "",
+        lines += ["", f"## Conditioning attack ({a['strong_conditioning_steps'] or DEFAULT_STEPS['conditioning']} "
+                  "steps) vs mask ratio (plain SalUn recipe at each ratio)", "",
                   "| mask ratio | digits | conditioning ASR | UA | retained acc. |", "|---|---|---|---|---|"]
         for ratio in sorted({s["mask_ratio"] for s in report["sweep"]}):
             ss = [s for s in report["sweep"] if s["mask_ratio"] == ratio]
@@ -320,7 +339,7 @@ def tradeoff_plot(report, path):
     ax2.plot(ratios, kept, "s--", color="#4c72b0", label="retained accuracy")
     adv = [r for r in report["rows"] if r["model"] == "SalUn --adversarial" and r["digit"] in common]
     if adv:
-        ax.plot([SALUN_RATIO], [100 * _mean(adv, "conditioning", "asr")], "*", ms=14, color="#c44e52",
+        ax.plot([SALUN_RATIO], [100 * _mean(adv, STRONG if STRONG in adv[0] else "conditioning", "asr")], "*", ms=14, color="#c44e52",
                 label="SalUn --adversarial (ratio 0.5): ASR")
         ax2.plot([SALUN_RATIO], [100 * _mean(adv, "retained_accuracy")], "*", ms=14, color="#4c72b0",
                  label="SalUn --adversarial: retained")
