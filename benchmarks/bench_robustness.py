@@ -77,12 +77,16 @@ def parse_args(argv=None):
                    help="budget of a second, stronger conditioning attack on the erasures and in the mask-ratio sweep "
                         "(0: none). At the CLI's 100 steps plain SalUn already resists on the digit world, which "
                         "would hide the difference --adversarial makes")
+    p.add_argument("--sweep_prompts", type=int, default=None,
+                   help="attack only the first N prompt rows in the mask-ratio sweep (default: --num_prompts)")
     p.add_argument("--neutral_prompt", default="a handwritten digit", help="what the base model is attacked from")
     p.add_argument("--ratios", type=_floats, default=[0.1, 0.3, 0.5, 0.7, 1.0],
                    help="mask ratios of the trade-off sweep (conditioning attack + retained accuracy)")
     p.add_argument("--sweep_digits", type=_ints, default=None, help="digits of the sweep (default: all --digits)")
     p.add_argument("--seed", type=int, default=0, help="erasure seed; attack rows use seeds 20000000 + 1000*seed + i")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--merge", default=None, help="comma-separated report names in --output_dir (e.g. "
+                   "report7,report1,report4 from processes run side by side): combine them into --report_name and stop")
     p.add_argument("--report_name", default="report", help="report files: <name>.json / .md (another name lets a "
                    "second process share --output_dir's erasures and attack runs, e.g. the sweep alone)")
     p.add_argument("--erase_args", default="{}", help="JSON of extra EraseConfig fields for every erasure")
@@ -143,7 +147,7 @@ def attacked_pipeline(folder):
     return pipe
 
 
-def attack(args, digit: int, model: str, folder, attack_name: str, base_pipe, pipe, steps=None) -> dict:
+def attack(args, digit: int, model: str, folder, attack_name: str, base_pipe, pipe, steps=None, limit=None) -> dict:
     """One ``salun-attack`` run (resumable, in attacks/<word>-<model>-<attack>[-s<steps>]/); its results dict."""
     slug = {"base": "base", "SalUn": "salun", "SalUn --adversarial": "adversarial"}.get(model, model)
     steps = steps or getattr(args, f"{attack_name}_steps")
@@ -151,7 +155,7 @@ def attack(args, digit: int, model: str, folder, attack_name: str, base_pipe, pi
     cfg = AttackConfig(model=folder or BUNDLED_DIGIT_MODEL, output_dir=os.path.join(
         args.output_dir, "attacks", name), attack=attack_name, digit=digit,
         from_prompt=args.neutral_prompt if folder is None else None, num_prompts=args.num_prompts, steps=steps,
-        seed=ATTACK_SEED + 1000 * args.seed, label=f"{model} ({DIGIT_WORDS[digit]})")
+        seed=ATTACK_SEED + 1000 * args.seed, label=f"{model} ({DIGIT_WORDS[digit]})", limit=limit)
     t0 = time.perf_counter()
     results = run_attack(cfg, base_pipe=base_pipe, pipe=pipe)
     print(f"  {model:20s} {attack_name:12s} ASR {results['asr']:.0%} (after {results['after_rate']:.0%}, "
@@ -167,6 +171,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.merge:
+        return merge_reports(args)
     print(f"digit world; torch threads {torch.get_num_threads()}; erasure seed {args.seed}; attacked rows use seeds "
           f"{ATTACK_SEED + 1000 * args.seed}..{ATTACK_SEED + 1000 * args.seed + args.num_prompts - 1}; UA/retained "
           f"images use seeds {EVAL_SEED} + 1000*digit + i (i < {args.n_per_digit})")
@@ -190,6 +196,7 @@ def main(argv=None):
             folder = run.get("folder")
             pipe = attacked_pipeline(folder)
             row = {"digit": d, "model": model, "unlearning_accuracy": run["unlearning_accuracy"],
+                   "num_prompts": args.num_prompts, "n_per_digit": args.n_per_digit,
                    "retained_accuracy": run["retained_accuracy"],
                    **{k: run[k] for k in ("wall_seconds", "cpu_seconds", "data_seconds", "train_seconds") if k in run}}
             for a in ATTACKS:
@@ -210,13 +217,31 @@ def main(argv=None):
             run = erasure(args, d, ratio, False, judge)
             model = "SalUn" if ratio == SALUN_RATIO else f"mask{ratio:g}"  # 0.5: the same run as the table's
             res = attack(args, d, model, run["folder"], "conditioning", base, attacked_pipeline(run["folder"]),
-                         steps=args.strong_conditioning_steps or None)
+                         steps=args.strong_conditioning_steps or None, limit=args.sweep_prompts)
             report["sweep"].append({"digit": d, "mask_ratio": ratio, "conditioning_asr": res["asr"],
+                                    "num_prompts": res["num_prompts"],
                                     "unlearning_accuracy": run["unlearning_accuracy"],
                                     "retained_accuracy": run["retained_accuracy"]})
             write_report(args, report)
     report["complete"] = True
     report["total_seconds"] = time.perf_counter() - t_start
+    write_report(args, report)
+    print(markdown(report))
+    return report
+
+
+def merge_reports(args):
+    """One report from several (rows in the order given, a later sweep point replacing an earlier one of the same digit
+    and ratio; the first report's settings)."""
+    parts = []
+    for name in args.merge.split(","):
+        with open(os.path.join(args.output_dir, f"{name.strip()}.json")) as f:
+            parts.append(json.load(f))
+    report = {**parts[0], "rows": [r for p in parts for r in p["rows"]],
+              "sweep": list({(s["digit"], s["mask_ratio"]): s for p in parts for s in p["sweep"]}.values()),
+              "merged_from": args.merge,
+              "complete": all(p["complete"] for p in parts),
+              "total_seconds": max(p.get("total_seconds") or 0 for p in parts)}
     write_report(args, report)
     print(markdown(report))
     return report
@@ -272,8 +297,11 @@ def targets(report) -> list:
 def markdown(report) -> str:
     a = report["args"]
     steps = {k: a[f"{k}_steps"] or DEFAULT_STEPS[k] for k in ATTACKS}
+    per_digit = {r["digit"]: r.get("num_prompts", a["num_prompts"]) for r in report["rows"]}
+    n_rows = (", ".join(f"{n} for digit {d}" for d, n in per_digit.items()) if len(set(per_digit.values())) > 1
+              else str(next(iter(per_digit.values()), a["num_prompts"])))
     lines = ["# Digit-world robustness benchmark", "",
-             f"{report['world']}. Attacks: {a['num_prompts']} prompt rows (seeds) per digit, model and attack; "
+             f"{report['world']}. Attacks: {n_rows} prompt rows (seeds) per digit, model and attack; "
              f"steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()) + f"; the base model is attacked from "
              f"\"{a['neutral_prompt']}\", the erasures from the digit's own prompt. ASR counts a row when the image "
              f"before or after the attack shows the digit. UA / retained accuracy: {a['n_per_digit']} judged images "
