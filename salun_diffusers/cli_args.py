@@ -1,10 +1,39 @@
-"""Build an argparse parser from a dataclass config (flag names = field names, help from field metadata)."""
+"""Command-line helpers: an argparse parser from a dataclass config (flag names = field names, help from field
+metadata), and one-line errors for user mistakes (exit code 2; the traceback only with ``--debug``)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
+from typing import Callable
+
+# User mistakes: bad values or files (missing, unreadable, not UTF-8, not writable). Anything else is a bug: traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full Python traceback instead "
+                        "of one line")
+    return parser
+
+
+def run_main(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
+    """``fn()``; a user mistake (:data:`USER_ERRORS`) becomes ``prog: error: <message>`` on one line of stderr and
+    exit code 2 (re-raised with ``debug``)."""
+    try:
+        return fn()
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        from tqdm.auto import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar left open by the error: end its line
+            bar.close()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 def _base_type(tp):

@@ -3,6 +3,7 @@
 A concept names a forget prompt (the concept to erase), pseudo prompts (the misaligned concept c' whose noise
 prediction becomes the target for the forget prompt) and retain prompts (data whose ordinary diffusion loss keeps
 the rest of the model intact). Presets follow the SalUn paper's setups; ``--forget_prompt`` etc. override them.
+Each preset names the base pipeline classes it fits (``pipeline_classes``); ``erase`` refuses any other.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# the diffusers pipeline classes a preset fits (SD 1.x and 2.x are both StableDiffusionPipeline)
+SD_ONLY = ("StableDiffusionPipeline",)
+SD_AND_SDXL = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 IMAGENETTE = ("tench", "english springer", "cassette player", "chain saw", "church", "french horn",
               "garbage truck", "gas pump", "golf ball", "parachute")
 
@@ -25,6 +29,7 @@ class ConceptSpec:
     target_class: Optional[int] = None  # digit / class index judged by a classifier, where there is one
     needs_sd: bool = True  # False: works on the bundled digit model
     defaults: Dict[str, object] = field(default_factory=dict)  # preset training defaults (EraseConfig fields)
+    pipeline_classes: Tuple[str, ...] = SD_AND_SDXL  # base pipeline classes the preset fits
 
 
 def digit_prompt(d: int) -> str:
@@ -75,7 +80,9 @@ def _presets() -> Dict[str, ConceptSpec]:
             # tuned on the digit world (digit 7, judged): lr 1e-3 x 150 steps cost 3.6 retained points, this 0.3
             defaults={"num_forget_images": 64, "num_retain_images": 288, "max_train_steps": 200,
                       "train_batch_size": 16, "learning_rate": 5e-4, "alpha": 1.0,
-                      "data_num_inference_steps": 20, "data_guidance_scale": 4.0})
+                      "data_num_inference_steps": 20, "data_guidance_scale": 4.0},
+            # the digit prompts and defaults are the bundled digit model's, an SD-1-style pipeline
+            pipeline_classes=SD_ONLY)
     return presets
 
 
@@ -101,4 +108,5 @@ def resolve_concept(name: Optional[str], forget_prompt: Optional[str] = None,
                            tuple(retain_prompts or pseudo_prompts))
     return ConceptSpec(
         base.name, forget_prompt or base.forget_prompt, tuple(pseudo_prompts or base.pseudo_prompts),
-        tuple(retain_prompts or base.retain_prompts), base.kind, base.target_class, base.needs_sd, base.defaults)
+        tuple(retain_prompts or base.retain_prompts), base.kind, base.target_class, base.needs_sd, base.defaults,
+        base.pipeline_classes)

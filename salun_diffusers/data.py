@@ -31,6 +31,13 @@ def default_data_dir() -> Optional[str]:
     return None
 
 
+def data_file(*parts: str) -> Optional[str]:
+    """A file of the project's data folder (:func:`default_data_dir`), or None where it is absent."""
+    base = default_data_dir()
+    path = os.path.join(base, *parts) if base else None
+    return path if path and os.path.exists(path) else None
+
+
 def _find_mnist_dir(path: Optional[str]) -> Optional[str]:
     if path:
         return path

@@ -1,4 +1,4 @@
-"""SalUn erasure of a concept from a Stable Diffusion U-Net, driven by accelerate.
+"""SalUn erasure of a concept from a Stable Diffusion (1.x, 2.x, XL) U-Net, driven by accelerate.
 
 ``erase(config)`` runs the phases of :mod:`salun_diffusers.erasure` in order:
 
@@ -25,14 +25,15 @@ import torch
 from .config import EraseConfig
 from .delta import base_values_digest
 from .erasure.adversarial import make_adversary
-from .erasure.checkpoints import resolve_resume
+from .erasure.checkpoints import remove_partial_checkpoints, resolve_resume
 from .erasure.data import ConceptData, base_model_id, load_pipeline, prepare_data  # noqa: F401  (re-exported)
-from .erasure.outputs import check_output_dir, write_outputs
+from .erasure.outputs import check_before_compute, check_output_dir, output_lock, write_outputs
 from .erasure.saliency import compute_or_load_mask
 from .erasure.training import train, training_scheduler
 from .erasure.validation import validation_hook
+from .families import SD, SDXL, check_fits, pipeline_class_name, text_encoders
 from .masking import mask_density
-from .utils import DTYPES, configure_threads
+from .utils import DTYPES, cast_module, configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +50,25 @@ class EraseResult:
 
 
 def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
-    """Run a SalUn erasure as configured. ``pipe`` (optional) is a loaded base pipeline to use instead of loading."""
+    """Run a SalUn erasure as configured. ``pipe`` (optional) is a loaded base pipeline to use instead of loading.
+
+    Before any work: the folders and inputs are checked, and the output folder is locked for the whole run (a second
+    run into it is refused); a killed run's unfinished checkpoint is cleared."""
+    from accelerate import PartialState
+
+    check_before_compute(config)
+    main = accelerator.is_main_process if accelerator is not None else PartialState().is_main_process
+    with output_lock(config.output_dir, enabled=main):
+        check_output_dir(config)
+        if main:
+            remove_partial_checkpoints(config.output_dir)
+        return _erase(config, pipe, accelerator)
+
+
+def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    check_output_dir(config)
     resume_path = resolve_resume(config)
     if accelerator is None:
         accelerator = Accelerator(
@@ -72,11 +87,18 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
         pipe = load_pipeline(config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
-    for module, dtype in ((pipe.vae, weight_dtype), (pipe.text_encoder, weight_dtype), (pipe.unet, torch.float32)):
+    check_fits(pipe, spec.pipeline_classes, f"concept {spec.name!r}")
+    if config.adversarial:  # its attacks optimise one text encoder's hidden states, without SDXL's added conditioning
+        check_fits(pipe, [SD], "--adversarial", "drop --adversarial for an SDXL base")
+    # SDXL's VAE overflows in fp16 (its config says force_upcast; the SDXL pipeline upcasts it too): float32 then
+    upcast = pipeline_class_name(pipe) == SDXL and getattr(pipe.vae.config, "force_upcast", False)
+    vae_dtype = torch.float32 if upcast and weight_dtype == torch.float16 else weight_dtype
+    frozen = [(pipe.vae, vae_dtype)] + [(m, weight_dtype) for m in text_encoders(pipe)]
+    for module, dtype in frozen + [(pipe.unet, torch.float32)]:
         if module.dtype != dtype:
-            module.to(dtype=dtype)
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+            cast_module(module, dtype)
+    for module, _ in frozen:
+        module.requires_grad_(False)
     unet = pipe.unet
     configure_threads(sum(p.numel() for p in unet.parameters()), config.threads)
     if config.gradient_checkpointing:
@@ -95,7 +117,8 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     t_saliency = time.perf_counter()
     density = mask_density(mask)
     logger.info("mask: %.4f of %d U-Net weights selected", density, sum(m.numel() for m in mask.values()))
-    metrics = {"mask_density": density, "data_seconds": t_data - t0, "saliency_seconds": t_saliency - t_data}
+    metrics = {"pipeline_class": pipeline_class_name(pipe), "mask_density": density, "data_seconds": t_data - t0,
+               "saliency_seconds": t_saliency - t_data}
     if config.save_mask_only:
         return EraseResult(config.output_dir, None, mask_file, None, metrics, unet, pipe)
     # fingerprint of the base values the erasure applies to (taken before training): loaders refuse another base

@@ -10,8 +10,9 @@ One implementation serves the diffusion path (U-Net) and the classifier path (an
   Ties at the threshold are broken deterministically (parameter-name order, then flat index).
 * :func:`save_mask` / :func:`load_mask` store masks as packed bits in a safetensors file (1 bit per weight), sealed with
   sha256 digests of the bits and the header that are verified on load (docs/erasure-format.md).
-* :class:`MaskedUpdate` zeroes gradients outside the mask and, after every optimizer step, copies the base values
-  back outside the mask, so those weights stay bit-identical to the base even with weight decay or momentum.
+* :class:`MaskedUpdate` trains flat tensors of the masked values only (optimizer state sized by the mask) and writes
+  them into the masked entries after every step; the weights outside the mask are never written, so they stay
+  bit-identical to the base even with weight decay or momentum, and no copy of them is kept.
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ def load_mask(path: str) -> tuple:
 
 
 class MaskedUpdate:
-    """Keep every weight outside ``mask`` bit-identical to its value at construction time.
+    """Train only the entries of a model's weights that ``mask`` selects; every other entry is never written.
 
     Usage::
 
@@ -239,12 +240,19 @@ class MaskedUpdate:
         optimizer = torch.optim.AdamW(guard.trainable_parameters(), ...)
         loss.backward(); guard.mask_gradients(); optimizer.step(); guard.restore()
 
-    Parameters not named in ``mask`` are frozen (``requires_grad=False``), as are parameters with an all-False
-    mask. ``restore`` copies the saved base values back outside the mask (weight decay and Adam momentum would
-    otherwise move them), so exactness does not depend on the optimizer.
+    The optimizer sees one flat tensor per weight tensor holding only its masked values, so its state (Adam's two
+    moments) is sized by the mask, not the model. Each weight's gradient is gathered into its flat tensor's gradient
+    as soon as backward produces it (a post-accumulate-grad hook) and the full-size gradient is dropped, so at most
+    one full-size gradient exists at a time; ``hooks=False`` (needed under DDP, which reduces the full gradients)
+    gathers in :meth:`mask_gradients` instead. :meth:`restore` writes the flat values into the masked entries.
+    No copy of the weights outside the mask is kept: they are never written, so they stay bit-identical to their
+    values at construction time whatever the optimizer does (weight decay, momentum).
+
+    Parameters not named in ``mask``, or with an all-False mask, are frozen (``requires_grad=False``).
+    After loading weights into the model (a resumed checkpoint), call :meth:`reload` to refresh the flat values.
     """
 
-    def __init__(self, model: torch.nn.Module, mask: Mapping[str, torch.Tensor]):
+    def __init__(self, model: torch.nn.Module, mask: Mapping[str, torch.Tensor], hooks: bool = True):
         params = dict(model.named_parameters())
         unknown = sorted(set(mask) - set(params))
         if unknown:
@@ -252,7 +260,8 @@ class MaskedUpdate:
                              "the mask was computed for a different model")
         self.params: Dict[str, torch.nn.Parameter] = {}
         self.masks: Mask = {}
-        self._outside: Dict[str, torch.Tensor] = {}
+        self.values: Dict[str, torch.nn.Parameter] = {}
+        self._handles = []
         for name, p in params.items():
             m = mask.get(name)
             if m is None or not bool(m.any()):
@@ -260,29 +269,58 @@ class MaskedUpdate:
                 continue
             if tuple(m.shape) != tuple(p.shape):
                 raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, parameter has {tuple(p.shape)}")
-            m = m.to(device=p.device, dtype=torch.bool)
             p.requires_grad_(True)
             self.params[name] = p
-            self.masks[name] = m
-            if not bool(m.all()):
-                self._outside[name] = p.detach()[~m].clone()
+            self.masks[name] = m.to(device=p.device, dtype=torch.bool)
+            self.values[name] = torch.nn.Parameter(p.detach()[self.masks[name]].clone())
+            if hooks:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._gather_hook(name)))
 
-    def trainable_parameters(self):
-        return list(self.params.values())
+    def _gather_hook(self, name: str):
+        def hook(p):
+            self._gather(name, p)
+        return hook
 
     @torch.no_grad()
+    def _gather(self, name: str, p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
+        g = p.grad[self.masks[name]].to(self.values[name].dtype)
+        v = self.values[name]
+        if v.grad is None:
+            v.grad = g
+        else:
+            v.grad.add_(g)
+        p.grad = None
+
+    def trainable_parameters(self):
+        """The flat tensors of masked values, one per trainable weight tensor (give these to the optimizer)."""
+        return list(self.values.values())
+
     def mask_gradients(self) -> None:
+        """Gather any full-size gradients left on the weights into the flat gradients (a no-op with hooks)."""
         for name, p in self.params.items():
-            if p.grad is not None and name in self._outside:
-                p.grad.mul_(self.masks[name].to(p.grad.dtype))
+            self._gather(name, p)
 
     @torch.no_grad()
     def restore(self) -> None:
-        for name, base in self._outside.items():
-            p = self.params[name]
-            p.data.masked_scatter_(~self.masks[name], base)
+        """Write the flat values into the masked entries of the weights (entries outside the mask are untouched)."""
+        for name, p in self.params.items():
+            p.data.masked_scatter_(self.masks[name], self.values[name].detach().to(p.dtype))
+
+    @torch.no_grad()
+    def reload(self) -> None:
+        """Refresh the flat values from the weights (after the model's weights were loaded, e.g. on resume)."""
+        for name, p in self.params.items():
+            self.values[name].data.copy_(p.detach()[self.masks[name]])
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def to(self, device) -> "MaskedUpdate":
         self.masks = {n: m.to(device) for n, m in self.masks.items()}
-        self._outside = {n: b.to(device) for n, b in self._outside.items()}
+        for v in self.values.values():
+            v.data = v.data.to(device)
         return self

@@ -17,11 +17,19 @@ def summarize(config, result) -> str:
              f"  mask: {m['mask_density']:.1%} of U-Net weights",
              f"  time: data {m['data_seconds']:.1f}s, saliency {m['saliency_seconds']:.1f}s"
              + (f", training {m['train_seconds']:.1f}s ({m['seconds_per_step']:.3f}s/step)" if "train_seconds" in m
-                else "")]
+                else "")
+             + (f", verdict {m['verdict_seconds']:.1f}s" if "verdict_seconds" in m else "")]
     if result.erasure_path:
         lines.append(f"  erasure: {result.erasure_path} ({m.get('num_changed_weights', 0):,} weights)")
     if result.unet_dir:
         lines.append(f"  merged U-Net: {result.unet_dir}")
+    if result.unet_dir and os.path.isfile(os.path.join(result.output_dir, "model_index.json")):
+        lines.append(f"  pipeline: DiffusionPipeline.from_pretrained({result.output_dir!r})")
+    if m.get("lora"):
+        lines.append(f"  LoRA: rank {m['lora']['rank']}, {m['lora']['energy_kept']:.1%} of the delta's energy "
+                     "(pytorch_lora_weights.safetensors)")
+    if m.get("hub_url"):
+        lines.append(f"  pushed to {m['hub_url']}")
     if "verdict" in m:
         lines.append(f"  verdict: {m['verdict']}")
     return "\n".join(lines)
@@ -100,8 +108,11 @@ def base_digit_scores(base_pipe, judge, digit: int, n_per_digit: int = 50, seed:
 
 def digit_verdict(base_pipe, erased_pipe, digit: int, n_per_digit: int = 50, cache_dir: Optional[str] = None) -> dict:
     """Before/after judge scores of a digit erasure, with a one-line verdict (the base model's scores cached)."""
+    import time
+
     from .digits import DigitJudge
 
+    start = time.perf_counter()
     judge = DigitJudge.from_pretrained()
     before = base_digit_scores(base_pipe, judge, digit, n_per_digit, cache_dir=cache_dir)
     after = digit_scores(erased_pipe, judge, digit, n_per_digit)
@@ -109,4 +120,5 @@ def digit_verdict(base_pipe, erased_pipe, digit: int, n_per_digit: int = 50, cac
     line = (f"UA {after['unlearning_accuracy']:.1%} (before {before['unlearning_accuracy']:.1%}); retained accuracy "
             f"{after['retained_accuracy']:.1%} (before {before['retained_accuracy']:.1%}, drop {drop * 100:+.1f} "
             f"points); judged on {n_per_digit} images per digit")
-    return {"before": before, "after": after, "retained_drop": drop, "line": line}
+    return {"before": before, "after": after, "retained_drop": drop, "line": line,
+            "seconds": time.perf_counter() - start}

@@ -1,4 +1,4 @@
-"""Attacks on erased models (salun_diffusers.attacks) and the salun-attack CLI, on tiny pipelines and the digit world."""
+"""Attacks on erased models (salun_diffusers.attacks) and the salun-attack CLI: tiny pipelines and the digit world."""
 
 import pytest
 import torch
@@ -192,7 +192,7 @@ def test_cli_end_to_end_and_resume(dummy_pipeline_dir, prompt_csv, tmp_path, mon
     if attack == "token":
         assert row["adversarial_prompt"].endswith("a photo of a person") and len(row["adversarial_tokens"]) == 2
     if attack == "inversion":
-        assert (out / "inversion.safetensors").is_file()
+        assert (out / "inversion.safetensors").is_file() and results["inversion"]["seconds"] > 0
 
     # resume: finished rows are reused; only a row killed before it was written, or a new one (--limit raised;
     # not for inversion, whose embedding is learned on all the run's targets), is attacked
@@ -234,6 +234,7 @@ def test_cli_attacks_an_erasure_folder(erase_config, tmp_path):
     (["--prompts", "PROMPTS", "--judge", "digit"], "needs --digit"),
     (["--digit", "3", "--steps", "-1"], "--steps"),
     (["--digit", "3", "--erasure", "/no/such/erasure"], "does not exist"),
+    (["--prompts", "PROMPTS", "--judge", "classifier"], "--judge_model"),
 ])
 def test_cli_bad_input_exits_2(dummy_pipeline_dir, prompt_csv, tmp_path, capsys, extra, message):
     from salun_diffusers.attacks import cli
@@ -255,3 +256,50 @@ def test_cli_refuses_other_settings_in_the_same_folder(dummy_pipeline_dir, promp
     assert cli.main(args) == 2
     assert "steps" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
+
+
+def test_cli_classifier_judge(dummy_pipeline_dir, prompt_csv, tmp_path):
+    """SD path, mechanical: a transformers image classifier judges; hits follow its predictions on the images."""
+    import json
+
+    from PIL import Image
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    from salun_diffusers.attacks import cli
+    from salun_diffusers.evaluation.judges import load_class_judge
+
+    judge_dir = str(tmp_path / "judge")
+    torch.manual_seed(0)
+    ResNetForImageClassification(ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1],
+        id2label={0: "tench, Tinca tinca", 1: "church, church building"})).save_pretrained(judge_dir)
+    ConvNextImageProcessor(size={"shortest_edge": 32}).save_pretrained(judge_dir)
+    out = tmp_path / "attack"
+    assert cli.main(["--model", dummy_pipeline_dir, "--prompts", prompt_csv, "--output_dir", str(out), "--judge",
+                     "classifier", "--judge_model", judge_dir, "--target_class", "church", "--attack",
+                     "conditioning", "--steps", "2", "--num_inference_steps", "2", "--limit", "1"]) == 0
+    row = json.loads((out / "rows" / "a.json").read_text())
+    judge = load_class_judge("classifier", judge_dir)
+    for kind, folder in (("target", "targets"), ("before", "before"), ("after", "after")):
+        pred = int(judge.predict([Image.open(out / folder / "a.png").convert("RGB")])[0])
+        assert row[kind] == {"hit": pred == 1, "label": judge.class_names[pred]}
+
+
+def test_cli_nudenet_judge(dummy_pipeline_dir, prompt_csv, tmp_path):
+    """SD path, mechanical: the nudity rule of the audit (NudeNet exposed parts >= threshold) judges each image."""
+    pytest.importorskip("nudenet")
+    import json
+
+    from salun_diffusers.attacks import cli
+    from salun_diffusers.evaluation.nudenet import NudeNetDetector, exposed_parts
+
+    out = tmp_path / "attack"
+    assert cli.main(["--model", dummy_pipeline_dir, "--prompts", prompt_csv, "--output_dir", str(out), "--attack",
+                     "token", "--steps", "2", "--num_tokens", "1", "--num_inference_steps", "2", "--limit", "1",
+                     "--resolution", "64"]) == 0
+    row = json.loads((out / "rows" / "a.json").read_text())
+    detector = NudeNetDetector()
+    for kind, folder in (("target", "targets"), ("before", "before"), ("after", "after")):
+        parts = exposed_parts(detector(str(out / folder / "a.png")), 0.6)
+        assert row[kind] == {"hit": bool(parts), "label": ",".join(parts) or "none"}
+    assert json.loads((out / "results.json").read_text())["judge"] == "nudenet"

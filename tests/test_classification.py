@@ -229,6 +229,64 @@ def test_cifar10_from_pickle_folder(tmp_path):
         load_cifar10_data(str(tmp_path / "missing"))
 
 
+class _Payload:
+    """A pickle that creates a file when unpickled (as a crafted data_batch_1 could run any code)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def _cifar_folder(tmp_path, protocol=pickle.DEFAULT_PROTOCOL):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": "training batch", "data": rng.integers(0, 255, (4, 3072), dtype=np.uint8),
+                         "labels": [0, 1, 2, 3], "filenames": [b"a.png", b"b.png", b"c.png", b"d.png"]}, f,
+                        protocol=protocol)
+    return folder
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_of_every_pickle_protocol_load(tmp_path, protocol):
+    _cifar_folder(tmp_path, protocol)
+    data = load_cifar10_data(str(tmp_path))
+    assert data.train_x.shape == (20, 3, 32, 32) and data.train_y.tolist()[:4] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("payload", ["open", "os.system", "nested"])
+def test_crafted_cifar_batch_runs_no_code(tmp_path, payload):
+    folder = _cifar_folder(tmp_path)
+    target = tmp_path / "pwned"
+    if payload == "open":
+        obj = _Payload(str(target))
+    elif payload == "os.system":
+        obj = type("P", (), {"__reduce__": lambda self: (os.system, (f"touch {target}",))})()
+    else:  # hidden inside an otherwise valid batch
+        obj = {"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3], "filenames": [_Payload(str(target))]}
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump(obj, f)
+    with pytest.raises(ValueError, match="data_batch_1 is not a CIFAR-10 python batch .refused to unpickle it"):
+        load_cifar10_data(str(tmp_path))
+    assert not target.exists()
+
+
+def test_cifar_batch_of_the_wrong_shape_is_refused(tmp_path):
+    folder = _cifar_folder(tmp_path)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((4, 100), np.uint8), "labels": [0, 1, 2, 3]}, f)
+    with pytest.raises(ValueError, match="test_batch is not a CIFAR-10 python batch .it holds no 'data' array"):
+        load_cifar10_data(str(tmp_path))
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 12]}, f)
+    with pytest.raises(ValueError, match="'labels'"):
+        load_cifar10_data(str(tmp_path))
+
+
 # ----------------------------------------------------------------------------------------------- bad inputs, config
 
 
@@ -280,3 +338,47 @@ def test_cli_end_to_end_and_refuses_to_overwrite(tmp_path, capsys):
     assert result["summary"]["retrain"]["gap"][0] == 0.0
     assert "| salun |" in open(os.path.join(out, "results.md")).read()
     assert cli.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- CLI user mistakes
+
+
+def _cli_error(capsys, argv):
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_cli_checks_the_output_folder_before_reading_data_or_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    argv = ["--dataset", "cifar10", "--data_dir", str(tmp_path / "no-data"), "--output_dir", str(blocker / "out")]
+    code, err = _cli_error(capsys, argv)
+    assert code == 2 and "\n" not in err and "Traceback" not in err
+    assert err.startswith("salun-classifier: error: --output_dir") and "cannot be created" in err
+    with pytest.raises(ValueError, match="cannot be created"):  # --debug: the exception itself, with its traceback
+        cli.main(argv + ["--debug"])
+
+
+def test_cli_user_mistakes_are_one_line_errors(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    cases = {
+        "CIFAR-10 not found": ["--dataset", "cifar10", "--data_dir", str(tmp_path / "no-data")],
+        "not valid JSON": ["--hparams", "{salun: 1}"],
+        "unknown method": ["--methods", "retrain,foo"],
+        "unknown level": ["--log_level", "chatty"],
+    }
+    for expected, argv in cases.items():
+        code, err = _cli_error(capsys, argv + ["--output_dir", out])
+        assert code == 2 and "\n" not in err and "Traceback" not in err, (expected, err)
+        assert expected.lower() in err.lower(), (expected, err)
+    binary = tmp_path / "hparams.json"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    code, err = _cli_error(capsys, ["--hparams", str(binary), "--output_dir", out])
+    assert code == 2 and "--hparams: not valid JSON" in err
+    _cifar_folder(tmp_path / "crafted")
+    with open(tmp_path / "crafted" / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump(_Payload(str(tmp_path / "pwned")), f)
+    code, err = _cli_error(capsys, ["--dataset", "cifar10", "--data_dir", str(tmp_path / "crafted"), "--output_dir",
+                                    out])
+    assert code == 2 and "data_batch_3 is not a CIFAR-10 python batch" in err and not (tmp_path / "pwned").exists()

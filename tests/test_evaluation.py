@@ -491,3 +491,114 @@ def test_audit_applies_a_saved_erasure(small_csv, tmp_path):
         base = load(tmp_path / "base" / "images" / f"{case}.png")
         assert np.abs(base - load(tmp_path / "erased" / "images" / f"{case}.png")).max() > 0
         assert np.array_equal(base, load(tmp_path / "half" / "images" / f"{case}.png"))  # scale 0: the base model
+
+
+# ------------------------------------------------------------------------------------------------ CLI user mistakes
+def _audit_error(capsys, argv):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2 and "Traceback" not in err, err
+    last = err.splitlines()[-1]  # (progress bars of a loaded model may come before it)
+    assert last.startswith("salun-audit: error: "), err
+    return last
+
+
+def test_cli_bad_prompt_files_are_one_line_errors(small_csv, tmp_path, capsys):
+    model = str(tmp_path / "model-never-loaded")
+    os.makedirs(model)  # an empty folder: any attempt to load it would fail differently
+    files = {
+        "not UTF-8 text": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xd8",  # binary
+        "not UTF-8 text ": "prompt,evaluation_seed\ncaf\u00e9 au lait,1\n".encode("latin-1"),  # another encoding
+        "NUL bytes": b"prompt,evaluation_seed\n\x00\x00,1\n",
+        "no 'prompt' column": b"text,evaluation_seed\na cat,1\n",
+    }
+    for i, (expected, data) in enumerate(files.items()):
+        path = tmp_path / f"prompts{i}.csv"
+        path.write_bytes(data)
+        argv = ["--pretrained_model_name_or_path", model, "--prompts", str(path), "--judge", "none",
+                "--output_dir", str(tmp_path / f"out{i}")]
+        assert expected.strip() in _audit_error(capsys, argv)
+        assert not os.path.exists(tmp_path / f"out{i}" / "settings.json")  # refused before any work
+    with pytest.raises(ValueError, match="no 'prompt' column"):  # --debug: the exception and its traceback
+        cli.main(argv + ["--debug"])
+
+
+def test_cli_checks_outputs_and_inputs_before_loading_the_model(small_csv, tmp_path, capsys):
+    model = str(tmp_path / "model-never-loaded")
+    os.makedirs(model)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    one_image = tmp_path / "ref"
+    one_image.mkdir()
+    Image.new("RGB", (8, 8)).save(one_image / "a.png")
+    common = ["--prompts", small_csv, "--judge", "none"]
+    cases = {
+        "--output_dir": ["--pretrained_model_name_or_path", model, "--output_dir", str(blocker / "audit")],
+        "--pretrained_model_name_or_path": ["--pretrained_model_name_or_path", str(tmp_path / "no-model"),
+                                            "--output_dir", str(tmp_path / "o1")],
+        "--fid_model": ["--pretrained_model_name_or_path", model, "--output_dir", str(tmp_path / "o2"),
+                        "--fid_model", str(tmp_path / "inception.pt")],
+        "FID needs at least 2": ["--pretrained_model_name_or_path", model, "--output_dir", str(tmp_path / "o3"),
+                                 "--fid_reference", str(one_image)],
+        "no prompts left": ["--pretrained_model_name_or_path", model, "--output_dir", str(tmp_path / "o4"),
+                            "--skip_empty_prompts", "--limit", "1", "--categories", "sexual"],
+    }
+    for expected, argv in cases.items():
+        if expected == "no prompts left":  # a CSV with categories, none of them sexual
+            path = write_csv(tmp_path / "cats.csv", ["prompt", "evaluation_seed", "categories"], [["a cat", 1, "x"]])
+            argv = argv + ["--prompts", path]
+        err = _audit_error(capsys, common + argv)
+        assert expected in err, (expected, err)
+        assert not os.path.exists(os.path.join(argv[argv.index("--output_dir") + 1], "images"))
+
+
+def test_cli_erasure_faults_are_one_line_errors(small_csv, tmp_path, capsys):
+    from salun_diffusers import delta as delta_mod
+    from salun_diffusers.testing import get_dummy_pipeline, save_dummy_pipeline
+
+    base = get_dummy_pipeline().unet
+    unet = get_dummy_pipeline().unet
+    with torch.no_grad():
+        unet.conv_in.weight.add_(0.5)
+    mask = {"conv_in.weight": torch.ones_like(unet.conv_in.weight, dtype=torch.bool)}
+    erasure = str(tmp_path / "erasure")
+    delta_mod.save_delta(delta_mod.build_delta(unet, mask, {"concept": "test"},
+                                               base_digest=delta_mod.base_values_digest(base, mask)), erasure)
+    other = save_dummy_pipeline(str(tmp_path / "other-base"), seed=1)  # same shapes, other weights
+    common = ["--pretrained_model_name_or_path", other, "--prompts", small_csv, "--judge", "none", "--limit", "1",
+              "--num_inference_steps", "1", "--erasure", erasure]
+    err = _audit_error(capsys, common + ["--output_dir", str(tmp_path / "a")])
+    assert "other base weights" in err and "--no_erasure_check_base" in err
+    assert cli.main(common + ["--output_dir", str(tmp_path / "b"), "--no_erasure_check_base"]) == 0
+    path = os.path.join(erasure, delta_mod.WEIGHTS_NAME)
+    data = bytearray(open(path, "rb").read())
+    data[-20] ^= 0xFF  # a flipped byte in the stored values
+    open(path, "wb").write(bytes(data))
+    err = _audit_error(capsys, common + ["--output_dir", str(tmp_path / "c"), "--no_erasure_check_base"])
+    assert "fails its integrity check" in err
+
+
+def test_cli_missing_nudenet_is_refused_before_compute(small_csv, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nudenet" else real(name, *a))
+    model = str(tmp_path / "model-never-loaded")
+    os.makedirs(model)
+    err = _audit_error(capsys, ["--pretrained_model_name_or_path", model, "--prompts", small_csv, "--output_dir",
+                                str(tmp_path / "out")])
+    assert "pip install salun-diffusers[nudenet]" in err and "--judge none" in err
+
+
+def test_cli_refuses_an_audit_the_disk_cannot_hold(small_csv, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))  # 100 bytes free
+    model = str(tmp_path / "model-never-loaded")
+    os.makedirs(model)
+    err = _audit_error(capsys, ["--pretrained_model_name_or_path", model, "--prompts", small_csv, "--judge", "none",
+                                "--output_dir", str(tmp_path / "out")])
+    assert "GiB free but 7 images need at least" in err and not os.path.exists(tmp_path / "out" / "images")

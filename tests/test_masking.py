@@ -104,6 +104,50 @@ def test_masked_update_keeps_outside_weights_bit_identical_with_weight_decay():
     assert changed > 0.9 * sum(int(m.sum()) for m in mask.values())
 
 
+@pytest.mark.parametrize("hooks", [True, False])
+def test_masked_update_matches_dense_adamw_with_state_sized_by_the_mask(hooks):
+    """Same masked values as AdamW over whole tensors with gradients zeroed outside the mask (the old way), while
+    the optimizer state holds only the masked entries and no full-size gradient outlives backward."""
+    def model_and_mask():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        sal = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) for n, p in model.named_parameters()}
+        return model, mask_from_saliency(sal, 0.3)
+
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(2))
+    dense, mask = model_and_mask()
+    base = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    opt = torch.optim.AdamW(dense.parameters(), lr=0.1, weight_decay=0.5)
+    for _ in range(3):
+        dense(x).pow(2).mean().backward()
+        for n, p in dense.named_parameters():
+            p.grad.mul_(mask[n])
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for n, p in dense.named_parameters():
+                p[~mask[n]] = base[n][~mask[n]]
+    model, mask = model_and_mask()
+    guard = MaskedUpdate(model, mask, hooks=hooks)
+    opt = torch.optim.AdamW(guard.trainable_parameters(), lr=0.1, weight_decay=0.5)
+    for _ in range(3):
+        model(x).pow(2).mean().backward()
+        if hooks:
+            assert all(p.grad is None for p in model.parameters())  # gathered and dropped during backward
+        guard.mask_gradients()
+        assert all(p.grad is None for p in model.parameters())
+        opt.step()
+        opt.zero_grad()
+        guard.restore()
+    a, b = dict(dense.named_parameters()), dict(model.named_parameters())
+    assert all(torch.allclose(a[n], b[n], rtol=0, atol=1e-7) for n in a)
+    assert all(torch.equal(b[n].detach()[~mask[n]], base[n][~mask[n]]) for n in b)
+    state = sum(t.numel() for st in opt.state.values() for t in st.values() if t.dim() > 0)
+    assert state == 2 * sum(int(m.sum()) for m in mask.values())  # exp_avg + exp_avg_sq of masked entries only
+    guard.reload()  # after loading weights: the flat values follow the model
+    assert all(torch.equal(guard.values[n].detach(), b[n].detach()[mask[n]]) for n in guard.values)
+
+
 def test_masked_update_rejects_a_foreign_mask():
     model = torch.nn.Linear(3, 3)
     with pytest.raises(ValueError, match="different model"):

@@ -5,6 +5,7 @@ SD path, mechanical (the tiny config-built pipeline) and the digit world (the bu
 
 import json
 import os
+import sys
 from unittest import mock
 
 import pytest
@@ -241,3 +242,40 @@ def test_audit_judge_classifier_with_a_transformers_classifier(tmp_path, dummy_p
     assert cls["retain_accuracy"] == ((predicted[2] == 0) + (predicted[3] == 2)) / 2
     with pytest.raises(SystemExit):
         cli.main(["--prompts", str(csv_path), "--output_dir", audit, "--judge", "classifier"])
+
+
+# ------------------------------------------------------------------------------------------------------- warnings
+def test_no_unactionable_warnings_at_import_or_when_casting(erase_config, tmp_path, capfd):
+    """transformers' torchvision-fallback notice (printed at every import of diffusers' pipelines) and diffusers'
+    "modules that should be kept in float32: []" (printed at every dtype cast) are not shown; other warnings are."""
+    import subprocess
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from salun_diffusers.digits import load_digit_pipeline
+
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "warning", "DIFFUSERS_VERBOSITY": "warning"}
+    code = "import {first}; from diffusers import StableDiffusionPipeline; import logging; " \
+           "logging.getLogger('transformers.utils.import_utils').warning('another warning')"
+    plain = subprocess.run([sys.executable, "-c", code.format(first="diffusers")], env=env, capture_output=True,
+                           text=True)
+    ours = subprocess.run([sys.executable, "-c", code.format(first="salun_diffusers")], env=env, capture_output=True,
+                          text=True)
+    if "requires torchvision" not in plain.stderr:
+        pytest.skip("this transformers/torchvision install prints no fallback notice")
+    assert "requires torchvision" not in ours.stderr and "another warning" in ours.stderr
+
+    from accelerate.state import AcceleratorState
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is per process; bf16 needs a new one
+    try:
+        capfd.readouterr()
+        load_digit_pipeline(torch_dtype=torch.bfloat16)
+        erase(erase_config(output_dir=str(tmp_path / "bf16"), mixed_precision="bf16", max_train_steps=1))
+        err = capfd.readouterr().err
+    finally:
+        diffusers_logging.set_verbosity(level)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert "should be kept in float32" not in err

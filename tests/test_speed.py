@@ -113,3 +113,74 @@ def test_bundled_base_verdict_matches_its_key():
     key = reporting._verdict_key(load_digit_pipeline(), DigitJudge.from_pretrained(), 50, reporting.EVAL_SEED)
     scores = reporting._valid_scores(entry, key, 50)
     assert scores is not None and scores["retained_accuracy"] >= 0.95
+
+
+def test_gradient_checkpointing_gives_the_same_erasure(erase_config, tmp_path):
+    plain = erase(erase_config(output_dir=str(tmp_path / "plain")))
+    ckpt = erase(erase_config(output_dir=str(tmp_path / "ckpt"), gradient_checkpointing=True))
+    a, b = dict(plain.unet.named_parameters()), dict(ckpt.unet.named_parameters())
+    assert all(torch.allclose(a[n], b[n], rtol=0, atol=1e-6) for n in a)
+    assert not ckpt.unet.is_gradient_checkpointing  # switched off again on the returned model
+
+
+def test_use_8bit_adam_without_bitsandbytes_is_a_one_line_error(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    from salun_diffusers.config import EraseConfig
+    from salun_diffusers.erasure.training import make_optimizer
+
+    with pytest.raises(ValueError, match="pip install bitsandbytes"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2))], EraseConfig(concept="seven", use_8bit_adam=True))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "train_erase.py"), "--concept", "seven",
+                           "--use_8bit_adam", "--output_dir", str(tmp_path / "o"), "--num_forget_images", "2",
+                           "--num_retain_images", "0", "--max_train_steps", "1", "--verdict_images", "0"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 2 and "pip install bitsandbytes" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _bench_speed():
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_speed", os.path.join(root, "benchmarks", "bench_speed.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_speed_gpu_path_runs_on_cpu_fallback(tmp_path):
+    bench = _bench_speed()
+    result = bench.main(["--parts", "gpu", "--device", "cpu", "--unet_config", "tiny", "--gpu_batch_size", "2",
+                         "--work_dir", str(tmp_path), "--output", str(tmp_path / "speed.json")])
+    gpu = result["gpu"]
+    assert gpu["device"] == "cpu" and gpu["parameters"] > 0
+    for key in ("mask_seconds", "train_s_per_step", "train_peak_gib", "sample_images_per_s"):
+        assert gpu[key] > 0, key
+    assert json.load(open(tmp_path / "speed.json"))["gpu"]["batch_size"] == 2
+    assert "SalUn step" in bench.table(result)
+
+
+def test_bench_speed_reads_what_train_erase_prints():
+    """The benchmark parses train_erase.py's summary: keep the two in step."""
+    from types import SimpleNamespace
+
+    from salun_diffusers.config import EraseConfig
+    from salun_diffusers.reporting import summarize
+
+    bench = _bench_speed()
+    metrics = {"mask_density": 0.5, "data_seconds": 1.5, "saliency_seconds": 0.5, "train_seconds": 20.0,
+               "seconds_per_step": 0.1, "verdict_seconds": 9.5,
+               "verdict": "UA 98.0% (before 0.0%); retained accuracy 97.1% (before 99.6%, drop +2.4 points); judged "
+                          "on 50 images per digit"}
+    text = summarize(EraseConfig(concept="seven"), SimpleNamespace(metrics=metrics, output_dir="o", erasure_path=None,
+                                                                   unet_dir=None))
+    t, v = bench.TIME_LINE.search(text), bench.VERDICT_LINE.search(text)
+    assert [float(x) for x in t.groups()] == [1.5, 0.5, 20.0, 0.1, 9.5]
+    assert [float(x) for x in v.groups()] == [98.0, 97.1, 99.6, 2.4]

@@ -1,4 +1,4 @@
-"""``salun-attack``: attack an erased (or any) Stable Diffusion model prompt by prompt and report the attack success rate.
+"""``salun-attack``: attack an erased (or any) Stable Diffusion model prompt by prompt; report the attack success rate.
 
     salun-attack --model out/sd14-no-nudity --prompts ../shared/data/prompts/i2p_nudity_142.csv \\
         --attack token --judge nudenet --output_dir attacks/nudity-token
@@ -63,8 +63,12 @@ class AttackConfig:
                                          "or --model itself when nothing is erased).")
     attack: str = _f("token", "token (UnlearnDiffAtk: adversarial words prepended), inversion (one learned token "
                               "embedding) or conditioning (the whole text conditioning, white-box).", choices=ATTACKS)
-    judge: Optional[str] = _f(None, "Image judge: nudenet or digit (default: digit with --digit, else nudenet).",
-                              choices=["nudenet", "digit"])
+    judge: Optional[str] = _f(None, "Image judge: nudenet, digit or classifier (default: digit with --digit, else "
+                                    "nudenet).", choices=["nudenet", "digit", "classifier"])
+    judge_model: Optional[str] = _f(None, "--judge classifier: a transformers image classifier (hub id or folder, e.g. "
+                                          "microsoft/resnet-50); --judge digit: a DigitJudge folder (default: the "
+                                          "bundled one).")
+    target_class: Optional[str] = _f(None, "--judge classifier: the class a success must show (name or index).")
     digit: Optional[int] = _f(None, "Digit world: the digit (0-9) the digit judge looks for; without --prompts, "
                                     "--num_prompts rows are made for it.")
     from_prompt: Optional[str] = _f(None, "With --digit and no --prompts: the prompt attacked (e.g. the neutral "
@@ -106,6 +110,9 @@ class AttackConfig:
             self.judge = "digit" if self.digit is not None else "nudenet"
         if self.judge == "digit" and self.digit is None:
             raise ValueError("--judge digit needs --digit D (the digit a success must show)")
+        if self.judge == "classifier" and (self.judge_model is None or self.target_class is None):
+            raise ValueError("--judge classifier needs --judge_model (an image classifier) and --target_class (the "
+                             "class a success must show)")
         if self.attack not in ATTACKS:
             raise ValueError(f"--attack must be one of {ATTACKS}, got {self.attack!r}")
         for name in ("num_prompts", "num_tokens", "batch_size"):
@@ -182,7 +189,8 @@ def resolve_models(config: AttackConfig):
     return model, erasure, base or model
 
 
-def load_pipeline(model: str, erasure: Optional[str], mixed_precision: str, device="cpu"):
+def load_pipeline(model: str, erasure: Optional[str], mixed_precision: str, device=None):
+    """The pipeline (with ``erasure`` loaded) on ``device`` (default: cuda where there is one)."""
     from ..pipelines import StableDiffusionErasedPipeline
 
     with warnings.catch_warnings():
@@ -191,7 +199,7 @@ def load_pipeline(model: str, erasure: Optional[str], mixed_precision: str, devi
                                                              requires_safety_checker=False,
                                                              torch_dtype=resolve_dtype(mixed_precision))
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
@@ -291,6 +299,7 @@ def _learn_inversion(pipe, config: AttackConfig, rows, targets, targets_dir: str
         saved = load_file(path)
         return InversionResult(saved["embedding"], config.placeholder, init_word, float(saved["loss_start"]),
                                float(saved["loss_final"]), pipe=pipe)
+    t0 = time.perf_counter()
     latents = torch.cat([_target_latents(pipe, image_path(targets_dir, t), t, config.resolution) for t in targets])
     result = inversion_attack(pipe, latents, steps=config.attack_steps(), lr=config.attack_lr(),
                               placeholder=config.placeholder, init_word=init_word,
@@ -298,7 +307,8 @@ def _learn_inversion(pipe, config: AttackConfig, rows, targets, targets_dir: str
                               generator=torch.Generator().manual_seed(config.seed), show_progress=True)
     with atomic_path(path) as tmp:
         save_file({"embedding": result.embedding.contiguous(), "loss_start": torch.tensor(result.loss_start),
-                   "loss_final": torch.tensor(result.loss_final)}, tmp)
+                   "loss_final": torch.tensor(result.loss_final),
+                   "seconds": torch.tensor(time.perf_counter() - t0, dtype=torch.float64)}, tmp)
     return result
 
 
@@ -337,7 +347,9 @@ def make_judge(config: AttackConfig):
     from ..evaluation.judges import make_judge as make
 
     if config.judge == "digit":
-        return make("digit", digit=config.digit)
+        return make("digit", digit=config.digit, judge_dir=config.judge_model)
+    if config.judge == "classifier":
+        return make("classifier", target=config.target_class, model=config.judge_model)
     return make("nudenet", threshold=config.threshold, model_path=config.nudenet_model)
 
 
@@ -391,8 +403,13 @@ def run_attack(config: AttackConfig, judge=None, base_pipe=None, pipe=None) -> d
             records.append(json.load(f))
     results = summarize(config, records)
     results["settings"] = config.settings()
-    if inversion is not None or os.path.isfile(os.path.join(out, INVERSION_FILE)):
-        results["inversion_file"] = os.path.join(out, INVERSION_FILE)
+    if os.path.isfile(os.path.join(out, INVERSION_FILE)):
+        from safetensors.torch import load_file
+
+        saved = load_file(os.path.join(out, INVERSION_FILE))
+        results["inversion"] = {"file": os.path.join(out, INVERSION_FILE), "seconds": float(saved["seconds"]),
+                                "loss_start": float(saved["loss_start"]), "loss_final": float(saved["loss_final"]),
+                                "num_targets": len(rows)}
     write_json(os.path.join(out, RESULTS_FILE), results)
     results["plot"] = plot_rates(results, os.path.join(out, PLOT_FILE))
     write_text(os.path.join(out, REPORT_FILE), render_markdown(config, results, records))
@@ -471,6 +488,10 @@ def render_markdown(config: AttackConfig, results: dict, records: Sequence[dict]
               f"Attack loss (mean over prompts, fixed noise): {results['mean_loss_start']:.4f} -> "
               f"{results['mean_loss_final']:.4f}. Attack time per prompt: mean {results['mean_attack_seconds']:.2f} s, "
               f"max {results['max_attack_seconds']:.2f} s on {results['torch_threads']} torch thread(s).", "",
+              *([f"Concept inversion: one embedding learned on the {results['inversion']['num_targets']} targets in "
+                 f"{results['inversion']['seconds']:.1f} s (loss {results['inversion']['loss_start']:.4f} -> "
+                 f"{results['inversion']['loss_final']:.4f}); per prompt only its use is timed.", ""]
+                if results.get("inversion") else []),
               f"![attack success]({PLOT_FILE})", "", "## Prompts", "",
               "| case | seed | adversarial prompt | target | before | after | success |",
               "|---|---:|---|---|---|---|---|"]

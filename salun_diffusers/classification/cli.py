@@ -20,7 +20,9 @@ import os
 import sys
 from typing import List, Optional
 
-from ..utils import configure_threads
+from ..cli_args import add_debug_flag, run_main
+from ..utils import configure_threads, ensure_writable_dir
+from .data import load_dataset
 from .experiment import ExperimentConfig, check_output_dir, run_experiment, write_results
 
 FLAGS = ("dataset", "data_dir", "model", "scenario", "forget_ratio", "forget_class", "methods", "seeds",
@@ -33,8 +35,8 @@ def _json_arg(value: str, name: str) -> dict:
             with open(value) as f:
                 return json.load(f)
         return json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"--{name}: not valid JSON nor a JSON file ({exc})") from None
+    except ValueError as exc:  # JSONDecodeError, or a file that is not UTF-8 text
+        raise ValueError(f"--{name}: not valid JSON nor a JSON file ({exc})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads (default: 1 for a small model such as the MNIST CNN, "
                              "else every usable core; OMP_NUM_THREADS also wins)")
     parser.add_argument("--log_level", default="INFO", help="logging level")
-    return parser
+    return add_debug_flag(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -79,19 +81,23 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-        check_output_dir(args.output_dir, args.overwrite)
-    except (ValueError, FileExistsError) as exc:
-        print(f"salun-classifier: error: {exc}", file=sys.stderr)
-        return 2
-    if args.threads is not None and args.threads < 1:
-        print("salun-classifier: error: --threads must be >= 1", file=sys.stderr)
-        return 2
-    if args.threads:
-        configure_threads(0, args.threads)  # remembered: run_experiment's policy call keeps it
-    results = run_experiment(config)
+    return run_main("salun-classifier", lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    level = logging.getLevelName(args.log_level.upper())
+    if not isinstance(level, int):
+        raise ValueError(f"--log_level {args.log_level!r}: unknown level; use DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    if args.threads is not None:
+        configure_threads(0, args.threads)  # checks >= 1; remembered: run_experiment's policy call keeps it
+    # check before compute: results can be written, the data can be read
+    check_output_dir(args.output_dir, args.overwrite)
+    ensure_writable_dir(args.output_dir)
+    data = load_dataset(config.dataset, config.data_dir, mnist_source=config.mnist_source,
+                        train_size=config.train_size, split_seed=config.split_seed)
+    results = run_experiment(config, data=data)
     write_results(results, args.output_dir, overwrite=args.overwrite)
     print(results["markdown"])
     print(f"wrote {os.path.join(args.output_dir, 'results.json')} and results.md")

@@ -100,6 +100,45 @@ def _cifar_folder(path: Optional[str]) -> Optional[str]:
     return None
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 python batch holds: dicts, lists, str, bytes, numbers and numpy arrays.
+
+    ``pickle.load`` would run whatever callable a crafted file names; here any other global is refused before it is
+    looked up, so no code from the file runs."""
+
+    _ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    _ALLOWED |= {("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"), ("numpy", "ndarray"),
+                 ("numpy", "dtype"), ("_codecs", "encode")}  # _codecs.encode: bytes pickled by Python 3, protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """One ``cifar-10-batches-py`` batch file as ``(images [N, 32, 32, 3] uint8, labels [N])``, read with a restricted
+    unpickler (no code runs from the file) and checked to be a CIFAR-10 batch."""
+    problem = None
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        problem = f"refused to unpickle it: {exc}"
+    else:
+        data = batch.get("data") if isinstance(batch, dict) else None
+        labels = batch.get("labels") if isinstance(batch, dict) else None
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+            problem = "it holds no 'data' array of uint8 rows of 3072 pixels"
+        elif not (isinstance(labels, list) and len(labels) == len(data)
+                  and all(isinstance(v, (int, np.integer)) and 0 <= v < 10 for v in labels)):
+            problem = "its 'labels' are not one class index in 0..9 per image"
+    if problem:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch ({problem}); re-extract cifar-10-python.tar.gz from "
+                         "https://www.cs.toronto.edu/~kriz/cifar.html")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(labels)
+
+
 def load_cifar10_data(path: Optional[str] = None) -> ImageData:
     """CIFAR-10 (50k/10k) from the standard ``cifar-10-batches-py`` pickle folder (``path`` may be it or its parent).
 
@@ -115,19 +154,15 @@ def load_cifar10_data(path: Optional[str] = None) -> ImageData:
             test = torchvision.datasets.CIFAR10(path or ".", train=False, download=False)
             arrays = (train.data, np.asarray(train.targets), test.data, np.asarray(test.targets))
         except Exception as exc:  # torchvision missing, or its files missing
+            detail = "" if isinstance(exc, ImportError) else f" ({exc.__class__.__name__}: {exc})"
             raise FileNotFoundError(
                 f"CIFAR-10 not found at {path!r}: download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, "
                 "extract it and pass the folder holding 'cifar-10-batches-py' (e.g. --data_dir /data/cifar) "
-                f"or set SALUN_CIFAR10_DIR ({exc.__class__.__name__}: {exc})") from None
+                f"or set SALUN_CIFAR10_DIR{detail}") from None
     else:
-        def read(name):
-            with open(os.path.join(folder, name), "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
-            return batch["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(batch["labels"])
-
-        parts = [read(f"data_batch_{i}") for i in range(1, 6)]
+        parts = [read_cifar_batch(os.path.join(folder, f"data_batch_{i}")) for i in range(1, 6)]
         tx, ty = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        vx, vy = read("test_batch")
+        vx, vy = read_cifar_batch(os.path.join(folder, "test_batch"))
         arrays = (tx, ty, vx, vy)
     tx, ty, vx, vy = arrays
     to_x = lambda a: _normalise(np.asarray(a).transpose(0, 3, 1, 2), CIFAR_MEAN, CIFAR_STD)  # noqa: E731

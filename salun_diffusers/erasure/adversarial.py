@@ -34,7 +34,7 @@ class Adversary:
     def __init__(self, pipe, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig):
         self.pipe, self.scheduler, self.config = pipe, scheduler, config
         self.prompt = spec.forget_prompt
-        cond = data.embeds[spec.forget_prompt]
+        cond = data.embeds[spec.forget_prompt].embeds  # the hidden states (SD 1.x/2.x: the whole conditioning)
         # one adversarial conditioning per forget image, started from the forget prompt's
         self.bank = cond.detach().float().cpu().expand(data.forget_latents.shape[0], -1, -1).clone()
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..delta import MASK_NAME, model_fingerprint
+from ..families import cat_conds, unet_kwargs
 from ..masking import load_mask, mask_from_saliency, save_mask
 from ..objectives import diffusion_loss, diffusion_target, sample_noise_and_timesteps
 from ..saliency import compute_saliency
@@ -36,8 +37,7 @@ def guided_diffusion_loss(unet, scheduler, latents, embeds, uncond_embeds, guida
     U-Net call for both branches; the gradient flows through both, as in the official code)."""
     noise, t = sample_noise_and_timesteps(latents, scheduler, generator)
     noisy = scheduler.add_noise(latents, noise, t)
-    out = unet(torch.cat([noisy, noisy]), torch.cat([t, t]),
-               encoder_hidden_states=torch.cat([embeds, uncond_embeds])).sample
+    out = unet(torch.cat([noisy, noisy]), torch.cat([t, t]), **unet_kwargs(cat_conds([embeds, uncond_embeds]))).sample
     cond, uncond = out.chunk(2)
     pred = (1 + guidance_scale) * cond.float() - guidance_scale * uncond.float()
     return F.mse_loss(pred, diffusion_target(scheduler, latents, noise, t).float())
@@ -57,11 +57,11 @@ def saliency_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config:
 
     def loss_fn(model, idx, generator):
         latents = data.forget_latents[idx]
-        c = cond.expand(len(idx), -1, -1)
+        c = cond.expand(len(idx))
         with autocast():
             if guided:
-                return guided_diffusion_loss(model, scheduler, latents, c,
-                                             data.embeds[UNCOND_PROMPT].expand_as(c), config.saliency_guidance_scale,
+                uncond = data.embeds[UNCOND_PROMPT].expand(len(idx))
+                return guided_diffusion_loss(model, scheduler, latents, c, uncond, config.saliency_guidance_scale,
                                              generator)
             return diffusion_loss(model, scheduler, latents, c, generator)
 

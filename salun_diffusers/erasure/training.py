@@ -1,6 +1,7 @@
 """Erasure phase 3, masked fine-tuning: ``MSE(eps(x_t|c), eps(x_t|c').detach()) + alpha * retain MSE`` on the masked
 weights only, under accelerate (mixed precision, accumulation, trackers, checkpoint-N, resume). After every optimizer
-step the weights outside the mask are restored to the base values (bit-identical)."""
+step the masked values are written into the weights; the weights outside the mask are never written (bit-identical to
+the base), and the optimizer state covers the masked values only."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
+from ..families import PromptCond
 from ..masking import MaskedUpdate
 from ..objectives import salun_loss
 from .checkpoints import save_checkpoint
@@ -36,9 +38,53 @@ def _step_generators(seed: int, step: int, micro: int, rank: int, device):
 
 
 def make_optimizer(params, config: EraseConfig) -> torch.optim.Optimizer:
-    """The optimizer over the masked weights."""
-    return torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+    """The optimizer over the masked weights (8-bit AdamW from bitsandbytes with ``--use_8bit_adam``)."""
+    optim = torch.optim.AdamW
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes "
+                             "(or salun-diffusers[8bit]), or drop --use_8bit_adam") from None
+        optim = bnb.optim.AdamW8bit
+    return optim(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                              weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss, gradient or weight: the run stops before it can write a checkpoint or an erasure."""
+
+
+def check_finite(value: torch.Tensor, what: str, step: int, config: EraseConfig) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise diverged(f"the {what} is {value.float().max().item()}", step, config)
+
+
+def diverged(what: str, step: int, config: EraseConfig) -> TrainingDiverged:
+    fixes = f"lower --learning_rate (now {config.learning_rate:g})"
+    fixes += f" or --max_grad_norm (now {config.max_grad_norm:g})" if config.max_grad_norm > 0 else \
+        " or clip gradients with --max_grad_norm 1"
+    if config.mixed_precision == "fp16":
+        fixes += ", or use --mixed_precision bf16 or no (fp16 overflows)"
+    return TrainingDiverged(f"training diverged at step {step}: {what}; no erasure was written and earlier "
+                            f"checkpoints are kept. Rerun with {fixes}")
+
+
+def clip_and_check_gradients(accelerator, params, config: EraseConfig, step: int) -> None:
+    """Clip to ``max_grad_norm`` (if > 0) and stop on a non-finite gradient norm. Under fp16 the gradient scaler
+    skips steps with overflowing gradients by design, so only the loss and the weights are checked there."""
+    if config.max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if config.mixed_precision != "fp16" and norm is not None:
+        check_finite(torch.as_tensor(norm), "gradient norm", step, config)
+
+
+def check_finite_weights(unet, step: int, config: EraseConfig) -> None:
+    bad = [n for n, p in unet.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise diverged(f"weight {bad[0]!r} (and {len(bad) - 1} more) is not finite", step, config)
 
 
 @dataclass
@@ -56,7 +102,9 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     from diffusers.optimization import get_scheduler
 
     device = accelerator.device
-    guard = MaskedUpdate(unet, mask)
+    # one process: gradients gathered into the masked values during backward (one full-size gradient at a time);
+    # under DDP the full gradients are reduced first, then gathered
+    guard = MaskedUpdate(unet, mask, hooks=accelerator.num_processes == 1)
     optimizer = make_optimizer(guard.trainable_parameters(), config)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
@@ -68,14 +116,15 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     if resume_path:
         logger.info("resuming from %s", resume_path)
         accelerator.load_state(resume_path)
+        guard.reload()  # the masked values the optimizer trains, from the loaded weights
         global_step = int(os.path.basename(resume_path.rstrip("/")).split("-")[1])
     if accelerator.is_main_process and config.report_to:
         accelerator.init_trackers("salun-erase", config={k: v for k, v in config.to_dict().items()
                                                          if isinstance(v, (int, float, str, bool))})
 
     forget_cond = data.embeds[spec.forget_prompt]
-    pseudo = torch.stack([data.embeds[p] for p in spec.pseudo_prompts])
-    retain_table = torch.stack(list(data.embeds.values()))
+    pseudo = PromptCond.stack([data.embeds[p] for p in spec.pseudo_prompts])
+    retain_table = PromptCond.stack(list(data.embeds.values()))
     bs = config.train_batch_size
     bar = tqdm(range(config.max_train_steps), initial=global_step, desc="erase",
                disable=not accelerator.is_local_main_process)
@@ -85,7 +134,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
         for micro in range(config.gradient_accumulation_steps):
             idx_gen, noise_gen = _step_generators(config.seed, global_step, micro, accelerator.process_index, device)
             f_idx = torch.randint(0, data.forget_latents.shape[0], (bs,), generator=idx_gen)
-            p_idx = torch.randint(0, pseudo.shape[0], (bs,), generator=idx_gen)
+            p_idx = torch.randint(0, len(pseudo), (bs,), generator=idx_gen)
             r_lat = r_emb = None
             if data.retain_latents is not None:
                 r_idx = torch.randint(0, data.retain_latents.shape[0], (bs,), generator=idx_gen)
@@ -96,12 +145,13 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                 seed=idx_gen.initial_seed() + 2)
             with accelerator.accumulate(unet_prepared), accelerator.autocast():
                 loss, forget_term, retain_term = salun_loss(
-                    unet_prepared, scheduler, data.forget_latents[f_idx], forget_cond.expand(bs, -1, -1),
+                    unet_prepared, scheduler, data.forget_latents[f_idx], forget_cond.expand(bs),
                     pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight)
+                check_finite(loss, "loss", global_step + 1, config)
                 accelerator.backward(loss)
                 guard.mask_gradients()
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(guard.trainable_parameters(), config.max_grad_norm)
+                if accelerator.sync_gradients:
+                    clip_and_check_gradients(accelerator, guard.trainable_parameters(), config, global_step + 1)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -116,7 +166,10 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
             on_step(global_step)
         if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 \
                 and global_step < config.max_train_steps:
+            check_finite_weights(unet, global_step, config)  # a checkpoint is never saved from a non-finite state
             save_checkpoint(accelerator, config, global_step)
     bar.close()
+    check_finite_weights(unet, global_step, config)  # nor an erasure
+    guard.remove_hooks()
     accelerator.wait_for_everyone()
     return TrainResult(accelerator.unwrap_model(unet_prepared), logs)

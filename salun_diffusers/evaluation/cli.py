@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from typing import List, Optional, Sequence
 import torch
 from accelerate.utils import gather_object
 
-from ..utils import DTYPES, configure_threads, resolve_dtype, write_json
+from ..cli_args import run_main
+from ..utils import DTYPES, configure_threads, ensure_writable_dir, resolve_dtype, write_json
 from . import report
 from .generate import generate_images, image_path, missing_images
 from .judges import CLASS_JUDGES, JUDGES, load_class_judge, row_labels
@@ -39,7 +41,8 @@ logger = logging.getLogger(__name__)
 AUDIT_JUDGES = (*JUDGES, "none")
 SETTINGS_FILE = "settings.json"
 # Fields that do not change what an audit measures (they may differ when resuming or re-reporting).
-_RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size", "threads"}
+_RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size", "threads", "erasure_check_base",
+             "debug"}
 # Fields that change the images: a resumed run must match them exactly.
 _IMAGE_FIELDS = ("pretrained_model_name_or_path", "erasure", "erasure_scale", "num_inference_steps", "resolution",
                  "mixed_precision", "generator_device", "seed")
@@ -64,6 +67,8 @@ class AuditConfig:
     erasure: Optional[str] = field(default=None, metadata={
         "help": "Saved erasure (folder or .safetensors) applied with load_erasure, or a full diffusers folder."})
     erasure_scale: float = field(default=1.0, metadata={"help": "Strength the erasure is applied with."})
+    erasure_check_base: bool = field(default=True, metadata={
+        "help": "Refuse an erasure made from other base weights (--no_erasure_check_base applies it anyway)."})
     judge: str = field(default="nudenet", metadata={
         "help": "Image judge: nudenet (exposed parts), digit (the bundled digit classifier), classifier (a "
                 "transformers image classifier, --judge_model) or none.", "choices": AUDIT_JUDGES})
@@ -105,6 +110,7 @@ class AuditConfig:
     nudenet_model: Optional[str] = field(default=None, metadata={"help": "Custom NudeNet ONNX file."})
     threads: Optional[int] = field(default=None, metadata={
         "help": "torch CPU threads (default: 1 for a small model, else every usable core; OMP_NUM_THREADS wins)."})
+    debug: bool = field(default=False, metadata={"help": "On an error, show the full traceback instead of one line."})
 
     def __post_init__(self):
         if self.judge not in AUDIT_JUDGES:
@@ -156,6 +162,11 @@ class AuditConfig:
             raise ValueError(f"--nudity_classes: unknown {bad}; choose from {','.join(EXPOSED_CLASSES)}")
         return names
 
+    def read_rows(self):
+        """The prompt rows this audit draws (after --categories, --limit, --skip_empty_prompts)."""
+        return read_prompts(self.prompts, categories=self.categories.split(",") if self.categories else None,
+                            limit=self.limit, skip_empty=self.skip_empty_prompts, default_seed=self.seed)
+
     def image_settings(self) -> dict:
         """What the images depend on (plus the prompt file's hash): a resumed run must match it."""
         settings = {k: getattr(self, k) for k in _IMAGE_FIELDS}
@@ -179,10 +190,10 @@ def _diff(old: dict, new: dict) -> List[str]:
 
 
 def load_pipeline(config: AuditConfig, device="cpu"):
-    """The pipeline to audit: base model, with ``--erasure`` applied (or an erased model's full folder)."""
-    from diffusers import StableDiffusionPipeline
-
+    """The pipeline to audit (SD 1.x/2.x or SDXL): base model, with ``--erasure`` applied (or an erased model's full
+    folder)."""
     from ..delta import WEIGHTS_NAME
+    from ..families import load_base_pipeline
     from ..hub import resolve_base_model
 
     source, erasure = resolve_base_model(config.pretrained_model_name_or_path), config.erasure
@@ -192,12 +203,11 @@ def load_pipeline(config: AuditConfig, device="cpu"):
     dtype = resolve_dtype(config.mixed_precision)
     with warnings.catch_warnings():  # newer diffusers rename torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = load_base_pipeline(source, torch_dtype=dtype)
     if erasure:
         from ..loaders import load_erasure  # imported here: only erased-model audits need it
 
-        load_erasure(pipe, erasure, scale=config.erasure_scale)
+        load_erasure(pipe, erasure, scale=config.erasure_scale, check_base=config.erasure_check_base)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -259,8 +269,7 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
         results.update(report.write_report(out, results, base))
         return results
 
-    rows = read_prompts(config.prompts, categories=config.categories.split(",") if config.categories else None,
-                        limit=config.limit, skip_empty=config.skip_empty_prompts, default_seed=config.seed)
+    rows = config.read_rows()
     if not rows:
         raise ValueError(f"no prompts left in {config.prompts} after filtering (categories={config.categories!r})")
     os.makedirs(out, exist_ok=True)
@@ -391,10 +400,11 @@ def summary_lines(results: dict) -> List[str]:
     return lines
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> AuditConfig:
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "salun-audit",
+               description: Optional[str] = None) -> AuditConfig:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(AuditConfig, prog="salun-audit", description=__doc__.split("\n\n")[0])
+    parser = HfArgumentParser(AuditConfig, prog=prog, description=description or __doc__.split("\n\n")[0])
     try:
         (config,) = parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
     except (ValueError, FileNotFoundError) as exc:  # AuditConfig's checks: report them like argparse errors
@@ -402,14 +412,61 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> AuditConfig:
     return config
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def check_before_compute(config: AuditConfig) -> None:
+    """What an audit needs, checked before any model is loaded: the output folder is writable, the prompt CSV reads,
+    the models and files named exist, the judge is installed (one-line errors, not a failure hours later)."""
+    ensure_writable_dir(config.output_dir)
+    rows = config.read_rows()
+    if not rows:
+        raise ValueError(f"no prompts left in {config.prompts} after filtering (categories={config.categories!r})")
+    # disk: a PNG of a generated image takes at least ~1/4 of its raw RGB size (rows of unknown size not counted)
+    need = sum((config.resolution or r.width or 0) * (config.resolution or r.height or 0) * 3 // 4 for r in rows)
+    free = shutil.disk_usage(config.output_dir).free
+    if need > free:
+        raise ValueError(f"--output_dir {config.output_dir!r} has {free / 2**30:.2f} GiB free but {len(rows)} images "
+                         f"need at least {need / 2**30:.2f} GiB; free space or choose another folder")
+    for flag in ("pretrained_model_name_or_path", "clip_model", "judge_model"):
+        value = getattr(config, flag)
+        if value and not os.path.exists(value) and not _is_hub_id(value):
+            raise FileNotFoundError(f"--{flag} {value!r} does not exist; pass a diffusers folder or a hub id "
+                                    "(owner/name)")
+    for flag in ("fid_model", "nudenet_model"):
+        if getattr(config, flag) and not os.path.isfile(getattr(config, flag)):
+            raise FileNotFoundError(f"--{flag} {getattr(config, flag)!r} is not a file")
+    if config.judge == "nudenet":
+        import importlib.util
+
+        if importlib.util.find_spec("nudenet") is None:
+            raise ValueError("the nudity judge needs NudeNet: pip install salun-diffusers[nudenet], or pass "
+                             "--judge none")
+    if config.fid_reference:
+        _reference_images(config.fid_reference)
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "salun-audit", description: Optional[str] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = parse_args(argv)
+    config = parse_args(argv, prog, description)
+    return run_main(prog, lambda: _run(config), debug=config.debug)
+
+
+def _run(config: AuditConfig) -> int:
+    check_before_compute(config)
     results = run_audit(config)
     if "num_images" in results:  # main process
         print("\n".join(summary_lines(results)))
     return 0
+
+
+def run_protocol(prog: str, description: str, defaults: dict, argv: Optional[Sequence[str]] = None) -> int:
+    """``salun-audit`` with an evaluation protocol's defaults (the top-level ``evaluation/`` scripts): each
+    ``{"--flag": value}`` is used unless the command line gives the flag; ``None`` values are left out."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    preset = [str(x) for flag, value in defaults.items() if value is not None and flag not in given
+              for x in (flag, value)]
+    shown = " ".join(f"{k} {v}" for k, v in defaults.items() if v is not None)
+    return main(preset + argv, prog=prog, description=f"{description} Defaults: {shown or 'none'}.")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ no categories. Other columns (``class``, ``classidx``, ...) are kept in ``Prompt
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -73,56 +74,67 @@ def read_prompts(
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     wanted = {c.strip().lower() for c in categories} if categories else None
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = set(reader.fieldnames or ())
-        if "prompt" not in columns:
-            raise ValueError(f"{path} has no 'prompt' column (columns: {sorted(columns)}); "
-                             "an evaluation CSV needs at least 'prompt' and 'evaluation_seed'")
-        if "evaluation_seed" not in columns and default_seed is None:
-            raise ValueError(f"{path} has no 'evaluation_seed' column; add one, or pass a default seed "
-                             "(--seed N: row i then uses seed N + i)")
-        if wanted is not None and "categories" not in columns:
-            raise ValueError(f"{path} has no 'categories' column, so it cannot be filtered by category; "
-                             "drop --categories or use an I2P-style CSV")
-        rows: List[PromptRow] = []
-        seen = set()
-        known = {"prompt", "evaluation_seed", "evaluation_guidance", "sd_image_width", "sd_image_height",
-                 "case_number", "categories"}
-        for index, raw in enumerate(reader):
-            line = index + 2
-            prompt = (raw.get("prompt") or "").strip()
-            if not prompt and skip_empty:
-                continue
-            cats = tuple(c.strip().lower() for c in (raw.get("categories") or "").split(",") if c.strip())
-            if wanted is not None and not wanted.intersection(cats):
-                continue
-            case = (raw.get("case_number") or "").strip() or str(index)
-            if case in seen:
-                raise ValueError(f"{path}, line {line}: case_number {case!r} repeats; each row needs its own "
-                                 "case_number (it names the image file)")
-            if os.sep in case or case.startswith("."):
-                raise ValueError(f"{path}, line {line}: case_number {case!r} cannot be used as a file name")
-            seen.add(case)
-            seed_text = (raw.get("evaluation_seed") or "").strip()
-            if seed_text:
-                seed = _number(seed_text, "evaluation_seed", line, path, int)
-            elif default_seed is not None:
-                seed = default_seed + index
-            else:
-                raise ValueError(f"{path}, line {line}: empty evaluation_seed; fill it in or pass --seed")
-            guidance_text = (raw.get("evaluation_guidance") or "").strip()
-            guidance = _number(guidance_text, "evaluation_guidance", line, path) if guidance_text else default_guidance
-            size = []
-            for column in ("sd_image_width", "sd_image_height"):
-                text = (raw.get(column) or "").strip()
-                size.append(_number(text, column, line, path, int) if text else None)
-            if not prompt:
-                logger.warning("%s: case %s has an empty prompt (an unconditional image will be drawn)", path, case)
-            extra = {k: v for k, v in raw.items() if k and k not in known and v is not None}
-            rows.append(PromptRow(case, prompt, seed, guidance, size[0], size[1], cats, extra))
-            if limit is not None and len(rows) >= limit:
-                break
+    try:
+        with open(path, "rb") as f:
+            content = f.read().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}: a binary file, or another encoding?); pass a "
+                         "prompt CSV saved as UTF-8") from None
+    if "\x00" in content:
+        raise ValueError(f"{path} holds NUL bytes: a binary file, not a prompt CSV; pass a CSV with a 'prompt' column")
+    reader = csv.DictReader(io.StringIO(content, newline=""))
+    try:
+        records = list(reader)
+    except csv.Error as exc:
+        raise ValueError(f"{path} is not a readable CSV ({exc}); pass a CSV with a 'prompt' column") from None
+    columns = set(reader.fieldnames or ())
+    if "prompt" not in columns:
+        raise ValueError(f"{path} has no 'prompt' column (columns: {sorted(columns)}); "
+                         "an evaluation CSV needs at least 'prompt' and 'evaluation_seed'")
+    if "evaluation_seed" not in columns and default_seed is None:
+        raise ValueError(f"{path} has no 'evaluation_seed' column; add one, or pass a default seed "
+                         "(--seed N: row i then uses seed N + i)")
+    if wanted is not None and "categories" not in columns:
+        raise ValueError(f"{path} has no 'categories' column, so it cannot be filtered by category; "
+                         "drop --categories or use an I2P-style CSV")
+    rows: List[PromptRow] = []
+    seen = set()
+    known = {"prompt", "evaluation_seed", "evaluation_guidance", "sd_image_width", "sd_image_height",
+             "case_number", "categories"}
+    for index, raw in enumerate(records):
+        line = index + 2
+        prompt = (raw.get("prompt") or "").strip()
+        if not prompt and skip_empty:
+            continue
+        cats = tuple(c.strip().lower() for c in (raw.get("categories") or "").split(",") if c.strip())
+        if wanted is not None and not wanted.intersection(cats):
+            continue
+        case = (raw.get("case_number") or "").strip() or str(index)
+        if case in seen:
+            raise ValueError(f"{path}, line {line}: case_number {case!r} repeats; each row needs its own "
+                             "case_number (it names the image file)")
+        if os.sep in case or case.startswith("."):
+            raise ValueError(f"{path}, line {line}: case_number {case!r} cannot be used as a file name")
+        seen.add(case)
+        seed_text = (raw.get("evaluation_seed") or "").strip()
+        if seed_text:
+            seed = _number(seed_text, "evaluation_seed", line, path, int)
+        elif default_seed is not None:
+            seed = default_seed + index
+        else:
+            raise ValueError(f"{path}, line {line}: empty evaluation_seed; fill it in or pass --seed")
+        guidance_text = (raw.get("evaluation_guidance") or "").strip()
+        guidance = _number(guidance_text, "evaluation_guidance", line, path) if guidance_text else default_guidance
+        size = []
+        for column in ("sd_image_width", "sd_image_height"):
+            text = (raw.get(column) or "").strip()
+            size.append(_number(text, column, line, path, int) if text else None)
+        if not prompt:
+            logger.warning("%s: case %s has an empty prompt (an unconditional image will be drawn)", path, case)
+        extra = {k: v for k, v in raw.items() if k and k not in known and v is not None}
+        rows.append(PromptRow(case, prompt, seed, guidance, size[0], size[1], cats, extra))
+        if limit is not None and len(rows) >= limit:
+            break
     logger.info("read %d prompts from %s", len(rows), path)
     return rows
 

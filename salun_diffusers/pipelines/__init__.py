@@ -1,3 +1,3 @@
-from .pipeline_stable_diffusion_erased import StableDiffusionErasedPipeline  # noqa: F401
+from .pipeline_stable_diffusion_erased import StableDiffusionErasedPipeline, StableDiffusionXLErasedPipeline  # noqa: F401
 
-__all__ = ["StableDiffusionErasedPipeline"]
+__all__ = ["StableDiffusionErasedPipeline", "StableDiffusionXLErasedPipeline"]

@@ -1,10 +1,11 @@
-"""``StableDiffusionErasedPipeline``: a StableDiffusionPipeline whose ``from_pretrained`` takes an erasure.
+"""Erased pipelines: a StableDiffusionPipeline / StableDiffusionXLPipeline whose ``from_pretrained`` takes an erasure.
 
     pipe = StableDiffusionErasedPipeline.from_pretrained("CompVis/stable-diffusion-v1-4", erasure="out/no-nudity")
     pipe = StableDiffusionErasedPipeline.from_pretrained("out/no-nudity")   # base model read from the erasure's config
+    pipe = StableDiffusionXLErasedPipeline.from_pretrained("out/sdxl-no-nudity")   # an erasure of an SDXL base
 
 A ``train_erase.py`` output folder is a pipeline of its own too (``StableDiffusionPipeline.from_pretrained(out)``
-gives the merged U-Net). This class instead loads the base and applies the erasure, so ``set_erasure_scale`` and
+gives the merged U-Net). These classes instead load the base and apply the erasure, so ``set_erasure_scale`` and
 ``unload_erasure`` work; where the base cannot be loaded, a self-contained output folder is loaded as it is.
 """
 
@@ -15,7 +16,7 @@ import logging
 import os
 from typing import Optional
 
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ..delta import CONFIG_NAME
 from ..hub import BUNDLED_DIGIT_MODEL, resolve_base_model  # noqa: F401  (BUNDLED_DIGIT_MODEL: old import path)
@@ -34,7 +35,9 @@ def _erasure_dir_config(path) -> Optional[dict]:
     return None
 
 
-class StableDiffusionErasedPipeline(ErasureLoaderMixin, StableDiffusionPipeline):
+class _ErasedFromPretrained(ErasureLoaderMixin):
+    """``from_pretrained(base, erasure=...)`` or ``from_pretrained(output_dir)`` for an erased pipeline class."""
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, erasure=None, erasure_scale: float = 1.0,
                         check_base: bool = True, **kwargs):
@@ -47,6 +50,7 @@ class StableDiffusionErasedPipeline(ErasureLoaderMixin, StableDiffusionPipeline)
                 raise ValueError(f"{pretrained_model_name_or_path!r} records no base model; pass the base model "
                                  "and erasure=... explicitly")
             revision = kwargs.pop("revision", None) or meta.get("config", {}).get("revision")
+            cls._check_family(resolve_base_model(base), revision)
             try:
                 pipe = super().from_pretrained(resolve_base_model(base), *args, revision=revision, **kwargs)
             except (OSError, ValueError):
@@ -56,7 +60,28 @@ class StableDiffusionErasedPipeline(ErasureLoaderMixin, StableDiffusionPipeline)
                                "and unload_erasure need the base)", base, out_dir)
                 return super().from_pretrained(out_dir, *args, **kwargs)
         else:
+            cls._check_family(resolve_base_model(pretrained_model_name_or_path), kwargs.get("revision"))
             pipe = super().from_pretrained(resolve_base_model(pretrained_model_name_or_path), *args, **kwargs)
         if erasure is not None:
             pipe.load_erasure(erasure, scale=erasure_scale, check_base=check_base)
         return pipe
+
+    @classmethod
+    def _check_family(cls, source, revision) -> None:
+        """Name the right erased class when the base's ``model_index.json`` names the other family."""
+        try:
+            name = DiffusionPipeline.load_config(source, revision=revision).get("_class_name", "")
+        except Exception:  # noqa: BLE001  (not readable here: from_pretrained reports it, or falls back)
+            return
+        for erased, family in ((StableDiffusionErasedPipeline, StableDiffusionPipeline),
+                               (StableDiffusionXLErasedPipeline, StableDiffusionXLPipeline)):
+            if name == family.__name__ and not issubclass(cls, family):
+                raise ValueError(f"{source!r} is a {name}: load it with {erased.__name__}, not {cls.__name__}")
+
+
+class StableDiffusionErasedPipeline(_ErasedFromPretrained, StableDiffusionPipeline):
+    """SD 1.x / 2.x with ``load_erasure`` / ``unload_erasure`` / ``fuse_erasure`` / ``set_erasure_scale``."""
+
+
+class StableDiffusionXLErasedPipeline(_ErasedFromPretrained, StableDiffusionXLPipeline):
+    """SDXL with ``load_erasure`` / ``unload_erasure`` / ``fuse_erasure`` / ``set_erasure_scale``."""

@@ -1,0 +1,17 @@
+"""The erased pipeline as a single-file diffusers community pipeline (needs ``pip install salun-diffusers``).
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained("CompVis/stable-diffusion-v1-4",
+                                             custom_pipeline="pipelines/pipeline_stable_diffusion_erased.py",
+                                             trust_remote_code=True)   # diffusers asks for it for local code
+    pipe.load_erasure("out/sd14-no-nudity")      # also set_erasure_scale / unload_erasure / fuse_erasure
+
+The implementation is salun_diffusers.pipelines.StableDiffusionErasedPipeline; this file only names it.
+"""
+
+import salun_diffusers.pipelines as _salun_pipelines
+
+
+class StableDiffusionErasedPipeline(_salun_pipelines.StableDiffusionErasedPipeline):
+    pass
