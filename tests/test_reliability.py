@@ -78,9 +78,9 @@ def _rc(argv):
 @pytest.mark.parametrize("argv", [["--alpha", "nan"], ["--alpha", "inf"], ["--max_grad_norm", "nan"],
                                   ["--alpha", "x"], ["--alpah", "1"], ["--mask_ratio", "2"]],
                          ids=lambda argv: "=".join(argv))
-def test_train_erase_bad_values_one_line_exit_2_no_erasure(argv, tmp_path, capsys):
+def test_train_erase_bad_values_one_line_exit_2_no_erasure(argv, dummy_pipeline_dir, data_cache, tmp_path, capsys):
     out = tmp_path / "out"
-    assert _rc(["--concept", "seven", "--output_dir", str(out), *argv]) == 2
+    assert _rc(_tiny_argv(dummy_pipeline_dir, data_cache, out, "--max_train_steps", "1", *argv)) == 2
     err = capsys.readouterr().err
     assert len(_error_lines(err)) == 1 and "Traceback" not in err and "usage:" not in err
     assert not os.path.exists(out / WEIGHTS_NAME)
@@ -152,6 +152,17 @@ def test_train_erase_exits_1_on_divergence_with_one_line(dummy_pipeline_dir, dat
     err = capsys.readouterr().err
     assert len(_error_lines(err)) == 1 and "diverged at step 1" in err and "Traceback" not in err
     assert not os.path.exists(out / WEIGHTS_NAME)
+
+
+def test_out_of_memory_is_one_line_with_the_fix(monkeypatch, tmp_path, capsys):
+    import salun_diffusers.erase as erase_module
+
+    def oom(config, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+    monkeypatch.setattr(erase_module, "erase", oom)
+    assert train_erase.main(["--output_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert len(_error_lines(err)) == 1 and "--gradient_checkpointing" in err and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------------- 4-6. checkpoints and resume
