@@ -313,3 +313,24 @@ def test_hub_base_links_into_the_hugging_face_cache(erase_config, dummy_pipeline
     assert _same_unet(DiffusionPipeline.from_pretrained(out).unet, result.unet)
     card = open(os.path.join(out, "README.md")).read()
     assert "base_model: me/tiny-sd" in card
+
+
+def test_validation_images_go_to_the_trackers(erase_config, tmp_path):
+    """The images drawn for --validation_prompts are logged to tensorboard (add_images, NHWC) at the step."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from salun_diffusers.erasure.validation import log_validation, validation_due
+    from salun_diffusers.testing import get_dummy_pipeline
+
+    config = erase_config(output_dir=str(tmp_path / "out"), validation_prompts=["a cat", "a dog"],
+                          num_validation_images=2, validation_steps=5, max_train_steps=12)
+    assert [s for s in range(1, 13) if validation_due(config, s)] == [5, 10, 12]
+    writer = mock.MagicMock()
+    accelerator = SimpleNamespace(is_main_process=True, autocast=contextlib.nullcontext,
+                                  trackers=[SimpleNamespace(name="tensorboard", writer=writer)])
+    paths = log_validation(get_dummy_pipeline(), config, accelerator, 5)
+    assert len(paths) == 4 and all(p.startswith(os.path.join(config.output_dir, "validation", "step-000005"))
+                                   for p in paths)
+    (tag, images, step), kwargs = writer.add_images.call_args
+    assert tag == "validation" and step == 5 and images.shape == (4, 16, 16, 3) and kwargs["dataformats"] == "NHWC"
