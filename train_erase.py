@@ -19,27 +19,66 @@ from salun_diffusers.config import EraseConfig
 logger = logging.getLogger("train_erase")
 
 
-def parse_args(argv=None) -> EraseConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the whole usage (40 lines) before the error: one line is enough
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="train_erase.py", description=__doc__.split("\n")[0])
     add_dataclass_arguments(parser, EraseConfig)
-    args = vars(parser.parse_args(argv))
-    try:
-        return EraseConfig(**args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    parser.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
+    return parser
+
+
+def parse_args(argv=None) -> EraseConfig:
+    """The config of the command line; a bad value raises ``ValueError`` naming the flag."""
+    args = vars(build_parser().parse_args(argv))
+    args.pop("debug")
+    return EraseConfig(**args)
+
+
+def _fail(exc: BaseException, code: int, debug: bool) -> int:
+    if debug:
+        raise exc
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar left open by the error: end its line first
+        bar.close()
+    print(f"train_erase.py: error: {' '.join(str(exc).split())} (--debug shows the traceback)", file=sys.stderr)
+    return code
 
 
 def main(argv=None) -> int:
+    """Run an erasure. Exit codes: 0 done; 2 a user mistake (bad flag value, unusable folder, output in use or
+    already there), one line on stderr; 1 training diverged (non-finite loss, gradient or weight) or ran out of
+    memory; 130 interrupted."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    config = parse_args(argv)
+    debug = build_parser().parse_known_args(argv)[0].debug
+    try:
+        config = parse_args(argv)
+        code = _run(config)
+    except FloatingPointError as exc:
+        return _fail(exc, 1, debug)
+    except (ValueError, OSError) as exc:  # OSError: also a busy output folder (OutputDirBusy)
+        return _fail(exc, 2, debug)
+    except RuntimeError as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError: a setting to change, not a bug
+            raise
+        return _fail(RuntimeError(f"{str(exc).splitlines()[0]} Add --gradient_checkpointing (--resume_from_checkpoint "
+                                  "latest then continues the run), or start afresh with a lower --train_batch_size or "
+                                  "--mixed_precision bf16"), 1, debug)
+    except KeyboardInterrupt:
+        print("train_erase.py: interrupted; continue with --resume_from_checkpoint latest", file=sys.stderr)
+        return 130
+    return code
+
+
+def _run(config: EraseConfig) -> int:
     from salun_diffusers.erase import erase
     from salun_diffusers.reporting import summarize
 
-    try:
-        result = erase(config)
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
-        logger.error("%s", exc)
-        return 2
+    result = erase(config)
     spec = config.concept_spec()
     if spec.kind == "digit" and config.pretrained_model_name_or_path is None and result.erasure_path \
             and config.verdict_images > 0:

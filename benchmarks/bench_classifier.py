@@ -29,7 +29,7 @@ import torch
 from salun_diffusers.classification.data import load_dataset, make_forget_split
 from salun_diffusers.classification.experiment import RETRAIN_SEED_OFFSET, ExperimentConfig, run_experiment
 from salun_diffusers.classification.methods import train_classifier, unlearn
-from salun_diffusers.classification.metrics import average_gap, evaluate_unlearning
+from salun_diffusers.classification.metrics import MIA_ATTACKS, average_gap, evaluate_unlearning
 from salun_diffusers.classification.models import build_model
 from salun_diffusers.utils import write_json, write_text
 
@@ -42,19 +42,49 @@ LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 EPOCH_GRID = (1, 2, 4)
 # each method's own hyperparameter, searched as well (FT, RL and GA have none)
 OWN_GRID = {"l1": {"l1_alpha": (1e-4, 5e-4, 2e-3)}, "salun": {"mask_ratio": (0.1, 0.3, 0.5)}}
+# --tune_small: the same search, thinned to what a busy 2-core machine does in about half an hour
+SMALL_GRID = ((3e-3, 1e-2, 3e-2), (2, 4), {"l1": {"l1_alpha": (5e-4, 2e-3)}, "salun": {"mask_ratio": (0.3, 0.5)}})
 
 
-def method_grid(method):
+def method_grid(method, small: bool = False):
     """Every configuration ``--tune`` tries for ``method``: lr x epochs x its own hyperparameter (if any)."""
-    own = OWN_GRID.get(method, {})
+    lrs, epochs, own_grid = SMALL_GRID if small else (LR_GRID, EPOCH_GRID, OWN_GRID)
+    own = own_grid.get(method, {})
     keys = ["lr", "epochs"] + list(own)
-    return [dict(zip(keys, values)) for values in itertools.product(LR_GRID, EPOCH_GRID, *own.values())]
+    return [dict(zip(keys, values)) for values in itertools.product(lrs, epochs, *own.values())]
 
 
 def target_check(summary: dict) -> dict:
     gaps = {m: summary[m]["gap"][0] for m in BASELINES if m in summary}
     best = min(gaps, key=gaps.get)
     return {"gaps": gaps, "best": best, "met": gaps.get("salun", float("inf")) <= gaps[best] + TARGET_MARGIN}
+
+
+def attack_gaps(runs: list) -> dict:
+    """Average gap to Retrain per method with each membership attacker in MIA's place (mean, std over seeds)."""
+    table = {}
+    for attack in MIA_ATTACKS:
+        per_seed = {}
+        for run in runs:
+            ref = run["metrics"].get("retrain")
+            for method, row in run["metrics"].items():
+                if ref is None or row.get("diverged") or ref.get("diverged"):
+                    continue
+                swap = lambda r: dict(r, MIA=r[f"MIA_{attack}"])  # noqa: E731
+                per_seed.setdefault(method, []).append(average_gap(swap(row), swap(ref)))
+        for method, gaps in per_seed.items():
+            mean = sum(gaps) / len(gaps)
+            std = (sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1)) ** 0.5 if len(gaps) > 1 else 0.0
+            table.setdefault(method, {})[attack] = [mean, std]
+    return table
+
+
+def attack_table(gaps: dict) -> str:
+    lines = ["| Method | Avg. Gap, SVC attack (official) | Avg. Gap, threshold attack |", "|---|---|---|"]
+    for method, row in gaps.items():
+        lines.append(f"| {method} | " + " | ".join(f"{row[a][0]:.2f} ± {row[a][1]:.2f}" if a in row else "—"
+                                                  for a in ("svc", "threshold")) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def run_benchmark(args) -> dict:
@@ -71,12 +101,15 @@ def run_benchmark(args) -> dict:
         result = run_experiment(config, data=data, original_cache=cache)
         result["wall_seconds"] = time.perf_counter() - start
         result["target"] = target_check(result["summary"])
+        result["attack_gaps"] = attack_gaps(result["runs"])
         out[name] = result
         md += [result["markdown"], f"Target (SalUn's average gap the smallest among {', '.join(BASELINES)} or within "
                f"{TARGET_MARGIN} of it): {'met' if result['target']['met'] else 'missed'} (smallest: "
                f"{result['target']['best']} {result['target']['gaps'][result['target']['best']]:.2f}, salun "
                f"{result['target']['gaps'].get('salun', float('nan')):.2f}); "
-               f"wall time {result['wall_seconds']:.0f} s", ""]
+               f"wall time {result['wall_seconds']:.0f} s", "",
+               "The same runs with each membership attacker in MIA's place:", "",
+               attack_table(result["attack_gaps"]), ""]
     return {"results": out, "markdown": "\n".join(md)}
 
 
@@ -84,7 +117,7 @@ def tune(args) -> dict:
     """Grid search (lr x epochs) per method and scenario on held-out seeds; returns the chosen hparams."""
     data = load_dataset("mnist", args.data_dir)
     log, chosen = {}, {}
-    for name in TUNED_SCENARIOS:
+    for name in args.tune_scenarios:
         scenario = SCENARIOS[name]
         config = ExperimentConfig(dataset="mnist", seeds=args.tune_seeds, **scenario)
         gaps = {}  # (method, config as JSON) -> list of gaps over tuning seeds
@@ -104,7 +137,7 @@ def tune(args) -> dict:
                                 seed=seed, model_fn=lambda: model_fn(seed + RETRAIN_SEED_OFFSET)).model)
             logging.info("tune %s seed %d retrain %s", name, seed, ref)
             for method in BASELINES:
-                for point in method_grid(method):
+                for point in method_grid(method, args.tune_small):
                     try:
                         model = unlearn(original, method, forget, retain, config.hparams[method].replace(**point),
                                         num_classes=10, seed=seed).model
@@ -123,7 +156,8 @@ def tune(args) -> dict:
             chosen[name][method] = best["config"]
             logging.info("tune %s: %s -> %s (mean gap %.3f over %d configs)", name, method, best["config"],
                          best["mean_gap"], len(rows))
-    return {"chosen": chosen, "grid": {"lr": LR_GRID, "epochs": EPOCH_GRID, "own": OWN_GRID},
+    grid = SMALL_GRID if args.tune_small else (LR_GRID, EPOCH_GRID, OWN_GRID)
+    return {"chosen": chosen, "grid": dict(zip(("lr", "epochs", "own"), grid)),
             "tune_seeds": args.tune_seeds, "log": log}
 
 
@@ -136,11 +170,14 @@ def main(argv=None) -> int:
     parser.add_argument("--hparams", default=None, help="tuned_hparams.json from --tune ({scenario: {method: {...}}})")
     parser.add_argument("--tune", action="store_true", help="grid-search lr x epochs instead of benchmarking")
     parser.add_argument("--tune_seeds", default="100,101")
+    parser.add_argument("--tune_small", action="store_true", help="a thinner grid (SMALL_GRID) for a busy CPU")
+    parser.add_argument("--tune_scenarios", default=",".join(TUNED_SCENARIOS), help="scenarios to tune")
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.tune_seeds = [int(s) for s in args.tune_seeds.split(",")]
+    args.tune_scenarios = [s for s in args.tune_scenarios.split(",") if s]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.num_threads)
     files = ("tuned_hparams.json", "tune_log.json") if args.tune else ("bench_classifier.json", "bench_classifier.md")

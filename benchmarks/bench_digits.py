@@ -131,7 +131,8 @@ def main(argv=None):
                 continue
             out = os.path.join(args.output_dir, "runs", f"{DIGIT_WORDS[d]}-r{ratio:g}")
             cfg = EraseConfig(concept=DIGIT_WORDS[d], mask_ratio=ratio, output_dir=out, cache_dir=cache,
-                              overwrite_output_dir=True, seed=args.seed, save_merged_unet=False, **extra)
+                              overwrite_output_dir=True, seed=args.seed, save_merged_unet=False,
+                              save_pipeline="none", **extra)
             t0 = time.perf_counter()
             result = erase(cfg, pipe=load_digit_pipeline())
             wall = time.perf_counter() - t0

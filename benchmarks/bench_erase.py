@@ -3,6 +3,8 @@
 
     python benchmarks/bench_erase.py --unet_config ../shared/data/configs/sd14_unet_config.json --device cuda \
         --mixed_precision bf16 --batch_size 8                       # SD1.4-shaped U-Net, random weights
+    python benchmarks/bench_erase.py --unet_config benchmarks/configs/sdxl_unet_config.json --device cuda \
+        --mixed_precision bf16 --batch_size 8                       # SDXL-shaped (random added conditioning too)
     python benchmarks/bench_erase.py --unet_config tiny --device cpu    # seconds, anywhere
 
 Reports (JSON to --output, and a table on stdout):
@@ -26,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from salun_diffusers.families import PromptCond, cat_conds, sdxl_time_ids, unet_kwargs  # noqa: E402
 from salun_diffusers.masking import MaskedUpdate, mask_from_saliency  # noqa: E402
 from salun_diffusers.objectives import diffusion_loss, salun_loss  # noqa: E402
 from salun_diffusers.saliency import compute_saliency  # noqa: E402
@@ -49,7 +52,8 @@ def build_unet(spec: str, device, pretrained: str = None):
         return UNet2DConditionModel.from_pretrained(DIGIT_PIPELINE_DIR, subfolder="unet").to(device)
     if not os.path.isfile(spec):
         raise SystemExit(f"--unet_config {spec!r} not found: pass a UNet2DConditionModel config.json, 'tiny' or "
-                         "'digit' (SD1.4's is at ../shared/data/configs/sd14_unet_config.json)")
+                         "'digit' (SD1.4's is at ../shared/data/configs/sd14_unet_config.json, SD 2.1's and SDXL's in "
+                         "benchmarks/configs/)")
     with open(spec) as f:
         config = json.load(f)
     torch.manual_seed(0)
@@ -118,7 +122,12 @@ def main(argv=None):
     g = torch.Generator(device=device).manual_seed(0)
     bs = args.batch_size
     latents = torch.randn(bs * max(args.saliency_batches, 2), cfg.in_channels, size, size, generator=g, device=device)
-    cond = torch.randn(3, 77, dim, generator=g, device=device)
+    cond = [PromptCond(c) for c in torch.randn(3, 77, dim, generator=g, device=device)]
+    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text embeddings and time ids as added conditioning
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        time_ids = sdxl_time_ids(8 * size, 8 * size).to(device)
+        cond = [PromptCond(c.embeds, {"text_embeds": torch.randn(pooled, generator=g, device=device),
+                                      "time_ids": time_ids}) for c in cond]
     result = {"unet_config": args.unet_config, "parameters": n_params, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "mixed_precision": args.mixed_precision, "batch_size": bs,
@@ -133,7 +142,7 @@ def main(argv=None):
 
         def loss_fn(model, idx, gen):
             with autocast():
-                return diffusion_loss(model, sched, latents[idx], cond[0].expand(len(idx), -1, -1), gen)
+                return diffusion_loss(model, sched, latents[idx], cond[0].expand(len(idx)), gen)
 
         compute_saliency(unet, batches[:1], loss_fn)  # warm-up
         with Peak(device) as peak:
@@ -158,9 +167,8 @@ def main(argv=None):
         def step(i):
             gen = torch.Generator(device=device).manual_seed(i)
             with autocast():
-                loss, _, _ = salun_loss(unet, sched, latents[:bs], cond[0].expand(bs, -1, -1),
-                                        cond[1].expand(bs, -1, -1), latents[bs:2 * bs], cond[2].expand(bs, -1, -1),
-                                        0.1, gen)
+                loss, _, _ = salun_loss(unet, sched, latents[:bs], cond[0].expand(bs), cond[1].expand(bs),
+                                        latents[bs:2 * bs], cond[2].expand(bs), 0.1, gen)
             loss.backward()
             guard.mask_gradients()
             opt.step()
@@ -188,14 +196,14 @@ def main(argv=None):
         ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                              set_alpha_to_one=False)
         n = args.sample_batch
-        text = torch.cat([cond[1:2].expand(n, -1, -1), cond[0:1].expand(n, -1, -1)]).to(sdt)
+        text = unet_kwargs(cat_conds([cond[1].expand(n), cond[0].expand(n)]).to(sdt))
 
         @torch.no_grad()
         def sample(steps):
             ddim.set_timesteps(steps)
             x = torch.randn(n, cfg.in_channels, size, size, generator=g, device=device, dtype=sdt)
             for t in ddim.timesteps:
-                eps = unet(torch.cat([x, x]), t, encoder_hidden_states=text).sample
+                eps = unet(torch.cat([x, x]), t, **text).sample
                 uncond, cond_eps = eps.chunk(2)
                 x = ddim.step(uncond + 7.5 * (cond_eps - uncond), t, x).prev_sample
             return x

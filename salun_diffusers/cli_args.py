@@ -27,8 +27,12 @@ def run_main(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
     except USER_ERRORS as exc:
         if debug:
             raise
+        from tqdm.auto import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar left open by the error: end its line
+            bar.close()
         message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -51,18 +51,22 @@ def model_fingerprint(model_or_shapes) -> str:
 
 
 @torch.no_grad()
-def base_values_digest(model: torch.nn.Module, mask: Mapping[str, torch.Tensor],
-                       dtypes=tuple(BASE_DTYPES)) -> Dict[str, str]:
+def base_values_digest(model: torch.nn.Module, mask: Mapping[str, torch.Tensor], dtypes=tuple(BASE_DTYPES),
+                       values: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, str]:
     """Fingerprint of a U-Net's *values* where ``mask`` is True: per dtype name, sha256 over the masked entries
     (parameters in name order, entries in row-major order) rendered in that dtype. Computed from the base U-Net before
-    training; on load it tells the base the erasure was made from from another base of the same shapes."""
+    training; on load it tells the base the erasure was made from from another base of the same shapes. ``values``:
+    the masked entries already gathered (name -> ``param[mask]``), to skip gathering them again."""
     params = dict(model.named_parameters())
     hashes = {d: hashlib.sha256() for d in dtypes}
     for name in sorted(mask):
-        p = params[name].detach()
-        values = p[mask[name].to(p.device)]
+        if values is not None:
+            entries = values[name]
+        else:
+            p = params[name].detach()
+            entries = p[mask[name].to(p.device)]
         for d, h in hashes.items():
-            h.update(values.to(BASE_DTYPES[d]).cpu().contiguous().view(torch.uint8).numpy())
+            h.update(entries.to(BASE_DTYPES[d]).cpu().contiguous().view(torch.uint8).numpy())
     return {d: h.hexdigest() for d, h in hashes.items()}
 
 
@@ -79,8 +83,10 @@ def _base_renderings(model: torch.nn.Module, names) -> list:
     return []
 
 
-def check_base_values(meta: Mapping, model: torch.nn.Module, mask: Mapping[str, torch.Tensor]) -> None:
-    """Refuse a U-Net whose values at the masked positions differ from the base the erasure was made from."""
+def check_base_values(meta: Mapping, model: torch.nn.Module, mask: Mapping[str, torch.Tensor],
+                      values: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """Refuse a U-Net whose values at the masked positions (``values``, if already gathered) differ from the base the
+    erasure was made from."""
     recorded = meta.get(BASE_KEY)
     if not recorded:
         if int(meta.get("format_version", 0) or 0) >= 2:
@@ -93,7 +99,7 @@ def check_base_values(meta: Mapping, model: torch.nn.Module, mask: Mapping[str, 
         raise ValueError("cannot check this erasure's base: the U-Net mixes float16 and bfloat16 weights; cast it to "
                          "one dtype, or pass check_base=False to apply the erasure without the check")
     for d in order:
-        if base_values_digest(model, mask, (d,))[d] == recorded[d]:
+        if base_values_digest(model, mask, (d,), values)[d] == recorded[d]:
             if d != order[0]:
                 logger.info("erasure base matches at %s precision (the U-Net is %s)", d, order[0])
             return

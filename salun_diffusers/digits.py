@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .concepts import DIGIT_WORDS, digit_prompt
-from .utils import atomic_path
+from .utils import atomic_path, cast_module
 
 __all__ = ["DIGIT_JUDGE_DIR", "DIGIT_PIPELINE_DIR", "DIGIT_SAMPLING", "DIGIT_WORDS", "DigitJudge", "digit_prompt",
            "generate_digits", "judge_accuracy", "judge_split", "load_digit_pipeline", "mnist_images"]
@@ -71,7 +71,11 @@ def load_digit_pipeline(device="cpu", torch_dtype=torch.float32):
     pipe = StableDiffusionPipeline.from_pretrained(DIGIT_PIPELINE_DIR, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=torch_dtype)  # a 5 MB model: cast after loading (any diffusers version)
+    pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # a 5 MB model: cast after loading (any diffusers version)
+        if module.dtype != torch_dtype:
+            cast_module(module, torch_dtype)
+    return pipe
 
 
 class DigitJudge(nn.Module):

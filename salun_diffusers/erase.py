@@ -25,15 +25,15 @@ import torch
 from .config import EraseConfig
 from .delta import base_values_digest
 from .erasure.adversarial import make_adversary
-from .erasure.checkpoints import resolve_resume
+from .erasure.checkpoints import remove_partial_checkpoints, resolve_resume
 from .erasure.data import ConceptData, base_model_id, load_pipeline, prepare_data  # noqa: F401  (re-exported)
-from .erasure.outputs import check_output_dir, write_outputs
+from .erasure.outputs import check_before_compute, check_output_dir, output_lock, write_outputs
 from .erasure.saliency import compute_or_load_mask
 from .erasure.training import train, training_scheduler
 from .erasure.validation import validation_hook
-from .families import SD, check_fits, pipeline_class_name, text_encoders
+from .families import SD, SDXL, check_fits, pipeline_class_name, text_encoders
 from .masking import mask_density
-from .utils import DTYPES, configure_threads
+from .utils import DTYPES, cast_module, configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +50,25 @@ class EraseResult:
 
 
 def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
-    """Run a SalUn erasure as configured. ``pipe`` (optional) is a loaded base pipeline to use instead of loading."""
+    """Run a SalUn erasure as configured. ``pipe`` (optional) is a loaded base pipeline to use instead of loading.
+
+    Before any work: the folders and inputs are checked, and the output folder is locked for the whole run (a second
+    run into it is refused); a killed run's unfinished checkpoint is cleared."""
+    from accelerate import PartialState
+
+    check_before_compute(config)
+    main = accelerator.is_main_process if accelerator is not None else PartialState().is_main_process
+    with output_lock(config.output_dir, enabled=main):
+        check_output_dir(config)
+        if main:
+            remove_partial_checkpoints(config.output_dir)
+        return _erase(config, pipe, accelerator)
+
+
+def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    check_output_dir(config)
     resume_path = resolve_resume(config)
     if accelerator is None:
         accelerator = Accelerator(
@@ -76,13 +90,13 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     check_fits(pipe, spec.pipeline_classes, f"concept {spec.name!r}")
     if config.adversarial:  # its attacks optimise one text encoder's hidden states, without SDXL's added conditioning
         check_fits(pipe, [SD], "--adversarial", "drop --adversarial for an SDXL base")
-    # SDXL's VAE overflows in fp16 (its config says force_upcast): it stays float32 then
-    vae_dtype = torch.float32 if getattr(pipe.vae.config, "force_upcast", False) and weight_dtype == torch.float16 \
-        else weight_dtype
+    # SDXL's VAE overflows in fp16 (its config says force_upcast; the SDXL pipeline upcasts it too): float32 then
+    upcast = pipeline_class_name(pipe) == SDXL and getattr(pipe.vae.config, "force_upcast", False)
+    vae_dtype = torch.float32 if upcast and weight_dtype == torch.float16 else weight_dtype
     frozen = [(pipe.vae, vae_dtype)] + [(m, weight_dtype) for m in text_encoders(pipe)]
     for module, dtype in frozen + [(pipe.unet, torch.float32)]:
         if module.dtype != dtype:
-            module.to(dtype=dtype)
+            cast_module(module, dtype)
     for module, _ in frozen:
         module.requires_grad_(False)
     unet = pipe.unet

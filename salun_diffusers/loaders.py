@@ -20,7 +20,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from .delta import parse_delta, read_delta
+from .delta import check_base_values, parse_delta, read_delta
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +64,12 @@ def load_erasure(pipe_or_unet, pretrained_or_dict: Union[str, Mapping[str, torch
                            "(or fuse_erasure(pipe) to keep it and stack another)")
     tensors, meta = read_delta(pretrained_or_dict, metadata=metadata, revision=revision, subfolder=subfolder,
                                cache_dir=cache_dir)
-    delta = parse_delta(tensors, meta, unet, check_fingerprint=check_fingerprint, check_base=check_base)
+    delta = parse_delta(tensors, meta, unet, check_fingerprint=check_fingerprint, check_base=False)
     params = dict(unet.named_parameters())
     masks = {n: m.to(params[n].device) for n, m in delta.mask.items()}
     backup = {n: params[n].detach()[masks[n]].clone() for n in masks}
+    if check_base:  # on the backup: the base values at the masked positions, gathered once; nothing changed yet
+        check_base_values(delta.metadata, unet, masks, backup)
     state = {"mask": masks, "values": delta.values, "backup": backup, "metadata": delta.metadata, "scale": None}
     _apply(unet, state, float(scale))
     setattr(unet, _STATE, state)

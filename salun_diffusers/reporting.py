@@ -23,6 +23,13 @@ def summarize(config, result) -> str:
         lines.append(f"  erasure: {result.erasure_path} ({m.get('num_changed_weights', 0):,} weights)")
     if result.unet_dir:
         lines.append(f"  merged U-Net: {result.unet_dir}")
+    if result.unet_dir and os.path.isfile(os.path.join(result.output_dir, "model_index.json")):
+        lines.append(f"  pipeline: DiffusionPipeline.from_pretrained({result.output_dir!r})")
+    if m.get("lora"):
+        lines.append(f"  LoRA: rank {m['lora']['rank']}, {m['lora']['energy_kept']:.1%} of the delta's energy "
+                     "(pytorch_lora_weights.safetensors)")
+    if m.get("hub_url"):
+        lines.append(f"  pushed to {m['hub_url']}")
     if "verdict" in m:
         lines.append(f"  verdict: {m['verdict']}")
     return "\n".join(lines)

@@ -70,6 +70,13 @@ def accumulate_gradients(
 
 
 def compute_saliency(model, batches, loss_fn, *, seed: int = 0, accelerator=None, desc="saliency"):
-    """``|sum of forget-loss gradients|`` per parameter (SalUn's weight saliency)."""
-    return {n: g.abs_() for n, g in accumulate_gradients(model, batches, loss_fn, seed=seed,
-                                                           accelerator=accelerator, desc=desc).items()}
+    """``|sum of forget-loss gradients|`` per parameter (SalUn's weight saliency). A non-finite saliency is refused:
+    its top-k would be meaningless (NaN sorts above every number)."""
+    saliency = {n: g.abs_() for n, g in accumulate_gradients(model, batches, loss_fn, seed=seed,
+                                                               accelerator=accelerator, desc=desc).items()}
+    bad = [n for n, s in saliency.items() if not bool(torch.isfinite(s).all())]
+    if bad:
+        raise FloatingPointError(f"the saliency (forget-loss gradient) of {bad[0]!r} and {len(bad) - 1} other "
+                                 "tensor(s) is not finite; check the forget data, or use --mixed_precision bf16 or no "
+                                 "instead of fp16")
+    return saliency

@@ -20,15 +20,33 @@ def atomic_path(path: str) -> Iterator[str]:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the final file ordinary permissions
     try:
         yield tmp
+        # after the writer: mkstemp makes 0600 files, and writers that replace the file (safetensors' save_file)
+        # make their own 0600 file; the final file follows the umask like any ordinary file
+        follow_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def follow_umask(path: str) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the permissions ``open``/``mkdir`` would: 0666 / 0777
+    less the umask (temp files and folders, and safetensors' files, are created 0600 / 0700). Symbolic links are
+    left alone (chmod would change their targets)."""
+    umask = _umask()
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+    for root, dirs, files in os.walk(path):
+        for name, mode in [(d, 0o777) for d in dirs] + [(f, 0o666) for f in files]:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), mode & ~umask)
 
 
 def ensure_writable_dir(path: str, flag: str = "--output_dir") -> None:
@@ -136,6 +154,15 @@ def check_seal(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any], w
     if problem:
         raise ValueError(f"{what} fails its integrity check: {problem} since it was written (sha256 mismatch); "
                          f"it was modified or corrupted: {fix}")
+
+
+def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module.to(dtype)`` without the warning diffusers (0.42) prints on every dtype cast of a model even when it
+    keeps no module in float32 (it lists an empty ``[]``); a model that does keep some still gets its own ``.to()``,
+    warning included."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(dtype=dtype)
+    return torch.nn.Module.to(module, dtype=dtype)
 
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

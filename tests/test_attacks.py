@@ -1,4 +1,4 @@
-"""Attacks on erased models (salun_diffusers.attacks) and the salun-attack CLI, on tiny pipelines and the digit world."""
+"""Attacks on erased models (salun_diffusers.attacks) and the salun-attack CLI: tiny pipelines and the digit world."""
 
 import pytest
 import torch
@@ -283,3 +283,23 @@ def test_cli_classifier_judge(dummy_pipeline_dir, prompt_csv, tmp_path):
     for kind, folder in (("target", "targets"), ("before", "before"), ("after", "after")):
         pred = int(judge.predict([Image.open(out / folder / "a.png").convert("RGB")])[0])
         assert row[kind] == {"hit": pred == 1, "label": judge.class_names[pred]}
+
+
+def test_cli_nudenet_judge(dummy_pipeline_dir, prompt_csv, tmp_path):
+    """SD path, mechanical: the nudity rule of the audit (NudeNet exposed parts >= threshold) judges each image."""
+    pytest.importorskip("nudenet")
+    import json
+
+    from salun_diffusers.attacks import cli
+    from salun_diffusers.evaluation.nudenet import NudeNetDetector, exposed_parts
+
+    out = tmp_path / "attack"
+    assert cli.main(["--model", dummy_pipeline_dir, "--prompts", prompt_csv, "--output_dir", str(out), "--attack",
+                     "token", "--steps", "2", "--num_tokens", "1", "--num_inference_steps", "2", "--limit", "1",
+                     "--resolution", "64"]) == 0
+    row = json.loads((out / "rows" / "a.json").read_text())
+    detector = NudeNetDetector()
+    for kind, folder in (("target", "targets"), ("before", "before"), ("after", "after")):
+        parts = exposed_parts(detector(str(out / folder / "a.png")), 0.6)
+        assert row[kind] == {"hit": bool(parts), "label": ",".join(parts) or "none"}
+    assert json.loads((out / "results.json").read_text())["judge"] == "nudenet"

@@ -176,6 +176,22 @@ def test_fp32_unet_from_a_half_precision_copy_of_the_base_matches_at_that_precis
     load_erasure(unet, folder)
 
 
+def test_mixed_precision_unet_is_checked_at_its_narrowest_dtype(erasure):
+    folder, _ = erasure
+    unet = _unet(0).half()
+    unet.conv_in.float()  # some modules kept in fp32 (as pipelines do for numerically sensitive layers)
+    load_erasure(unet, folder)
+    other = _unet(1).half()
+    other.conv_in.float()
+    with pytest.raises(ValueError, match="other base weights"):
+        load_erasure(other, folder)
+    both = _unet(0).half()
+    both.conv_out.bfloat16()  # float16 and bfloat16 together: no single rendering to compare
+    with pytest.raises(ValueError, match="mixes float16 and bfloat16.*check_base=False"):
+        load_erasure(both, folder)
+    load_erasure(both, folder, check_base=False)
+
+
 def test_format_1_file_loads_with_one_warning(erasure, tmp_path, caplog):
     folder, erased = erasure
     src = os.path.join(folder, WEIGHTS_NAME)

@@ -577,3 +577,28 @@ def test_cli_erasure_faults_are_one_line_errors(small_csv, tmp_path, capsys):
     open(path, "wb").write(bytes(data))
     err = _audit_error(capsys, common + ["--output_dir", str(tmp_path / "c"), "--no_erasure_check_base"])
     assert "fails its integrity check" in err
+
+
+def test_cli_missing_nudenet_is_refused_before_compute(small_csv, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nudenet" else real(name, *a))
+    model = str(tmp_path / "model-never-loaded")
+    os.makedirs(model)
+    err = _audit_error(capsys, ["--pretrained_model_name_or_path", model, "--prompts", small_csv, "--output_dir",
+                                str(tmp_path / "out")])
+    assert "pip install salun-diffusers[nudenet]" in err and "--judge none" in err
+
+
+def test_cli_refuses_an_audit_the_disk_cannot_hold(small_csv, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))  # 100 bytes free
+    model = str(tmp_path / "model-never-loaded")
+    os.makedirs(model)
+    err = _audit_error(capsys, ["--pretrained_model_name_or_path", model, "--prompts", small_csv, "--judge", "none",
+                                "--output_dir", str(tmp_path / "out")])
+    assert "GiB free but 7 images need at least" in err and not os.path.exists(tmp_path / "out" / "images")

@@ -160,5 +160,7 @@ def test_evaluate_unlearning_uses_the_svc_attack_by_default():
     x, y = torch.randn(60, 1, 2, 2), torch.randint(0, 3, (60,))
     args = (model, x, y, torch.arange(10), torch.arange(10, 40), x[40:], y[40:])
     svc, thr = evaluate_unlearning(*args), evaluate_unlearning(*args, mia="threshold")
-    assert set(svc) == {"UA", "RA", "TA", "MIA"} and 0 <= svc["MIA"] <= 100
-    assert {k: svc[k] for k in ("UA", "RA", "TA")} == {k: thr[k] for k in ("UA", "RA", "TA")}
+    assert set(svc) == {"UA", "RA", "TA", "MIA", "MIA_svc", "MIA_threshold"} and 0 <= svc["MIA"] <= 100
+    assert svc["MIA"] == svc["MIA_svc"] and thr["MIA"] == thr["MIA_threshold"]
+    assert {k: svc[k] for k in ("UA", "RA", "TA", "MIA_svc", "MIA_threshold")} == \
+        {k: thr[k] for k in ("UA", "RA", "TA", "MIA_svc", "MIA_threshold")}

@@ -193,4 +193,34 @@ def test_presets_name_the_pipeline_classes_they_fit(pipeline_dirs, tmp_path):
     assert config.concept_spec().pipeline_classes == ("StableDiffusionPipeline",)
     with pytest.raises(ValueError, match="fits StableDiffusionPipeline, not StableDiffusionXLPipeline"):
         erase(config)
-    assert not os.path.exists(config.cache_dir)  # refused before any image was drawn
+    drawn = [f for _, _, files in os.walk(config.cache_dir) for f in files if f.endswith(".png")]
+    assert drawn == []  # refused before any image was drawn
+
+
+@pytest.mark.parametrize("erased", ["sdxl"], indirect=True)  # the SD 1.x/2.x file: test_layout.py
+def test_sdxl_community_pipeline_file_loads_with_custom_pipeline(erased):
+    family, config, result = erased
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pipe = DiffusionPipeline.from_pretrained(
+        config.pretrained_model_name_or_path, trust_remote_code=True,
+        custom_pipeline=os.path.join(root, "pipelines", "pipeline_stable_diffusion_xl_erased.py"))
+    assert type(pipe).__name__ == "StableDiffusionXLErasedPipeline" and isinstance(pipe, StableDiffusionXLPipeline)
+    pipe.load_erasure(config.output_dir)
+    erased_params = dict(result.unet.named_parameters())
+    assert all(torch.equal(p.detach(), erased_params[n].detach()) for n, p in pipe.unet.named_parameters())
+
+
+@pytest.mark.parametrize("name,parameters", [("sd21_unet_config.json", 865_910_724),
+                                             ("sdxl_unet_config.json", 2_567_463_684)])
+def test_benchmark_unet_configs_have_the_published_shapes(name, parameters):
+    """benchmarks/configs: SD 2.1's and SDXL's U-Net configs (for bench_erase.py) build U-Nets of the published
+    parameter counts (built on the meta device: no memory, no weights)."""
+    import json
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "configs", name)
+    with open(path) as f, init_empty_weights():
+        unet = UNet2DConditionModel.from_config(json.load(f))
+    assert sum(p.numel() for p in unet.parameters()) == parameters

@@ -1,4 +1,4 @@
-"""``salun-attack``: attack an erased (or any) Stable Diffusion model prompt by prompt and report the attack success rate.
+"""``salun-attack``: attack an erased (or any) Stable Diffusion model prompt by prompt; report the attack success rate.
 
     salun-attack --model out/sd14-no-nudity --prompts ../shared/data/prompts/i2p_nudity_142.csv \\
         --attack token --judge nudenet --output_dir attacks/nudity-token
@@ -66,7 +66,8 @@ class AttackConfig:
     judge: Optional[str] = _f(None, "Image judge: nudenet, digit or classifier (default: digit with --digit, else "
                                     "nudenet).", choices=["nudenet", "digit", "classifier"])
     judge_model: Optional[str] = _f(None, "--judge classifier: a transformers image classifier (hub id or folder, e.g. "
-                                          "microsoft/resnet-50); --judge digit: a DigitJudge folder (default: bundled).")
+                                          "microsoft/resnet-50); --judge digit: a DigitJudge folder (default: the "
+                                          "bundled one).")
     target_class: Optional[str] = _f(None, "--judge classifier: the class a success must show (name or index).")
     digit: Optional[int] = _f(None, "Digit world: the digit (0-9) the digit judge looks for; without --prompts, "
                                     "--num_prompts rows are made for it.")

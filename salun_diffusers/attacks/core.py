@@ -206,13 +206,13 @@ def token_attack(pipe, target_latents: torch.Tensor, prompt: str, *, num_tokens:
     scheduler = scheduler if scheduler is not None else _scheduler(pipe)
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
     gen = _generator(generator)
-    eval_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+    eval_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=gen.device))
     eval_every = max(1, eval_every or steps // 4 or 1)
 
     vocab = word_vocabulary(tokenizer).to(text_encoder.device)
     table = text_encoder.get_input_embeddings().weight.detach()[vocab].float()
     table_unit = F.normalize(table, dim=-1)
-    start = torch.randint(0, len(vocab), (num_tokens,), generator=gen).to(vocab.device)
+    start = torch.randint(0, len(vocab), (num_tokens,), generator=gen, device=gen.device).to(vocab.device)
     ids = _ids(tokenizer, [0] * num_tokens + _pieces(tokenizer, prompt)).to(text_encoder.device)
     span = slice(1, 1 + num_tokens)
 
@@ -330,7 +330,7 @@ def inversion_attack(pipe, concept_latents: torch.Tensor, *, steps: int = DEFAUL
     scheduler = scheduler if scheduler is not None else _scheduler(pipe)
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
     gen = _generator(generator)
-    eval_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+    eval_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=gen.device))
     encoded = [_placeholder_ids(tokenizer, t, placeholder) for t in templates]
     all_ids = torch.cat([e[0] for e in encoded]).to(text_encoder.device)
     all_pos = torch.cat([e[1] for e in encoded])
@@ -354,7 +354,7 @@ def inversion_attack(pipe, concept_latents: torch.Tensor, *, steps: int = DEFAUL
     batch = min(batch_size, n)
     with frozen(unet, text_encoder), torch.enable_grad():
         for _ in tqdm(range(steps), desc="concept inversion", disable=not show_progress, leave=False):
-            index = torch.randperm(n, generator=gen)[:batch] if batch < n else torch.arange(n)
+            index = torch.randperm(n, generator=gen, device=gen.device)[:batch].cpu() if batch < n else torch.arange(n)
             opt.zero_grad(set_to_none=True)
             loss = attack_loss(unet, scheduler, concept_latents[index.to(concept_latents.device)],
                                conditioning(index, vector), gen)

@@ -206,6 +206,8 @@ def fit(model: torch.nn.Module, cfg: MethodConfig, epoch_batches: Callable[[int]
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # the last step can still blow up
+        raise FloatingPointError(f"{desc}: weights became non-finite; lower the learning rate")
     return model
 
 

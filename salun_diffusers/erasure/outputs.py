@@ -5,12 +5,15 @@ pipeline; optionally a LoRA (``--export_lora_rank``) and an upload to the Hub (`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
-from typing import List, Mapping, Optional, Tuple
+import time
+from typing import Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -18,7 +21,8 @@ from .. import __version__
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..delta import CONFIG_NAME, MASK_NAME, WEIGHTS_NAME, build_delta, save_delta
-from ..utils import resolve_dtype, write_json, write_text
+from ..utils import ensure_writable_dir, follow_umask, resolve_dtype, write_json, write_text
+from .checkpoints import check_same_run
 from .data import base_model_id
 
 logger = logging.getLogger(__name__)
@@ -27,13 +31,119 @@ PIPELINE_INDEX = "model_index.json"
 LORA_NAME = "pytorch_lora_weights.safetensors"
 
 
+LOCK_NAME = ".salun-erase.lock"
+FINAL_OUTPUTS = (WEIGHTS_NAME, MASK_NAME, "unet", "README.md")  # what a run would replace in --output_dir
+
+
+class OutputDirBusy(OSError):
+    """Another run holds the output folder's lock."""
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<output_dir>/.salun-erase.lock`` for the whole run: one writer per output
+    folder. The OS releases it when the process ends in any way (kill -9 included), so it is never stale; the file
+    records the holder (pid, host, start time) for the refusal message."""
+    if not enabled:
+        yield
+        return
+    import fcntl
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(path) as f:
+                holder = f.read().strip() or "a run that is starting"
+            raise OutputDirBusy(f"{output_dir!r} is in use by another run ({holder}); wait for it to finish or "
+                                "choose another --output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _check_readable(config: EraseConfig) -> None:
+    for flag in ("forget_data_dir", "retain_data_dir"):
+        folder = getattr(config, flag)
+        if folder is None:
+            continue
+        try:
+            os.listdir(folder)
+        except OSError as exc:
+            raise ValueError(f"--{flag} {folder!r} cannot be read ({exc.strerror or exc}); pass a folder of "
+                             "images") from None
+    if config.mask_path:
+        from ..masking import load_mask
+
+        load_mask(config.mask_path)  # a mask file is small: read it all now rather than after hours of data
+
+
+def estimate_output_bytes(config: EraseConfig) -> Optional[int]:
+    """Rough disk need of a run (merged U-Net, checkpoints with AdamW state, erasure), from the base U-Net's file
+    size; ``None`` when the base model is not a local folder."""
+    from ..pipelines.pipeline_stable_diffusion_erased import resolve_base_model
+
+    unet_dir = os.path.join(resolve_base_model(base_model_id(config)), "unet")
+    if not os.path.isdir(unet_dir):
+        return None
+    weights = [f for f in os.listdir(unet_dir) if f.endswith((".safetensors", ".bin"))
+               and (f".{config.variant}." in f) == bool(config.variant)]
+    size = max((os.path.getsize(os.path.join(unet_dir, f)) for f in weights), default=0)
+    fp32 = size * (2 if config.variant in ("fp16", "bf16") else 1)
+    kept = 0
+    if config.checkpointing_steps:
+        kept = config.max_train_steps // config.checkpointing_steps
+        if config.checkpoints_total_limit:
+            kept = min(kept, config.checkpoints_total_limit + 1)  # the new one is complete before the oldest goes
+    return int(fp32 * (3 * kept + int(config.save_merged_unet) + config.mask_ratio))
+
+
+def check_before_compute(config: EraseConfig) -> None:
+    """Before any work: the output (and cache) folder is writable, the inputs are readable, and the disk has room."""
+    ensure_writable_dir(config.output_dir, "--output_dir")
+    if config.cache_dir:
+        ensure_writable_dir(config.cache_dir, "--cache_dir")
+    _check_readable(config)
+    need = estimate_output_bytes(config)
+    if need:
+        free = shutil.disk_usage(config.output_dir).free
+        if free < need:
+            raise ValueError(f"--output_dir {config.output_dir!r} has {free / 2**30:.2f} GiB free but the run needs "
+                             f"about {need / 2**30:.2f} GiB (merged U-Net, checkpoints, erasure); free space, choose "
+                             "another --output_dir, or keep fewer checkpoints (--checkpoints_total_limit) or no merged "
+                             "U-Net (--no-save_merged_unet)")
+
+
 def check_output_dir(config: EraseConfig) -> None:
-    """Refuse to overwrite an existing erasure unless asked, before any work is done."""
-    existing = os.path.join(config.output_dir, WEIGHTS_NAME)
-    if os.path.exists(existing) and not config.overwrite_output_dir and not config.resume_from_checkpoint:
-        raise FileExistsError(f"{existing} already exists; choose another --output_dir, or pass "
-                              "--overwrite_output_dir to replace it")
+    """Refuse to overwrite an existing erasure unless asked (or resuming the same run), before any work is done."""
+    _check_final_outputs(config)
     _check_pipeline_targets(config, _pipeline_names(config))
+
+
+def _check_final_outputs(config: EraseConfig) -> None:
+    out = config.output_dir
+    existing = [n for n in FINAL_OUTPUTS if os.path.lexists(os.path.join(out, n))]
+    if config.mask_path and os.path.abspath(config.mask_path) == os.path.abspath(os.path.join(out, MASK_NAME)):
+        existing.remove(MASK_NAME)  # the input mask of this run, not overwritten
+    if not existing or config.overwrite_output_dir:
+        return
+    if not config.resume_from_checkpoint:
+        raise FileExistsError(f"{out!r} already holds {', '.join(existing)}; choose another --output_dir, or pass "
+                              "--overwrite_output_dir to replace it (--resume_from_checkpoint latest to finish the "
+                              "run that wrote it)")
+    record = os.path.join(out, "train_config.json")
+    if not os.path.isfile(record):
+        raise FileExistsError(f"{out!r} already holds {', '.join(existing)} but no train_config.json, so resuming "
+                              "cannot tell whether it is the same run; choose another --output_dir, or pass "
+                              "--overwrite_output_dir to replace it")
+    with open(record) as f:
+        check_same_run(json.load(f), config, f"the run in {out!r}")
 
 
 def write_outputs(config: EraseConfig, spec: ConceptSpec, unet, mask: Mapping[str, torch.Tensor],
@@ -96,15 +206,13 @@ def _base_index(base_dir: str) -> dict:
 
 
 def _temp_dir(parent: str, name: str) -> str:
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders
-    return tmp
+    return tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
 
 
 def _install_dir(tmp: str, dest: str) -> None:
-    """Rename a finished temp folder onto ``dest``; an existing ``dest`` is moved aside first, deleted after."""
+    """Rename a finished temp folder onto ``dest``; an existing ``dest`` is moved aside first, deleted after.
+    Its folders and files follow the umask (mkdtemp makes 0700 folders, safetensors 0600 files)."""
+    follow_umask(tmp)
     aside = None
     if os.path.lexists(dest):
         aside = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(dest))
@@ -177,6 +285,7 @@ def export_lora(config: EraseConfig, unet) -> dict:
     tmp = _temp_dir(config.output_dir, "lora")
     try:
         save_lora(state, tmp, weight_name=LORA_NAME)
+        follow_umask(tmp)
         os.replace(os.path.join(tmp, LORA_NAME), os.path.join(config.output_dir, LORA_NAME))
     finally:
         shutil.rmtree(tmp)
@@ -261,13 +370,16 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")
 ```
 """)
+    from ..hub import BUNDLED_DIGIT_MODEL
+
+    load_base = (f"from diffusers import {pipeline_class}\n\npipe = {pipeline_class}.from_pretrained(\"{base}\")"
+                 if base != BUNDLED_DIGIT_MODEL else  # the bundled model is a folder inside the package
+                 "from salun_diffusers.digits import load_digit_pipeline\n\npipe = load_digit_pipeline()")
     parts.append(f"""The erasure as a delta over the base model (`set_erasure_scale` / `unload_erasure` work on it):
 
 ```python
-from diffusers import {pipeline_class}
 from salun_diffusers import load_erasure
-
-pipe = {pipeline_class}.from_pretrained("{base}")
+{load_base}
 load_erasure(pipe, "path/to/this/folder")
 ```
 

@@ -51,6 +51,42 @@ def make_optimizer(params, config: EraseConfig) -> torch.optim.Optimizer:
                              weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
 
 
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss, gradient or weight: the run stops before it can write a checkpoint or an erasure."""
+
+
+def check_finite(value: torch.Tensor, what: str, step: int, config: EraseConfig) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise diverged(f"the {what} is {value.float().max().item()}", step, config)
+
+
+def diverged(what: str, step: int, config: EraseConfig) -> TrainingDiverged:
+    fixes = f"lower --learning_rate (now {config.learning_rate:g})"
+    fixes += f" or --max_grad_norm (now {config.max_grad_norm:g})" if config.max_grad_norm > 0 else \
+        " or clip gradients with --max_grad_norm 1"
+    if config.mixed_precision == "fp16":
+        fixes += ", or use --mixed_precision bf16 or no (fp16 overflows)"
+    return TrainingDiverged(f"training diverged at step {step}: {what}; no erasure was written and earlier "
+                            f"checkpoints are kept. Rerun with {fixes}")
+
+
+def clip_and_check_gradients(accelerator, params, config: EraseConfig, step: int) -> None:
+    """Clip to ``max_grad_norm`` (if > 0) and stop on a non-finite gradient norm. Under fp16 the gradient scaler
+    skips steps with overflowing gradients by design, so only the loss and the weights are checked there."""
+    if config.max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if config.mixed_precision != "fp16" and norm is not None:
+        check_finite(torch.as_tensor(norm), "gradient norm", step, config)
+
+
+def check_finite_weights(unet, step: int, config: EraseConfig) -> None:
+    bad = [n for n, p in unet.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise diverged(f"weight {bad[0]!r} (and {len(bad) - 1} more) is not finite", step, config)
+
+
 @dataclass
 class TrainResult:
     unet: torch.nn.Module  # unwrapped
@@ -111,10 +147,11 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                 loss, forget_term, retain_term = salun_loss(
                     unet_prepared, scheduler, data.forget_latents[f_idx], forget_cond.expand(bs),
                     pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight)
+                check_finite(loss, "loss", global_step + 1, config)
                 accelerator.backward(loss)
                 guard.mask_gradients()
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(guard.trainable_parameters(), config.max_grad_norm)
+                if accelerator.sync_gradients:
+                    clip_and_check_gradients(accelerator, guard.trainable_parameters(), config, global_step + 1)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -129,8 +166,10 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
             on_step(global_step)
         if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 \
                 and global_step < config.max_train_steps:
+            check_finite_weights(unet, global_step, config)  # a checkpoint is never saved from a non-finite state
             save_checkpoint(accelerator, config, global_step)
     bar.close()
+    check_finite_weights(unet, global_step, config)  # nor an erasure
     guard.remove_hooks()
     accelerator.wait_for_everyone()
     return TrainResult(accelerator.unwrap_model(unet_prepared), logs)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -415,8 +416,15 @@ def check_before_compute(config: AuditConfig) -> None:
     """What an audit needs, checked before any model is loaded: the output folder is writable, the prompt CSV reads,
     the models and files named exist, the judge is installed (one-line errors, not a failure hours later)."""
     ensure_writable_dir(config.output_dir)
-    if not config.read_rows():
+    rows = config.read_rows()
+    if not rows:
         raise ValueError(f"no prompts left in {config.prompts} after filtering (categories={config.categories!r})")
+    # disk: a PNG of a generated image takes at least ~1/4 of its raw RGB size (rows of unknown size not counted)
+    need = sum((config.resolution or r.width or 0) * (config.resolution or r.height or 0) * 3 // 4 for r in rows)
+    free = shutil.disk_usage(config.output_dir).free
+    if need > free:
+        raise ValueError(f"--output_dir {config.output_dir!r} has {free / 2**30:.2f} GiB free but {len(rows)} images "
+                         f"need at least {need / 2**30:.2f} GiB; free space or choose another folder")
     for flag in ("pretrained_model_name_or_path", "clip_model", "judge_model"):
         value = getattr(config, flag)
         if value and not os.path.exists(value) and not _is_hub_id(value):
