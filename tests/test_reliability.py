@@ -57,8 +57,8 @@ def _no_work(monkeypatch):
 
 @pytest.mark.parametrize("overrides", [
     {"alpha": math.nan}, {"alpha": math.inf}, {"max_grad_norm": math.nan}, {"learning_rate": math.inf},
-    {"adam_epsilon": 0.0}, {"adam_weight_decay": -0.1}, {"adam_weight_decay": math.inf}, {"max_grad_norm": -1.0},
-    {"mask_ratio": math.nan}, {"data_guidance_scale": -math.inf}, {"lr_scheduler": "cosinus"}, {"resolution": 20},
+    {"adam_beta1": math.nan}, {"adam_beta2": 1.0}, {"adam_epsilon": 0.0}, {"adam_weight_decay": -0.1},
+    {"adam_weight_decay": math.inf}, {"max_grad_norm": -1.0}, {"mask_ratio": math.nan}, {"data_guidance_scale": -math.inf}, {"lr_scheduler": "cosinus"}, {"resolution": 20},
     {"seed": -1}, {"checkpoints_total_limit": 0}, {"checkpointing_steps": -5}, {"lr_warmup_steps": -1},
     {"output_dir": ""},
 ], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
