@@ -51,7 +51,8 @@ def _fail(exc: BaseException, code: int, debug: bool) -> int:
 
 def main(argv=None) -> int:
     """Run an erasure. Exit codes: 0 done; 2 a user mistake (bad flag value, unusable folder, output in use or
-    already there), one line on stderr; 1 training diverged (non-finite loss, gradient or weight); 130 interrupted."""
+    already there), one line on stderr; 1 training diverged (non-finite loss, gradient or weight) or ran out of
+    memory; 130 interrupted."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     debug = build_parser().parse_known_args(argv)[0].debug
     try:
@@ -61,6 +62,12 @@ def main(argv=None) -> int:
         return _fail(exc, 1, debug)
     except (ValueError, OSError) as exc:  # OSError: also a busy output folder (OutputDirBusy)
         return _fail(exc, 2, debug)
+    except RuntimeError as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError: a setting to change, not a bug
+            raise
+        return _fail(RuntimeError(f"{str(exc).splitlines()[0]} Add --gradient_checkpointing (--resume_from_checkpoint "
+                                  "latest then continues the run), or start afresh with a lower --train_batch_size or "
+                                  "--mixed_precision bf16"), 1, debug)
     except KeyboardInterrupt:
         print("train_erase.py: interrupted; continue with --resume_from_checkpoint latest", file=sys.stderr)
         return 130

@@ -120,6 +120,8 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     metrics = {"pipeline_class": pipeline_class_name(pipe), "mask_density": density, "data_seconds": t_data - t0,
                "saliency_seconds": t_saliency - t_data}
     if config.save_mask_only:
+        if config.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
         return EraseResult(config.output_dir, None, mask_file, None, metrics, unet, pipe)
     # fingerprint of the base values the erasure applies to (taken before training): loaders refuse another base
     base_digest = base_values_digest(unet, mask) if accelerator.is_main_process else None

@@ -57,8 +57,8 @@ def _no_work(monkeypatch):
 
 @pytest.mark.parametrize("overrides", [
     {"alpha": math.nan}, {"alpha": math.inf}, {"max_grad_norm": math.nan}, {"learning_rate": math.inf},
-    {"adam_epsilon": 0.0}, {"adam_weight_decay": -0.1}, {"adam_weight_decay": math.inf}, {"max_grad_norm": -1.0},
-    {"mask_ratio": math.nan}, {"data_guidance_scale": -math.inf}, {"lr_scheduler": "cosinus"}, {"resolution": 20},
+    {"adam_beta1": math.nan}, {"adam_beta2": 1.0}, {"adam_epsilon": 0.0}, {"adam_weight_decay": -0.1},
+    {"adam_weight_decay": math.inf}, {"max_grad_norm": -1.0}, {"mask_ratio": math.nan}, {"data_guidance_scale": -math.inf}, {"lr_scheduler": "cosinus"}, {"resolution": 20},
     {"seed": -1}, {"checkpoints_total_limit": 0}, {"checkpointing_steps": -5}, {"lr_warmup_steps": -1},
     {"output_dir": ""},
 ], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
@@ -78,9 +78,9 @@ def _rc(argv):
 @pytest.mark.parametrize("argv", [["--alpha", "nan"], ["--alpha", "inf"], ["--max_grad_norm", "nan"],
                                   ["--alpha", "x"], ["--alpah", "1"], ["--mask_ratio", "2"]],
                          ids=lambda argv: "=".join(argv))
-def test_train_erase_bad_values_one_line_exit_2_no_erasure(argv, tmp_path, capsys):
+def test_train_erase_bad_values_one_line_exit_2_no_erasure(argv, dummy_pipeline_dir, data_cache, tmp_path, capsys):
     out = tmp_path / "out"
-    assert _rc(["--concept", "seven", "--output_dir", str(out), *argv]) == 2
+    assert _rc(_tiny_argv(dummy_pipeline_dir, data_cache, out, "--max_train_steps", "1", *argv)) == 2
     err = capsys.readouterr().err
     assert len(_error_lines(err)) == 1 and "Traceback" not in err and "usage:" not in err
     assert not os.path.exists(out / WEIGHTS_NAME)
@@ -152,6 +152,17 @@ def test_train_erase_exits_1_on_divergence_with_one_line(dummy_pipeline_dir, dat
     err = capsys.readouterr().err
     assert len(_error_lines(err)) == 1 and "diverged at step 1" in err and "Traceback" not in err
     assert not os.path.exists(out / WEIGHTS_NAME)
+
+
+def test_out_of_memory_is_one_line_with_the_fix(monkeypatch, tmp_path, capsys):
+    import salun_diffusers.erase as erase_module
+
+    def oom(config, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+    monkeypatch.setattr(erase_module, "erase", oom)
+    assert train_erase.main(["--output_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert len(_error_lines(err)) == 1 and "--gradient_checkpointing" in err and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------------- 4-6. checkpoints and resume

@@ -370,13 +370,16 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")
 ```
 """)
+    from ..hub import BUNDLED_DIGIT_MODEL
+
+    load_base = (f"from diffusers import {pipeline_class}\n\npipe = {pipeline_class}.from_pretrained(\"{base}\")"
+                 if base != BUNDLED_DIGIT_MODEL else  # the bundled model is a folder inside the package
+                 "from salun_diffusers.digits import load_digit_pipeline\n\npipe = load_digit_pipeline()")
     parts.append(f"""The erasure as a delta over the base model (`set_erasure_scale` / `unload_erasure` work on it):
 
 ```python
-from diffusers import {pipeline_class}
 from salun_diffusers import load_erasure
-
-pipe = {pipeline_class}.from_pretrained("{base}")
+{load_base}
 load_erasure(pipe, "path/to/this/folder")
 ```
 
