@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from salun_diffusers.families import PromptCond, cat_conds, sdxl_time_ids, unet_kwargs  # noqa: E402
-from salun_diffusers.masking import MaskedUpdate, mask_from_saliency  # noqa: E402
+from salun_diffusers.masking import MaskedAdamW, MaskedUpdate, mask_from_saliency  # noqa: E402
 from salun_diffusers.objectives import diffusion_loss, salun_loss  # noqa: E402
 from salun_diffusers.saliency import compute_saliency  # noqa: E402
 
@@ -104,6 +104,10 @@ def main(argv=None):
     p.add_argument("--sample_batch", type=int, default=4)
     p.add_argument("--mask_ratio", type=float, default=0.5)
     p.add_argument("--phases", default="saliency,train,sample")
+    p.add_argument("--optimizers", default="adamw",
+                   help="training phase, in this order: 'adamw' (MaskedUpdate + torch AdamW) and/or 'in_backward' "
+                        "(MaskedAdamW, --optimizer_in_backward). On CPU the peak RSS only grows: list in_backward "
+                        "first to measure both in one process")
     p.add_argument("--output", default=None, help="JSON output path")
     args = p.parse_args(argv)
 
@@ -160,9 +164,12 @@ def main(argv=None):
         print(f"saliency: {result['saliency_s_per_sample'] * 1e3:.1f} ms/sample, peak {peak.gib:.2f} GiB, "
               f"top-k mask over {n_params / 1e6:.0f}M weights in {result['mask_seconds']:.2f}s")
 
-    if "train" in phases:
-        guard = MaskedUpdate(unet, mask)
-        opt = torch.optim.AdamW(guard.trainable_parameters(), lr=1e-5, weight_decay=1e-2)
+    for optimizer in (args.optimizers.split(",") if "train" in phases else []):
+        if optimizer == "in_backward":
+            guard = opt = MaskedAdamW(unet, mask, lr=1e-5, weight_decay=1e-2)
+        else:
+            guard = MaskedUpdate(unet, mask)
+            opt = torch.optim.AdamW(guard.trainable_parameters(), lr=1e-5, weight_decay=1e-2)
 
         def step(i):
             gen = torch.Generator(device=device).manual_seed(i)
@@ -183,9 +190,11 @@ def main(argv=None):
                 step(i + 1)
             sync(device)
             dt = time.perf_counter() - t
-        result.update({"train_s_per_step": dt / args.train_steps, "train_peak_gib": peak.gib})
-        print(f"training: {result['train_s_per_step']:.3f} s/step (batch {bs}: forget + pseudo + retain), "
+        key = "train" if optimizer == "adamw" else f"train_{optimizer}"
+        result.update({f"{key}_s_per_step": dt / args.train_steps, f"{key}_peak_gib": peak.gib})
+        print(f"training ({optimizer}): {dt / args.train_steps:.3f} s/step (batch {bs}: forget + pseudo + retain), "
               f"peak {peak.gib:.2f} GiB")
+        guard.remove_hooks()
         del guard, opt
         unet.zero_grad(set_to_none=True)
 

@@ -14,8 +14,9 @@ Parts (``--parts``, comma-separated):
   (data reused). Reports wall time, CPU time, peak memory, the phases train_erase prints and the verdict.
 * ``busy``: the same, while a process this script starts keeps one core busy (pinned to the last usable core).
 * ``sd14``: the SD1.4-shaped U-Net (random weights, ``--sd14_config``) on CPU, in a subprocess of its own so its
-  peak RSS is its own: one saliency batch, the exact global top-k mask (timed), masked AdamW steps
-  (``benchmarks/bench_erase.py --phases saliency,train``).
+  peak RSS is its own: one saliency batch, the exact global top-k mask (timed), masked AdamW steps stepped inside
+  backward (``--optimizer_in_backward``), then the standard masked AdamW (peak RSS only grows, so this order gives
+  both peaks; ``benchmarks/bench_erase.py --phases saliency,train --optimizers in_backward,adamw``).
 * ``gpu``: ``bench_erase.py`` on ``--device`` (default cuda) at SD1.4 shape: saliency, SalUn step time and peak memory
   at batch 8 bf16, and fp16 sampling images/s (50 CFG steps: the data generation's and the audit's cost per image).
 
@@ -143,6 +144,8 @@ def table(result: dict) -> str:
                          f"{r.get('saliency_peak_gib', float('nan')):.2f} GiB; SalUn step "
                          f"{r.get('train_s_per_step', float('nan')):.3f} s, peak "
                          f"{r.get('train_peak_gib', float('nan')):.2f} GiB"
+                         + (f"; with --optimizer_in_backward {r['train_in_backward_s_per_step']:.3f} s, peak "
+                            f"{r['train_in_backward_peak_gib']:.2f} GiB" if "train_in_backward_peak_gib" in r else "")
                          + (f"; sampling {r['sample_images_per_s']:.2f} images/s ({r['num_inference_steps']} CFG "
                             f"steps, {r['sample_dtype']})" if "sample_images_per_s" in r else ""))
     return "\n".join(lines)
@@ -184,7 +187,7 @@ def main(argv=None):
         result["sd14"] = bench_erase_part(args, "cpu", [
             "--unet_config", args.sd14_config, "--mixed_precision", "no", "--batch_size", "1",
             "--latent_size", str(args.sd14_latent_size), "--saliency_batches", "1", "--train_steps", "1",
-            "--phases", "saliency,train"])
+            "--phases", "saliency,train", "--optimizers", "in_backward,adamw"])
     if "gpu" in parts:
         import torch
 

@@ -13,6 +13,8 @@ One implementation serves the diffusion path (U-Net) and the classifier path (an
 * :class:`MaskedUpdate` trains flat tensors of the masked values only (optimizer state sized by the mask) and writes
   them into the masked entries after every step; the weights outside the mask are never written, so they stay
   bit-identical to the base even with weight decay or momentum, and no copy of them is kept.
+* :class:`MaskedAdamW` (``--optimizer_in_backward``) is the same AdamW stepped inside backward, weight by weight, on
+  the masked entries in place: no flat copy of the masked values nor of their gradients (SD1.4: 3.4 GB less).
 """
 
 from __future__ import annotations
@@ -218,6 +220,29 @@ def load_mask(path: str) -> tuple:
 # ----------------------------------------------------------------------------------------------- training
 
 
+def _masked_parameters(model: torch.nn.Module, mask: Mapping[str, torch.Tensor]):
+    """The model's weights that ``mask`` selects entries of (made trainable) and their bool masks on the weights'
+    devices; every other parameter is frozen."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(mask) - set(params))
+    if unknown:
+        raise ValueError(f"mask names {len(unknown)} parameters the model does not have (e.g. {unknown[0]!r}); "
+                         "the mask was computed for a different model")
+    selected: Dict[str, torch.nn.Parameter] = {}
+    masks: Mask = {}
+    for name, p in params.items():
+        m = mask.get(name)
+        if m is None or not bool(m.any()):
+            p.requires_grad_(False)
+            continue
+        if tuple(m.shape) != tuple(p.shape):
+            raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, parameter has {tuple(p.shape)}")
+        p.requires_grad_(True)
+        selected[name] = p
+        masks[name] = m.to(device=p.device, dtype=torch.bool)
+    return selected, masks
+
+
 class MaskedUpdate:
     """Train only the entries of a model's weights that ``mask`` selects; every other entry is never written.
 
@@ -240,25 +265,10 @@ class MaskedUpdate:
     """
 
     def __init__(self, model: torch.nn.Module, mask: Mapping[str, torch.Tensor], hooks: bool = True):
-        params = dict(model.named_parameters())
-        unknown = sorted(set(mask) - set(params))
-        if unknown:
-            raise ValueError(f"mask names {len(unknown)} parameters the model does not have (e.g. {unknown[0]!r}); "
-                             "the mask was computed for a different model")
-        self.params: Dict[str, torch.nn.Parameter] = {}
-        self.masks: Mask = {}
+        self.params, self.masks = _masked_parameters(model, mask)
         self.values: Dict[str, torch.nn.Parameter] = {}
         self._handles = []
-        for name, p in params.items():
-            m = mask.get(name)
-            if m is None or not bool(m.any()):
-                p.requires_grad_(False)
-                continue
-            if tuple(m.shape) != tuple(p.shape):
-                raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, parameter has {tuple(p.shape)}")
-            p.requires_grad_(True)
-            self.params[name] = p
-            self.masks[name] = m.to(device=p.device, dtype=torch.bool)
+        for name, p in self.params.items():
             self.values[name] = torch.nn.Parameter(p.detach()[self.masks[name]])  # boolean indexing copies
             if hooks:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._gather_hook(name)))
@@ -311,3 +321,82 @@ class MaskedUpdate:
         for v in self.values.values():
             v.data = v.data.to(device)
         return self
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    """AdamW on the masked entries of a model's weights, stepped inside backward (``--optimizer_in_backward``).
+
+    A post-accumulate-grad hook per weight gathers its masked gradient entries, drops the full-size gradient, runs
+    the AdamW update (torch.optim.AdamW's math; decoupled weight decay on the masked values only) and writes the new
+    values into the masked entries. The state is flat per weight (``exp_avg``, ``exp_avg_sq`` of the masked entries,
+    ``step``), so neither a flat copy of the masked values nor their gradients persist: compared with
+    :class:`MaskedUpdate` + AdamW this saves two floats per masked weight (SD1.4 at ratio 0.5: 3.4 GB).
+    Entries outside the mask are never written. :meth:`step` is a no-op (the update already happened); the lr
+    scheduler drives ``param_groups`` as usual and ``state_dict`` / ``load_state_dict`` are torch's.
+
+    Only valid without global gradient clipping, without gradient accumulation, without a gradient scaler (fp16) and
+    in a single process: each weight is updated as soon as its own gradient is known. ``check(name, grad)`` (if given)
+    sees every gathered gradient before it is applied (e.g. to stop on a non-finite one). It has the interface of
+    :class:`MaskedUpdate` too (``restore``, ``reload``, ... are no-ops), so a training loop can use either.
+    """
+
+    def __init__(self, model: torch.nn.Module, mask: Mapping[str, torch.Tensor], lr: float = 1e-3,
+                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, check=None):
+        self.params, self.masks = _masked_parameters(model, mask)
+        super().__init__(list(self.params.values()), dict(lr=lr, betas=tuple(betas), eps=eps,
+                                                          weight_decay=weight_decay))
+        self.check = check
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(name)) for name, p in self.params.items()]
+
+    def _hook(self, name: str):
+        def hook(p):
+            self._update(name, p)
+        return hook
+
+    @torch.no_grad()
+    def _update(self, name: str, p: torch.Tensor) -> None:
+        grad = p.grad[self.masks[name]]  # boolean indexing copies
+        p.grad = None
+        if self.check is not None:
+            self.check(name, grad)
+        group = self.param_groups[0]  # one group (load_state_dict keeps it one)
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        value = p.detach()[self.masks[name]]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1  # torch.optim.AdamW's single-tensor update, on the masked entries
+        step = state["step"].item()
+        value.mul_(1 - lr * group["weight_decay"])
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(group["eps"])
+        value.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+        p.masked_scatter_(self.masks[name], value)  # bumps p's version: autograd refuses if p is still needed
+
+    def step(self, closure=None):
+        """No-op: every weight was updated during backward. Runs ``closure`` (with gradients) if given."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def trainable_parameters(self):
+        return []  # no flat tensors: the weights themselves are updated
+
+    def mask_gradients(self) -> None:
+        pass
+
+    def restore(self) -> None:
+        pass
+
+    def reload(self) -> None:
+        pass
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from salun_diffusers.masking import (MaskedUpdate, load_mask, mask_density, mask_from_saliency, pack_mask, save_mask,
-                                     unpack_mask)
+from salun_diffusers.masking import (MaskedAdamW, MaskedUpdate, load_mask, mask_density, mask_from_saliency, pack_mask,
+                                     save_mask, unpack_mask)
 
 
 def _saliency(seed=0):
@@ -104,10 +104,11 @@ def test_masked_update_keeps_outside_weights_bit_identical_with_weight_decay():
     assert changed > 0.9 * sum(int(m.sum()) for m in mask.values())
 
 
-@pytest.mark.parametrize("hooks", [True, False])
+@pytest.mark.parametrize("hooks", [True, False, "in_backward"])
 def test_masked_update_matches_dense_adamw_with_state_sized_by_the_mask(hooks):
     """Same masked values as AdamW over whole tensors with gradients zeroed outside the mask (the old way), while
-    the optimizer state holds only the masked entries and no full-size gradient outlives backward."""
+    the optimizer state holds only the masked entries and no full-size gradient outlives backward; the same for
+    MaskedAdamW, which steps inside backward (``--optimizer_in_backward``)."""
     def model_and_mask():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -128,8 +129,11 @@ def test_masked_update_matches_dense_adamw_with_state_sized_by_the_mask(hooks):
             for n, p in dense.named_parameters():
                 p[~mask[n]] = base[n][~mask[n]]
     model, mask = model_and_mask()
-    guard = MaskedUpdate(model, mask, hooks=hooks)
-    opt = torch.optim.AdamW(guard.trainable_parameters(), lr=0.1, weight_decay=0.5)
+    if hooks == "in_backward":
+        guard = opt = MaskedAdamW(model, mask, lr=0.1, weight_decay=0.5)
+    else:
+        guard = MaskedUpdate(model, mask, hooks=hooks)
+        opt = torch.optim.AdamW(guard.trainable_parameters(), lr=0.1, weight_decay=0.5)
     for _ in range(3):
         model(x).pow(2).mean().backward()
         if hooks:
@@ -144,8 +148,31 @@ def test_masked_update_matches_dense_adamw_with_state_sized_by_the_mask(hooks):
     assert all(torch.equal(b[n].detach()[~mask[n]], base[n][~mask[n]]) for n in b)
     state = sum(t.numel() for st in opt.state.values() for t in st.values() if t.dim() > 0)
     assert state == 2 * sum(int(m.sum()) for m in mask.values())  # exp_avg + exp_avg_sq of masked entries only
+    if hooks == "in_backward":
+        return
     guard.reload()  # after loading weights: the flat values follow the model
     assert all(torch.equal(guard.values[n].detach(), b[n].detach()[mask[n]]) for n in guard.values)
+
+
+def test_masked_adamw_checks_every_gathered_gradient_before_applying_it():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    mask = {n: torch.arange(p.numel()).view(p.shape) % 2 == 0 for n, p in model.named_parameters()}
+    seen = []
+
+    def check(name, grad):
+        seen.append(name)
+        if not bool(torch.isfinite(grad).all()):
+            raise FloatingPointError(name)
+
+    opt = MaskedAdamW(model, mask, lr=0.1, check=check)
+    model(torch.randn(2, 4)).sum().backward()
+    assert sorted(seen) == sorted(opt.params)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(FloatingPointError):
+        model(torch.full((2, 4), float("nan"))).sum().backward()
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the non-finite gradient was never applied
+    assert torch.equal(before["1.weight"], model[1].weight.detach())
 
 
 def test_masked_update_rejects_a_foreign_mask():

@@ -135,6 +135,19 @@ def test_a_non_finite_gradient_stops_the_run(erase_config, tmp_path, max_grad_no
     assert not os.path.exists(os.path.join(cfg.output_dir, WEIGHTS_NAME))
 
 
+def test_a_non_finite_gradient_stops_a_run_stepping_in_backward(erase_config, tmp_path):
+    from salun_diffusers.erase import load_pipeline
+
+    masked = erase(erase_config(output_dir=str(tmp_path / "mask"), save_mask_only=True, mask_ratio=1.0))
+    cfg = erase_config(output_dir=str(tmp_path / "out"), optimizer_in_backward=True, max_train_steps=2,
+                       mask_ratio=1.0, mask_path=masked.mask_path)  # a given mask: no saliency pass to trip first
+    pipe = load_pipeline(cfg)
+    pipe.unet.conv_in.weight.register_hook(lambda g: g * math.inf)
+    with pytest.raises(TrainingDiverged, match=r"step 1: the gradient of 'conv_in.weight' is (inf|nan)"):
+        erase(cfg, pipe=pipe)
+    assert not os.path.exists(os.path.join(cfg.output_dir, WEIGHTS_NAME))
+
+
 def test_a_non_finite_saliency_is_refused():
     model = torch.nn.Linear(3, 2)
     model.weight.register_hook(lambda g: g * math.inf)

@@ -1,7 +1,8 @@
 """Erasure phase 3, masked fine-tuning: ``MSE(eps(x_t|c), eps(x_t|c').detach()) + alpha * retain MSE`` on the masked
 weights only, under accelerate (mixed precision, accumulation, trackers, checkpoint-N, resume). After every optimizer
 step the masked values are written into the weights; the weights outside the mask are never written (bit-identical to
-the base), and the optimizer state covers the masked values only."""
+the base), and the optimizer state covers the masked values only. With ``--optimizer_in_backward`` a
+:class:`~salun_diffusers.masking.MaskedAdamW` updates each weight's masked entries during backward instead."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..families import PromptCond
-from ..masking import MaskedUpdate
+from ..masking import MaskedAdamW, MaskedUpdate
 from ..objectives import salun_loss
 from .checkpoints import save_checkpoint
 from .data import ConceptData
@@ -104,8 +105,17 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     device = accelerator.device
     # one process: gradients gathered into the masked values during backward (one full-size gradient at a time);
     # under DDP the full gradients are reduced first, then gathered
-    guard = MaskedUpdate(unet, mask, hooks=accelerator.num_processes == 1)
-    optimizer = make_optimizer(guard.trainable_parameters(), config)
+    if config.optimizer_in_backward:  # AdamW steps each weight in backward: no flat values nor gradients kept
+        if accelerator.num_processes > 1:
+            raise ValueError("--optimizer_in_backward needs one process (gradients are reduced across processes "
+                             "after backward): drop it or run one process")
+        guard = optimizer = MaskedAdamW(
+            unet, mask, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon, weight_decay=config.adam_weight_decay,
+            check=lambda name, grad: check_finite(grad, f"gradient of {name!r}", global_step + 1, config))
+    else:
+        guard = MaskedUpdate(unet, mask, hooks=accelerator.num_processes == 1)
+        optimizer = make_optimizer(guard.trainable_parameters(), config)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=config.max_train_steps * accelerator.num_processes)
