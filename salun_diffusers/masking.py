@@ -346,6 +346,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         super().__init__(list(self.params.values()), dict(lr=lr, betas=tuple(betas), eps=eps,
                                                           weight_decay=weight_decay))
         self.check = check
+        for name, p in self.params.items():  # state allocated up front, in one piece, not between backward's buffers
+            count = int(torch.count_nonzero(self.masks[name]))
+            self.state[p] = {"step": torch.tensor(0.0), "exp_avg": p.new_zeros(count), "exp_avg_sq": p.new_zeros(count)}
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(name)) for name, p in self.params.items()]
 
     def _hook(self, name: str):
@@ -361,10 +364,6 @@ class MaskedAdamW(torch.optim.Optimizer):
             self.check(name, grad)
         group = self.param_groups[0]  # one group (load_state_dict keeps it one)
         state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(grad)
-            state["exp_avg_sq"] = torch.zeros_like(grad)
         lr, (beta1, beta2) = group["lr"], group["betas"]
         value = p.detach()[self.masks[name]]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
