@@ -189,13 +189,14 @@ def main(argv=None):
     for d in args.digits:
         print(f"digit {d} ({DIGIT_WORDS[d]})")
         prepare_data(args, d)
-        plain = erasure(args, d, SALUN_RATIO, False, judge)
-        adv = erasure(args, d, SALUN_RATIO, True, judge)
+        wanted = args.models.split(",")
+        plain = erasure(args, d, SALUN_RATIO, False, judge) if "SalUn" in wanted or d in args.sweep_digits else None
+        adv = erasure(args, d, SALUN_RATIO, True, judge) if "SalUn --adversarial" in wanted else None
         others = [base_acc[o] for o in range(10) if o != d]
         base_row = {"digit": d, "model": "base", "unlearning_accuracy": 1.0 - base_acc[d],
                     "retained_accuracy": float(np.mean(others))}
         for model, run in zip(MODELS, (base_row, plain, adv)):
-            if model not in args.models.split(","):
+            if model not in wanted:
                 continue
             folder = run.get("folder")
             pipe = attacked_pipeline(folder)
