@@ -242,11 +242,18 @@ def merge_reports(args):
     for name in args.merge.split(","):
         with open(os.path.join(args.output_dir, f"{name.strip()}.json")) as f:
             parts.append(json.load(f))
-    report = {**parts[0], "rows": [r for p in parts for r in p["rows"]],
-              "sweep": list({(s["digit"], s["mask_ratio"]): s for p in parts for s in p["sweep"]}.values()),
+    rows = [r for p in parts for r in p["rows"]]
+    sweep = {(s["digit"], s["mask_ratio"]): s for p in parts for s in p["sweep"]}
+    for r in rows:  # the SalUn row is the sweep's ratio-0.5 point where a sweep process did not make one
+        if r["model"] == "SalUn" and STRONG in r and any(d == r["digit"] for d, _ in sweep):
+            sweep.setdefault((r["digit"], SALUN_RATIO), {
+                "digit": r["digit"], "mask_ratio": SALUN_RATIO, "conditioning_asr": r[STRONG]["asr"],
+                "num_prompts": r[STRONG]["num_prompts"], "unlearning_accuracy": r["unlearning_accuracy"],
+                "retained_accuracy": r["retained_accuracy"]})
+    report = {**parts[0], "rows": rows, "sweep": sorted(sweep.values(), key=lambda s: (s["digit"], s["mask_ratio"])),
               "merged_from": args.merge,
               "complete": all(p["complete"] for p in parts),
-              "total_seconds": max(p.get("total_seconds") or 0 for p in parts)}
+              "total_seconds": None}  # the parts ran side by side
     write_report(args, report)
     print(markdown(report))
     return report
@@ -343,10 +350,12 @@ def markdown(report) -> str:
     if report["sweep"]:
         lines += ["", f"## Conditioning attack ({a['strong_conditioning_steps'] or DEFAULT_STEPS['conditioning']} "
                   "steps) vs mask ratio (plain SalUn recipe at each ratio)", "",
-                  "| mask ratio | digits | conditioning ASR | UA | retained acc. |", "|---|---|---|---|---|"]
+                  "| mask ratio | digits | attacked rows | conditioning ASR | UA | retained acc. |",
+                  "|---|---|---|---|---|---|"]
         for ratio in sorted({s["mask_ratio"] for s in report["sweep"]}):
             ss = [s for s in report["sweep"] if s["mask_ratio"] == ratio]
             lines.append(f"| {ratio:g} | {','.join(str(s['digit']) for s in ss)} | "
+                         f"{','.join(str(s.get('num_prompts', '?')) for s in ss)} | "
                          f"{_mean(ss, 'conditioning_asr'):.0%} | {_mean(ss, 'unlearning_accuracy'):.1%} | "
                          f"{_mean(ss, 'retained_accuracy'):.1%} |")
         lines += ["", "![trade-off](tradeoff.png)"]
