@@ -46,16 +46,17 @@ OWN_GRID = {"l1": {"l1_alpha": (1e-4, 5e-4, 2e-3)}, "salun": {"mask_ratio": (0.1
 SMALL_GRID = ((3e-3, 1e-2, 3e-2), (2, 4), {"l1": {"l1_alpha": (5e-4, 2e-3)}, "salun": {"mask_ratio": (0.3, 0.5)}})
 
 
-def method_grid(method, small: bool = False):
+def method_grid(method, small: bool = False, lrs=None):
     """Every configuration ``--tune`` tries for ``method``: lr x epochs x its own hyperparameter (if any)."""
-    lrs, epochs, own_grid = SMALL_GRID if small else (LR_GRID, EPOCH_GRID, OWN_GRID)
+    grid_lrs, epochs, own_grid = SMALL_GRID if small else (LR_GRID, EPOCH_GRID, OWN_GRID)
+    lrs = lrs or grid_lrs
     own = own_grid.get(method, {})
     keys = ["lr", "epochs"] + list(own)
     return [dict(zip(keys, values)) for values in itertools.product(lrs, epochs, *own.values())]
 
 
 def target_check(summary: dict) -> dict:
-    gaps = {m: summary[m]["gap"][0] for m in BASELINES if m in summary}
+    gaps = {m: summary[m]["gap"][0] for m in BASELINES if m in summary and summary[m]["gap"][0] is not None}
     best = min(gaps, key=gaps.get)
     return {"gaps": gaps, "best": best, "met": gaps.get("salun", float("inf")) <= gaps[best] + TARGET_MARGIN}
 
@@ -94,9 +95,14 @@ def run_benchmark(args) -> dict:
             hparams = json.load(f)
     data = load_dataset("mnist", args.data_dir)
     cache, out, md = {}, {}, ["# Classifier unlearning benchmark (MNIST, SmallCNN)", ""]
-    for name, scenario in SCENARIOS.items():
+    for name in args.scenarios:
+        scenario = SCENARIOS[name]
+        chosen, train = dict(hparams.get(name, {})), None
+        if args.augment:  # one augmentation for the original model, Retrain and every method
+            train = {"augment": args.augment}
+            chosen = {m: {**chosen.get(m, {}), "augment": args.augment} for m in ("retrain",) + BASELINES}
         config = ExperimentConfig(dataset="mnist", data_dir=args.data_dir, seeds=args.seeds, **scenario,
-                                  hparams=hparams.get(name, {}))
+                                  hparams=chosen, train=train)
         start = time.perf_counter()
         result = run_experiment(config, data=data, original_cache=cache)
         result["wall_seconds"] = time.perf_counter() - start
@@ -137,7 +143,7 @@ def tune(args) -> dict:
                                 seed=seed, model_fn=lambda: model_fn(seed + RETRAIN_SEED_OFFSET)).model)
             logging.info("tune %s seed %d retrain %s", name, seed, ref)
             for method in BASELINES:
-                for point in method_grid(method, args.tune_small):
+                for point in method_grid(method, args.tune_small, args.tune_lrs):
                     try:
                         model = unlearn(original, method, forget, retain, config.hparams[method].replace(**point),
                                         num_classes=10, seed=seed).model
@@ -167,17 +173,27 @@ def main(argv=None) -> int:
     parser.add_argument("--data_dir", default=None,
                         help="folder with the MNIST IDX files (default ../shared/data/mnist)")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"which of {', '.join(SCENARIOS)}")
+    parser.add_argument("--augment", default=None, choices=["crop_flip", "crop", "none"],
+                        help="one augmentation everywhere instead of the defaults (MNIST: crop)")
     parser.add_argument("--hparams", default=None, help="tuned_hparams.json from --tune ({scenario: {method: {...}}})")
     parser.add_argument("--tune", action="store_true", help="grid-search lr x epochs instead of benchmarking")
     parser.add_argument("--tune_seeds", default="100,101")
     parser.add_argument("--tune_small", action="store_true", help="a thinner grid (SMALL_GRID) for a busy CPU")
     parser.add_argument("--tune_scenarios", default=",".join(TUNED_SCENARIOS), help="scenarios to tune")
+    parser.add_argument("--tune_lrs", default=None, help="learning rates to search instead of the grid's")
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.tune_seeds = [int(s) for s in args.tune_seeds.split(",")]
     args.tune_scenarios = [s for s in args.tune_scenarios.split(",") if s]
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    args.tune_lrs = [float(x) for x in args.tune_lrs.split(",")] if args.tune_lrs else None
+    bad = [s for s in args.scenarios + args.tune_scenarios if s not in SCENARIOS]
+    if bad:
+        print(f"error: unknown scenario(s) {bad}; use {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.num_threads)
     files = ("tuned_hparams.json", "tune_log.json") if args.tune else ("bench_classifier.json", "bench_classifier.md")

@@ -8,20 +8,28 @@
 __version__ = "0.1.0"
 
 
-def _quiet_torchvision_fallback() -> None:
-    """Drop transformers' import-time notice that an image processor falls back to its PIL version without
-    torchvision: diffusers' pipelines import CLIP/Siglip processors at import, nothing here needs torchvision, and
-    the PIL version is what runs. Installed before anything imports diffusers; other warnings pass."""
+def _quiet_unactionable_notices() -> None:
+    """Drop two notices printed on every run that a user cannot act on; installed before anything imports diffusers,
+    matching those exact messages only (every other warning passes):
+
+    * transformers: an image processor "requires torchvision (not installed); falling back to" its PIL version.
+      diffusers' pipelines import CLIP/Siglip processors at import; nothing here needs torchvision.
+    * huggingface_hub: "The `local_dir_use_symlinks` argument is deprecated", which diffusers' own config loader
+      passes when a pipeline is loaded by hub id.
+    """
     import logging
+    import warnings
 
     class _Filter(logging.Filter):
         def filter(self, record):
             return "requires torchvision (not installed); falling back to" not in record.getMessage()
 
     logging.getLogger("transformers.utils.import_utils").addFilter(_Filter())
+    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated",
+                            category=UserWarning)
 
 
-_quiet_torchvision_fallback()
+_quiet_unactionable_notices()
 
 from .config import EraseConfig  # noqa: E402,F401
 from .loaders import (ErasureLoaderMixin, fuse_erasure, get_erasure_metadata, load_erasure,  # noqa: E402,F401

@@ -104,7 +104,8 @@ class EraseConfig(JsonConfigMixin):
     # output and bookkeeping
     output_dir: str = _f("out/erasure", "Where the erasure, mask, merged unet/, checkpoints and model card go.")
     overwrite_output_dir: bool = _f(False, "Allow replacing an erasure already in --output_dir.")
-    save_merged_unet: bool = _f(True, "Also save the erased U-Net in full as <output_dir>/unet (from_pretrained).")
+    save_merged_unet: bool = _f(True, "Also save the erased U-Net in full as <output_dir>/unet (from_pretrained); "
+                                      "--no-save_merged_unet also means --save_pipeline none.")
     save_pipeline: str = _f("link", "Make --output_dir a diffusers pipeline folder (model_index.json + the merged unet/ + "
                                     "the base's other components, symlinked per file or copied): "
                                     "StableDiffusionPipeline.from_pretrained(output_dir) then loads the erased model. "
@@ -153,8 +154,8 @@ class EraseConfig(JsonConfigMixin):
                                  or self.adversarial_lr <= 0 or self.adversarial_weight < 0):
             raise ValueError("--adversarial needs --adversarial_every >= 1, --adversarial_steps >= 1, "
                              "--adversarial_lr > 0 and --adversarial_weight >= 0")
-        if self.save_pipeline != "none" and not self.save_merged_unet:
-            raise ValueError("--no-save_merged_unet leaves no U-Net for the pipeline folder; add --save_pipeline none")
+        if not self.save_merged_unet:
+            self.save_pipeline = "none"  # no merged U-Net, no pipeline folder: the erasure file alone
         if self.save_pipeline not in ("link", "copy", "none"):
             raise ValueError(f"--save_pipeline must be link, copy or none, got {self.save_pipeline!r}")
         for name in ("forget_data_dir", "retain_data_dir", "mask_path"):

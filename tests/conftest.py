@@ -7,6 +7,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the user cache (generated data, base-model verdicts) of a test session is its own, never the user's
 os.environ["SALUN_DIFFUSERS_CACHE"] = __import__("tempfile").mkdtemp(prefix="salun-test-cache-")
+__import__("atexit").register(__import__("shutil").rmtree, os.environ["SALUN_DIFFUSERS_CACHE"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

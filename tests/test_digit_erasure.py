@@ -21,7 +21,8 @@ def test_erasing_seven_forgets_seven_and_keeps_the_other_digits(tmp_path):
     before = digit_scores(base, judge, 7, N_PER_DIGIT)
     assert before["unlearning_accuracy"] <= 0.1 and before["retained_accuracy"] >= 0.95  # the base draws digits
 
-    config = EraseConfig(concept="seven", output_dir=str(tmp_path / "no-seven"), save_merged_unet=False)
+    config = EraseConfig(concept="seven", output_dir=str(tmp_path / "no-seven"), save_merged_unet=False,
+                         save_pipeline="none")
     result = erase(config, pipe=load_digit_pipeline())
     after = digit_scores(result.pipeline, judge, 7, N_PER_DIGIT)
     assert after["unlearning_accuracy"] >= 0.9, after

@@ -79,6 +79,7 @@ def test_copy_and_none_modes_and_no_overwrite(erase_config, tmp_path, linked):
     assert not any(os.path.islink(os.path.join(root, f)) for root, _, files in os.walk(out) for f in files)
     assert _same_unet(DiffusionPipeline.from_pretrained(out).unet, copied.unet)
 
+    assert erase_config(save_merged_unet=False).save_pipeline == "none"  # no U-Net, no pipeline folder
     plain = erase(erase_config(output_dir=str(tmp_path / "none"), save_pipeline="none"))
     assert not os.path.exists(os.path.join(plain.output_dir, "model_index.json"))
     assert not os.path.exists(os.path.join(plain.output_dir, "vae"))
@@ -160,6 +161,8 @@ def test_digit_world_output_folder_is_a_pipeline(tmp_path):
                  **{**DIGIT_SAMPLING, "num_inference_steps": 2}).images
     assert image.shape == (1, 32, 32, 3)
     assert _same_unet(StableDiffusionErasedPipeline.from_pretrained(out).unet, result.unet)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "load_digit_pipeline()" in card and 'from_pretrained("salun-diffusers/digit-sd")' not in card
 
 
 # ------------------------------------------------------------------------------------------------- audit judges
@@ -279,3 +282,55 @@ def test_no_unactionable_warnings_at_import_or_when_casting(erase_config, tmp_pa
         diffusers_logging.set_verbosity(level)
         AcceleratorState._reset_state(reset_partial_state=True)
     assert "should be kept in float32" not in err
+
+
+def test_hub_base_links_into_the_hugging_face_cache(erase_config, dummy_pipeline_dir, tmp_path, monkeypatch):
+    """A base given as a hub id (offline, from the HF cache): components link to the cache's blobs."""
+    import hashlib
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--me--tiny-sd"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    for root, _, files in os.walk(dummy_pipeline_dir):
+        for f in files:
+            src = os.path.join(root, f)
+            blob = repo / "blobs" / hashlib.sha256(open(src, "rb").read()).hexdigest()
+            shutil.copyfile(src, blob)
+            link = repo / "snapshots" / commit / os.path.relpath(src, dummy_pipeline_dir)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.relpath(blob, link.parent), link)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+    result = erase(erase_config(pretrained_model_name_or_path="me/tiny-sd", output_dir=str(tmp_path / "out")))
+    out = result.output_dir
+    assert os.path.realpath(os.path.join(out, "vae", "config.json")).startswith(str(repo / "blobs"))
+    assert _same_unet(DiffusionPipeline.from_pretrained(out).unet, result.unet)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "base_model: me/tiny-sd" in card
+
+
+def test_validation_images_go_to_the_trackers(erase_config, tmp_path):
+    """The images drawn for --validation_prompts are logged to tensorboard (add_images, NHWC) at the step."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from salun_diffusers.erasure.validation import log_validation, validation_due
+    from salun_diffusers.testing import get_dummy_pipeline
+
+    config = erase_config(output_dir=str(tmp_path / "out"), validation_prompts=["a cat", "a dog"],
+                          num_validation_images=2, validation_steps=5, max_train_steps=12)
+    assert [s for s in range(1, 13) if validation_due(config, s)] == [5, 10, 12]
+    writer = mock.MagicMock()
+    accelerator = SimpleNamespace(is_main_process=True, autocast=contextlib.nullcontext,
+                                  trackers=[SimpleNamespace(name="tensorboard", writer=writer)])
+    paths = log_validation(get_dummy_pipeline(), config, accelerator, 5)
+    assert len(paths) == 4 and all(p.startswith(os.path.join(config.output_dir, "validation", "step-000005"))
+                                   for p in paths)
+    (tag, images, step), kwargs = writer.add_images.call_args
+    assert tag == "validation" and step == 5 and images.shape == (4, 16, 16, 3) and kwargs["dataformats"] == "NHWC"
