@@ -79,6 +79,8 @@ def parse_args(argv=None):
                         "would hide the difference --adversarial makes")
     p.add_argument("--sweep_prompts", type=int, default=None,
                    help="attack only the first N prompt rows in the mask-ratio sweep (default: --num_prompts)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated models to attack per digit, of: {', '.join(MODELS)}")
     p.add_argument("--neutral_prompt", default="a handwritten digit", help="what the base model is attacked from")
     p.add_argument("--ratios", type=_floats, default=[0.1, 0.3, 0.5, 0.7, 1.0],
                    help="mask ratios of the trade-off sweep (conditioning attack + retained accuracy)")
@@ -187,12 +189,15 @@ def main(argv=None):
     for d in args.digits:
         print(f"digit {d} ({DIGIT_WORDS[d]})")
         prepare_data(args, d)
-        plain = erasure(args, d, SALUN_RATIO, False, judge)
-        adv = erasure(args, d, SALUN_RATIO, True, judge)
+        wanted = args.models.split(",")
+        plain = erasure(args, d, SALUN_RATIO, False, judge) if "SalUn" in wanted or d in args.sweep_digits else None
+        adv = erasure(args, d, SALUN_RATIO, True, judge) if "SalUn --adversarial" in wanted else None
         others = [base_acc[o] for o in range(10) if o != d]
         base_row = {"digit": d, "model": "base", "unlearning_accuracy": 1.0 - base_acc[d],
                     "retained_accuracy": float(np.mean(others))}
         for model, run in zip(MODELS, (base_row, plain, adv)):
+            if model not in wanted:
+                continue
             folder = run.get("folder")
             pipe = attacked_pipeline(folder)
             row = {"digit": d, "model": model, "unlearning_accuracy": run["unlearning_accuracy"],
@@ -237,11 +242,18 @@ def merge_reports(args):
     for name in args.merge.split(","):
         with open(os.path.join(args.output_dir, f"{name.strip()}.json")) as f:
             parts.append(json.load(f))
-    report = {**parts[0], "rows": [r for p in parts for r in p["rows"]],
-              "sweep": list({(s["digit"], s["mask_ratio"]): s for p in parts for s in p["sweep"]}.values()),
+    rows = [r for p in parts for r in p["rows"]]
+    sweep = {(s["digit"], s["mask_ratio"]): s for p in parts for s in p["sweep"]}
+    for r in rows:  # the SalUn row is the sweep's ratio-0.5 point where a sweep process did not make one
+        if r["model"] == "SalUn" and STRONG in r and any(d == r["digit"] for d, _ in sweep):
+            sweep.setdefault((r["digit"], SALUN_RATIO), {
+                "digit": r["digit"], "mask_ratio": SALUN_RATIO, "conditioning_asr": r[STRONG]["asr"],
+                "num_prompts": r[STRONG]["num_prompts"], "unlearning_accuracy": r["unlearning_accuracy"],
+                "retained_accuracy": r["retained_accuracy"]})
+    report = {**parts[0], "rows": rows, "sweep": sorted(sweep.values(), key=lambda s: (s["digit"], s["mask_ratio"])),
               "merged_from": args.merge,
               "complete": all(p["complete"] for p in parts),
-              "total_seconds": max(p.get("total_seconds") or 0 for p in parts)}
+              "total_seconds": None}  # the parts ran side by side
     write_report(args, report)
     print(markdown(report))
     return report
@@ -260,37 +272,41 @@ def _mean(rows, key, sub=None):
 
 
 def targets(report) -> list:
-    """(target, measured, met) for each issue-9 target the run can speak to."""
+    """(target, measured, met) for each issue-9 target the run can speak to (erasures paired by digit)."""
     rows = report["rows"]
-    by = {m: [r for r in rows if r["model"] == m] for m in MODELS}
-    if not all(by.values()):
-        return []
+    by = {m: {r["digit"]: r for r in rows if r["model"] == m} for m in MODELS}
     out = []
     for a in ATTACKS:
-        v = _mean(by["base"], a, "asr")
-        out.append((f"{a} attack on the base model from a neutral prompt >= 90%", f"{v:.0%}", v >= 0.9))
+        if by["base"]:
+            v = _mean(list(by["base"].values()), a, "asr")
+            out.append((f"{a} attack on the base model from a neutral prompt >= 90% (digits "
+                        f"{','.join(map(str, by['base']))})", f"{v:.0%}", v >= 0.9))
+    digits = [d for d in by["SalUn"] if d in by["SalUn --adversarial"]]
+    if not digits:
+        return out
+    plain, adv = [by["SalUn"][d] for d in digits], [by["SalUn --adversarial"][d] for d in digits]
     for key, what in (("conditioning", ""), (STRONG, f" ({report['args']['strong_conditioning_steps']} steps)")):
-        if all(key in r for r in by["SalUn"] + by["SalUn --adversarial"]):
-            p, q = _mean(by["SalUn"], key, "asr"), _mean(by["SalUn --adversarial"], key, "asr")
-            out.append((f"--adversarial at least halves the conditioning attack's ASR{what}", f"{p:.0%} -> {q:.0%}"
-                        + (" (nothing to halve)" if p == 0 else ""), q <= p / 2 and p > 0))
+        pairs = [(p, q) for p, q in zip(plain, adv) if key in p and key in q]
+        if pairs:
+            p, q = _mean([x for x, _ in pairs], key, "asr"), _mean([y for _, y in pairs], key, "asr")
+            out.append((f"--adversarial at least halves the conditioning attack's ASR{what} (digits "
+                        f"{','.join(str(x['digit']) for x, _ in pairs)})",
+                        f"{p:.0%} -> {q:.0%}" + (" (nothing to halve)" if p == 0 else ""), q <= p / 2 and p > 0))
     for a in ("token", "inversion"):
-        p, q = _mean(by["SalUn"], a, "asr"), _mean(by["SalUn --adversarial"], a, "asr")
+        p, q = _mean(plain, a, "asr"), _mean(adv, a, "asr")
         out.append((f"--adversarial {a} ASR at or below SalUn's", f"{p:.0%} -> {q:.0%}", q <= p))
-    drops = [100 * (b["retained_accuracy"] - r["retained_accuracy"])
-             for b, r in zip(by["base"], by["SalUn --adversarial"])]
+    base_acc = {int(k): v for k, v in report["base_per_digit_accuracy"].items()}
+    drops = [100 * (np.mean([base_acc[o] for o in range(10) if o != d]) - by["SalUn --adversarial"][d]["retained_accuracy"])
+             for d in digits]
     out.append(("--adversarial retained accuracy within 3 points of the base (every digit)",
-                f"drop {', '.join(f'{x:+.1f}' for x in drops)} points", max(drops) <= 3.0))
-    uas = [r["unlearning_accuracy"] for r in by["SalUn --adversarial"]]
+                "drop " + ", ".join(f"{x:+.1f}" for x in drops) + " points", max(drops) <= 3.0))
+    uas = [r["unlearning_accuracy"] for r in adv]
     out.append(("--adversarial UA >= 95% (every digit)", ", ".join(f"{x:.0%}" for x in uas), min(uas) >= 0.95))
-    ratios = [a["wall_seconds"] / p["wall_seconds"] for p, a in zip(by["SalUn"], by["SalUn --adversarial"])
-              if "wall_seconds" in a and "wall_seconds" in p]  # data cached beforehand: both time the same work
-    cpu = [a["cpu_seconds"] / p["cpu_seconds"] for p, a in zip(by["SalUn"], by["SalUn --adversarial"])
-           if "cpu_seconds" in a and "cpu_seconds" in p]
-    if ratios:
-        out.append(("--adversarial at most 3x the wall time of a plain erasure",
-                    f"{', '.join(f'{x:.2f}x' for x in ratios)} wall ({', '.join(f'{x:.2f}x' for x in cpu)} CPU)",
-                    max(ratios) <= 3.0))
+    wall = [q["wall_seconds"] / p["wall_seconds"] for p, q in zip(plain, adv)]  # data cached first: same work timed
+    cpu = [q["cpu_seconds"] / p["cpu_seconds"] for p, q in zip(plain, adv)]
+    out.append(("--adversarial at most 3x the wall time of a plain erasure",
+                f"{', '.join(f'{x:.2f}x' for x in wall)} wall ({', '.join(f'{x:.2f}x' for x in cpu)} CPU)",
+                max(wall) <= 3.0))
     return out
 
 
@@ -334,10 +350,12 @@ def markdown(report) -> str:
     if report["sweep"]:
         lines += ["", f"## Conditioning attack ({a['strong_conditioning_steps'] or DEFAULT_STEPS['conditioning']} "
                   "steps) vs mask ratio (plain SalUn recipe at each ratio)", "",
-                  "| mask ratio | digits | conditioning ASR | UA | retained acc. |", "|---|---|---|---|---|"]
+                  "| mask ratio | digits | attacked rows | conditioning ASR | UA | retained acc. |",
+                  "|---|---|---|---|---|---|"]
         for ratio in sorted({s["mask_ratio"] for s in report["sweep"]}):
             ss = [s for s in report["sweep"] if s["mask_ratio"] == ratio]
             lines.append(f"| {ratio:g} | {','.join(str(s['digit']) for s in ss)} | "
+                         f"{','.join(str(s.get('num_prompts', '?')) for s in ss)} | "
                          f"{_mean(ss, 'conditioning_asr'):.0%} | {_mean(ss, 'unlearning_accuracy'):.1%} | "
                          f"{_mean(ss, 'retained_accuracy'):.1%} |")
         lines += ["", "![trade-off](tradeoff.png)"]

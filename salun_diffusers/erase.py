@@ -25,9 +25,9 @@ import torch
 from .config import EraseConfig
 from .delta import base_values_digest
 from .erasure.adversarial import make_adversary
-from .erasure.checkpoints import remove_partial_checkpoints, resolve_resume
+from .erasure.checkpoints import resolve_resume
 from .erasure.data import ConceptData, base_model_id, load_pipeline, prepare_data  # noqa: F401  (re-exported)
-from .erasure.outputs import check_before_compute, check_output_dir, output_lock, write_outputs
+from .erasure.outputs import check_before_compute, check_output_dir, output_lock, remove_partial_outputs, write_outputs
 from .erasure.saliency import compute_or_load_mask
 from .erasure.training import train, training_scheduler
 from .erasure.validation import validation_hook
@@ -61,7 +61,7 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     with output_lock(config.output_dir, enabled=main):
         check_output_dir(config)
         if main:
-            remove_partial_checkpoints(config.output_dir)
+            remove_partial_outputs(config.output_dir)
         return _erase(config, pipe, accelerator)
 
 

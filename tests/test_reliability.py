@@ -58,7 +58,8 @@ def _no_work(monkeypatch):
 @pytest.mark.parametrize("overrides", [
     {"alpha": math.nan}, {"alpha": math.inf}, {"max_grad_norm": math.nan}, {"learning_rate": math.inf},
     {"adam_beta1": math.nan}, {"adam_beta2": 1.0}, {"adam_epsilon": 0.0}, {"adam_weight_decay": -0.1},
-    {"adam_weight_decay": math.inf}, {"max_grad_norm": -1.0}, {"mask_ratio": math.nan}, {"data_guidance_scale": -math.inf}, {"lr_scheduler": "cosinus"}, {"resolution": 20},
+    {"adam_weight_decay": math.inf}, {"max_grad_norm": -1.0}, {"mask_ratio": math.nan},
+    {"data_guidance_scale": -math.inf}, {"lr_scheduler": "cosinus"}, {"resolution": 20},
     {"seed": -1}, {"checkpoints_total_limit": 0}, {"checkpointing_steps": -5}, {"lr_warmup_steps": -1},
     {"output_dir": ""},
 ], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
@@ -192,6 +193,9 @@ def test_half_written_checkpoint_is_skipped_on_resume(erase_config, tmp_path):
         os.makedirs(os.path.join(out, name))
         with open(os.path.join(out, name, "model.safetensors"), "wb") as f:
             f.write(b"\0" * 100)
+    os.makedirs(os.path.join(out, ".tmp-unet-ab12cd_9"))  # a killed run's staged unet/ (mkdtemp name)
+    with open(os.path.join(out, ".tmp-notes.txt"), "w") as f:  # not a name this package makes: kept
+        f.write("mine")
     for name in (WEIGHTS_NAME, "erasure_config.json"):
         os.remove(os.path.join(out, name))
     assert ckpt.list_checkpoints(out) == ["checkpoint-2"]
@@ -200,6 +204,8 @@ def test_half_written_checkpoint_is_skipped_on_resume(erase_config, tmp_path):
     a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
     assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
     assert not os.path.exists(os.path.join(out, ".tmp-checkpoint-3"))  # cleared by the next run
+    assert not os.path.exists(os.path.join(out, ".tmp-unet-ab12cd_9"))
+    assert open(os.path.join(out, ".tmp-notes.txt")).read() == "mine"
     with pytest.raises(ValueError, match="incomplete"):
         ckpt.resolve_resume(erase_config(output_dir=out, resume_from_checkpoint="checkpoint-3"))
 

@@ -119,16 +119,6 @@ def prune_checkpoints(output_dir: str, keep: Optional[int]) -> None:
         shutil.rmtree(os.path.join(output_dir, name))
 
 
-def remove_partial_checkpoints(output_dir: str) -> None:
-    """Remove the temporary folders of checkpoints a killed run was writing (call while holding the output lock)."""
-    if not os.path.isdir(output_dir):
-        return
-    for name in os.listdir(output_dir):
-        if re.fullmatch(r"\.tmp-checkpoint-\d+", name):
-            logger.info("removing %s (a checkpoint the last run did not finish)", name)
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-
-
 def save_checkpoint(accelerator, config: EraseConfig, step: int) -> None:
     """``accelerator.save_state`` into ``<output_dir>/checkpoint-<step>`` (main process): written to a temporary
     folder, the run record last, renamed when complete; then at most ``checkpoints_total_limit`` are kept."""

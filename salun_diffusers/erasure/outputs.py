@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -66,6 +67,22 @@ def output_lock(output_dir: str, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+# what a killed run leaves: a checkpoint's temp folder, temp folders of the pipeline's components (mkdtemp:
+# ".tmp-<name>-" + 8 characters), folders moved aside (".old-" + 8), temp files of atomic writes (".tmp-" + 8 + name)
+PARTIAL_OUTPUT = re.compile(r"\.tmp-checkpoint-\d+|\.old-[a-z0-9_]{8}|\.tmp-[a-z0-9_]{8}\S+|\.tmp-\S+-[a-z0-9_]{8}")
+
+
+def remove_partial_outputs(output_dir: str) -> None:
+    """Remove the temporary files and folders a killed run left in ``output_dir`` (call while holding its lock)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if PARTIAL_OUTPUT.fullmatch(name):
+            logger.info("removing %s (left by a run that did not finish)", name)
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def _check_readable(config: EraseConfig) -> None:
