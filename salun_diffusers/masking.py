@@ -346,6 +346,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         super().__init__(list(self.params.values()), dict(lr=lr, betas=tuple(betas), eps=eps,
                                                           weight_decay=weight_decay))
         self.check = check
+        # flat views: indexing an N-d tensor by a bool mask builds (count, N) int64 indices, a flat one (count, 1)
+        self.masks = {name: m.reshape(-1) for name, m in self.masks.items()}
         for name, p in self.params.items():  # state allocated up front, in one piece, not between backward's buffers
             count = int(torch.count_nonzero(self.masks[name]))
             self.state[p] = {"step": torch.tensor(0.0), "exp_avg": p.new_zeros(count), "exp_avg_sq": p.new_zeros(count)}
@@ -358,23 +360,23 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _update(self, name: str, p: torch.Tensor) -> None:
-        grad = p.grad[self.masks[name]]  # boolean indexing copies
+        grad = p.grad.reshape(-1)[self.masks[name]]  # boolean indexing copies
         p.grad = None
         if self.check is not None:
             self.check(name, grad)
         group = self.param_groups[0]  # one group (load_state_dict keeps it one)
         state = self.state[p]
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        value = p.detach()[self.masks[name]]
+        value = p.detach().view(-1)[self.masks[name]]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         state["step"] += 1  # torch.optim.AdamW's single-tensor update, on the masked entries
         step = state["step"].item()
         value.mul_(1 - lr * group["weight_decay"])
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(group["eps"])
+        denom = exp_avg_sq.sqrt().div_((1 - beta2 ** step) ** 0.5).add_(group["eps"])
         value.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
-        p.masked_scatter_(self.masks[name], value)  # bumps p's version: autograd refuses if p is still needed
+        p.view(-1).masked_scatter_(self.masks[name], value)  # bumps p's version: autograd refuses if p is still needed
 
     def step(self, closure=None):
         """No-op: every weight was updated during backward. Runs ``closure`` (with gradients) if given."""
