@@ -13,6 +13,13 @@ from typing import Callable
 USER_ERRORS = (ValueError, OSError)
 
 
+def flag_field(default, help: str, **kw):
+    """A dataclass field whose metadata carries its flag's help text (and extra argparse keywords: choices, nargs)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="on an error, show the full Python traceback instead "
                         "of one line")

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import List, Optional
 
 from .concepts import ConceptSpec, resolve_concept
+from .cli_args import flag_field
 from .utils import JsonConfigMixin
 
 FORMAT_VERSION = 1
 
 
-def _f(default, help: str, **kw):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+_f = flag_field
 
 
 @dataclass

@@ -27,12 +27,13 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ..cli_args import flag_field
 from ..utils import DTYPES, atomic_path, resolve_dtype, write_json, write_text
 from .core import DEFAULT_LR, DEFAULT_STEPS, conditioning_attack, encode_prompt, inversion_attack, token_attack
 
@@ -46,8 +47,7 @@ INVERSION_FILE = "inversion.safetensors"
 _RUN_ONLY = {"output_dir", "limit", "batch_size", "label"}
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+_f = flag_field
 
 
 @dataclass
