@@ -89,6 +89,15 @@ def _scheduler(pipe):
     return training_scheduler(pipe)
 
 
+def _prompt_attack_setup(pipe, unet, scheduler, generator):
+    """The attacked U-Net (default ``pipe.unet``), the training noise schedule, the attack's generator and the seed of
+    its fixed evaluation noise (drawn first, so it depends on the generator alone)."""
+    gen = _generator(generator)
+    eval_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=gen.device))
+    return (unet if unet is not None else pipe.unet, scheduler if scheduler is not None else _scheduler(pipe), gen,
+            eval_seed)
+
+
 # ---------------------------------------------------------------------------------------------------- text side
 def encode_ids(text_encoder, input_ids: torch.Tensor, edit: Optional[Callable] = None) -> torch.Tensor:
     """Hidden states ``[B, 77, D]`` (what the pipeline feeds the U-Net) of ``input_ids``.
@@ -202,11 +211,8 @@ def token_attack(pipe, target_latents: torch.Tensor, prompt: str, *, num_tokens:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    unet = unet if unet is not None else pipe.unet
-    scheduler = scheduler if scheduler is not None else _scheduler(pipe)
+    unet, scheduler, gen, eval_seed = _prompt_attack_setup(pipe, unet, scheduler, generator)
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    gen = _generator(generator)
-    eval_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=gen.device))
     eval_every = max(1, eval_every or steps // 4 or 1)
 
     vocab = word_vocabulary(tokenizer).to(text_encoder.device)
@@ -326,11 +332,8 @@ def inversion_attack(pipe, concept_latents: torch.Tensor, *, steps: int = DEFAUL
     n = len(concept_latents)
     if len(templates) not in (1, n):
         raise ValueError(f"give one template or one per latent: {len(templates)} templates for {n} latents")
-    unet = unet if unet is not None else pipe.unet
-    scheduler = scheduler if scheduler is not None else _scheduler(pipe)
+    unet, scheduler, gen, eval_seed = _prompt_attack_setup(pipe, unet, scheduler, generator)
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    gen = _generator(generator)
-    eval_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=gen.device))
     encoded = [_placeholder_ids(tokenizer, t, placeholder) for t in templates]
     all_ids = torch.cat([e[0] for e in encoded]).to(text_encoder.device)
     all_pos = torch.cat([e[1] for e in encoded])
