@@ -265,11 +265,14 @@ class MaskedUpdate:
     """
 
     def __init__(self, model: torch.nn.Module, mask: Mapping[str, torch.Tensor], hooks: bool = True):
-        self.params, self.masks = _masked_parameters(model, mask)
+        self.params, masks = _masked_parameters(model, mask)
+        # flat masks over flat views of the weights: the same row-major entries as N-d boolean indexing, without the
+        # N int64 index columns that indexing an N-d weight builds (as MaskedAdamW does)
+        self.masks = {name: m.reshape(-1) for name, m in masks.items()}
         self.values: Dict[str, torch.nn.Parameter] = {}
         self._handles = []
         for name, p in self.params.items():
-            self.values[name] = torch.nn.Parameter(p.detach()[self.masks[name]])  # boolean indexing copies
+            self.values[name] = torch.nn.Parameter(p.detach().view(-1)[self.masks[name]])  # boolean indexing copies
             if hooks:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._gather_hook(name)))
 
@@ -282,7 +285,7 @@ class MaskedUpdate:
     def _gather(self, name: str, p: torch.Tensor) -> None:
         if p.grad is None:
             return
-        g = p.grad[self.masks[name]].to(self.values[name].dtype)
+        g = p.grad.reshape(-1)[self.masks[name]].to(self.values[name].dtype)
         v = self.values[name]
         if v.grad is None:
             v.grad = g
@@ -303,13 +306,13 @@ class MaskedUpdate:
     def restore(self) -> None:
         """Write the flat values into the masked entries of the weights (entries outside the mask are untouched)."""
         for name, p in self.params.items():
-            p.data.masked_scatter_(self.masks[name], self.values[name].detach().to(p.dtype))
+            p.data.view(-1).masked_scatter_(self.masks[name], self.values[name].detach().to(p.dtype))
 
     @torch.no_grad()
     def reload(self) -> None:
         """Refresh the flat values from the weights (after the model's weights were loaded, e.g. on resume)."""
         for name, p in self.params.items():
-            self.values[name].data.copy_(p.detach()[self.masks[name]])
+            self.values[name].data.copy_(p.detach().view(-1)[self.masks[name]])
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
