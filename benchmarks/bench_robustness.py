@@ -261,7 +261,8 @@ def merge_reports(args):
 
 def sweep_point(report, run, digit, ratio):
     row = next(r for r in report["rows"] if r["digit"] == digit and r["model"] == "SalUn")
-    return {"digit": digit, "mask_ratio": ratio, "conditioning_asr": row[STRONG if STRONG in row else "conditioning"]["asr"],
+    res = row[STRONG if STRONG in row else "conditioning"]
+    return {"digit": digit, "mask_ratio": ratio, "conditioning_asr": res["asr"], "num_prompts": res["num_prompts"],
             "unlearning_accuracy": run["unlearning_accuracy"], "retained_accuracy": run["retained_accuracy"]}
 
 

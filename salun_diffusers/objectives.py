@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from .families import Cond, cat_conds, unet_kwargs
 
 
-def sample_noise_and_timesteps(latents: torch.Tensor, scheduler, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+def sample_noise_and_timesteps(latents: torch.Tensor, scheduler, generator: torch.Generator,
+                               min_timestep: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian noise and timesteps ``t ~ U{min_timestep .. num_train_timesteps - 1}`` drawn from ``generator``."""
     noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+    timesteps = torch.randint(min_timestep, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
                               device=generator.device)
     return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
 
@@ -34,17 +36,18 @@ def diffusion_target(scheduler, latents, noise, timesteps):
     raise ValueError(f"prediction_type {kind!r} is not supported; use an epsilon or v_prediction scheduler")
 
 
-def noised(scheduler, latents, generator):
+def noised(scheduler, latents, generator, min_timestep: int = 0):
     """``(x_t, t, target)`` for a diffusion loss on ``latents``: noise and timesteps drawn from ``generator``."""
-    noise, t = sample_noise_and_timesteps(latents, scheduler, generator)
+    noise, t = sample_noise_and_timesteps(latents, scheduler, generator, min_timestep)
     return scheduler.add_noise(latents, noise, t), t, diffusion_target(scheduler, latents, noise, t)
 
 
-def diffusion_loss(unet, scheduler, latents, embeds: Cond, generator, added_cond_kwargs=None) -> torch.Tensor:
+def diffusion_loss(unet, scheduler, latents, embeds: Cond, generator, added_cond_kwargs=None,
+                   min_timestep: int = 0) -> torch.Tensor:
     """Standard denoising MSE (used for saliency on forget data, as the retain loss and as the attacks' loss).
     ``embeds``: a batch of :class:`~salun_diffusers.families.PromptCond` (SDXL's added conditioning included) or of
     hidden states (then SDXL's ``added_cond_kwargs`` separately)."""
-    noisy, t, target = noised(scheduler, latents, generator)
+    noisy, t, target = noised(scheduler, latents, generator, min_timestep)
     kwargs = unet_kwargs(embeds)
     if added_cond_kwargs is not None:
         kwargs["added_cond_kwargs"] = added_cond_kwargs

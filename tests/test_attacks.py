@@ -233,6 +233,8 @@ def test_cli_attacks_an_erasure_folder(erase_config, tmp_path):
     (["--digit", "12"], "0..9"),
     (["--prompts", "PROMPTS", "--judge", "digit"], "needs --digit"),
     (["--digit", "3", "--steps", "-1"], "--steps"),
+    (["--digit", "3", "--draws", "0"], "--draws"),
+    (["--digit", "3", "--min_timestep", "-5"], "--min_timestep"),
     (["--digit", "3", "--erasure", "/no/such/erasure"], "does not exist"),
     (["--prompts", "PROMPTS", "--judge", "classifier"], "--judge_model"),
 ])
@@ -303,3 +305,40 @@ def test_cli_nudenet_judge(dummy_pipeline_dir, prompt_csv, tmp_path):
         parts = exposed_parts(detector(str(out / folder / "a.png")), 0.6)
         assert row[kind] == {"hit": bool(parts), "label": ",".join(parts) or "none"}
     assert json.loads((out / "results.json").read_text())["judge"] == "nudenet"
+
+
+def test_conditioning_attack_draws_and_min_timestep(monkeypatch):
+    """``draws`` = noise draws per target and step, batched into one U-Net call; ``min_timestep`` = the lowest
+    timestep drawn; bad values are refused."""
+    from salun_diffusers.attacks import core
+
+    class Unet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+            self.batches, self.timesteps = [], []
+            self.device, self.dtype = torch.device("cpu"), torch.float32
+
+        def forward(self, x, t, encoder_hidden_states):
+            self.batches.append((x.shape[0], encoder_hidden_states.shape[0]))
+            self.timesteps.append(t)
+            out = x * self.w + encoder_hidden_states.mean((1, 2)).view(-1, 1, 1, 1)
+            return type("Out", (), {"sample": out})()
+
+    from diffusers import DDPMScheduler
+
+    unet, sched = Unet(), DDPMScheduler(num_train_timesteps=1000)
+    targets, init = torch.randn(2, 4, 8, 8), torch.zeros(2, 77, 8)
+    out = core.conditioning_attack(unet, sched, targets, init, steps=3, draws=4, generator=torch.Generator().manual_seed(0))
+    assert unet.batches == [(8, 8)] * 3 and out.shape == init.shape and not torch.equal(out, init)
+    unet.batches.clear()
+    core.conditioning_attack(unet, sched, targets, init[:1], steps=1, draws=3)  # one shared conditioning
+    assert unet.batches == [(6, 6)]
+    assert min(int(t.min()) for t in unet.timesteps) < 500  # t ~ U{0..999} by default
+    unet.timesteps.clear()
+    core.conditioning_attack(unet, sched, targets, init, steps=20, draws=4, min_timestep=900)
+    assert min(int(t.min()) for t in unet.timesteps) >= 900  # only the noisy end
+    with pytest.raises(ValueError, match="draws"):
+        core.conditioning_attack(unet, sched, targets, init, steps=1, draws=0)
+    with pytest.raises(ValueError, match="min_timestep"):
+        core.conditioning_attack(unet, sched, targets, init, steps=1, min_timestep=1000)

@@ -104,6 +104,35 @@ def test_masked_update_keeps_outside_weights_bit_identical_with_weight_decay():
     assert changed > 0.9 * sum(int(m.sum()) for m in mask.values())
 
 
+def test_masked_update_by_index_and_by_boolean_mask_are_bit_identical(monkeypatch):
+    """Small models gather / scatter by kept index positions, large ones by the boolean mask: same entries, same
+    order, so the same weights bit for bit."""
+    from salun_diffusers import masking
+
+    def run():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        base = {n: p.detach().clone() for n, p in model.named_parameters()}
+        mask = mask_from_saliency({n: torch.rand_like(p) for n, p in model.named_parameters()}, 0.4)
+        guard = MaskedUpdate(model, mask)
+        opt = torch.optim.AdamW(guard.trainable_parameters(), lr=0.05, weight_decay=0.1)
+        for _ in range(4):
+            model(torch.randn(2, 3, 9, 9)).pow(2).mean().backward()
+            guard.mask_gradients()
+            opt.step()
+            opt.zero_grad()
+            guard.restore()
+        for n, p in model.named_parameters():
+            assert torch.equal(p.detach()[~mask[n]], base[n][~mask[n]]), n
+        return guard, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    by_index, a = run()
+    monkeypatch.setattr(masking, "INDEX_MAX_ENTRIES", 0)
+    by_mask, b = run()
+    assert by_index.index is not None and by_mask.index is None
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 @pytest.mark.parametrize("hooks", [True, False, "in_backward"])
 def test_masked_update_matches_dense_adamw_with_state_sized_by_the_mask(hooks):
     """Same masked values as AdamW over whole tensors with gradients zeroed outside the mask (the old way), while

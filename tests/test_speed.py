@@ -110,7 +110,8 @@ def test_bundled_base_verdict_matches_its_key():
 
     with open(os.path.join(ASSETS_DIR, reporting.BASE_VERDICTS_ASSET)) as f:
         entry = json.load(f)
-    key = reporting._verdict_key(load_digit_pipeline(), DigitJudge.from_pretrained(), 50, reporting.EVAL_SEED)
+    key = reporting._verdict_key(load_digit_pipeline(), DigitJudge.from_pretrained(), 50, reporting.EVAL_SEED,
+                               reporting.VERDICT_STEPS)
     scores = reporting._valid_scores(entry, key, 50)
     assert scores is not None and scores["retained_accuracy"] >= 0.95
 
@@ -184,3 +185,96 @@ def test_bench_speed_reads_what_train_erase_prints():
     t, v = bench.TIME_LINE.search(text), bench.VERDICT_LINE.search(text)
     assert [float(x) for x in t.groups()] == [1.5, 0.5, 20.0, 0.1, 9.5]
     assert [float(x) for x in v.groups()] == [98.0, 97.1, 99.6, 2.4]
+
+
+def _shipped(pipe, **over):
+    from salun_diffusers.concepts import PRESETS
+    from salun_diffusers.digits import DIGIT_PIPELINE_DIR
+    from salun_diffusers.erasure.data import ShippedData
+
+    d = PRESETS["seven"].defaults
+    kw = dict(steps=d["data_num_inference_steps"], guidance=d["data_guidance_scale"], size=32)
+    kw.update(over)
+    return ShippedData(pipe, DIGIT_PIPELINE_DIR, **kw)
+
+
+def test_shipped_digit_data_fills_the_cache_and_matches_what_the_model_draws(tmp_path, monkeypatch):
+    """The bundled model's forget/retain images ship with the package (a first digit erasure draws none); they are
+    what the model draws (two seeds redrawn here), and only used for exactly the model and settings they were made
+    with."""
+    from PIL import Image
+
+    from salun_diffusers.config import EraseConfig
+    from salun_diffusers.digits import load_digit_pipeline
+    from salun_diffusers.erasure import data as data_mod
+    from salun_diffusers.erasure.data import generate_images
+
+    pipe = load_digit_pipeline()
+    shipped = _shipped(pipe)
+    assert len(shipped.arrays) == 20  # ten digit prompts x (forget seeds, retain seeds)
+    redrawn = generate_images(pipe, "a handwritten digit seven", [0, 1], str(tmp_path / "redrawn"),
+                              num_inference_steps=20, guidance_scale=4.0, size=32)
+    for i, path in enumerate(redrawn):
+        drawn = torch.tensor(__import__("numpy").array(Image.open(path).convert("RGB"))).int()
+        ship = torch.tensor(shipped.arrays["a-handwritten-digit-seven_0"][i]).int()
+        assert (drawn - ship).abs().float().mean() < 1.0, "shipped images differ from what the model draws"
+
+    # another setting, another model: nothing shipped applies
+    assert _shipped(pipe, steps=10).arrays == {}
+    other = load_digit_pipeline()
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(1e-3)
+    assert _shipped(other).arrays == {}
+
+    # a digit erasure's data phase with a fresh cache draws nothing
+    calls = []
+    real = data_mod.generate_images
+
+    def counting(pipe, prompt, seeds, out_dir, **kw):
+        missing = [s for s in seeds if not os.path.exists(os.path.join(out_dir, f"{s}.png"))]
+        calls.append(len(missing))
+        return real(pipe, prompt, seeds, out_dir, **kw)
+
+    monkeypatch.setattr(data_mod, "generate_images", counting)
+    cfg = EraseConfig(concept="seven", output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    data = data_mod.prepare_data(pipe, cfg, cfg.concept_spec())
+    assert len(calls) == 10 and sum(calls) == 0  # forget + nine retain prompts, every image from the asset
+    assert data.forget_latents.shape[0] == 64 and data.retain_latents.shape[0] == 288
+    # files already in the cache are never overwritten, and a seed the asset lacks is drawn
+    folder = os.path.dirname(next(p for p in __import__("glob").glob(str(tmp_path / "cache" / "*seven*" / "0.png"))))
+    with open(os.path.join(folder, "0.png"), "rb") as f:
+        before = f.read()
+    assert shipped.fill("a handwritten digit seven", list(range(64)), folder) == 64
+    with open(os.path.join(folder, "0.png"), "rb") as f:
+        assert f.read() == before
+    assert shipped.fill("a handwritten digit seven", list(range(65)), str(tmp_path / "x")) == 0  # 65 > shipped
+    assert shipped.fill("a handwritten digit seven", [5, 6], str(tmp_path / "y")) == 0  # not from the first seed
+
+
+@pytest.mark.parametrize("damage", ["pixel", "truncated", "no_checksum"])
+def test_damaged_shipped_digit_data_is_ignored_with_a_warning(tmp_path, monkeypatch, caplog, damage):
+    """A changed image, a truncated file or a missing checksum: the asset is not used (the data is drawn instead)."""
+    import numpy as np
+
+    from salun_diffusers import digits
+    from salun_diffusers.digits import load_digit_pipeline
+    from salun_diffusers.erasure.data import SHIPPED_DATA_ASSET
+
+    src = os.path.join(digits.ASSETS_DIR, SHIPPED_DATA_ASSET)
+    dst = tmp_path / SHIPPED_DATA_ASSET
+    if damage == "truncated":
+        dst.write_bytes(open(src, "rb").read()[:5000])
+    else:
+        with np.load(src) as z:
+            arrays = {k: z[k].copy() for k in z.files}
+        if damage == "pixel":
+            arrays["a-handwritten-digit-seven_0"][3, 10, 10, 0] ^= 1
+        else:
+            del arrays["sha256"]
+        np.savez_compressed(dst, **arrays)
+    pipe = load_digit_pipeline()
+    assert len(_shipped(pipe).arrays) == 20  # the real asset is fine
+    monkeypatch.setattr(digits, "ASSETS_DIR", str(tmp_path))
+    with caplog.at_level("WARNING"):
+        assert _shipped(pipe).arrays == {}
+    assert "generating the data instead" in caplog.text

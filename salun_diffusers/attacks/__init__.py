@@ -6,10 +6,10 @@ See :mod:`salun_diffusers.attacks.core` for what each attack optimises; ``salun-
 :mod:`salun_diffusers.attacks.cli`.
 """
 
-from .core import (DEFAULT_LR, DEFAULT_STEPS, FAST_STEPS, InversionResult, TokenAttackResult, attack_loss,
+from .core import (CONDITIONING_DEFAULTS, DEFAULT_LR, DEFAULT_STEPS, FAST_STEPS, InversionResult, TokenAttackResult, attack_loss,
                    conditioning_attack, encode_ids, encode_prompt, evaluate_loss, frozen, inversion_attack,
                    token_attack, word_vocabulary)
 
-__all__ = ["DEFAULT_LR", "DEFAULT_STEPS", "FAST_STEPS", "InversionResult", "TokenAttackResult", "attack_loss",
+__all__ = ["CONDITIONING_DEFAULTS", "DEFAULT_LR", "DEFAULT_STEPS", "FAST_STEPS", "InversionResult", "TokenAttackResult", "attack_loss",
            "conditioning_attack", "encode_ids", "encode_prompt", "evaluate_loss", "frozen", "inversion_attack",
            "token_attack", "word_vocabulary"]

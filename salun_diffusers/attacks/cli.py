@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..cli_args import flag_field
 from ..utils import DTYPES, atomic_path, resolve_dtype, write_json, write_text
-from .core import DEFAULT_LR, DEFAULT_STEPS, conditioning_attack, encode_prompt, inversion_attack, token_attack
+from .core import CONDITIONING_DEFAULTS, DEFAULT_LR, DEFAULT_STEPS, conditioning_attack, encode_prompt, inversion_attack, token_attack
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,10 @@ class AttackConfig:
                                     f"conditioning {DEFAULT_STEPS['conditioning']}).")
     lr: Optional[float] = _f(None, "Attack learning rate (default: token {token}, inversion {inversion}, "
                                    "conditioning {conditioning}).".format(**DEFAULT_LR))
+    draws: int = _f(CONDITIONING_DEFAULTS["draws"], "Conditioning attack: noise draws per target and step (batched; "
+                                                  "more: a steadier gradient, a stronger attack).")
+    min_timestep: int = _f(CONDITIONING_DEFAULTS["min_timestep"], "Conditioning attack: draw timesteps from here to "
+                                                                 "the noisiest (where what an image shows is decided).")
     num_tokens: int = _f(5, "Token attack: adversarial tokens prepended to the prompt.")
     init_word: Optional[str] = _f(None, "Inversion: the word the learned embedding starts from (default: digit for "
                                         "the digit judge, person for nudenet).")
@@ -115,9 +119,11 @@ class AttackConfig:
                              "class a success must show)")
         if self.attack not in ATTACKS:
             raise ValueError(f"--attack must be one of {ATTACKS}, got {self.attack!r}")
-        for name in ("num_prompts", "num_tokens", "batch_size"):
+        for name in ("num_prompts", "num_tokens", "batch_size", "draws"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_timestep < 0:
+            raise ValueError(f"--min_timestep must be >= 0, got {self.min_timestep}")
         for name in ("limit", "num_inference_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -337,7 +343,7 @@ def attack_row(pipe, config: AttackConfig, row, target: torch.Tensor, inversion=
     sched = _scheduler(pipe)
     init = encode_prompt(pipe, row.prompt)
     embeds = conditioning_attack(pipe.unet, sched, target, init, steps=config.attack_steps(), lr=config.attack_lr(),
-                                 generator=gen)
+                                 draws=config.draws, min_timestep=config.min_timestep, generator=gen)
     return {"embeds": embeds, "adversarial_prompt": None, "adversarial_tokens": None,
             "loss_start": evaluate_loss(pipe.unet, sched, target, init),
             "loss_final": evaluate_loss(pipe.unet, sched, target, embeds)}

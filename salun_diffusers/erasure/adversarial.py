@@ -59,14 +59,17 @@ class Adversary:
         return self.bank[forget_idx].to(device)
 
     def _attack(self, unet, latents, init, generator):
-        from ..attacks import conditioning_attack, token_attack
+        from ..attacks import CONDITIONING_DEFAULTS, conditioning_attack, token_attack
 
         if self.config.adversarial_attack == "token":
             result = token_attack(self.pipe, latents, self.prompt, steps=self.config.adversarial_steps,
                                   generator=generator, unet=unet)
             return result.embeds.expand(latents.shape[0], -1, -1)
+        # the timesteps of the audit's conditioning attack (salun-attack's default), where what an image shows is
+        # decided; one noise draw per forget image (the step's batch already holds several)
         return conditioning_attack(unet, self.scheduler, latents, init, steps=self.config.adversarial_steps,
-                                   lr=self.config.adversarial_lr, generator=generator)
+                                   lr=self.config.adversarial_lr, generator=generator,
+                                   min_timestep=CONDITIONING_DEFAULTS["min_timestep"])
 
 
 def make_adversary(pipe, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig) -> Optional[Adversary]:

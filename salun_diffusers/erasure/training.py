@@ -40,16 +40,22 @@ def _step_generators(seed: int, step: int, micro: int, rank: int, device):
 
 def make_optimizer(params, config: EraseConfig) -> torch.optim.Optimizer:
     """The optimizer over the masked weights (8-bit AdamW from bitsandbytes with ``--use_8bit_adam``)."""
-    optim = torch.optim.AdamW
+    params = list(params)
+    optim, extra = torch.optim.AdamW, {}
+    if all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+           for p in params):
+        # the fused kernel: the same AdamW maths in one pass over all tensors (measured on the digit U-Net's masked
+        # half, 206 tensors, 1 CPU thread: 2.0 ms per step instead of 7.7 ms)
+        extra["fused"] = True
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes "
                              "(or salun-diffusers[8bit]), or drop --use_8bit_adam") from None
-        optim = bnb.optim.AdamW8bit
+        optim, extra = bnb.optim.AdamW8bit, {}
     return optim(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+                 weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, **extra)
 
 
 class TrainingDiverged(FloatingPointError):
