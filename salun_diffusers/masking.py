@@ -282,7 +282,7 @@ class MaskedUpdate:
         self.values: Dict[str, torch.nn.Parameter] = {}
         self._handles = []
         for name, p in self.params.items():
-            self.values[name] = torch.nn.Parameter(p.detach().view(-1)[self.masks[name]])  # boolean indexing copies
+            self.values[name] = torch.nn.Parameter(self._take(name, p.detach()))
             if hooks:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._gather_hook(name)))
 
@@ -408,11 +408,6 @@ class MaskedAdamW(torch.optim.Optimizer):
             return None
         with torch.enable_grad():
             return closure()
-
-    def _take(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """The masked entries of a weight-shaped tensor, flat (a copy)."""
-        flat = t.reshape(-1)
-        return flat.index_select(0, self.index[name]) if self.index is not None else flat[self.masks[name]]
 
     def trainable_parameters(self):
         return []  # no flat tensors: the weights themselves are updated

@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Optional
 
-from .utils import content_fingerprint, read_json_or_none, user_cache_dir, write_json
+from .utils import pipeline_fingerprint, read_json_or_none, user_cache_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,7 @@ def _verdict_key(pipe, judge, n_per_digit: int, seed: int, num_inference_steps: 
     from .digits import DIGIT_SAMPLING
 
     sampling = {**DIGIT_SAMPLING, **({} if num_inference_steps is None else {"num_inference_steps": num_inference_steps})}
-    return content_fingerprint(pipe.unet, pipe.vae, pipe.text_encoder, dict(pipe.scheduler.config),
-                               type(pipe.scheduler).__name__, judge, sampling,
-                               {"n_per_digit": n_per_digit, "seed": seed, "v": 1})
+    return pipeline_fingerprint(pipe, judge, sampling, {"n_per_digit": n_per_digit, "seed": seed, "v": 1})
 
 
 def _valid_scores(entry, key: str, n_per_digit: int):

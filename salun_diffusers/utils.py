@@ -109,6 +109,13 @@ def content_fingerprint(*parts) -> str:
     return h.hexdigest()
 
 
+def pipeline_fingerprint(pipe, *settings) -> str:
+    """:func:`content_fingerprint` of a diffusion pipeline's weights (U-Net, VAE, text encoder) and scheduler (class
+    and config), then ``settings``: the key of caches of what the pipeline draws."""
+    return content_fingerprint(pipe.unet, pipe.vae, pipe.text_encoder, dict(pipe.scheduler.config),
+                               type(pipe.scheduler).__name__, *settings)
+
+
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's bytes as safetensors stores them (row-major, little-endian)."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)

@@ -100,12 +100,10 @@ SHIPPED_DATA_ASSET = "digit-data.npz"
 
 
 def shipped_data_key(pipe, steps: int, guidance: float, size: int, variant=None, precision: str = "no") -> str:
-    from ..utils import content_fingerprint
+    from ..utils import pipeline_fingerprint
 
-    return content_fingerprint(pipe.unet, pipe.vae, pipe.text_encoder, dict(pipe.scheduler.config),
-                               type(pipe.scheduler).__name__,
-                               {"steps": steps, "guidance": guidance, "size": size, "variant": variant,
-                                "precision": precision, "v": 1})
+    return pipeline_fingerprint(pipe, {"steps": steps, "guidance": guidance, "size": size, "variant": variant,
+                                       "precision": precision, "v": 1})
 
 
 def shipped_arrays_sha256(arrays) -> str:
