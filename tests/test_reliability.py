@@ -357,6 +357,68 @@ def test_unreadable_inputs_are_refused_before_any_work(erase_config, tmp_path, m
         erase(erase_config(output_dir=str(tmp_path / "out"), forget_data_dir=str(not_a_folder)))
 
 
+def _tree_state(folder):
+    """Every path below ``folder`` with its bytes' sha256 (links as their target): to prove nothing was touched."""
+    import hashlib
+
+    state = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if os.path.islink(path):
+                state[rel] = "-> " + os.readlink(path)
+            elif os.path.isfile(path):
+                state[rel] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+            else:
+                state[rel] = "dir"
+    return state
+
+
+@pytest.mark.parametrize("where", ["base itself", "link to base", "inside base", "contains base", "inside data",
+                                   "contains data", "inside cache", "contains checkpoint's run"])
+def test_output_dir_overlapping_what_the_run_reads_is_refused_and_nothing_touched(
+        where, dummy_pipeline_dir, erase_config, tmp_path, monkeypatch):
+    import shutil
+
+    _no_work(monkeypatch)
+    base = tmp_path / "models" / "tiny-sd"
+    shutil.copytree(dummy_pipeline_dir, base)
+    data = tmp_path / "forget"
+    data.mkdir()
+    (data / "0.png").write_bytes(b"not looked at")
+    cache = tmp_path / "cache"
+    run = tmp_path / "runs" / "a"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(base)
+    out, extra = {"base itself": (base, {}), "link to base": (tmp_path / "link", {}),
+                  "inside base": (base / "unet" / "out", {}), "contains base": (tmp_path / "models", {}),
+                  "inside data": (data / "out", {"forget_data_dir": str(data)}),
+                  "contains data": (tmp_path, {"forget_data_dir": str(data)}),
+                  "inside cache": (cache / "out", {}),
+                  "contains checkpoint's run": (tmp_path / "runs", {"resume_from_checkpoint": str(run / "checkpoint-2")}),
+                  }[where]
+    before = _tree_state(tmp_path)
+    with pytest.raises(ValueError, match=r"--output_dir .* (is|lies inside|contains) .*which the run reads; choose an "
+                                         r"--output_dir outside it"):
+        erase(erase_config(pretrained_model_name_or_path=str(base), output_dir=str(out), overwrite_output_dir=True,
+                           cache_dir=str(cache), **extra))
+    assert _tree_state(tmp_path) == before  # nothing created, replaced or removed (not even an empty folder)
+
+
+def test_output_dir_that_is_the_base_model_exits_2_with_one_line(dummy_pipeline_dir, data_cache, tmp_path, capsys):
+    import shutil
+
+    base = tmp_path / "tiny-sd"
+    shutil.copytree(dummy_pipeline_dir, base)
+    before = _tree_state(base)
+    argv = _tiny_argv(str(base), data_cache, base, "--max_train_steps", "1", "--overwrite_output_dir")
+    assert _rc(argv) == 2
+    err = capsys.readouterr().err
+    assert len(_error_lines(err)) == 1 and "--pretrained_model_name_or_path" in err and "Traceback" not in err
+    assert _tree_state(base) == before
+
+
 def test_user_readme_in_output_dir_is_not_overwritten(erase_config, tmp_path, monkeypatch):
     _no_work(monkeypatch)
     out = tmp_path / "project"

@@ -121,8 +121,56 @@ def estimate_output_bytes(config: EraseConfig) -> Optional[int]:
     return int(fp32 * (3 * kept + int(config.save_merged_unet) + config.mask_ratio))
 
 
+def _folders_read(config: EraseConfig) -> List[Tuple[str, str]]:
+    """``(flag, path)`` of every file or folder the run reads: the base model's folder (and, for an erasure's output
+    folder, the folders its linked components live in), data folders, the mask, a resumed checkpoint's run, the cache."""
+    from ..hub import resolve_base_model
+    from ..utils import user_cache_dir
+
+    out = []
+    base = resolve_base_model(base_model_id(config))
+    if os.path.isdir(base):
+        out.append(("--pretrained_model_name_or_path", base))
+        for entry in sorted(os.listdir(base)):  # an erased model's components are links into its own base
+            folder = os.path.join(base, entry)
+            files = sorted(os.listdir(folder)) if os.path.isdir(folder) and not os.path.islink(folder) else []
+            if files and os.path.islink(os.path.join(folder, files[0])):
+                out.append(("--pretrained_model_name_or_path (its linked base)",
+                            os.path.dirname(os.path.dirname(os.path.realpath(os.path.join(folder, files[0]))))))
+    out += [(f"--{flag}", getattr(config, flag)) for flag in ("forget_data_dir", "retain_data_dir", "mask_path")
+            if getattr(config, flag)]
+    resume = config.resume_from_checkpoint
+    if resume and resume != "latest" and os.path.isdir(resume):  # another run's checkpoint: that run's folder
+        out.append(("--resume_from_checkpoint (its run)", os.path.dirname(os.path.abspath(resume.rstrip("/")))))
+    out.append(("--cache_dir", config.cache_dir or user_cache_dir("data")))
+    return out
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_apart(config: EraseConfig) -> None:
+    """Refuse an ``--output_dir`` that resolves to, lies inside or contains anything the run reads (symbolic links
+    followed), before anything is created: ``--overwrite_output_dir`` would otherwise replace the base model's files."""
+    out = os.path.realpath(config.output_dir)
+    own_mask = os.path.join(out, MASK_NAME)
+    for flag, path in _folders_read(config):
+        real = os.path.realpath(path)
+        if flag == "--mask_path" and real == own_mask:
+            continue  # the mask a run saved in its own folder, reused (read, never rewritten)
+        if flag == "--resume_from_checkpoint (its run)" and real == out:
+            continue  # resuming the run in this folder
+        if _within(out, real) or _within(real, out):
+            how = "is" if out == real else "lies inside" if _within(out, real) else "contains"
+            raise ValueError(f"--output_dir {config.output_dir!r} {how} {flag} {path!r}, which the run reads; "
+                             "choose an --output_dir outside it (nothing was written)")
+
+
 def check_before_compute(config: EraseConfig) -> None:
-    """Before any work: the output (and cache) folder is writable, the inputs are readable, and the disk has room."""
+    """Before any work: the output folder is apart from every input, the output (and cache) folder is writable, the
+    inputs are readable, and the disk has room."""
+    check_output_apart(config)
     ensure_writable_dir(config.output_dir, "--output_dir")
     if config.cache_dir:
         ensure_writable_dir(config.cache_dir, "--cache_dir")
