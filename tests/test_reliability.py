@@ -254,6 +254,53 @@ def test_resume_latest_without_checkpoints_does_not_overwrite_another_runs_outpu
     assert os.path.getmtime(os.path.join(out, WEIGHTS_NAME)) == stamp
 
 
+def _flip_bytes(path, n=16):
+    data = bytearray(open(path, "rb").read())
+    for i in range(n):
+        data[len(data) // 2 + i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_older_one_resumes_exactly(
+        erase_config, dummy_pipeline_dir, data_cache, tmp_path, capsys):
+    full = erase(erase_config(output_dir=str(tmp_path / "full"), max_train_steps=5))
+    out = tmp_path / "run"
+    erase(erase_config(output_dir=str(out), max_train_steps=5, checkpointing_steps=2))
+    assert ckpt.list_checkpoints(str(out)) == ["checkpoint-2", "checkpoint-4"]
+    record = ckpt._read_record_file(str(out / "checkpoint-4"))
+    assert "optimizer.bin" in record["sha256"] and "model.safetensors" in record["sha256"]
+    _flip_bytes(out / "checkpoint-4" / "optimizer.bin")  # 16 flipped bytes of Adam's moments: no NaN, no error
+    argv = _tiny_argv(dummy_pipeline_dir, data_cache, out, "--max_train_steps", "5", "--resume_from_checkpoint",
+                      "latest")
+    stamp = os.path.getmtime(out / WEIGHTS_NAME)
+    assert _rc(argv) == 2
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(r"checkpoint '.*checkpoint-4' is damaged: optimizer\.bin changed since it was written "
+                     r"\(sha256 mismatch\); delete the folder '.*checkpoint-4' and rerun \(--resume_from_checkpoint "
+                     r"latest then resumes from checkpoint-2\)", lines[0]), lines[0]
+    assert os.path.getmtime(out / WEIGHTS_NAME) == stamp  # nothing written
+    # the fix the line names: delete the damaged folder; latest then takes checkpoint-2 and matches the full run
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-4")
+    resumed = erase(erase_config(output_dir=str(out), max_train_steps=5, resume_from_checkpoint="latest"))
+    a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
+    assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
+    # a file removed from, or added to, a sealed checkpoint; an unreadable record
+    os.remove(out / "checkpoint-2" / "scheduler.bin")
+    with pytest.raises(ValueError, match=r"scheduler\.bin is missing; delete the folder .* starts afresh"):
+        ckpt.resolve_resume(erase_config(output_dir=str(out), max_train_steps=5, resume_from_checkpoint="checkpoint-2"))
+    erase(erase_config(output_dir=str(out), max_train_steps=5, checkpointing_steps=2, overwrite_output_dir=True))
+    (out / "checkpoint-4" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"notes\.txt was added"):
+        ckpt.resolve_resume(erase_config(output_dir=str(out), max_train_steps=5, resume_from_checkpoint="latest"))
+    (out / "checkpoint-4" / ckpt.RECORD_NAME).write_bytes(b"\xff{")
+    with pytest.raises(ValueError, match="salun_checkpoint.json cannot be read"):
+        ckpt.resolve_resume(erase_config(output_dir=str(out), max_train_steps=5, resume_from_checkpoint="latest"))
+
+
 # -------------------------------------------------------------------------------------- 7. one writer per folder
 
 

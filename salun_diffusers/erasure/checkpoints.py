@@ -1,13 +1,17 @@
 """Erasure checkpoints: ``checkpoint-N`` folders in ``output_dir`` (accelerate's save_state / load_state).
 
 Crash-safe: a checkpoint is written into ``.tmp-checkpoint-N``, its run record (``salun_checkpoint.json``: the run's
-config) written last, and only then renamed to ``checkpoint-N``; old checkpoints are pruned after that. A kill at any
-moment leaves every ``checkpoint-N`` complete, and ``--resume_from_checkpoint latest`` skips anything else. Resuming
-with settings that change the result (another concept, learning rate, ...) is refused, naming the fields.
+config, and the sha256 of every other file of the checkpoint: its seal) written last, and only then renamed to
+``checkpoint-N``; old checkpoints are pruned after that. A kill at any moment leaves every ``checkpoint-N`` complete,
+and ``--resume_from_checkpoint latest`` skips anything else. Resuming verifies the seal (a flipped byte in the
+optimizer state would otherwise resume silently into another erasure) and refuses a damaged checkpoint, naming the
+file; it never falls back to an older checkpoint on its own. Resuming with settings that change the result (another
+concept, learning rate, ...) is refused, naming the fields.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -69,12 +73,70 @@ def check_same_run(recorded: dict, config: EraseConfig, what: str) -> None:
                          "choose another --output_dir (or pass --overwrite_output_dir to start afresh)")
 
 
-def read_record(path: str) -> Optional[dict]:
+def _read_record_file(path: str) -> Optional[dict]:
     record = os.path.join(path, RECORD_NAME)
     if not os.path.isfile(record):
         return None
-    with open(record) as f:
-        return json.load(f)["config"]
+    try:
+        with open(record) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise ValueError("no config")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"checkpoint {path!r} is damaged: its {RECORD_NAME} cannot be read ({exc}); "
+                         f"{_damaged_fix(path)}") from None
+    return data
+
+
+def read_record(path: str) -> Optional[dict]:
+    data = _read_record_file(path)
+    return None if data is None else data["config"]
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_files(path: str) -> dict:
+    """``{relative path: sha256}`` of every file in a checkpoint folder except its run record (the seal's content)."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), path)
+            if rel != RECORD_NAME:
+                out[rel] = _file_sha256(os.path.join(root, name))
+    return dict(sorted(out.items()))
+
+
+def _damaged_fix(path: str) -> str:
+    folder, name = os.path.split(os.path.normpath(path))
+    step = int(name.split("-")[1]) if re.fullmatch(r"checkpoint-\d+", name) else None
+    older = [c for c in list_checkpoints(folder) if step is not None and int(c.split("-")[1]) < step]
+    then = (f"--resume_from_checkpoint latest then resumes from {older[-1]}" if older else
+            "with no older checkpoint, --resume_from_checkpoint latest then starts afresh")
+    return f"delete the folder {path!r} and rerun ({then})"
+
+
+def verify_checkpoint(path: str) -> None:
+    """Check a checkpoint's seal: every file's sha256 against its run record. ``ValueError`` naming the first file
+    that was changed, added or removed, and the fix; a checkpoint from before seals is resumed with a warning."""
+    data = _read_record_file(path)
+    sealed = None if data is None else data.get("sha256")
+    if sealed is None:
+        logger.warning("%s has no seal (written by an older version): damage to its files cannot be detected", path)
+        return
+    found = checkpoint_files(path)
+    problem = None
+    if sorted(found) != sorted(sealed):
+        added, lacking = sorted(set(found) - set(sealed)), sorted(set(sealed) - set(found))
+        problem = (f"{lacking[0]} is missing" if lacking else f"{added[0]} was added")
+    else:
+        bad = next((f for f in found if found[f] != sealed[f]), None)
+        if bad is not None:
+            problem = f"{bad} changed since it was written (sha256 mismatch)"
+    if problem:
+        raise ValueError(f"checkpoint {path!r} is damaged: {problem}; {_damaged_fix(path)}")
 
 
 def resolve_resume(config: EraseConfig) -> Optional[str]:
@@ -106,6 +168,7 @@ def resolve_resume(config: EraseConfig) -> Optional[str]:
         logger.warning("%s has no run record (older version): its settings cannot be checked", path)
     else:
         check_same_run(recorded, config, f"checkpoint {path!r}")
+    verify_checkpoint(path)
     return path
 
 
@@ -128,7 +191,8 @@ def save_checkpoint(accelerator, config: EraseConfig, step: int) -> None:
     tmp = os.path.join(config.output_dir, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
     accelerator.save_state(tmp)
-    write_json(os.path.join(tmp, RECORD_NAME), {"step": step, "config": config.to_dict()})
+    write_json(os.path.join(tmp, RECORD_NAME), {"step": step, "config": config.to_dict(),
+                                                "sha256": checkpoint_files(tmp)})
     follow_umask(tmp)
     if os.path.isdir(final):  # a rerun past the same step: the new one replaces it
         shutil.rmtree(final)
