@@ -466,6 +466,45 @@ def test_output_dir_that_is_the_base_model_exits_2_with_one_line(dummy_pipeline_
     assert _tree_state(base) == before
 
 
+def _image_folder(folder, n=4):
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(n):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_a_truncated_image_in_a_data_folder_is_named_with_the_fix(
+        dummy_pipeline_dir, data_cache, tmp_path, capsys):
+    forget = _image_folder(tmp_path / "forget")
+    data = (forget / "2.png").read_bytes()
+    (forget / "2.png").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    assert _rc(_tiny_argv(dummy_pipeline_dir, data_cache, out, "--max_train_steps", "1", "--forget_data_dir",
+                          str(forget))) == 2
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(r"image '.*forget/2\.png' cannot be read \(.*truncated.*\); replace or remove it", lines[0])
+    assert not os.path.exists(out / WEIGHTS_NAME)
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b'{"file_name": "0.png", "text": "a \xff photo"}\n', r"metadata\.jsonl' is not UTF-8 text \(line 1, byte 34: invalid start byte"),
+    (b'{"file_name": "0.png", "text": "a"}\n{"file_name": "1.png",\n', r"metadata\.jsonl' line 2 is not a caption row"),
+    (b'{"text": "a caption"}\n', r"metadata\.jsonl' line 1 is not a caption row \(no 'file_name'"),
+    (b'["0.png"]\n', r"metadata\.jsonl' line 1 is not a caption row"),
+], ids=["not-utf8", "bad-json", "no-file_name", "not-an-object"])
+def test_a_malformed_metadata_jsonl_is_named_before_any_work(content, expected, erase_config, tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    retain = _image_folder(tmp_path / "retain")
+    (retain / "metadata.jsonl").write_bytes(content)
+    with pytest.raises(ValueError, match=expected + r".*; fix or delete it: it must be UTF-8 text with one JSON "
+                                                   r"object per line"):
+        erase(erase_config(retain_data_dir=str(retain)))
+
+
 def test_user_readme_in_output_dir_is_not_overwritten(erase_config, tmp_path, monkeypatch):
     _no_work(monkeypatch)
     out = tmp_path / "project"

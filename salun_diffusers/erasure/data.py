@@ -167,30 +167,56 @@ class ShippedData:
         return len(seeds)
 
 
+def _read_captions(meta: str, default_prompt: str) -> dict:
+    """``{file_name: text}`` of diffusers' ``metadata.jsonl``; a bad line is a ``ValueError`` naming file, line, fix."""
+    fix = ("fix or delete it: it must be UTF-8 text with one JSON object per line, "
+           '{"file_name": "0.png", "text": "a caption"}')
+    with open(meta, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ValueError(f"{meta!r} is not UTF-8 text (line {line}, byte {exc.start}: "
+                         f"{exc.reason}); {fix}") from None
+    captions = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[str(row["file_name"])] = row.get("text") or default_prompt
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            what = f"no 'file_name' ({exc})" if isinstance(exc, KeyError) else str(exc)
+            raise ValueError(f"{meta!r} line {number} is not a caption row ({what}); {fix}") from None
+    return captions
+
+
 def read_image_folder(folder: str, default_prompt: str) -> List[tuple]:
     """``(path, prompt)`` pairs from a folder; captions from diffusers' ``metadata.jsonl`` (file_name, text)."""
     captions = {}
     meta = os.path.join(folder, "metadata.jsonl")
     if os.path.isfile(meta):
-        with open(meta) as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    captions[row["file_name"]] = row.get("text") or default_prompt
+        captions = _read_captions(meta, default_prompt)
     files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder!r}")
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder!r}; put the images there (captions "
+                         "in its metadata.jsonl) or pass another folder")
     return [(os.path.join(folder, f), captions.get(f, default_prompt)) for f in files]
 
 
 def _load_pixels(paths: Sequence[str], size: int) -> torch.Tensor:
     arrays = []
     for p in paths:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BICUBIC)
-            arrays.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # truncated, not an image
+            raise ValueError(f"image {p!r} cannot be read ({exc}); replace or remove it (a generated image in the "
+                             "cache is drawn again once removed)") from None
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        arrays.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 

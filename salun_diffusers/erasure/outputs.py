@@ -24,7 +24,7 @@ from ..config import EraseConfig
 from ..delta import CONFIG_NAME, MASK_NAME, WEIGHTS_NAME, build_delta, save_delta
 from ..utils import ensure_writable_dir, follow_umask, resolve_dtype, write_json, write_text
 from .checkpoints import check_same_run
-from .data import base_model_id
+from .data import base_model_id, read_image_folder
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def _check_readable(config: EraseConfig) -> None:
         except OSError as exc:
             raise ValueError(f"--{flag} {folder!r} cannot be read ({exc.strerror or exc}); pass a folder of "
                              "images") from None
+        read_image_folder(folder, "")  # images there, metadata.jsonl readable: before any work
     if config.mask_path:
         from ..masking import load_mask
 
