@@ -111,6 +111,15 @@ def check_base_values(meta: Mapping, model: torch.nn.Module, mask: Mapping[str, 
                      "anyway")
 
 
+def erasure_id(metadata: Mapping) -> Optional[str]:
+    """A short identity of an erasure file: sha256 of its seal (which covers every tensor and header field)."""
+    seal = metadata.get(SEAL_KEY)
+    if not seal:
+        return None
+    text = seal if isinstance(seal, str) else json.dumps(seal, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclass
 class ErasureDelta:
     """Parsed, validated erasure: per-parameter boolean masks and the masked entries' erased values."""

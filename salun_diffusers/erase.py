@@ -29,6 +29,7 @@ from .erasure.checkpoints import resolve_resume
 from .erasure.data import ConceptData, base_model_id, load_pipeline, prepare_data  # noqa: F401  (re-exported)
 from .erasure.outputs import check_before_compute, check_output_dir, output_lock, remove_partial_outputs, write_outputs
 from .erasure.saliency import compute_or_load_mask
+from .erasure.stacking import erased_base_lineage
 from .erasure.training import train, training_scheduler
 from .erasure.validation import validation_hook
 from .families import SD, SDXL, check_fits, pipeline_class_name, text_encoders
@@ -100,6 +101,7 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     for module, _ in frozen:
         module.requires_grad_(False)
     unet = pipe.unet
+    stacked_on = erased_base_lineage(config, unet)  # erasing again from an erased model: what it already holds
     configure_threads(sum(p.numel() for p in unet.parameters()), config.threads)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -142,6 +144,6 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     erasure_path = unet_dir = None
     if accelerator.is_main_process:
         metrics["total_seconds"] = time.perf_counter() - t0
-        erasure_path, unet_dir = write_outputs(config, spec, unet, mask, metrics, base_digest)
+        erasure_path, unet_dir = write_outputs(config, spec, unet, mask, metrics, base_digest, stacked_on)
     accelerator.end_training()
     return EraseResult(config.output_dir, erasure_path, mask_file, unet_dir, metrics, unet, pipe)

@@ -1,4 +1,4 @@
-"""Load a SalUn erasure into a pipeline, the way diffusers loads LoRAs: ``load_*`` / ``unload_*`` / ``fuse_*``.
+"""Load SalUn erasures into a pipeline, the way diffusers loads LoRAs: ``load_*`` / ``unload_*`` / ``fuse_*``.
 
     pipe = StableDiffusionPipeline.from_pretrained("CompVis/stable-diffusion-v1-4")
     load_erasure(pipe, "out/sd14-no-nudity")          # folder, .safetensors file, hub id, or dict of tensors
@@ -10,21 +10,34 @@ Everything is validated before any weight changes: the file's sha256 seal (every
 version, the fingerprint of the U-Net's names and shapes, strict keys, counts, finite values, and the fingerprint of
 the base values the erasure was made from (``check_base=False`` skips only that last check). See
 docs/erasure-format.md.
-The masked entries' base values are kept on the U-Net so ``unload_erasure`` restores them exactly.
+
+**Stacking** (docs/erasure-format.md, "Stacking"): several erasures may be loaded one after another. Each one's base
+fingerprint says what it was made from, and decides how it composes:
+
+* made *on top* of what is loaded (``train_erase.py --pretrained_model_name_or_path`` an erasure's output folder, and
+  that erasure loaded first): its values replace the U-Net's at its mask; with every scale 1 the U-Net is then
+  bit-identical to that run's merged U-Net;
+* made *beside* it, from the same base (two single erasures of one base): its change (values minus the base's values)
+  is added at its mask; where the masks do not overlap this is exactly its values, where they overlap the two
+  changes add up (order-independent up to float rounding);
+* anything else (another base; a fused erasure below it) is refused with the fix.
+
+The values the U-Net had at each erasure's mask before it was applied are kept, so ``unload_erasure`` restores the
+base exactly (``only_last=True``: the U-Net as it was before the last load).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 
-from .delta import check_base_values, parse_delta, read_delta
+from .delta import check_base_values, erasure_id, parse_delta, read_delta
 
 logger = logging.getLogger(__name__)
 
-_STATE = "_salun_erasure"
+_STATE = "_salun_erasure"  # on the U-Net: the list of loaded erasures (layers), bottom first; None when none
 
 
 def _unet(pipe_or_unet) -> torch.nn.Module:
@@ -35,86 +48,178 @@ def _unet(pipe_or_unet) -> torch.nn.Module:
     return unet
 
 
+def _layers(unet) -> List[dict]:
+    return getattr(unet, _STATE, None) or []
+
+
 @torch.no_grad()
-def _apply(unet, state, scale: float) -> None:
+def _apply(unet, layer: dict, scale: float, backup: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Write one layer at ``scale`` onto the U-Net's current values, recording them as the layer's backup first.
+
+    ``ref`` (the values of the model the erasure was made from, at its mask) is the backup for a layer made on top of
+    what is loaded, and the base's values for one made beside it. Where the U-Net still holds ``ref`` the new value is
+    ``ref + scale * (values - ref)`` (exactly the values at scale 1); elsewhere the layer's change is added."""
     params = dict(unet.named_parameters())
-    for name, m in state["mask"].items():
+    layer["backup"] = backup or {n: params[n].detach()[m].clone() for n, m in layer["mask"].items()}
+    for name, m in layer["mask"].items():
         p = params[name]
-        values = state["values"][name].to(p.device)
+        values = layer["values"][name].to(p.device)
+        backup = layer["backup"][name]
+        ref = backup if layer["ref"] is None else layer["ref"][name].to(p.device)
         if scale == 1.0:
-            new = values.to(p.dtype)
+            own = values.to(p.dtype)
         else:
-            base = state["backup"][name].to(p.device).float()
-            new = (base + scale * (values.float() - base)).to(p.dtype)
-        p.data.masked_scatter_(m.to(p.device), new)
-    state["scale"] = scale
+            own = (ref.float() + scale * (values.float() - ref.float())).to(p.dtype)
+        if layer["ref"] is not None:  # beside: add the change where an earlier erasure moved the value
+            added = (backup.float() + scale * (values.float() - ref.float())).to(p.dtype)
+            own = torch.where(backup == ref, own, added)
+        p.data.masked_scatter_(m, own)
+    layer["scale"] = scale
+
+
+@torch.no_grad()
+def _restore(unet, layer: dict) -> None:
+    params = dict(unet.named_parameters())
+    for name, m in layer["mask"].items():
+        params[name].data.masked_scatter_(m, layer["backup"][name].to(params[name].device))
+
+
+@torch.no_grad()
+def _base_values(unet, layers: List[dict], masks: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The values the U-Net had before any loaded erasure, at ``masks`` (nothing changes: per tensor, a copy with the
+    backups written back, the bottom layer's last)."""
+    params = dict(unet.named_parameters())
+    out = {}
+    for name, m in masks.items():
+        touching = [layer for layer in layers if name in layer["mask"]]
+        if not touching:
+            out[name] = params[name].detach()[m].clone()
+            continue
+        full = params[name].detach().clone()
+        for layer in reversed(touching):
+            full.masked_scatter_(layer["mask"][name], layer["backup"][name].to(full.device))
+        out[name] = full[m]
+    return out
+
+
+def _concept(metadata: Mapping) -> str:
+    cfg = metadata.get("config") if isinstance(metadata.get("config"), dict) else {}
+    return str(cfg.get("concept", "?"))
+
+
+def _stack_position(unet, layers, delta, masks, backup) -> Optional[dict]:
+    """How a new erasure stacks onto ``layers`` (base check on): ``None`` = on top of what is loaded (its base is the
+    U-Net as it is now), else the base's values at its mask (beside: made from the same base). Raises when neither."""
+    try:
+        check_base_values(delta.metadata, unet, masks, backup)
+        return None
+    except ValueError:
+        if not layers:
+            raise
+        base = _base_values(unet, layers, masks)
+        try:
+            check_base_values(delta.metadata, unet, masks, base)
+        except ValueError:
+            scales = sorted({layer["scale"] for layer in layers} - {1.0})
+            hint = (f" (the loaded erasures are at scale {scales[0]:g}: an erasure made on top of them matches only at "
+                    "scale 1; set_erasure_scale(pipe, 1.0) first)" if scales else "")
+            loaded = ", ".join(repr(_concept(layer["metadata"])) for layer in layers)
+            made_from = (delta.config or {}).get("base_model")
+            raise ValueError(f"this erasure of {_concept(delta.metadata)!r} was made neither from the base beneath the "
+                             f"loaded erasure(s) {loaded} nor on top of them{hint}; unload_erasure(pipe) and load the "
+                             f"erasures it was made on top of first, in order, or load it onto its own base "
+                             f"({made_from!r})") from None
+        return base
 
 
 def load_erasure(pipe_or_unet, pretrained_or_dict: Union[str, Mapping[str, torch.Tensor]], *, scale: float = 1.0,
                  metadata: Optional[Mapping] = None, revision: Optional[str] = None, subfolder: Optional[str] = None,
                  cache_dir: Optional[str] = None, check_fingerprint: bool = True, check_base: bool = True) -> dict:
-    """Apply an erasure to ``pipe.unet`` (or a U-Net) in place. Returns the erasure's metadata.
+    """Apply an erasure to ``pipe.unet`` (or a U-Net) in place, on top of any erasures already loaded (see the module
+    docstring: on top of them, or beside them from the same base). Returns the erasure's metadata.
 
     ``check_base=False`` applies the erasure even to a U-Net whose values differ from the base it was made from (same
-    shapes, e.g. an SD1.4 erasure onto SD1.5); everything else is still verified.
+    shapes, e.g. an SD1.4 erasure onto SD1.5): its values then replace the U-Net's; everything else is still verified.
     """
     unet = _unet(pipe_or_unet)
-    if getattr(unet, _STATE, None) is not None:
-        raise RuntimeError("an erasure is already loaded into this U-Net; call unload_erasure(pipe) first "
-                           "(or fuse_erasure(pipe) to keep it and stack another)")
+    layers = _layers(unet)
     tensors, meta = read_delta(pretrained_or_dict, metadata=metadata, revision=revision, subfolder=subfolder,
                                cache_dir=cache_dir)
     delta = parse_delta(tensors, meta, unet, check_fingerprint=check_fingerprint, check_base=False)
+    ident = erasure_id(delta.metadata)
+    if ident is not None and any(layer["id"] == ident for layer in layers):
+        raise RuntimeError(f"this erasure of {_concept(delta.metadata)!r} is already loaded into this U-Net; "
+                           "unload_erasure(pipe) first to load it again")
     params = dict(unet.named_parameters())
     masks = {n: m.to(params[n].device) for n, m in delta.mask.items()}
-    backup = {n: params[n].detach()[masks[n]].clone() for n in masks}
-    if check_base:  # on the backup: the base values at the masked positions, gathered once; nothing changed yet
-        check_base_values(delta.metadata, unet, masks, backup)
-    state = {"mask": masks, "values": delta.values, "backup": backup, "metadata": delta.metadata, "scale": None}
-    _apply(unet, state, float(scale))
-    setattr(unet, _STATE, state)
-    logger.info("loaded erasure %r: %d weights in %d tensors (scale %.3g)",
-                delta.config.get("concept"), delta.num_changed(), len(masks), scale)
+    ref = backup = None
+    if check_base:  # on the values at the masked positions, gathered once; nothing changed yet
+        backup = {n: params[n].detach()[masks[n]].clone() for n in masks}
+        ref = _stack_position(unet, layers, delta, masks, backup)
+    parents = [p.get("id") for p in (delta.config.get("stacked_on") or []) if isinstance(p, dict)]
+    missing = [p for p in parents if p not in {layer["id"] for layer in layers}]
+    if missing and ref is None:
+        logger.warning("this erasure of %r was made from an erased model (erasure %s); that erasure is not loaded "
+                       "here, so unless this U-Net already holds it (the erased folder's own U-Net) the result lacks "
+                       "it: load it first", _concept(delta.metadata), ", ".join(missing))
+    layer = {"mask": masks, "values": delta.values, "ref": ref, "backup": None, "metadata": delta.metadata,
+             "scale": None, "id": ident, "stacked": "beside" if ref is not None else "on top" if layers else "base"}
+    _apply(unet, layer, float(scale), backup)
+    setattr(unet, _STATE, layers + [layer])
+    logger.info("loaded erasure %r: %d weights in %d tensors (scale %.3g%s)", delta.config.get("concept"),
+                delta.num_changed(), len(masks), scale,
+                f", {layer['stacked']} {len(layers)} loaded erasure(s)" if layers else "")
     return delta.metadata
 
 
 def _state(pipe_or_unet, verb: str):
     unet = _unet(pipe_or_unet)
-    state = getattr(unet, _STATE, None)
-    if state is None:
+    layers = _layers(unet)
+    if not layers:
         raise RuntimeError(f"no erasure is loaded, nothing to {verb}; call load_erasure(pipe, path) first")
-    return unet, state
-
-
-def set_erasure_scale(pipe_or_unet, scale: float) -> None:
-    """Re-apply the loaded erasure at ``scale`` (0 = base weights, 1 = erased weights)."""
-    unet, state = _state(pipe_or_unet, "rescale")
-    if state["backup"] is None:
-        raise RuntimeError("the erasure was fused; its scale can no longer change")
-    _apply(unet, state, float(scale))
+    return unet, layers
 
 
 @torch.no_grad()
-def unload_erasure(pipe_or_unet) -> None:
-    """Restore the base values of every erased weight (bit-identical)."""
-    unet, state = _state(pipe_or_unet, "unload")
-    if state["backup"] is None:
-        raise RuntimeError("the erasure was fused into the weights and cannot be unloaded; reload the base model")
-    params = dict(unet.named_parameters())
-    for name, m in state["mask"].items():
-        params[name].data.masked_scatter_(m, state["backup"][name].to(params[name].device))
-    setattr(unet, _STATE, None)
+def set_erasure_scale(pipe_or_unet, scale: float) -> None:
+    """Re-apply the loaded erasure(s) at ``scale`` (0 = base weights, 1 = erased weights); with several loaded, every
+    one at this scale (unwound to the base, then applied again in order)."""
+    unet, layers = _state(pipe_or_unet, "rescale")
+    for layer in reversed(layers):
+        _restore(unet, layer)
+    for layer in layers:
+        _apply(unet, layer, float(scale))
+
+
+@torch.no_grad()
+def unload_erasure(pipe_or_unet, only_last: bool = False) -> None:
+    """Restore the base values of every erased weight (bit-identical); ``only_last``: undo only the erasure loaded
+    last, leaving the U-Net exactly as it was before that load."""
+    unet, layers = _state(pipe_or_unet, "unload")
+    for layer in reversed(layers[-1:] if only_last else layers):
+        _restore(unet, layer)
+    setattr(unet, _STATE, layers[:-1] if only_last and len(layers) > 1 else None)
 
 
 def fuse_erasure(pipe_or_unet) -> None:
-    """Keep the loaded erasure permanently and free its backup (another erasure may then be loaded on top)."""
+    """Keep the loaded erasure(s) permanently and free the backups. The fused values are then the U-Net's own: an
+    erasure made on top of them loads, one made beside them from the base cannot be checked and is refused."""
     unet, _ = _state(pipe_or_unet, "fuse")
     setattr(unet, _STATE, None)
 
 
 def get_erasure_metadata(pipe_or_unet) -> Optional[dict]:
-    state = getattr(_unet(pipe_or_unet), _STATE, None)
-    return None if state is None else state["metadata"]
+    """The metadata of the erasure loaded last (``None`` when none is loaded)."""
+    layers = _layers(_unet(pipe_or_unet))
+    return layers[-1]["metadata"] if layers else None
+
+
+def get_loaded_erasures(pipe_or_unet) -> List[dict]:
+    """The loaded erasures, bottom first: ``concept``, ``id`` (see :func:`erasure_id`), ``stacked`` ("base", "on top"
+    or "beside"), ``scale``, ``num_changed`` and the ``metadata``."""
+    return [{"concept": _concept(layer["metadata"]), "id": layer["id"], "stacked": layer["stacked"],
+             "scale": layer["scale"], "num_changed": sum(v.numel() for v in layer["values"].values()),
+             "metadata": layer["metadata"]} for layer in _layers(_unet(pipe_or_unet))]
 
 
 class ErasureLoaderMixin:
@@ -123,8 +228,8 @@ class ErasureLoaderMixin:
     def load_erasure(self, pretrained_or_dict, **kwargs) -> dict:
         return load_erasure(self, pretrained_or_dict, **kwargs)
 
-    def unload_erasure(self) -> None:
-        unload_erasure(self)
+    def unload_erasure(self, only_last: bool = False) -> None:
+        unload_erasure(self, only_last=only_last)
 
     def fuse_erasure(self) -> None:
         fuse_erasure(self)

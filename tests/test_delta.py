@@ -152,7 +152,7 @@ def test_other_base_with_the_same_shapes_is_refused_unless_opted_out(erasure):
         load_erasure(other, folder)
     assert _same(other, before)
     load_erasure(other, folder, check_base=False)  # explicit opt-out: applied
-    params, mask = dict(other.named_parameters()), other._salun_erasure["mask"]
+    params, mask = dict(other.named_parameters()), other._salun_erasure[-1]["mask"]
     assert all(torch.equal(params[n].detach()[m], erased[n][m]) for n, m in mask.items())
     unload_erasure(other)
     assert _same(other, before)

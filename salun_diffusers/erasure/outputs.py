@@ -14,7 +14,7 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import Iterator, List, Mapping, Optional, Tuple
+from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -213,10 +213,14 @@ def _check_final_outputs(config: EraseConfig) -> None:
 
 
 def write_outputs(config: EraseConfig, spec: ConceptSpec, unet, mask: Mapping[str, torch.Tensor],
-                  metrics: dict, base_digest: Optional[Mapping[str, str]] = None) -> Tuple[str, Optional[str]]:
+                  metrics: dict, base_digest: Optional[Mapping[str, str]] = None,
+                  stacked_on: Sequence[dict] = ()) -> Tuple[str, Optional[str]]:
     """Write the erasure, the merged U-Net (if asked), metrics and model card. Returns ``(erasure path, unet dir)``.
-    ``base_digest``: :func:`~salun_diffusers.delta.base_values_digest` of the base U-Net, taken before training."""
-    delta = build_delta(unet, mask, erasure_metadata(config, spec), dtype=resolve_dtype(config.delta_dtype),
+    ``base_digest``: :func:`~salun_diffusers.delta.base_values_digest` of the base U-Net, taken before training;
+    ``stacked_on``: the erasures the base model already held (:mod:`~salun_diffusers.erasure.stacking`)."""
+    if stacked_on:
+        metrics["stacked_on"] = list(stacked_on)
+    delta = build_delta(unet, mask, erasure_metadata(config, spec, stacked_on), dtype=resolve_dtype(config.delta_dtype),
                         base_digest=base_digest)
     erasure_path = save_delta(delta, config.output_dir)
     unet_dir = save_pipeline_folder(config, unet) if config.save_merged_unet else None
@@ -364,14 +368,26 @@ def hub_repo_id(config: EraseConfig) -> str:
     return config.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(config.output_dir)))
 
 
-def erasure_metadata(config: EraseConfig, spec: ConceptSpec) -> dict:
+def erasure_metadata(config: EraseConfig, spec: ConceptSpec, stacked_on: Sequence[dict] = ()) -> dict:
     cfg = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "cache_dir", "resume_from_checkpoint",
                                                                    "overwrite_output_dir", "logging_dir", "report_to",
                                                                    "threads", "data_batch_size")}
     cfg.update({"base_model": base_model_id(config), "concept": spec.name, "forget_prompt": spec.forget_prompt,
                 "pseudo_prompts": list(spec.pseudo_prompts), "retain_prompts": list(spec.retain_prompts),
                 "salun_diffusers_version": __version__})
+    if stacked_on:
+        cfg["stacked_on"] = [dict(p) for p in stacked_on]
     return cfg
+
+
+def _card_stacking(stacked_on) -> str:
+    if not stacked_on:
+        return ""
+    names = ", ".join(f"**{p.get('concept')}** (erasure id `{p.get('id')}`, from `{p.get('base_model')}`)"
+                      for p in stacked_on)
+    return (f"\nThe base model is itself erased: it holds the erasure(s) of {names}. This erasure was made on top of "
+            "them: as a delta over the original base, load those erasures first, in this order, then this one "
+            "(`load_erasure` stacks them exactly; see docs/erasure-format.md).\n")
 
 
 def model_card(config: EraseConfig, spec: ConceptSpec, metrics: dict) -> str:
@@ -393,7 +409,7 @@ This folder holds a [SalUn](https://arxiv.org/abs/2310.12508) (saliency unlearni
 **{spec.name}** from the U-Net of `{base}`, made with salun-diffusers {__version__}.
 Only the {metrics.get('mask_density', 0):.1%} most salient U-Net weights ({metrics.get('num_changed_weights', 0):,})
 were changed; every other weight is bit-identical to the base model.
-
+{_card_stacking(metrics.get("stacked_on"))}
 ## Use
 
 {_card_usage(config, base, metrics.get('pipeline_class', 'StableDiffusionPipeline'))}

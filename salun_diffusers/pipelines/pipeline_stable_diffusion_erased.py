@@ -2,6 +2,7 @@
 
     pipe = StableDiffusionErasedPipeline.from_pretrained("CompVis/stable-diffusion-v1-4", erasure="out/no-nudity")
     pipe = StableDiffusionErasedPipeline.from_pretrained("out/no-nudity")   # base model read from the erasure's config
+    # an erasure made from an erased model's folder: its base with that erasure loaded first, then this one on top
     pipe = StableDiffusionXLErasedPipeline.from_pretrained("out/sdxl-no-nudity")   # an erasure of an SDXL base
 
 A ``train_erase.py`` output folder is a pipeline of its own too (``StableDiffusionPipeline.from_pretrained(out)``
@@ -49,6 +50,12 @@ class _ErasedFromPretrained(ErasureLoaderMixin):
             if not base:
                 raise ValueError(f"{pretrained_model_name_or_path!r} records no base model; pass the base model "
                                  "and erasure=... explicitly")
+            if _erasure_dir_config(resolve_base_model(base)) is not None and erasure_scale == 1.0:
+                # made on top of another erasure (erasing again from an erased model): its base, with that erasure
+                # loaded (recursively), then this one on top: unload_erasure goes back to the original base
+                pipe = cls.from_pretrained(base, *args, check_base=check_base, **kwargs)
+                pipe.load_erasure(erasure, check_base=check_base)
+                return pipe
             revision = kwargs.pop("revision", None) or meta.get("config", {}).get("revision")
             cls._check_family(resolve_base_model(base), revision)
             try:
