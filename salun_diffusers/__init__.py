@@ -32,11 +32,11 @@ def _quiet_unactionable_notices() -> None:
 _quiet_unactionable_notices()
 
 from .config import EraseConfig  # noqa: E402,F401
-from .loaders import (ErasureLoaderMixin, fuse_erasure, get_erasure_metadata, load_erasure,  # noqa: E402,F401
-                      set_erasure_scale, unload_erasure)
+from .loaders import (ErasureLoaderMixin, fuse_erasure, get_erasure_metadata, get_loaded_erasures,  # noqa: E402,F401
+                      load_erasure, set_erasure_scale, unload_erasure)
 from .masking import MaskedUpdate, load_mask, mask_density, mask_from_saliency, save_mask  # noqa: E402,F401
 from .saliency import accumulate_gradients, compute_saliency  # noqa: E402,F401
 
 __all__ = ["EraseConfig", "ErasureLoaderMixin", "MaskedUpdate", "accumulate_gradients", "compute_saliency",
-           "fuse_erasure", "get_erasure_metadata", "load_erasure", "load_mask", "mask_density", "mask_from_saliency",
+           "fuse_erasure", "get_erasure_metadata", "get_loaded_erasures", "load_erasure", "load_mask", "mask_density", "mask_from_saliency",
            "save_mask", "set_erasure_scale", "unload_erasure"]

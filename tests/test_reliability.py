@@ -422,8 +422,8 @@ def _tree_state(folder):
     return state
 
 
-@pytest.mark.parametrize("where", ["base itself", "link to base", "inside base", "contains base", "inside data",
-                                   "contains data", "inside cache", "contains checkpoint's run"])
+@pytest.mark.parametrize("where", ["base-itself", "link-to-base", "inside-base", "contains-base", "inside-data",
+                                   "contains-data", "inside-cache", "contains-checkpoint-run"])
 def test_output_dir_overlapping_what_the_run_reads_is_refused_and_nothing_touched(
         where, dummy_pipeline_dir, erase_config, tmp_path, monkeypatch):
     import shutil
@@ -438,12 +438,12 @@ def test_output_dir_overlapping_what_the_run_reads_is_refused_and_nothing_touche
     run = tmp_path / "runs" / "a"
     (run / "checkpoint-2").mkdir(parents=True)
     (tmp_path / "link").symlink_to(base)
-    out, extra = {"base itself": (base, {}), "link to base": (tmp_path / "link", {}),
-                  "inside base": (base / "unet" / "out", {}), "contains base": (tmp_path / "models", {}),
-                  "inside data": (data / "out", {"forget_data_dir": str(data)}),
-                  "contains data": (tmp_path, {"forget_data_dir": str(data)}),
-                  "inside cache": (cache / "out", {}),
-                  "contains checkpoint's run": (tmp_path / "runs", {"resume_from_checkpoint": str(run / "checkpoint-2")}),
+    out, extra = {"base-itself": (base, {}), "link-to-base": (tmp_path / "link", {}),
+                  "inside-base": (base / "unet" / "out", {}), "contains-base": (tmp_path / "models", {}),
+                  "inside-data": (data / "out", {"forget_data_dir": str(data)}),
+                  "contains-data": (tmp_path, {"forget_data_dir": str(data)}),
+                  "inside-cache": (cache / "out", {}),
+                  "contains-checkpoint-run": (tmp_path / "runs", {"resume_from_checkpoint": str(run / "checkpoint-2")}),
                   }[where]
     before = _tree_state(tmp_path)
     with pytest.raises(ValueError, match=r"--output_dir .* (is|lies inside|contains) .*which the run reads; choose an "
