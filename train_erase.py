@@ -9,6 +9,7 @@ Flags mirror the fields of ``salun_diffusers.config.EraseConfig`` (``--help`` li
 """
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -27,6 +28,9 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="train_erase.py", description=__doc__.split("\n")[0])
     add_dataclass_arguments(parser, EraseConfig)
+    parser.add_argument("--concepts_file", default=None,
+                        help="CSV (header forget_prompt,pseudo_prompt[,data_dir][,name]) or JSON list of concepts of "
+                             "your own, erased jointly with any --concept presets (docs/multi.md).")
     parser.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
     return parser
 
@@ -35,6 +39,11 @@ def parse_args(argv=None) -> EraseConfig:
     """The config of the command line; a bad value raises ``ValueError`` naming the flag."""
     args = vars(build_parser().parse_args(argv))
     args.pop("debug")
+    path = args.pop("concepts_file")
+    if path:  # its rows become --concepts (recorded in train_config.json, so a resume compares the concepts)
+        from salun_diffusers.concepts import read_concepts_file
+
+        args["concepts"] = list(args["concepts"] or []) + [json.dumps(row) for row in read_concepts_file(path)]
     return EraseConfig(**args)
 
 
@@ -81,13 +90,14 @@ def _run(config: EraseConfig) -> int:
     result = erase(config)
     spec = config.concept_spec()
     if spec.kind == "digit" and config.pretrained_model_name_or_path is None and result.erasure_path \
-            and config.verdict_images > 0:
+            and config.verdict_images > 0:  # one digit or several (each one's UA)
         # the bundled digit model has a judge: say how well the digit was erased and the others kept
         from salun_diffusers.erase import load_pipeline
         from salun_diffusers.reporting import digit_verdict
         from salun_diffusers.utils import write_json
 
-        verdict = digit_verdict(load_pipeline(config), result.pipeline, spec.target_class, config.verdict_images)
+        digits = spec.target_class if len(spec.concepts) == 1 else list(spec.target_classes)
+        verdict = digit_verdict(load_pipeline(config), result.pipeline, digits, config.verdict_images)
         result.metrics.update({"verdict": verdict["line"], "verdict_seconds": verdict["seconds"]})
         write_json(os.path.join(config.output_dir, "verdict.json"), verdict)
     print(summarize(config, result))

@@ -8,8 +8,13 @@ Each preset names the base pipeline classes it fits (``pipeline_classes``); ``er
 
 from __future__ import annotations
 
+import csv
+import json
+import math
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # the diffusers pipeline classes a preset fits (SD 1.x and 2.x are both StableDiffusionPipeline)
@@ -30,6 +35,16 @@ class ConceptSpec:
     needs_sd: bool = True  # False: works on the bundled digit model
     defaults: Dict[str, object] = field(default_factory=dict)  # preset training defaults (EraseConfig fields)
     pipeline_classes: Tuple[str, ...] = SD_AND_SDXL  # base pipeline classes the preset fits
+    forget_data_dir: Optional[str] = None  # this concept's own forget images (a concepts file's data folder)
+
+    @property
+    def concepts(self) -> Tuple["ConceptSpec", ...]:
+        """The concepts a run erases: this one (:class:`JointConcepts` holds several)."""
+        return (self,)
+
+    @property
+    def target_classes(self) -> Tuple[Optional[int], ...]:
+        return (self.target_class,)
 
 
 def digit_prompt(d: int) -> str:
@@ -118,3 +133,185 @@ def resolve_concept(name: Optional[str], forget_prompt: Optional[str] = None,
         base.name, forget_prompt or base.forget_prompt, tuple(pseudo_prompts or base.pseudo_prompts),
         tuple(retain_prompts or base.retain_prompts), base.kind, base.target_class, base.needs_sd, base.defaults,
         base.pipeline_classes)
+
+
+# ------------------------------------------------------------------------------------------ several concepts at once
+
+
+@dataclass(frozen=True)
+class JointConcepts:
+    """Several concepts erased in one run: each maps its forget prompt onto its own pseudo prompt(s); one saliency
+    mask comes from the forget data of all of them; one retain set (``retain_prompts``) keeps what must stay.
+
+    It has no ``forget_prompt``: code that handles one concept only fails loudly instead of erasing just the first.
+    """
+
+    concepts: Tuple[ConceptSpec, ...]
+    retain_prompts: Tuple[str, ...]
+    defaults: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return "+".join(c.name for c in self.concepts)
+
+    @property
+    def kind(self) -> str:
+        kinds = {c.kind for c in self.concepts}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    @property
+    def target_class(self) -> Optional[int]:
+        return None
+
+    @property
+    def target_classes(self) -> Tuple[Optional[int], ...]:
+        return tuple(c.target_class for c in self.concepts)
+
+    @property
+    def needs_sd(self) -> bool:
+        return any(c.needs_sd for c in self.concepts)
+
+    @property
+    def pipeline_classes(self) -> Tuple[str, ...]:
+        return tuple(p for p in self.concepts[0].pipeline_classes if all(p in c.pipeline_classes for c in self.concepts))
+
+
+AnySpec = Union[ConceptSpec, JointConcepts]
+CONCEPT_ROW_KEYS = ("name", "forget_prompt", "pseudo_prompt", "data_dir")
+
+
+def concept_from_row(row: Mapping[str, object], where: str = "concept") -> ConceptSpec:
+    """A concept of your own from a concepts-file row: ``forget_prompt``, ``pseudo_prompt`` (several separated by
+    ``;``), optional ``data_dir`` (its forget images) and ``name``."""
+    unknown = sorted(set(row) - set(CONCEPT_ROW_KEYS))
+    if unknown:
+        raise ValueError(f"{where} has unknown field(s) {unknown}; a concept row has {list(CONCEPT_ROW_KEYS)}")
+    forget = str(row.get("forget_prompt") or "").strip()
+    pseudo = row.get("pseudo_prompt") or ""
+    pseudo = tuple(p.strip() for p in (pseudo if isinstance(pseudo, (list, tuple)) else str(pseudo).split(";"))
+                   if str(p).strip())
+    if not forget or not pseudo:
+        raise ValueError(f"{where} needs a forget_prompt and a pseudo_prompt (the concept it should become), got "
+                         f"{dict(row)}")
+    name = str(row.get("name") or "").strip() or re.sub(r"[^a-z0-9]+", "_", forget.lower()).strip("_")[:40]
+    return ConceptSpec(name, forget, pseudo, pseudo, forget_data_dir=str(row["data_dir"]) if row.get("data_dir")
+                       else None)
+
+
+def read_concepts_file(path: str) -> List[dict]:
+    """The rows of a concepts file: CSV with a header (``forget_prompt,pseudo_prompt[,data_dir][,name]``) or JSON
+    (a list of such objects). One-line ``ValueError`` naming the file and the fix."""
+    fix = ("a CSV with the header forget_prompt,pseudo_prompt,data_dir,name (data_dir and name optional) or a JSON "
+           "list of such objects")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"concepts file {path!r} is not UTF-8 text (byte {exc.start}); write it as {fix}") from None
+    except OSError as exc:
+        raise ValueError(f"concepts file {path!r} cannot be read ({exc.strerror or exc})") from None
+    if path.lower().endswith(".json") or text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"concepts file {path!r} is not valid JSON ({exc}); write it as {fix}") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"concepts file {path!r} is not a JSON list of objects; write it as {fix}")
+    else:
+        rows = [dict(r) for r in csv.DictReader(text.splitlines())]
+        if rows and "forget_prompt" not in rows[0]:
+            raise ValueError(f"concepts file {path!r} has no forget_prompt column (columns: {list(rows[0])}); write "
+                             f"it as {fix}")
+        rows = [{k: v for k, v in r.items() if k is not None and v not in (None, "")} for r in rows]
+    if not rows:
+        raise ValueError(f"concepts file {path!r} holds no concepts; write it as {fix}")
+    for i, row in enumerate(rows, 1):
+        concept_from_row(row, f"concepts file {path!r} row {i}")
+    folder = os.path.dirname(os.path.abspath(path))
+    for row in rows:  # data folders relative to the file
+        if row.get("data_dir") and not os.path.isabs(str(row["data_dir"])):
+            row["data_dir"] = os.path.normpath(os.path.join(folder, str(row["data_dir"])))
+    return rows
+
+
+def _ring(spec: ConceptSpec):
+    """The ordered set a preset's pseudo prompt comes from (the next member), for digits and Imagenette classes."""
+    if spec.kind == "digit":
+        return [digit_prompt(d) for d in range(10)]
+    if spec.kind == "object":
+        return [f"an image of a {c}" for c in IMAGENETTE]
+    return None
+
+
+def _own_pseudo(spec: ConceptSpec, erased: set) -> ConceptSpec:
+    """``spec`` with pseudo prompts that are not erased themselves: a digit or class preset whose next member is
+    erased too takes the next one that is not; any other concept is refused, naming the clash."""
+    if not any(p in erased for p in spec.pseudo_prompts):
+        return spec
+    ring = _ring(spec)
+    if ring is None or spec.forget_prompt not in ring:
+        clash = next(p for p in spec.pseudo_prompts if p in erased)
+        raise ValueError(f"concept {spec.name!r} would map onto {clash!r}, which this run erases too; give it "
+                         "another pseudo prompt (a concepts file row)")
+    start = ring.index(spec.forget_prompt)
+    nxt = next((ring[(start + i) % len(ring)] for i in range(1, len(ring)) if ring[(start + i) % len(ring)]
+                not in erased), None)
+    if nxt is None:
+        raise ValueError(f"every {spec.kind} is erased: concept {spec.name!r} has nothing left to map onto; keep one")
+    return ConceptSpec(spec.name, spec.forget_prompt, (nxt,), spec.retain_prompts, spec.kind, spec.target_class,
+                       spec.needs_sd, spec.defaults, spec.pipeline_classes, spec.forget_data_dir)
+
+
+def joint_defaults(members: Sequence[ConceptSpec], n_retain_prompts: int) -> Dict[str, object]:
+    """A joint run's recipe: the first concept's preset, with ``max_train_steps`` = one concept's steps x (1 + 0.5
+    (k - 1)) and ``num_retain_images`` at the presets' images per retain prompt (capped at their sum); see
+    docs/multi.md. ``num_forget_images`` stays per concept."""
+    base = dict(members[0].defaults)
+    k = len(members)
+    steps = base.pop("max_train_steps", None)
+    epochs = base.pop("num_train_epochs", None)
+    if steps is None and epochs:
+        steps = int(epochs) * -(-int(base.get("num_forget_images", 64)) // int(base.get("train_batch_size", 8)))
+    steps = 100 if steps is None else steps  # the official nudity run's steps where no preset says
+    base["max_train_steps"] = int(math.ceil(int(steps) * (1 + 0.5 * (k - 1))))
+    rates = [c.defaults["num_retain_images"] / max(1, len(c.retain_prompts)) for c in members
+             if "num_retain_images" in c.defaults]
+    if rates and n_retain_prompts:
+        total = sum(c.defaults["num_retain_images"] for c in members if "num_retain_images" in c.defaults)
+        base["num_retain_images"] = int(min(round(max(rates) * n_retain_prompts), total))
+    return base
+
+
+def resolve_concepts(names: Union[None, str, Sequence[str]], forget_prompt: Optional[str] = None,
+                     pseudo_prompts: Optional[Sequence[str]] = None, retain_prompts: Optional[Sequence[str]] = None,
+                     rows: Sequence[Mapping[str, object]] = ()) -> AnySpec:
+    """One concept (as :func:`resolve_concept`) or several: presets by name and rows of your own (see
+    :func:`concept_from_row`). With several, each keeps its own pseudo prompt (a digit or class whose next member is
+    erased too maps onto the next one that is not), and the retain set is every member's retain prompts less the
+    erased ones (or ``retain_prompts``)."""
+    names = [names] if isinstance(names, str) else [n for n in (names or []) if n]
+    if len(names) <= 1 and not rows:
+        return resolve_concept(names[0] if names else None, forget_prompt, pseudo_prompts, retain_prompts)
+    if forget_prompt or pseudo_prompts:
+        raise ValueError("--forget_prompt and --pseudo_prompt describe one concept; with several concepts give each "
+                         "its prompts in a concepts file (--concepts_file)")
+    members = []
+    for name in names:
+        key = name.strip().lower().replace(" ", "_").replace("-", "_")
+        if not (key in PRESETS or (key.isdigit() and len(key) == 1)):
+            raise ValueError(f"unknown concept {name!r}: with several concepts use presets ({', '.join(sorted(PRESETS))})"
+                             " and give your own in a concepts file (--concepts_file)")
+        members.append(resolve_concept(name))
+    members += [concept_from_row(r, f"concept row {i}") for i, r in enumerate(rows, 1)]
+    forget = [c.forget_prompt for c in members]
+    if len(set(forget)) < len(forget):
+        twice = next(p for p in forget if forget.count(p) > 1)
+        raise ValueError(f"concept {twice!r} is given twice; name each concept once")
+    erased = set(forget)
+    members = [_own_pseudo(c, erased) for c in members]
+    if retain_prompts:
+        retain = tuple(retain_prompts)
+    else:
+        retain = tuple(dict.fromkeys(p for c in members for p in c.retain_prompts if p not in erased))
+        retain = retain or tuple(dict.fromkeys(p for c in members for p in c.pseudo_prompts))
+    return JointConcepts(tuple(members), retain, joint_defaults(members, len(retain)))

@@ -6,12 +6,13 @@ Fields left at ``None`` take the concept preset's default (see :mod:`salun_diffu
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, fields
-from typing import List, Optional
+from typing import List, Optional, Union
 
-from .concepts import ConceptSpec, resolve_concept
+from .concepts import AnySpec, concept_from_row, resolve_concepts
 from .cli_args import flag_field
 from .utils import JsonConfigMixin
 
@@ -30,8 +31,18 @@ class EraseConfig(JsonConfigMixin):
     revision: Optional[str] = _f(None, "Revision (branch, tag or commit) of the base model on the hub.")
     variant: Optional[str] = _f(None, "Weight variant of the base model, e.g. fp16.")
     # concept
-    concept: str = _f("seven", "Concept preset to erase: nudity, van_gogh, an Imagenette class (church, ...), a digit "
-                               "(zero..nine or 0..9 on the digit model), or a custom name with --forget_prompt.")
+    concept: Union[None, str, List[str]] = _f(
+        None, "Concept preset(s) to erase (default: seven, the bundled digit model's README example): nudity, van_gogh, an Imagenette class (church, ...), a digit (zero..nine "
+                 "or 0..9 on the digit model), or a custom name with --forget_prompt. Several (--concept seven four "
+                 "one, or seven,four,one) are erased jointly in one run (docs/multi.md).", nargs="+")
+    concepts: Optional[List[str]] = _f(
+        None, "Concepts of your own erased in the same run, each a JSON object {\"forget_prompt\", \"pseudo_prompt\" "
+              "(';' between several), \"data_dir\" (optional: its forget images), \"name\" (optional)}; "
+              "train_erase.py --concepts_file reads them from a CSV or JSON file.", nargs="+")
+    saliency_combine: str = _f("sum", "With several concepts, how their saliencies make one mask: 'sum' = |gradient of "
+                                      "the summed forget losses| (one pass), 'normalized' = each concept's |gradient| "
+                                      "divided by its total, then summed, 'union' = union of each concept's top "
+                                      "mask_ratio/k (docs/multi.md).", choices=["sum", "normalized", "union"])
     forget_prompt: Optional[str] = _f(None, "Prompt of the concept to forget (overrides the preset).")
     pseudo_prompt: Optional[List[str]] = _f(None, "Misaligned prompt(s) c' whose prediction is the forget target.",
                                             nargs="+")
@@ -136,6 +147,7 @@ class EraseConfig(JsonConfigMixin):
     verdict_images: int = _f(50, "Digit model only: images per digit the bundled judge scores before/after (0: skip).")
 
     def __post_init__(self):
+        self._normalize_concepts()
         spec = self.concept_spec()
         epochs_given = self.num_train_epochs is not None and self.max_train_steps is None
         for key, value in spec.defaults.items():
@@ -153,7 +165,7 @@ class EraseConfig(JsonConfigMixin):
         if self.saliency_batch_size is None:
             self.saliency_batch_size = self.train_batch_size
         if self.pretrained_model_name_or_path is None and spec.needs_sd:
-            raise ValueError(f"concept {self.concept!r} needs a Stable Diffusion model: pass "
+            raise ValueError(f"concept {spec.name!r} needs a Stable Diffusion model: pass "
                              "--pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 (the bundled default "
                              "model only knows digits: --concept zero..nine)")
         check_values(self)
@@ -183,8 +195,34 @@ class EraseConfig(JsonConfigMixin):
         """All fields, except the hub token (never written to train_config.json, metadata or trackers)."""
         return {**super().to_dict(), "hub_token": None}
 
-    def concept_spec(self) -> ConceptSpec:
-        return resolve_concept(self.concept, self.forget_prompt, self.pseudo_prompt, self.retain_prompt)
+    def _normalize_concepts(self) -> None:
+        """``concept``: one name as a string, several as a list (commas split); ``concepts``: canonical JSON rows."""
+        items = [self.concept] if isinstance(self.concept, str) else list(self.concept or [])
+        names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+        if not names and not self.concepts:
+            names = ["seven"]  # the bundled digit model's README example
+        self.concept = names[0] if len(names) == 1 else names
+        rows = []
+        for i, row in enumerate(self.concepts or [], 1):
+            if isinstance(row, str):
+                try:
+                    row = json.loads(row)
+                except ValueError:
+                    raise ValueError(f"--concepts item {i} is not a JSON object: {row!r}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"--concepts item {i} is not a JSON object: {row!r}")
+            concept_from_row(row, f"--concepts item {i}")
+            rows.append(json.dumps(row, sort_keys=True))
+        self.concepts = rows or None
+
+    def concept_rows(self) -> List[dict]:
+        return [json.loads(r) for r in self.concepts or []]
+
+    def concept_spec(self) -> AnySpec:
+        """The concept(s) of the run: a :class:`~salun_diffusers.concepts.ConceptSpec`, or
+        :class:`~salun_diffusers.concepts.JointConcepts` for several."""
+        return resolve_concepts(self.concept, self.forget_prompt, self.pseudo_prompt, self.retain_prompt,
+                                self.concept_rows())
 
 
 # (lower, upper) bound of each number (None: unbounded; see _STRICT_LOWER, _OPEN_UPPER); checked after the presets apply

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from .utils import pipeline_fingerprint, read_json_or_none, user_cache_dir, write_json
 
@@ -13,7 +13,10 @@ logger = logging.getLogger(__name__)
 
 def summarize(config, result) -> str:
     m = result.metrics
-    lines = [f"erased concept {config.concept_spec().name!r} -> {result.output_dir}",
+    spec = config.concept_spec()
+    what = (f"concept {spec.name!r}" if len(spec.concepts) == 1 else
+            f"concepts {', '.join(repr(c.name) for c in spec.concepts)} (jointly)")
+    lines = [f"erased {what} -> {result.output_dir}",
              f"  mask: {m['mask_density']:.1%} of U-Net weights",
              f"  time: data {m['data_seconds']:.1f}s, saliency {m['saliency_seconds']:.1f}s"
              + (f", training {m['train_seconds']:.1f}s ({m['seconds_per_step']:.3f}s/step)" if "train_seconds" in m
@@ -43,7 +46,7 @@ EVAL_SEED = 10_000_000  # evaluation seeds never overlap the seeds of generated 
 VERDICT_STEPS = 10
 
 
-def digit_scores(pipe, judge, digit: int, n_per_digit: int = 50, seed: int = EVAL_SEED,
+def digit_scores(pipe, judge, digit: Union[int, Sequence[int]], n_per_digit: int = 50, seed: int = EVAL_SEED,
                  num_inference_steps: Optional[int] = None) -> dict:
     """Judge a digit pipeline after erasing ``digit`` (sampling: ``DIGIT_SAMPLING``, steps overridable).
 
@@ -54,9 +57,19 @@ def digit_scores(pipe, judge, digit: int, n_per_digit: int = 50, seed: int = EVA
 
     sampling = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
     acc = judge_accuracy(pipe, judge, range(10), n_per_digit=n_per_digit, seed=seed, **sampling)["per_digit"]
-    others = [acc[d] for d in range(10) if d != digit]
-    return {"unlearning_accuracy": 1.0 - acc[digit], "retained_accuracy": sum(others) / len(others),
-            "per_digit_accuracy": acc, "n_per_digit": n_per_digit}
+    return {**erasure_scores(acc, digit), "per_digit_accuracy": acc, "n_per_digit": n_per_digit}
+
+
+def erasure_scores(per_digit_accuracy, digits) -> dict:
+    """UA and retained accuracy of erasing ``digits`` (one digit or several) from per-digit judge accuracies:
+    ``unlearning_accuracy`` the mean over the erased digits (each in ``unlearning_accuracy_per_digit``),
+    ``retained_accuracy`` the mean accuracy over the digits not erased."""
+    acc = {int(d): float(a) for d, a in per_digit_accuracy.items()}
+    erased = [int(digits)] if isinstance(digits, int) else [int(d) for d in digits]
+    others = [acc[d] for d in range(10) if d not in erased]
+    ua = {d: 1.0 - acc[d] for d in erased}
+    return {"unlearning_accuracy": sum(ua.values()) / len(ua), "unlearning_accuracy_per_digit": ua,
+            "retained_accuracy": sum(others) / len(others) if others else float("nan")}
 
 
 BASE_VERDICTS_ASSET = "digit-verdict-base.json"  # the bundled model's base scores, shipped (they never change)
@@ -85,7 +98,7 @@ def _valid_scores(entry, key: str, n_per_digit: int):
     return scores if ok else None
 
 
-def base_digit_scores(base_pipe, judge, digit: int, n_per_digit: int = 50, seed: int = EVAL_SEED,
+def base_digit_scores(base_pipe, judge, digit: Union[int, Sequence[int]], n_per_digit: int = 50, seed: int = EVAL_SEED,
                       cache_dir: Optional[str] = None, num_inference_steps: Optional[int] = None) -> dict:
     """:func:`digit_scores` of the base model, cached: keyed by a fingerprint of the pipeline's weights and
     scheduler, the judge's weights, the sampling settings, ``n_per_digit`` and ``seed``. Looked up in ``cache_dir``
@@ -107,12 +120,10 @@ def base_digit_scores(base_pipe, judge, digit: int, n_per_digit: int = 50, seed:
             write_json(path, {"key": key, "scores": scores})
         except OSError as exc:  # a read-only cache is no reason to fail the run
             logger.warning("could not cache the base-model verdict in %s (%s)", path, exc)
-    acc = scores["per_digit_accuracy"]
-    others = [acc[d] for d in range(10) if d != digit]
-    return {**scores, "unlearning_accuracy": 1.0 - acc[digit], "retained_accuracy": sum(others) / len(others)}
+    return {**scores, **erasure_scores(scores["per_digit_accuracy"], digit)}
 
 
-def digit_verdict(base_pipe, erased_pipe, digit: int, n_per_digit: int = 50, cache_dir: Optional[str] = None,
+def digit_verdict(base_pipe, erased_pipe, digit: Union[int, Sequence[int]], n_per_digit: int = 50, cache_dir: Optional[str] = None,
                   num_inference_steps: int = VERDICT_STEPS) -> dict:
     """Before/after judge scores of a digit erasure, with a one-line verdict (the base model's scores cached)."""
     import time
@@ -125,7 +136,13 @@ def digit_verdict(base_pipe, erased_pipe, digit: int, n_per_digit: int = 50, cac
                                num_inference_steps=num_inference_steps)
     after = digit_scores(erased_pipe, judge, digit, n_per_digit, num_inference_steps=num_inference_steps)
     drop = before["retained_accuracy"] - after["retained_accuracy"]
-    line = (f"UA {after['unlearning_accuracy']:.1%} (before {before['unlearning_accuracy']:.1%}); retained accuracy "
+    if isinstance(digit, int):
+        ua = f"UA {after['unlearning_accuracy']:.1%} (before {before['unlearning_accuracy']:.1%})"
+    else:  # several digits erased: each one's UA
+        ua_after, ua_before = after["unlearning_accuracy_per_digit"], before["unlearning_accuracy_per_digit"]
+        ua = (f"UA {', '.join(f'{d}: {ua_after[d]:.0%}' for d in digit)} "
+              f"(before {', '.join(f'{ua_before[d]:.0%}' for d in digit)})")
+    line = (f"{ua}; retained accuracy "
             f"{after['retained_accuracy']:.1%} (before {before['retained_accuracy']:.1%}, drop {drop * 100:+.1f} "
             f"points); judged on {n_per_digit} images per digit ({num_inference_steps} sampling steps)")
     return {"before": before, "after": after, "retained_drop": drop, "line": line,

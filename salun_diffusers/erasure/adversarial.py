@@ -33,10 +33,14 @@ class Adversary:
 
     def __init__(self, pipe, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig):
         self.pipe, self.scheduler, self.config = pipe, scheduler, config
-        self.prompt = spec.forget_prompt
-        cond = data.embeds[spec.forget_prompt].embeds  # the hidden states (SD 1.x/2.x: the whole conditioning)
-        # one adversarial conditioning per forget image, started from the forget prompt's
-        self.bank = cond.detach().float().cpu().expand(data.forget_latents.shape[0], -1, -1).clone()
+        if len(spec.concepts) > 1 and config.adversarial_attack == "token":
+            raise ValueError("--adversarial_attack token attacks one forget prompt; with several concepts use "
+                             "--adversarial_attack conditioning")
+        self.prompt = spec.concepts[0].forget_prompt
+        # the hidden states (SD 1.x/2.x: the whole conditioning) of each concept's forget prompt
+        conds = torch.stack([data.embeds[c.forget_prompt].embeds.detach().float().cpu() for c in spec.concepts])
+        # one adversarial conditioning per forget image, started from its concept's forget prompt's
+        self.bank = conds[data.concept_ids()].clone()
 
     def state_dict(self) -> dict:
         return {"bank": self.bank}

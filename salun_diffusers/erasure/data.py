@@ -36,6 +36,14 @@ class ConceptData:
     retain_latents: Optional[torch.Tensor]
     retain_prompt_ids: Optional[torch.Tensor]
     embeds: Dict[str, PromptCond] = field(default_factory=dict)
+    # several concepts: the index (into ``spec.concepts``) of each forget latent's concept; None: one concept
+    forget_concept_ids: Optional[torch.Tensor] = None
+
+    def concept_ids(self) -> torch.Tensor:
+        """The concept index of every forget latent (all 0 for one concept)."""
+        if self.forget_concept_ids is not None:
+            return self.forget_concept_ids
+        return torch.zeros(self.forget_latents.shape[0], dtype=torch.long)
 
 
 def base_model_id(config: EraseConfig) -> str:
@@ -271,10 +279,16 @@ def prepare_data(pipe, config: EraseConfig, spec: ConceptSpec, accelerator=None)
         logger.info("%s data: %d images of %r in %s%s", role, n, prompt, folder, source)
         return generate_images(pipe, prompt, seeds, folder, **gen)
 
-    if config.forget_data_dir:
-        forget = [p for p, _ in read_image_folder(config.forget_data_dir, spec.forget_prompt)]
-    else:
-        forget = generated(spec.forget_prompt, config.num_forget_images, config.seed * 100_000, "forget")
+    members = spec.concepts
+    forget, forget_ids = [], []
+    for k, concept in enumerate(members):  # each concept's own forget images: a folder, or generated
+        folder = concept.forget_data_dir or (config.forget_data_dir if len(members) == 1 else None)
+        if folder:
+            paths = [p for p, _ in read_image_folder(folder, concept.forget_prompt)]
+        else:
+            paths = generated(concept.forget_prompt, config.num_forget_images, config.seed * 100_000, "forget")
+        forget += paths
+        forget_ids += [k] * len(paths)
     retain: List[tuple] = []
     if config.retain_data_dir:
         retain = read_image_folder(config.retain_data_dir, spec.retain_prompts[0])
@@ -283,7 +297,8 @@ def prepare_data(pipe, config: EraseConfig, spec: ConceptSpec, accelerator=None)
         for j, prompt in enumerate(spec.retain_prompts):
             n = config.num_retain_images // k + (1 if j < config.num_retain_images % k else 0)
             retain += [(p, prompt) for p in generated(prompt, n, config.seed * 100_000 + 50_000, "retain")]
-    prompts = [spec.forget_prompt, *spec.pseudo_prompts, *[p for _, p in retain]]
+    prompts = [*[c.forget_prompt for c in members], *[p for c in members for p in c.pseudo_prompts],
+               *[p for _, p in retain]]
     embeds = encode_prompts(pipe, prompts, size)  # + "": the unconditional branch of the guided saliency loss
     forget_latents = encode_images(pipe.vae, forget, size, desc="encode forget")
     retain_latents = retain_ids = None
@@ -291,4 +306,5 @@ def prepare_data(pipe, config: EraseConfig, spec: ConceptSpec, accelerator=None)
         retain_latents = encode_images(pipe.vae, [p for p, _ in retain], size, desc="encode retain")
         order = list(embeds)
         retain_ids = torch.tensor([order.index(p) for _, p in retain])
-    return ConceptData(forget_latents, retain_latents, retain_ids, embeds)
+    ids = torch.tensor(forget_ids) if len(members) > 1 else None
+    return ConceptData(forget_latents, retain_latents, retain_ids, embeds, ids)

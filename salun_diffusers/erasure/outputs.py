@@ -85,11 +85,19 @@ def remove_partial_outputs(output_dir: str) -> None:
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
+def _data_folders(config: EraseConfig) -> List[Tuple[str, str]]:
+    """``(flag, folder)`` of every image folder the run reads (a concept row's ``data_dir`` among them)."""
+    out = [(f"--{flag}", getattr(config, flag)) for flag in ("forget_data_dir", "retain_data_dir")
+           if getattr(config, flag)]
+    return out + [("--concepts data_dir", row["data_dir"]) for row in config.concept_rows() if row.get("data_dir")]
+
+
 def _check_readable(config: EraseConfig) -> None:
-    for flag in ("forget_data_dir", "retain_data_dir"):
-        folder = getattr(config, flag)
-        if folder is None:
-            continue
+    if config.forget_data_dir and len(config.concept_spec().concepts) > 1:
+        raise ValueError("--forget_data_dir holds one concept's images; with several concepts give each its own "
+                         "data_dir in a concepts file (--concepts_file), or drop --forget_data_dir to generate them")
+    for flag, folder in _data_folders(config):
+        flag = flag.lstrip("-")
         try:
             os.listdir(folder)
         except OSError as exc:
@@ -138,8 +146,7 @@ def _folders_read(config: EraseConfig) -> List[Tuple[str, str]]:
             if files and os.path.islink(os.path.join(folder, files[0])):
                 out.append(("--pretrained_model_name_or_path (its linked base)",
                             os.path.dirname(os.path.dirname(os.path.realpath(os.path.join(folder, files[0]))))))
-    out += [(f"--{flag}", getattr(config, flag)) for flag in ("forget_data_dir", "retain_data_dir", "mask_path")
-            if getattr(config, flag)]
+    out += _data_folders(config) + ([("--mask_path", config.mask_path)] if config.mask_path else [])
     resume = config.resume_from_checkpoint
     if resume and resume != "latest" and os.path.isdir(resume):  # another run's checkpoint: that run's folder
         out.append(("--resume_from_checkpoint (its run)", os.path.dirname(os.path.abspath(resume.rstrip("/")))))
@@ -372,12 +379,28 @@ def erasure_metadata(config: EraseConfig, spec: ConceptSpec, stacked_on: Sequenc
     cfg = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "cache_dir", "resume_from_checkpoint",
                                                                    "overwrite_output_dir", "logging_dir", "report_to",
                                                                    "threads", "data_batch_size")}
-    cfg.update({"base_model": base_model_id(config), "concept": spec.name, "forget_prompt": spec.forget_prompt,
-                "pseudo_prompts": list(spec.pseudo_prompts), "retain_prompts": list(spec.retain_prompts),
-                "salun_diffusers_version": __version__})
+    members = spec.concepts
+    cfg.update({"base_model": base_model_id(config), "concept": spec.name, "retain_prompts": list(spec.retain_prompts),
+                "salun_diffusers_version": __version__,
+                "erased_concepts": [{"name": c.name, "forget_prompt": c.forget_prompt,
+                                     "pseudo_prompts": list(c.pseudo_prompts), "target_class": c.target_class,
+                                     **({"data_dir": c.forget_data_dir} if c.forget_data_dir else {})}
+                                    for c in members]})
+    if len(members) == 1:
+        cfg.update({"forget_prompt": members[0].forget_prompt, "pseudo_prompts": list(members[0].pseudo_prompts)})
     if stacked_on:
         cfg["stacked_on"] = [dict(p) for p in stacked_on]
     return cfg
+
+
+def _card_concepts(spec) -> str:
+    """The model card's forget / pseudo prompt rows: one pair per erased concept."""
+    rows = []
+    for c in spec.concepts:
+        pseudo = "; ".join(c.pseudo_prompts[:4]) + (" ..." if len(c.pseudo_prompts) > 4 else "")
+        what = f" ({c.name})" if len(spec.concepts) > 1 else ""
+        rows.append(f"| forget prompt{what} | {c.forget_prompt} |\n| pseudo prompt(s) c'{what} | {pseudo} |\n")
+    return "".join(rows)
 
 
 def _card_stacking(stacked_on) -> str:
@@ -405,8 +428,9 @@ tags:
 
 # SalUn erasure of "{spec.name}" from `{base}`
 
-This folder holds a [SalUn](https://arxiv.org/abs/2310.12508) (saliency unlearning) erasure of the concept
-**{spec.name}** from the U-Net of `{base}`, made with salun-diffusers {__version__}.
+This folder holds a [SalUn](https://arxiv.org/abs/2310.12508) (saliency unlearning) erasure of the concept{
+"s " + ", ".join(f"**{c.name}**" for c in spec.concepts) + " (erased jointly, one mask)" if len(spec.concepts) > 1
+else f" **{spec.name}**"} from the U-Net of `{base}`, made with salun-diffusers {__version__}.
 Only the {metrics.get('mask_density', 0):.1%} most salient U-Net weights ({metrics.get('num_changed_weights', 0):,})
 were changed; every other weight is bit-identical to the base model.
 {_card_stacking(metrics.get("stacked_on"))}
@@ -417,11 +441,10 @@ were changed; every other weight is bit-identical to the base model.
 
 | setting | value |
 |---|---|
-| forget prompt | {spec.forget_prompt} |
-| pseudo prompt(s) c' | {'; '.join(spec.pseudo_prompts[:4])}{' ...' if len(spec.pseudo_prompts) > 4 else ''} |
-| retain prompt(s) | {'; '.join(spec.retain_prompts[:4])}{' ...' if len(spec.retain_prompts) > 4 else ''} |
+{_card_concepts(spec)}| retain prompt(s) | {'; '.join(spec.retain_prompts[:4])}{' ...' if len(spec.retain_prompts) > 4 else ''} |
 | forget / retain images | {config.num_forget_images} / {config.num_retain_images} |
-| mask | {config.mask_scope} top {config.mask_ratio:g} of gradient saliency |
+| mask | {config.mask_scope} top {config.mask_ratio:g} of gradient saliency{
+f" (concepts combined: {config.saliency_combine})" if len(spec.concepts) > 1 else ""} |
 | steps, batch, lr, alpha | {config.max_train_steps}, {config.train_batch_size}, {config.learning_rate:g}, {config.alpha:g} |
 | seed | {config.seed} |
 | wall time | {metrics.get('total_seconds', 0):.1f} s |

@@ -43,21 +43,47 @@ def guided_diffusion_loss(unet, scheduler, latents, embeds, uncond_embeds, guida
     return F.mse_loss(pred, diffusion_target(scheduler, latents, noise, t).float())
 
 
+def concept_batches(data: ConceptData, batch_size: int):
+    """Forget-set batches of one concept each, ``(concept index, latent indices)``, concept by concept (one concept:
+    consecutive batches over the whole forget set)."""
+    ids = data.concept_ids()
+    out = []
+    for k in sorted(set(ids.tolist())):
+        idx = torch.nonzero(ids == k).flatten().tolist()
+        out += [(k, idx[i:i + batch_size]) for i in range(0, len(idx), batch_size)]
+    return out
+
+
+def combine_saliencies(per_concept, how: str, ratio: float, scope: str):
+    """One mask from several concepts' saliencies (name -> |gradient| each): ``normalized`` divides each concept's
+    saliency by its total (so a concept with small gradients counts as much as one with large) and sums them before
+    the top-``ratio``; ``union`` takes each concept's top ``ratio / k`` and their union (at most ``ratio``)."""
+    if how == "union":
+        masks = [mask_from_saliency(s, ratio / len(per_concept), scope) for s in per_concept]
+        return {n: torch.stack([m[n] for m in masks]).any(0) for n in masks[0]}
+    total = {n: torch.zeros_like(t) for n, t in per_concept[0].items()}
+    for s in per_concept:
+        norm = sum(float(t.double().sum()) for t in s.values()) or 1.0
+        for n, t in s.items():
+            total[n].add_(t, alpha=1.0 / norm)
+    return mask_from_saliency(total, ratio, scope)
+
+
 def saliency_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig, accelerator=None):
     """Global (or per-layer) top-k mask of |grad| of the forget loss (``config.saliency_loss``), one pass over the
-    forget set."""
-    cond = data.embeds[spec.forget_prompt]
+    forget set. Several concepts: each batch holds one concept's images with its prompt; ``--saliency_combine``
+    says how their saliencies make one mask (``sum``: the gradient of all forget losses together)."""
+    conds = [data.embeds[c.forget_prompt] for c in spec.concepts]
     guided = config.saliency_loss == "guided"
     if guided and UNCOND_PROMPT not in data.embeds:
         raise ValueError("the guided saliency loss needs the empty prompt's embedding (prepare_data adds it)")
-    n = data.forget_latents.shape[0]
-    bs = config.saliency_batch_size
-    batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+    batches = concept_batches(data, config.saliency_batch_size)
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
 
-    def loss_fn(model, idx, generator):
+    def loss_fn(model, batch, generator):
+        k, idx = batch
         latents = data.forget_latents[idx]
-        c = cond.expand(len(idx))
+        c = conds[k].expand(len(idx))
         with autocast():
             if guided:
                 uncond = data.embeds[UNCOND_PROMPT].expand(len(idx))
@@ -65,8 +91,16 @@ def saliency_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config:
                                              generator)
             return diffusion_loss(model, scheduler, latents, c, generator)
 
-    saliency = compute_saliency(unet, batches, loss_fn, seed=config.seed, accelerator=accelerator)
-    return mask_from_saliency(saliency, config.mask_ratio, config.mask_scope)
+    if len(spec.concepts) == 1 or config.saliency_combine == "sum":
+        saliency = compute_saliency(unet, batches, loss_fn, seed=config.seed, accelerator=accelerator)
+        return mask_from_saliency(saliency, config.mask_ratio, config.mask_scope)
+    per_concept = []
+    for k in range(len(spec.concepts)):  # the same batches and noise seeds as the summed pass, one concept at a time
+        first = next(i for i, b in enumerate(batches) if b[0] == k)
+        mine = [b for b in batches if b[0] == k]
+        per_concept.append(compute_saliency(unet, mine, loss_fn, seed=config.seed + first, accelerator=accelerator,
+                                            desc=f"saliency {spec.concepts[k].name}"))
+    return combine_saliencies(per_concept, config.saliency_combine, config.mask_ratio, config.mask_scope)
 
 
 def compute_or_load_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig, accelerator,
@@ -85,6 +119,7 @@ def compute_or_load_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, 
     if accelerator.is_main_process:
         save_mask(mask, mask_file, {"fingerprint": model_fingerprint(unet), "ratio": config.mask_ratio,
                                     "scope": config.mask_scope, "concept": spec.name,
+                                    **({"saliency_combine": config.saliency_combine} if len(spec.concepts) > 1 else {}),
                                     "saliency_loss": config.saliency_loss,
                                     "saliency_guidance_scale": config.saliency_guidance_scale,
                                     "base_model": base_model_id(config)})

@@ -7,6 +7,7 @@ the base), and the optimizer state covers the masked values only. With ``--optim
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
@@ -138,8 +139,15 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
         accelerator.init_trackers("salun-erase", config={k: v for k, v in config.to_dict().items()
                                                          if isinstance(v, (int, float, str, bool))})
 
-    forget_cond = data.embeds[spec.forget_prompt]
-    pseudo = PromptCond.stack([data.embeds[p] for p in spec.pseudo_prompts])
+    # each forget image maps onto its own concept's pseudo prompt(s): a table of every concept's pseudo prompts,
+    # one concept's at offsets[k] .. offsets[k] + counts[k]; a draw in [0, lcm of the counts) picks one uniformly
+    members = spec.concepts
+    forget_table = PromptCond.stack([data.embeds[c.forget_prompt] for c in members])
+    pseudo = PromptCond.stack([data.embeds[p] for c in members for p in c.pseudo_prompts])
+    counts = torch.tensor([len(c.pseudo_prompts) for c in members])
+    offsets = torch.cumsum(counts, 0) - counts
+    draws = math.lcm(*counts.tolist())
+    concept_ids = data.concept_ids()
     retain_table = PromptCond.stack(list(data.embeds.values()))
     bs = config.train_batch_size
     bar = tqdm(range(config.max_train_steps), initial=global_step, desc="erase",
@@ -150,7 +158,10 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
         for micro in range(config.gradient_accumulation_steps):
             idx_gen, noise_gen = _step_generators(config.seed, global_step, micro, accelerator.process_index, device)
             f_idx = torch.randint(0, data.forget_latents.shape[0], (bs,), generator=idx_gen)
-            p_idx = torch.randint(0, len(pseudo), (bs,), generator=idx_gen)
+            k = concept_ids[f_idx]
+            p_idx = offsets[k] + torch.randint(0, draws, (bs,), generator=idx_gen) % counts[k]
+            # one concept: its forget prompt's conditioning broadcast, as before several were possible
+            f_emb = forget_table[0].expand(bs) if len(members) == 1 else forget_table[k]
             r_lat = r_emb = None
             if data.retain_latents is not None:
                 r_idx = torch.randint(0, data.retain_latents.shape[0], (bs,), generator=idx_gen)
@@ -161,7 +172,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                 seed=idx_gen.initial_seed() + 2)
             with accelerator.accumulate(unet_prepared), accelerator.autocast():
                 loss, forget_term, retain_term = salun_loss(
-                    unet_prepared, scheduler, data.forget_latents[f_idx], forget_cond.expand(bs),
+                    unet_prepared, scheduler, data.forget_latents[f_idx], f_emb,
                     pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight)
                 check_finite(loss, "loss", global_step + 1, config)
                 accelerator.backward(loss)
