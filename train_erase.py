@@ -13,40 +13,26 @@ import logging
 import os
 import sys
 
-from salun_diffusers.cli_args import add_dataclass_arguments
+import salun_diffusers.erase as erase_module
+from salun_diffusers.cli_args import build_parser as _build_parser
+from salun_diffusers.cli_args import config_from_args, run_main
 from salun_diffusers.config import EraseConfig
+from salun_diffusers.reporting import digit_verdict, summarize
+from salun_diffusers.utils import write_json
 
-logger = logging.getLogger("train_erase")
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints the whole usage (40 lines) before the error: one line is enough
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+PROG = "train_erase.py"
+RESUME_HINT = "continue with --resume_from_checkpoint latest"
+OOM_ADVICE = ("Add --gradient_checkpointing (--resume_from_checkpoint latest then continues the run), or start afresh "
+              "with a lower --train_batch_size or --mixed_precision bf16")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="train_erase.py", description=__doc__.split("\n")[0])
-    add_dataclass_arguments(parser, EraseConfig)
-    parser.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
-    return parser
+    return _build_parser(PROG, __doc__.split("\n")[0], EraseConfig)
 
 
 def parse_args(argv=None) -> EraseConfig:
     """The config of the command line; a bad value raises ``ValueError`` naming the flag."""
-    args = vars(build_parser().parse_args(argv))
-    args.pop("debug")
-    return EraseConfig(**args)
-
-
-def _fail(exc: BaseException, code: int, debug: bool) -> int:
-    if debug:
-        raise exc
-    from tqdm.auto import tqdm
-
-    for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar left open by the error: end its line first
-        bar.close()
-    print(f"train_erase.py: error: {' '.join(str(exc).split())} (--debug shows the traceback)", file=sys.stderr)
-    return code
+    return config_from_args(EraseConfig, build_parser().parse_args(argv))
 
 
 def main(argv=None) -> int:
@@ -54,40 +40,19 @@ def main(argv=None) -> int:
     already there), one line on stderr; 1 training diverged (non-finite loss, gradient or weight) or ran out of
     memory; 130 interrupted."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    debug = build_parser().parse_known_args(argv)[0].debug
-    try:
-        config = parse_args(argv)
-        code = _run(config)
-    except FloatingPointError as exc:
-        return _fail(exc, 1, debug)
-    except (ValueError, OSError) as exc:  # OSError: also a busy output folder (OutputDirBusy)
-        return _fail(exc, 2, debug)
-    except RuntimeError as exc:
-        if type(exc).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError: a setting to change, not a bug
-            raise
-        return _fail(RuntimeError(f"{str(exc).splitlines()[0]} Add --gradient_checkpointing (--resume_from_checkpoint "
-                                  "latest then continues the run), or start afresh with a lower --train_batch_size or "
-                                  "--mixed_precision bf16"), 1, debug)
-    except KeyboardInterrupt:
-        print("train_erase.py: interrupted; continue with --resume_from_checkpoint latest", file=sys.stderr)
-        return 130
-    return code
+    args = build_parser().parse_args(argv)
+    return run_main(PROG, lambda: _run(config_from_args(EraseConfig, args)), debug=args.debug,
+                    resume_hint=RESUME_HINT, oom_advice=OOM_ADVICE)
 
 
 def _run(config: EraseConfig) -> int:
-    from salun_diffusers.erase import erase
-    from salun_diffusers.reporting import summarize
-
-    result = erase(config)
+    result = erase_module.erase(config)
     spec = config.concept_spec()
     if spec.kind == "digit" and config.pretrained_model_name_or_path is None and result.erasure_path \
             and config.verdict_images > 0:
         # the bundled digit model has a judge: say how well the digit was erased and the others kept
-        from salun_diffusers.erase import load_pipeline
-        from salun_diffusers.reporting import digit_verdict
-        from salun_diffusers.utils import write_json
-
-        verdict = digit_verdict(load_pipeline(config), result.pipeline, spec.target_class, config.verdict_images)
+        verdict = digit_verdict(erase_module.load_pipeline(config), result.pipeline, spec.target_class,
+                                config.verdict_images)
         result.metrics.update({"verdict": verdict["line"], "verdict_seconds": verdict["seconds"]})
         write_json(os.path.join(config.output_dir, "verdict.json"), verdict)
     print(summarize(config, result))

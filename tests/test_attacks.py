@@ -172,7 +172,7 @@ def test_cli_end_to_end_and_resume(dummy_pipeline_dir, prompt_csv, tmp_path, mon
     import json
     import os
 
-    from salun_diffusers.attacks import cli
+    from salun_diffusers.attacks import cli, runner
 
     out = tmp_path / "attack"
     args = cli_args(dummy_pipeline_dir, out, "--prompts", prompt_csv, "--attack", attack, "--limit", "2")
@@ -200,8 +200,8 @@ def test_cli_end_to_end_and_resume(dummy_pipeline_dir, prompt_csv, tmp_path, mon
     os.remove(out / "rows" / "b.json")
     calls = []
     for name in ("token_attack", "conditioning_attack", "inversion_attack"):
-        real = getattr(cli, name)
-        monkeypatch.setattr(cli, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+        real = getattr(runner, name)
+        monkeypatch.setattr(runner, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     if attack != "inversion":
         args = cli_args(dummy_pipeline_dir, out, "--prompts", prompt_csv, "--attack", attack)
     assert cli.main(args) == 0
