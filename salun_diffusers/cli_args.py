@@ -43,15 +43,6 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
-def _string_to_bool(value: str) -> bool:
-    text = str(value).lower()
-    if text in ("yes", "true", "t", "y", "1"):
-        return True
-    if text in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
 class _BoolFlag(argparse.Action):
     """``--flag``, ``--flag true|false``, ``--no_flag`` and ``--no-flag`` (what both argparse's BooleanOptionalAction
     and transformers' HfArgumentParser accept)."""
@@ -62,7 +53,10 @@ class _BoolFlag(argparse.Action):
         super().__init__(strings, dest, nargs="?", **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        value = True if values is None else _string_to_bool(values)
+        text = "true" if values is None else str(values).lower()
+        if text not in ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"):
+            raise argparse.ArgumentError(self, f"expected true or false, got {values!r}")
+        value = text in ("yes", "true", "t", "y", "1")
         setattr(namespace, self.dest, not value if option_string.startswith("--no") else value)
 
     def format_usage(self):
