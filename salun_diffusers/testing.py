@@ -12,6 +12,11 @@ import tempfile
 from typing import Optional
 
 import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from .tokenizer import build_word_tokenizer
 
 TEST_WORDS = ("a photo of nude person wearing clothes naked handwritten digit zero one two three four five six seven "
               "eight nine image cat dog church garbage truck parachute tench van gogh style painting").split()
@@ -19,8 +24,6 @@ FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 def _vae(seed: int):
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=[8, 16], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
@@ -29,8 +32,6 @@ def _vae(seed: int):
 
 
 def _text_config(tokenizer, hidden_size: int, **kw):
-    from transformers import CLIPTextConfig
-
     return CLIPTextConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         hidden_size=hidden_size, intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=2,
@@ -38,8 +39,6 @@ def _text_config(tokenizer, hidden_size: int, **kw):
 
 
 def _scheduler(prediction_type: str = "epsilon"):
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
 
@@ -48,11 +47,6 @@ def get_dummy_components(tokenizer_dir: Optional[str] = None, seed: int = 0, cro
                          family: str = "sd1") -> dict:
     """Components of a ~100k-parameter StableDiffusionPipeline (``family`` "sd1" or "sd2") or
     StableDiffusionXLPipeline ("sdxl"): 16x16 RGB images, 4x8x8 latents."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from .tokenizer import build_word_tokenizer
-
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if family == "sdxl":
@@ -78,11 +72,6 @@ def get_dummy_components(tokenizer_dir: Optional[str] = None, seed: int = 0, cro
 def _sdxl_components(tokenizer_dir: Optional[str], seed: int, cross_attention_dim: int) -> dict:
     """SDXL-shaped: the U-Net attends to both encoders' hidden states concatenated (``cross_attention_dim`` split in
     two) and adds an embedding of the second encoder's pooled projection and six time ids (``text_time``)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from .tokenizer import build_word_tokenizer
-
     tokenizer_dir = tokenizer_dir or tempfile.mkdtemp(prefix="salun-tok-")
     tokenizer = build_word_tokenizer(TEST_WORDS, tokenizer_dir)
     hidden, time_dim = cross_attention_dim // 2, 4
@@ -106,8 +95,6 @@ def _sdxl_components(tokenizer_dir: Optional[str], seed: int, cross_attention_di
 
 
 def get_dummy_pipeline(seed: int = 0, family: str = "sd1"):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     pipe = cls(**get_dummy_components(seed=seed, family=family))
     pipe.set_progress_bar_config(disable=True)

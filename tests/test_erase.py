@@ -240,7 +240,6 @@ def test_image_folder_data_and_bf16(erase_config, tmp_path, data_cache):
     ({"concept": "nudity", "pretrained_model_name_or_path": None}, "needs a Stable Diffusion model"),
     ({"concept": "dragons"}, "unknown concept"),
     ({"concept": "dragons", "forget_prompt": "a dragon"}, "--pseudo_prompt"),
-    ({"forget_data_dir": "/does/not/exist"}, "does not exist"),
     ({"max_train_steps": 0}, "max_train_steps"),
     ({"optimizer_in_backward": True, "max_grad_norm": 1.0}, "drop --max_grad_norm or --optimizer_in_backward"),
     ({"optimizer_in_backward": True, "gradient_accumulation_steps": 2}, "drop --gradient_accumulation_steps"),
@@ -250,6 +249,40 @@ def test_image_folder_data_and_bf16(erase_config, tmp_path, data_cache):
 def test_bad_config_is_rejected_with_the_fix(erase_config, overrides, message):
     with pytest.raises(ValueError, match=message):
         erase_config(**overrides)
+
+
+@pytest.mark.parametrize("flag", ["forget_data_dir", "retain_data_dir", "mask_path"])
+def test_missing_inputs_are_refused_by_the_pre_flight_checks_not_the_config(erase_config, tmp_path, flag):
+    """The config never touches the disk; the pre-flight checks (before any output folder is made) name the flag."""
+    from salun_diffusers.erasure.outputs import check_before_compute
+
+    cfg = erase_config(output_dir=str(tmp_path / "out"), **{flag: "/does/not/exist"})
+    with pytest.raises(ValueError, match=f"--{flag} '/does/not/exist' does not exist"):
+        check_before_compute(cfg)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_saved_train_config_loads_without_its_data_folders(tmp_path):
+    """train_config.json of a run over image folders loads on a machine without them (epochs over a forget folder:
+    the steps counted at the run are in the file)."""
+    from salun_diffusers.erasure.data import resolve_epoch_steps
+
+    folder = tmp_path / "forget"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.png").write_bytes(b"")
+    cfg = EraseConfig(concept="seven", forget_data_dir=str(folder), retain_data_dir=str(folder),
+                      mask_path=str(tmp_path / "mask.safetensors"), num_train_epochs=2, train_batch_size=2)
+    assert cfg.max_train_steps is None  # not counted by the config: the run counts the folder
+    resolve_epoch_steps(cfg)
+    assert cfg.max_train_steps == 2 * 3  # 2 epochs x ceil(5 images / batch 2)
+    path = str(tmp_path / "train_config.json")
+    cfg.to_json_file(path)
+    for f in folder.iterdir():
+        f.unlink()
+    folder.rmdir()
+    loaded = EraseConfig.from_json_file(path)
+    assert loaded == cfg and loaded.max_train_steps == 6
 
 
 def test_config_json_roundtrip_and_unknown_keys(erase_config, tmp_path):

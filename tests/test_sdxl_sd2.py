@@ -12,7 +12,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from salun_diffusers import load_mask
 from salun_diffusers.config import EraseConfig
 from salun_diffusers.erase import erase
-from salun_diffusers.erasure.training import training_scheduler
+from salun_diffusers.families import training_scheduler
 from salun_diffusers.families import PromptCond, encode_prompts, load_base_pipeline, unet_kwargs
 from salun_diffusers.loaders import load_erasure, unload_erasure
 from salun_diffusers.objectives import diffusion_loss

@@ -17,14 +17,17 @@ import time
 from typing import Iterator, List, Mapping, Optional, Tuple
 
 import torch
+from diffusers import UNet2DConditionModel
 
-from .. import __version__
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..delta import CONFIG_NAME, MASK_NAME, WEIGHTS_NAME, build_delta, save_delta
-from ..utils import ensure_writable_dir, follow_umask, resolve_dtype, write_json, write_text
+from ..families import base_model_id
+from ..hub import BUNDLED_DIGIT_MODEL, local_model_dir, push_to_hub, resolve_base_model
+from ..lora import delta_to_lora, save_lora
+from ..masking import load_mask
+from ..utils import __version__, ensure_writable_dir, follow_umask, resolve_dtype, write_json, write_text
 from .checkpoints import check_same_run
-from .data import base_model_id
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,10 @@ def remove_partial_outputs(output_dir: str) -> None:
 
 
 def _check_readable(config: EraseConfig) -> None:
+    for flag in ("forget_data_dir", "retain_data_dir", "mask_path"):
+        path = getattr(config, flag)
+        if path is not None and not os.path.exists(path):
+            raise ValueError(f"--{flag} {path!r} does not exist")
     for flag in ("forget_data_dir", "retain_data_dir"):
         folder = getattr(config, flag)
         if folder is None:
@@ -96,16 +103,12 @@ def _check_readable(config: EraseConfig) -> None:
             raise ValueError(f"--{flag} {folder!r} cannot be read ({exc.strerror or exc}); pass a folder of "
                              "images") from None
     if config.mask_path:
-        from ..masking import load_mask
-
         load_mask(config.mask_path)  # a mask file is small: read it all now rather than after hours of data
 
 
 def estimate_output_bytes(config: EraseConfig) -> Optional[int]:
     """Rough disk need of a run (merged U-Net, checkpoints with AdamW state, erasure), from the base U-Net's file
     size; ``None`` when the base model is not a local folder."""
-    from ..pipelines.pipeline_stable_diffusion_erased import resolve_base_model
-
     unet_dir = os.path.join(resolve_base_model(base_model_id(config)), "unet")
     if not os.path.isdir(unet_dir):
         return None
@@ -122,11 +125,12 @@ def estimate_output_bytes(config: EraseConfig) -> Optional[int]:
 
 
 def check_before_compute(config: EraseConfig) -> None:
-    """Before any work: the output (and cache) folder is writable, the inputs are readable, and the disk has room."""
+    """Before any work: the input folders and mask exist and are readable, the output (and cache) folder is writable,
+    and the disk has room. (The config itself never touches the disk: a saved ``train_config.json`` loads anywhere.)"""
+    _check_readable(config)
     ensure_writable_dir(config.output_dir, "--output_dir")
     if config.cache_dir:
         ensure_writable_dir(config.cache_dir, "--cache_dir")
-    _check_readable(config)
     need = estimate_output_bytes(config)
     if need:
         free = shutil.disk_usage(config.output_dir).free
@@ -177,8 +181,6 @@ def write_outputs(config: EraseConfig, spec: ConceptSpec, unet, mask: Mapping[st
     write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
     write_text(os.path.join(config.output_dir, "README.md"), model_card(config, spec, metrics))
     if config.push_to_hub:
-        from ..hub import push_to_hub
-
         metrics["hub_url"] = push_to_hub(config.output_dir, hub_repo_id(config), token=config.hub_token)
     return erasure_path, unet_dir
 
@@ -260,8 +262,6 @@ def save_pipeline_folder(config: EraseConfig, unet) -> str:
     out = config.output_dir
     base_dir = index = None
     if config.save_pipeline != "none":
-        from ..hub import local_model_dir
-
         base_dir = local_model_dir(base_model_id(config), config.revision)
         index = _base_index(base_dir)
     names = _pipeline_names(config, base_dir)
@@ -291,11 +291,6 @@ def save_pipeline_folder(config: EraseConfig, unet) -> str:
 
 def export_lora(config: EraseConfig, unet) -> dict:
     """Write ``pytorch_lora_weights.safetensors`` (rank ``--export_lora_rank``) beside the delta; return its stats."""
-    from diffusers import UNet2DConditionModel
-
-    from ..hub import resolve_base_model
-    from ..lora import delta_to_lora, save_lora
-
     base = UNet2DConditionModel.from_pretrained(resolve_base_model(base_model_id(config)), subfolder="unet",
                                                 revision=config.revision, variant=config.variant)
     state, stats = delta_to_lora(base, unet, config.export_lora_rank)
@@ -387,8 +382,6 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")
 ```
 """)
-    from ..hub import BUNDLED_DIGIT_MODEL
-
     load_base = (f"from diffusers import {pipeline_class}\n\npipe = {pipeline_class}.from_pretrained(\"{base}\")"
                  if base != BUNDLED_DIGIT_MODEL else  # the bundled model is a folder inside the package
                  "from salun_diffusers.digits import load_digit_pipeline\n\npipe = load_digit_pipeline()")

@@ -11,28 +11,18 @@ gives the merged U-Net). These classes instead load the base and apply the erasu
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from typing import Optional
 
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from ..delta import CONFIG_NAME
 from ..hub import BUNDLED_DIGIT_MODEL, resolve_base_model  # noqa: F401  (BUNDLED_DIGIT_MODEL: old import path)
-from ..loaders import ErasureLoaderMixin
+from ..loaders import ErasureLoaderMixin, read_erasure_dir_config
 
 logger = logging.getLogger(__name__)
 
 
-def _erasure_dir_config(path) -> Optional[dict]:
-    """The erasure config of a train_erase.py output folder (whether or not it is also a pipeline folder)."""
-    if isinstance(path, str) and os.path.isdir(path):
-        cfg = os.path.join(path, CONFIG_NAME)
-        if os.path.isfile(cfg):
-            with open(cfg) as f:
-                return json.load(f)
-    return None
+_erasure_dir_config = read_erasure_dir_config  # old private name, kept until attacks/config.py switches
 
 
 class _ErasedFromPretrained(ErasureLoaderMixin):
@@ -42,7 +32,7 @@ class _ErasedFromPretrained(ErasureLoaderMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, erasure=None, erasure_scale: float = 1.0,
                         check_base: bool = True, **kwargs):
         """``check_base=False``: apply the erasure even onto base weights other than those it was made from."""
-        meta = _erasure_dir_config(pretrained_model_name_or_path)
+        meta = read_erasure_dir_config(pretrained_model_name_or_path)
         if meta is not None and erasure is None:
             out_dir, erasure = pretrained_model_name_or_path, pretrained_model_name_or_path
             base = meta.get("config", {}).get("base_model")
