@@ -14,6 +14,7 @@ import os
 import sys
 
 import salun_diffusers.erase as erase_module
+from salun_diffusers import families
 from salun_diffusers.cli_args import build_parser as _build_parser
 from salun_diffusers.cli_args import config_from_args, run_main
 from salun_diffusers.config import EraseConfig
@@ -51,7 +52,7 @@ def _run(config: EraseConfig) -> int:
     if spec.kind == "digit" and config.pretrained_model_name_or_path is None and result.erasure_path \
             and config.verdict_images > 0:
         # the bundled digit model has a judge: say how well the digit was erased and the others kept
-        verdict = digit_verdict(erase_module.load_pipeline(config), result.pipeline, spec.target_class,
+        verdict = digit_verdict(families.load_erasure_base(config), result.pipeline, spec.target_class,
                                 config.verdict_images)
         result.metrics.update({"verdict": verdict["line"], "verdict_seconds": verdict["seconds"]})
         write_json(os.path.join(config.output_dir, "verdict.json"), verdict)

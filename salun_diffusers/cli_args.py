@@ -20,6 +20,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .utils import flag_field  # noqa: F401  (the dataclass field of a flag: kept here for the CLI modules)
+
 # User mistakes: bad values or files (missing, unreadable, not UTF-8, not writable, an output folder in use), and a
 # missing optional dependency (its ImportError says what to install). Anything else is a bug: traceback.
 USER_ERRORS = (ValueError, OSError, ImportError)
@@ -27,13 +29,6 @@ USER_ERRORS = (ValueError, OSError, ImportError)
 OOM_ADVICE = "Use a smaller --batch_size or --mixed_precision bf16"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: only the cuda one
-
-
-def flag_field(default, help: str, **kw):
-    """A dataclass field whose metadata carries its flag's help text (and extra argparse keywords: choices, nargs)."""
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
 class OneLineParser(argparse.ArgumentParser):

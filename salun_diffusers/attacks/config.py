@@ -8,11 +8,9 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from ..cli_args import flag_field
-from ..evaluation.config import is_hub_id  # TODO(16a): the public is_hub_id
-from ..hub import BUNDLED_DIGIT_MODEL
+from ..hub import BUNDLED_DIGIT_MODEL, is_hub_id
 from ..pipelines.pipeline_stable_diffusion_erased import _erasure_dir_config as read_erasure_dir_config  # TODO(16a)
-from ..utils import DTYPES, resolve_dtype
+from ..utils import DTYPES, flag_field, resolve_dtype
 from .core import CONDITIONING_DEFAULTS, DEFAULT_LR, DEFAULT_STEPS
 
 ATTACKS = ("token", "inversion", "conditioning")  # the runner's ATTACK_RUNNERS has one entry per name

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..digits import DIGIT_SAMPLING, digit_prompt
-from ..erasure.data import encode_images  # TODO(16a): encode_images' new public home
+from ..families import encode_images, training_scheduler
 from ..evaluation.generate import generate_images, image_path, row_size
 from ..evaluation.judges import make_judge
 from ..evaluation.prompts import PromptRow, read_prompts
@@ -30,7 +30,6 @@ from ..runs import check_resume_settings
 from ..utils import atomic_path, resolve_dtype, write_json
 from .config import ATTACKS, AttackConfig, resolve_models
 from .core import InversionResult, conditioning_attack, encode_prompt, evaluate_loss, inversion_attack, token_attack
-from .core import _scheduler as training_scheduler  # TODO(16a): families.training_scheduler
 from .report import write_attack_report
 
 logger = logging.getLogger(__name__)

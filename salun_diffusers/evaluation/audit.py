@@ -23,12 +23,12 @@ from accelerate.utils import gather_object
 
 from ..delta import WEIGHTS_NAME, read_delta
 from ..families import load_base_pipeline
-from ..hub import resolve_base_model
+from ..hub import is_hub_id, resolve_base_model
 from ..loaders import load_erasure
 from ..runs import check_resume_settings, settings_diff
 from ..utils import configure_threads, ensure_writable_dir, resolve_dtype, write_json
 from . import report
-from .config import AuditConfig, is_hub_id
+from .config import AuditConfig
 from .generate import generate_images, image_path, missing_images
 from .judges import CLASS_JUDGES, load_class_judge, row_labels
 from .metrics import ClipScorer, classifier_metrics, compute_fid, load_inception

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..digits import DIGIT_PROMPTS_CSV, DIGIT_SAMPLING
-from ..hub import BUNDLED_DIGIT_MODEL
+from ..hub import BUNDLED_DIGIT_MODEL, is_hub_id
 from ..utils import DTYPES, resolve_dtype
 from .judges import JUDGES
 from .nudenet import DEFAULT_THRESHOLD, EXPOSED_CLASSES
@@ -24,13 +24,6 @@ _RUN_ONLY = {"output_dir", "batch_size", "compare_to", "label", "clip_batch_size
 # Fields that change the images: a resumed run must match them exactly.
 _IMAGE_FIELDS = ("pretrained_model_name_or_path", "erasure", "erasure_scale", "num_inference_steps", "resolution",
                  "mixed_precision", "generator_device", "seed")
-
-
-def is_hub_id(name: str) -> bool:
-    """``owner/name`` as the Hub spells repositories (not a path: no leading ./ ~ /, no file suffix)."""
-    parts = name.split("/")
-    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
-            and not name.endswith((".safetensors", ".bin", ".pt")))
 
 
 @dataclass
