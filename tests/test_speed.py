@@ -120,7 +120,12 @@ def test_gradient_checkpointing_gives_the_same_erasure(erase_config, tmp_path):
     plain = erase(erase_config(output_dir=str(tmp_path / "plain")))
     ckpt = erase(erase_config(output_dir=str(tmp_path / "ckpt"), gradient_checkpointing=True))
     a, b = dict(plain.unet.named_parameters()), dict(ckpt.unet.named_parameters())
-    assert all(torch.allclose(a[n], b[n], rtol=0, atol=1e-6) for n in a)
+    # the recomputed activations give gradients equal up to float32 summation order; an AdamW step turns a relative
+    # gradient difference d into about d * lr per step: d = 1e-3 over the run (as tests/test_erase.py's
+    # optimizer_in_backward test), far below a real difference (order lr * steps)
+    cfg = erase_config()
+    tol = 1e-3 * cfg.learning_rate * cfg.max_train_steps
+    assert all(torch.allclose(a[n], b[n], rtol=0, atol=tol) for n in a)
     assert not ckpt.unet.is_gradient_checkpointing  # switched off again on the returned model
 
 
