@@ -40,8 +40,6 @@ from .utils import DTYPES, cast_module, configure_threads
 
 logger = logging.getLogger(__name__)
 
-load_pipeline = load_erasure_base  # old name, kept until train_erase.py imports families.load_erasure_base (issue 16)
-
 
 @dataclass
 class EraseResult:

@@ -13,7 +13,8 @@ from .utils import pipeline_fingerprint, read_json_or_none, user_cache_dir, writ
 logger = logging.getLogger(__name__)
 
 
-def summarize(config, result) -> str:
+def summarize_erasure(config, result) -> str:
+    """What train_erase.py prints after an erasure: the concept and folder, mask share, phase times, outputs."""
     m = result.metrics
     lines = [f"erased concept {config.concept_spec().name!r} -> {result.output_dir}",
              f"  mask: {m['mask_density']:.1%} of U-Net weights",
@@ -58,6 +59,8 @@ def digit_scores(pipe, judge, digit: int, n_per_digit: int = 50, seed: int = EVA
     return {"unlearning_accuracy": 1.0 - acc[digit], "retained_accuracy": sum(others) / len(others),
             "per_digit_accuracy": acc, "n_per_digit": n_per_digit}
 
+
+summarize = summarize_erasure  # old name, kept until train_erase.py imports summarize_erasure (issue 16)
 
 BASE_VERDICTS_ASSET = "digit-verdict-base.json"  # the bundled model's base scores, shipped (they never change)
 

@@ -178,14 +178,14 @@ def test_bench_speed_reads_what_train_erase_prints():
     from types import SimpleNamespace
 
     from salun_diffusers.config import EraseConfig
-    from salun_diffusers.reporting import summarize
+    from salun_diffusers.reporting import summarize_erasure
 
     bench = _bench_speed()
     metrics = {"mask_density": 0.5, "data_seconds": 1.5, "saliency_seconds": 0.5, "train_seconds": 20.0,
                "seconds_per_step": 0.1, "verdict_seconds": 9.5,
                "verdict": "UA 98.0% (before 0.0%); retained accuracy 97.1% (before 99.6%, drop +2.4 points); judged "
                           "on 50 images per digit"}
-    text = summarize(EraseConfig(concept="seven"), SimpleNamespace(metrics=metrics, output_dir="o", erasure_path=None,
+    text = summarize_erasure(EraseConfig(concept="seven"), SimpleNamespace(metrics=metrics, output_dir="o", erasure_path=None,
                                                                    unet_dir=None))
     t, v = bench.TIME_LINE.search(text), bench.VERDICT_LINE.search(text)
     assert [float(x) for x in t.groups()] == [1.5, 0.5, 20.0, 0.1, 9.5]

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
-from ..families import PromptCond, training_scheduler  # noqa: F401  (old import path, until attacks switch)
+from ..families import PromptCond
 from ..masking import MaskedAdamW, MaskedUpdate
 from ..objectives import salun_loss
 from .checkpoints import save_checkpoint
