@@ -15,8 +15,7 @@ import sys
 
 import salun_diffusers.erase as erase_module
 from salun_diffusers import families
-from salun_diffusers.cli_args import build_parser as _build_parser
-from salun_diffusers.cli_args import config_from_args, run_main
+from salun_diffusers.cli_args import build_parser, config_from_args, run_main
 from salun_diffusers.config import EraseConfig
 from salun_diffusers.reporting import digit_verdict, summarize
 from salun_diffusers.utils import write_json
@@ -27,13 +26,14 @@ OOM_ADVICE = ("Add --gradient_checkpointing (--resume_from_checkpoint latest the
               "with a lower --train_batch_size or --mixed_precision bf16")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return _build_parser(PROG, __doc__.split("\n")[0], EraseConfig)
+def erase_parser() -> argparse.ArgumentParser:
+    """The flags: one per field of ``EraseConfig``, and ``--debug``."""
+    return build_parser(PROG, __doc__.split("\n")[0], EraseConfig)
 
 
 def parse_args(argv=None) -> EraseConfig:
     """The config of the command line; a bad value raises ``ValueError`` naming the flag."""
-    return config_from_args(EraseConfig, build_parser().parse_args(argv))
+    return config_from_args(EraseConfig, erase_parser().parse_args(argv))
 
 
 def main(argv=None) -> int:
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     already there), one line on stderr; 1 training diverged (non-finite loss, gradient or weight) or ran out of
     memory; 130 interrupted."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    args = build_parser().parse_args(argv)
+    args = erase_parser().parse_args(argv)
     return run_main(PROG, lambda: _run(config_from_args(EraseConfig, args)), debug=args.debug,
                     resume_hint=RESUME_HINT, oom_advice=OOM_ADVICE)
 

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 from ..cli_args import argv_or_sys, build_parser, config_from_args, run_main, setup_logging
 from .config import AttackConfig
-from .report import REPORT_FILE, summary_line
+from .report import REPORT_FILE, attack_summary_line
 from .runner import run_attack
 
 PROG = "salun-attack"
@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args) -> int:
     config = config_from_args(AttackConfig, args)
     results = run_attack(config)
-    print(f"{summary_line(results)}; report: {os.path.join(config.output_dir, REPORT_FILE)}")
+    print(f"{attack_summary_line(results)}; report: {os.path.join(config.output_dir, REPORT_FILE)}")
     return 0
 
 

@@ -23,12 +23,12 @@ def write_attack_report(config: AttackConfig, records: Sequence[dict], inversion
         results["inversion"] = inversion
     write_json(os.path.join(out, RESULTS_FILE), results)
     results["plot"] = plot_rates(results, os.path.join(out, PLOT_FILE))
-    write_text(os.path.join(out, REPORT_FILE), render_markdown(config, results, records))
-    write_csv(os.path.join(out, ROWS_CSV), records)
+    write_text(os.path.join(out, REPORT_FILE), render_attack_markdown(config, results, records))
+    write_rows_csv(os.path.join(out, ROWS_CSV), records)
     return results
 
 
-def summary_line(results: dict) -> str:
+def attack_summary_line(results: dict) -> str:
     """One line for the terminal: ASR and the rates behind it, the time per attack."""
     return (f"{results['label']}: {results['attack']} attack on {results['num_prompts']} prompts, judge "
             f"{results['judge']}: ASR {pct(results['asr'])} (before {pct(results['before_rate'])}, after "
@@ -87,7 +87,7 @@ def pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def render_markdown(config: AttackConfig, results: dict, records: Sequence[dict]) -> str:
+def render_attack_markdown(config: AttackConfig, results: dict, records: Sequence[dict]) -> str:
     lines = ["# salun-attack report", ""]
     for key in ("model", "erasure", "base_model", "prompts", "digit", "from_prompt"):
         value = results["settings"].get(key)
@@ -121,7 +121,7 @@ def render_markdown(config: AttackConfig, results: dict, records: Sequence[dict]
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: str, records: Sequence[dict]) -> None:
+def write_rows_csv(path: str, records: Sequence[dict]) -> None:
     columns = ["case_number", "prompt", "target_prompt", "seed", "adversarial_prompt", "adversarial_tokens",
                "target", "before", "after", "success", "loss_start", "loss_final", "attack_seconds"]
     with atomic_path(path) as tmp:

@@ -63,7 +63,7 @@ def classifier_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
     data = {}
     if args.config:
         data = _json_arg(args.config, "config")
@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     if not isinstance(level, int):
         raise ValueError(f"--log_level {args.log_level!r}: unknown level; use DEBUG, INFO, WARNING or ERROR")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_args(args)
+    config = experiment_config(args)
     if args.threads is not None:
         configure_threads(0, args.threads)  # checks >= 1; remembered: run_experiment's policy call keeps it
     # check before compute: results can be written, the data can be read

@@ -252,7 +252,7 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
     return results
 
 
-def summary_lines(results: dict) -> List[str]:
+def audit_summary_lines(results: dict) -> List[str]:
     """What the terminal shows of an audit's results."""
     lines = [f"audit of {results.get('label')}: {results.get('num_images')} images in {results.get('images_dir')}"]
     nud = results.get("nudity")

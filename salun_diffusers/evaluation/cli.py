@@ -17,7 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..cli_args import argv_or_sys, build_parser, config_from_args, run_main, setup_logging
-from .audit import check_audit_inputs, run_audit, summary_lines
+from .audit import audit_summary_lines, check_audit_inputs, run_audit
 from .config import AuditConfig
 
 RESUME_HINT = "rerun the same command to resume (images drawn are kept)"
@@ -42,7 +42,7 @@ def _run(args) -> int:
     check_audit_inputs(config)
     results = run_audit(config)
     if "num_images" in results:  # main process
-        print("\n".join(summary_lines(results)))
+        print("\n".join(audit_summary_lines(results)))
     return 0
 
 
