@@ -17,7 +17,7 @@ import salun_diffusers.erase as erase_module
 from salun_diffusers import families
 from salun_diffusers.cli_args import build_parser, config_from_args, run_main
 from salun_diffusers.config import EraseConfig
-from salun_diffusers.reporting import digit_verdict, summarize
+from salun_diffusers.reporting import digit_verdict, summarize_erasure
 from salun_diffusers.utils import write_json
 
 PROG = "train_erase.py"
@@ -56,7 +56,7 @@ def _run(config: EraseConfig) -> int:
                                 config.verdict_images)
         result.metrics.update({"verdict": verdict["line"], "verdict_seconds": verdict["seconds"]})
         write_json(os.path.join(config.output_dir, "verdict.json"), verdict)
-    print(summarize(config, result))
+    print(summarize_erasure(config, result))
     return 0
 
 

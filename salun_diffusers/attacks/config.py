@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from ..hub import BUNDLED_DIGIT_MODEL, is_hub_id
-from ..pipelines.pipeline_stable_diffusion_erased import _erasure_dir_config as read_erasure_dir_config  # TODO(16a)
+from ..loaders import read_erasure_dir_config
 from ..utils import DTYPES, flag_field, resolve_dtype
 from .core import CONDITIONING_DEFAULTS, DEFAULT_LR, DEFAULT_STEPS
 
