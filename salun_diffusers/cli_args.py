@@ -40,12 +40,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 class _BoolFlag(argparse.Action):
     """``--flag``, ``--flag true|false``, ``--no_flag`` and ``--no-flag`` (what both argparse's BooleanOptionalAction
-    and transformers' HfArgumentParser accept)."""
+    and transformers' HfArgumentParser accept; with dash aliases also ``--no-the-flag``)."""
 
     def __init__(self, option_strings, dest, **kwargs):
-        name = option_strings[0][2:]
-        strings = [*option_strings, f"--no_{name}", f"--no-{name}"]
-        super().__init__(strings, dest, nargs="?", **kwargs)
+        names = [s[2:] for s in option_strings]
+        negatives = [f"--no_{names[0]}", *(f"--no-{n}" for n in names)]
+        super().__init__([*option_strings, *negatives], dest, nargs="?", **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
         text = "true" if values is None else str(values).lower()
@@ -68,10 +68,15 @@ def _base_type(tp):
     return tp
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
-    """A ``--name`` flag per field of the dataclass ``cls``; a field without a default is a required flag."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls,
+                            dash_aliases: bool = False) -> argparse.ArgumentParser:
+    """A ``--name`` flag per field of the dataclass ``cls`` (and ``--the-name`` for ``the_name`` with
+    ``dash_aliases``, as transformers' HfArgumentParser spells them); a field without a default is a required flag."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        flags = [f"--{f.name}"]
+        if dash_aliases and "_" in f.name:
+            flags.append(f"--{f.name.replace('_', '-')}")
         meta = dict(f.metadata)
         kwargs = {"help": meta.pop("help", None), "dest": f.name}
         if f.default is not dataclasses.MISSING:
@@ -82,22 +87,23 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Ar
             default, kwargs["required"] = None, True
         tp = _base_type(hints[f.name])
         if tp is bool:
-            parser.add_argument(f"--{f.name}", action=_BoolFlag, default=default, **kwargs)
+            parser.add_argument(*flags, action=_BoolFlag, default=default, **kwargs)
             continue
         kwargs.update(type=tp, default=default, **meta)
-        parser.add_argument(f"--{f.name}", **kwargs)
+        parser.add_argument(*flags, **kwargs)
     return parser
 
 
-def build_parser(prog: str, description: Optional[str] = None, *configs,
-                 epilog: Optional[str] = None) -> OneLineParser:
-    """The parser of an entry point: one flag per field of each dataclass in ``configs``, plus ``--debug``; more flags
-    may be added by the caller. Its errors are one line (exit code 2)."""
+def build_parser(prog: str, description: Optional[str] = None, *configs, epilog: Optional[str] = None,
+                 dash_aliases: bool = False) -> OneLineParser:
+    """The parser of an entry point: one flag per field of each dataclass in ``configs`` (see
+    :func:`add_dataclass_arguments`), plus ``--debug`` unless a config has that field; more flags may be added by the
+    caller. Its errors are one line (exit code 2)."""
     parser = OneLineParser(prog=prog, description=description, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in configs:
-        add_dataclass_arguments(parser, cls)
-    if not any("--debug" in a.option_strings for a in parser._actions):
+        add_dataclass_arguments(parser, cls, dash_aliases)
+    if "debug" not in {f.name for cls in configs for f in dataclasses.fields(cls)}:
         parser.add_argument("--debug", action="store_true",
                             help="On an error, show the full Python traceback instead of one line.")
     return parser

@@ -104,6 +104,14 @@ def test_boolean_flags_take_every_spelling(capsys):
                                        "got 'maybe' (--help lists the flags)\n")
 
 
+def test_audit_keeps_the_dash_spellings_of_its_flags(tmp_path):
+    args = audit_cli.parse_args(["--output-dir", str(tmp_path), "--no-erasure-check-base", "--skip-empty-prompts",
+                                 "--judge", "digit", "--erasure_scale", "0.5"])
+    assert args.output_dir == str(tmp_path) and args.erasure_check_base is False and args.skip_empty_prompts is True
+    assert args.erasure_scale == 0.5 and args.debug is False
+    assert audit_cli.parse_args(["--output_dir", "o", "--no_erasure_check_base", "--debug"]).erasure_check_base is False
+
+
 def test_required_fields_are_required_flags(capsys):
     from dataclasses import dataclass, field
 

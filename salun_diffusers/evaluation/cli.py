@@ -25,7 +25,8 @@ RESUME_HINT = "rerun the same command to resume (images drawn are kept)"
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "salun-audit", description: Optional[str] = None):
     """The parsed flags (``AuditConfig``'s fields, ``--debug`` among them); a malformed flag exits 2 with one line."""
-    parser = build_parser(prog, description or __doc__.split("\n\n")[0], AuditConfig)
+    # dash aliases (--output-dir): salun-audit's flags as HfArgumentParser made them before
+    parser = build_parser(prog, description or __doc__.split("\n\n")[0], AuditConfig, dash_aliases=True)
     return parser.parse_args(argv_or_sys(argv))
 
 
