@@ -7,10 +7,10 @@ See :mod:`salun_diffusers.attacks.core` for what each attack optimises. ``salun-
 :mod:`~salun_diffusers.attacks.report`); :mod:`salun_diffusers.attacks.cli` is the thin command.
 """
 
-from .core import (CONDITIONING_DEFAULTS, DEFAULT_LR, DEFAULT_STEPS, FAST_STEPS, InversionResult, TokenAttackResult, attack_loss,
-                   conditioning_attack, encode_ids, encode_prompt, evaluate_loss, frozen, inversion_attack,
+from .core import (CONDITIONING_DEFAULTS, DEFAULT_LR, DEFAULT_STEPS, FAST_STEPS, InversionResult, TokenAttackResult,
+                   attack_loss, conditioning_attack, encode_ids, encode_prompt, evaluate_loss, frozen, inversion_attack,
                    token_attack, word_vocabulary)
 
-__all__ = ["CONDITIONING_DEFAULTS", "DEFAULT_LR", "DEFAULT_STEPS", "FAST_STEPS", "InversionResult", "TokenAttackResult", "attack_loss",
-           "conditioning_attack", "encode_ids", "encode_prompt", "evaluate_loss", "frozen", "inversion_attack",
+__all__ = ["CONDITIONING_DEFAULTS", "DEFAULT_LR", "DEFAULT_STEPS", "FAST_STEPS", "InversionResult", "TokenAttackResult",
+           "attack_loss", "conditioning_attack", "encode_ids", "encode_prompt", "evaluate_loss", "frozen", "inversion_attack",
            "token_attack", "word_vocabulary"]

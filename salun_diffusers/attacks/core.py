@@ -95,8 +95,8 @@ def _prompt_attack_setup(pipe, unet, scheduler, generator):
     its fixed evaluation noise (drawn first, so it depends on the generator alone)."""
     gen = _generator(generator)
     eval_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=gen.device))
-    return (unet if unet is not None else pipe.unet, scheduler if scheduler is not None else training_scheduler(pipe), gen,
-            eval_seed)
+    return (unet if unet is not None else pipe.unet,
+            scheduler if scheduler is not None else training_scheduler(pipe), gen, eval_seed)
 
 
 # ---------------------------------------------------------------------------------------------------- text side
@@ -169,8 +169,8 @@ def conditioning_attack(unet, scheduler, target_latents: torch.Tensor, init_embe
     ``init_embeds``: ``[B, 77, D]`` (or ``[1, 77, D]`` shared by all targets), e.g. a neutral prompt's embedding.
     Adam on the conditioning, ``draws`` fresh noise / timestep draws per target per step (batched: a lower-variance
     gradient for little more time on a small model), timesteps from ``min_timestep`` up (the noisy end, where what
-    the image shows is decided; the CLI's defaults in ``CONDITIONING_DEFAULTS``). Returns the adversarial conditioning (detached,
-    ``init_embeds``' shape and dtype). The U-Net's weights and gradients are untouched.
+    the image shows is decided; the CLI's defaults in ``CONDITIONING_DEFAULTS``). Returns the adversarial conditioning
+    (detached, ``init_embeds``' shape and dtype). The U-Net's weights and gradients are untouched.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
