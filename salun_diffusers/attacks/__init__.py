@@ -12,5 +12,5 @@ from .core import (CONDITIONING_DEFAULTS, DEFAULT_LR, DEFAULT_STEPS, FAST_STEPS,
                    token_attack, word_vocabulary)
 
 __all__ = ["CONDITIONING_DEFAULTS", "DEFAULT_LR", "DEFAULT_STEPS", "FAST_STEPS", "InversionResult", "TokenAttackResult",
-           "attack_loss", "conditioning_attack", "encode_ids", "encode_prompt", "evaluate_loss", "frozen", "inversion_attack",
-           "token_attack", "word_vocabulary"]
+           "attack_loss", "conditioning_attack", "encode_ids", "encode_prompt", "evaluate_loss", "frozen",
+           "inversion_attack", "token_attack", "word_vocabulary"]
