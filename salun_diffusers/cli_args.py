@@ -5,7 +5,8 @@
   from field metadata), with ``--debug``, and argparse errors on one line naming ``--help``.
 * :func:`run_main`: runs the tool; a user mistake (:data:`USER_ERRORS`) becomes ``prog: error: <message> (--debug
   shows the traceback)`` on one line of stderr and exit code 2; a diverged run (``FloatingPointError``) or running out
-  of memory exit 1 with one line; Ctrl-C exits 130 (with how to resume, where the tool resumes). ``--debug`` re-raises.
+  of memory exit 1 with one line; Ctrl-C exits 130 (with how to resume, where the tool resumes). ``--debug`` re-raises
+  errors (not Ctrl-C).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def run_main(prog: str, fn: Callable[[], int], debug: bool = False, resume_hint:
              oom_advice: str = OOM_ADVICE) -> int:
     """``fn()``'s exit code. One line on stderr and: 2 for a user mistake (:data:`USER_ERRORS`); 1 for a diverged run
     (``FloatingPointError``) or ``torch.OutOfMemoryError`` (with ``oom_advice``); 130 on Ctrl-C (with
-    ``resume_hint``, how to continue, where the tool resumes). With ``debug`` the error is re-raised (traceback)."""
+    ``resume_hint``, how to continue, where the tool resumes). With ``debug`` an error is re-raised (traceback)."""
     try:
         return fn()
     except FloatingPointError as exc:
@@ -153,9 +154,7 @@ def run_main(prog: str, fn: Callable[[], int], debug: bool = False, resume_hint:
             raise
         _one_line(prog, exc)
         return 2
-    except KeyboardInterrupt:
-        if debug:
-            raise
+    except KeyboardInterrupt:  # not an error: no traceback, even with debug
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
         print(f"{prog}: interrupted" + (f"; {resume_hint}" if resume_hint else ""), file=sys.stderr)

@@ -66,10 +66,12 @@ def test_run_main_exit_codes_and_messages(capsys):
     assert capsys.readouterr().err == "tool: interrupted; rerun to resume\n"
     with pytest.raises(RuntimeError):  # a bug: its traceback
         cli_args.run_main("tool", raising(RuntimeError("bug")))
-    for exc in (ValueError("v"), FloatingPointError("f"), oom, KeyboardInterrupt()):
+    for exc in (ValueError("v"), FloatingPointError("f"), oom):
         with pytest.raises(type(exc)):
             cli_args.run_main("tool", raising(exc), debug=True)
     assert capsys.readouterr().err == ""
+    assert cli_args.run_main("tool", raising(KeyboardInterrupt()), debug=True) == 130  # not an error
+    assert capsys.readouterr().err == "tool: interrupted\n"
 
 
 def test_train_erase_interrupt_names_the_resume_flag(monkeypatch, tmp_path, capsys):
