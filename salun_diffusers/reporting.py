@@ -60,8 +60,6 @@ def digit_scores(pipe, judge, digit: int, n_per_digit: int = 50, seed: int = EVA
             "per_digit_accuracy": acc, "n_per_digit": n_per_digit}
 
 
-summarize = summarize_erasure  # old name, kept until train_erase.py imports summarize_erasure (issue 16)
-
 BASE_VERDICTS_ASSET = "digit-verdict-base.json"  # the bundled model's base scores, shipped (they never change)
 
 

@@ -16,13 +16,10 @@ import os
 
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from ..hub import BUNDLED_DIGIT_MODEL, resolve_base_model  # noqa: F401  (BUNDLED_DIGIT_MODEL: old import path)
+from ..hub import resolve_base_model
 from ..loaders import ErasureLoaderMixin, read_erasure_dir_config
 
 logger = logging.getLogger(__name__)
-
-
-_erasure_dir_config = read_erasure_dir_config  # old private name, kept until attacks/config.py switches
 
 
 class _ErasedFromPretrained(ErasureLoaderMixin):
