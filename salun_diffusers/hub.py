@@ -1,5 +1,5 @@
 """Where models are: the bundled digit model's id, base-model resolution to a local folder, and pushing an output
-folder to the Hugging Face Hub. Low in the library (no diffusers pipeline imports), so every layer above it may use it."""
+folder to the Hugging Face Hub. On the core layer (tests/test_layers.py), so every layer above it may use it."""
 
 from __future__ import annotations
 
