@@ -36,8 +36,9 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from .families import load_base_pipeline
 from .utils import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 _DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 _UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 _UNET_RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
-                ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection."))
+                ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."),
+                ("conv_shortcut.", "skip_connection."))
 _VAE_ATTENTION = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
                   ("to_out.0.", "proj_out."))
 _OPENCLIP_LAYER = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
@@ -286,8 +288,6 @@ def original_state_dict(pipe, half: bool = False) -> Dict[str, torch.Tensor]:
 
 
 def _load_pipeline(folder: str):
-    from .families import load_base_pipeline
-
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise ValueError(f"{folder!r} is not a diffusers pipeline folder (no model_index.json): pass the erased "
                          "pipeline folder (written with --save_pipeline) or a loaded pipeline")
@@ -388,8 +388,6 @@ def save_kohya_lora(lora_file: str, unet_config: Mapping, path: Optional[str] = 
     """Write the diffusers-format LoRA ``lora_file`` (or the ``pytorch_lora_weights.safetensors`` in that folder)
     in kohya's layout, by default beside it as ``pytorch_lora_weights_kohya.safetensors``: the file to put in
     Automatic1111's ``models/Lora`` or ComfyUI's ``models/loras``. Returns the path written."""
-    from safetensors.torch import load_file
-
     if os.path.isdir(lora_file):
         lora_file = os.path.join(lora_file, DIFFUSERS_LORA_NAME)
     if not os.path.isfile(lora_file):

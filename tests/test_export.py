@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection
 
 from salun_diffusers import export
-from salun_diffusers.export import (KOHYA_LORA_NAME, save_kohya_lora, save_single_file, unet_to_original)
+from salun_diffusers.export import KOHYA_LORA_NAME, save_kohya_lora, save_single_file, unet_to_original
 from salun_diffusers.families import load_base_pipeline
 from salun_diffusers.lora import delta_to_lora, save_lora
 from salun_diffusers.testing import _text_config, get_dummy_components, save_dummy_pipeline
@@ -89,7 +89,7 @@ def test_from_single_file_reads_back_every_weight_bit_identical(sources, family,
         assert {f.get_slice(k).get_dtype() for k in keys} == {"F16" if half else "F32"}
         assert f.metadata()["salun_diffusers.family"] == family
     # the original layout's landmarks, the keys the UIs detect the model type by
-    assert "model.diffusion_model.input_blocks.0.0.weight" in keys and "first_stage_model.decoder.conv_in.weight" in keys
+    assert {"model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.decoder.conv_in.weight"} <= set(keys)
     text_key = {"sd1": "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
                 "sd2": "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
                 "sdxl": "conditioner.embedders.1.model.text_projection"}[family]
@@ -152,7 +152,8 @@ def test_kohya_lora_loads_to_the_same_weights_as_the_diffusers_lora(sources, fam
         keys = set(f.keys())
     assert len(keys) == 3 * stats["layers"]
     conv_in = "lora_unet_input_blocks_0_0" if family == "sdxl" else "lora_unet_conv_in"
-    resnet_conv = "lora_unet_input_blocks_1_0_in_layers_2" if family == "sdxl" else "lora_unet_down_blocks_0_resnets_0_conv1"
+    resnet_conv = ("lora_unet_input_blocks_1_0_in_layers_2" if family == "sdxl"
+                   else "lora_unet_down_blocks_0_resnets_0_conv1")
     for module in (conv_in, resnet_conv):
         assert {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"} <= keys
     fused = {}
