@@ -328,21 +328,16 @@ def save_single_file(pipe_or_folder, path: str, *, half: bool = False, overwrite
 
 
 # ------------------------------------------------------------------------------------------------------------ LoRA
-def _lora_rank_alpha(path: str) -> Dict[str, float]:
-    """``lora_alpha`` per module from a diffusers LoRA file's metadata, when it records one (else the rank is
-    used, diffusers' default)."""
+def _lora_alphas(path: str) -> Dict[str, float]:
+    """``{"*": lora_alpha}`` from a diffusers LoRA file's adapter metadata when it records one (else ``{}``: the
+    rank is the alpha, diffusers' default). Per-module patterns are refused rather than guessed."""
     with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    raw = meta.get("lora_adapter_metadata")
-    if not raw:
-        return {}
-    info = json.loads(raw)
-    out = {}
-    if "unet.lora_alpha" in info:
-        out["*"] = float(info["unet.lora_alpha"])
-    for module, alpha in (info.get("unet.alpha_pattern") or {}).items():
-        out[module] = float(alpha)
-    return out
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    info = json.loads(raw) if raw else {}
+    if info.get("unet.alpha_pattern") or info.get("unet.rank_pattern"):
+        raise ValueError(f"{path!r} sets per-module alpha/rank patterns, which this converter does not map: export "
+                         "the LoRA with one alpha for all modules")
+    return {"*": float(info["unet.lora_alpha"])} if info.get("unet.lora_alpha") is not None else {}
 
 
 def kohya_lora_state_dict(lora_state: Mapping[str, torch.Tensor], unet_config: Mapping,
@@ -394,7 +389,7 @@ def save_kohya_lora(lora_file: str, unet_config: Mapping, path: Optional[str] = 
         raise ValueError(f"no LoRA file at {lora_file!r}: export one first (--export_lora_rank)")
     path = path or os.path.join(os.path.dirname(os.path.abspath(lora_file)), KOHYA_LORA_NAME)
     _check_output(path, overwrite)
-    state = kohya_lora_state_dict(load_file(lora_file), unet_config, _lora_rank_alpha(lora_file))
+    state = kohya_lora_state_dict(load_file(lora_file), unet_config, _lora_alphas(lora_file))
     downs = [v for k, v in state.items() if k.endswith(".lora_down.weight")]
     metadata = {"format": "pt", "ss_network_module": "networks.lora",
                 "ss_network_dim": str(max((int(v.shape[0]) for v in downs), default=0))}

@@ -181,3 +181,35 @@ def test_kohya_lora_refuses_what_is_not_a_unet_lora(tmp_path):
         export.kohya_lora_state_dict({"unet.conv_in.lora_A.weight": torch.zeros(1, 4, 3, 3)}, config)
     with pytest.raises(ValueError, match="no LoRA file"):
         save_kohya_lora(str(tmp_path), config)
+
+
+def test_kohya_lora_keeps_an_alpha_recorded_in_the_diffusers_file(tmp_path):
+    """A diffusers LoRA saved with lora_alpha 4 at rank 2 (scale 2): the kohya file carries alpha 4 and fuses to the
+    same weights."""
+    from diffusers import StableDiffusionPipeline as SD
+
+    base = load_base_pipeline(DIGIT_SD)
+    erased = copy.deepcopy(base.unet)
+    with torch.no_grad():
+        erased.conv_in.weight.add_(0.1)
+        erased.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight.add_(0.1)
+    state, _ = delta_to_lora(base.unet, erased, rank=2)
+    SD.save_lora_weights(str(tmp_path), unet_lora_layers=state, safe_serialization=True,
+                         unet_lora_adapter_metadata={"r": 2, "lora_alpha": 4, "target_modules": ["conv_in", "to_k"]})
+    path = save_kohya_lora(str(tmp_path), base.unet.config)
+    with safe_open(path, "pt") as f:
+        assert {float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha")} == {4.0}
+    fused = []
+    for name in ("pytorch_lora_weights.safetensors", KOHYA_LORA_NAME):
+        pipe = load_base_pipeline(DIGIT_SD)
+        pipe.load_lora_weights(str(tmp_path), weight_name=name)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        fused.append(pipe.unet.conv_in.weight.detach().clone())
+    assert torch.equal(fused[0], fused[1])
+    # scale alpha / rank = 2: the fused change is twice the delta, up to float32 rounding: the SVD's (backward error
+    # ~ eps * |delta|_F, doubled by the scale) and that of W + 2 * BA and of the difference (~ eps * |W|)
+    delta = 0.1 * torch.ones_like(fused[0])
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(fused[0] - base.unet.conv_in.weight, 2 * delta, rtol=0,
+                               atol=4 * eps * (2 * float(delta.norm()) + float(fused[0].abs().max())))
