@@ -263,12 +263,11 @@ def single_file_family(pipe) -> str:
     return "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
 
 
-def original_state_dict(pipe, half: bool = False) -> Dict[str, torch.Tensor]:
-    """The whole pipeline's weights (U-Net, VAE, text encoder(s)) in the original single-file layout; floating
-    tensors cast to float16 when ``half``."""
+def original_layout(pipe) -> Dict[str, torch.Tensor]:
+    """The pipeline's U-Net, VAE and text encoder(s) under their original single-file keys (tensors as they are:
+    same device and dtype, q/k/v concatenated for OpenCLIP)."""
     family = single_file_family(pipe)
-    unet_state = pipe.unet.state_dict()
-    parts = [(UNET_PREFIX, unet_to_original(unet_state, pipe.unet.config)),
+    parts = [(UNET_PREFIX, unet_to_original(pipe.unet.state_dict(), pipe.unet.config)),
              (VAE_PREFIX, vae_to_original(pipe.vae.state_dict(), pipe.vae.config))]
     if family == "sd1":
         parts.append((SD1_TEXT_PREFIX, clip_to_original(pipe.text_encoder.state_dict())))
@@ -277,13 +276,17 @@ def original_state_dict(pipe, half: bool = False) -> Dict[str, torch.Tensor]:
     else:
         parts.append((SDXL_TEXT_PREFIXES[0], clip_to_original(pipe.text_encoder.state_dict())))
         parts.append((SDXL_TEXT_PREFIXES[1], openclip_to_original(pipe.text_encoder_2.state_dict())))
+    return {prefix + key: value for prefix, state in parts for key, value in state.items()}
+
+
+def original_state_dict(pipe, half: bool = False) -> Dict[str, torch.Tensor]:
+    """:func:`original_layout` on the CPU, contiguous, floating tensors cast to float16 when ``half``."""
     out = {}
-    for prefix, state in parts:
-        for key, value in state.items():
-            value = value.detach().to("cpu")
-            if half and value.is_floating_point():
-                value = value.to(torch.float16)
-            out[prefix + key] = value.contiguous()
+    for key, value in original_layout(pipe).items():
+        value = value.detach().to("cpu")
+        if half and value.is_floating_point():
+            value = value.to(torch.float16)
+        out[key] = value.contiguous()
     return out
 
 

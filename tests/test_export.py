@@ -213,3 +213,71 @@ def test_kohya_lora_keeps_an_alpha_recorded_in_the_diffusers_file(tmp_path):
     eps = torch.finfo(torch.float32).eps
     torch.testing.assert_close(fused[0] - base.unet.conv_in.weight, 2 * delta, rtol=0,
                                atol=4 * eps * (2 * float(delta.norm()) + float(fused[0].abs().max())))
+
+
+# Full-size SD 1.5 / SD 2.1 / SDXL-base shapes, built on the meta device (no memory, no weights): the key layout the
+# UIs read at real scale, checked by diffusers' own model-type detection and single-file converters.
+_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+_SD1_UNET = dict(cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+_SD2_UNET = dict(_SD1_UNET, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)
+_SDXL_UNET = dict(block_out_channels=[320, 640, 1280], cross_attention_dim=2048, attention_head_dim=[5, 10, 20],
+                  transformer_layers_per_block=[1, 2, 10], use_linear_projection=True, addition_embed_type="text_time",
+                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+               hidden_act="quick_gelu")
+_OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+                   hidden_act="gelu")
+_OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                      hidden_act="gelu", projection_dim=1280)
+_FULL = {"sd1": (_SD1_UNET, _CLIP_L, None, "v1"), "sd2": (_SD2_UNET, _OPENCLIP_H, None, "v2"),
+         "sdxl": (_SDXL_UNET, _CLIP_L, _OPENCLIP_BIGG, "xl_base")}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_full_size_layout_is_what_diffusers_detects_and_converts_back(family):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
+                                                         _maybe_map_sgm_blocks_to_diffusers)
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
+                                                     infer_diffusers_model_type)
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_config, te_config, te2_config, model_type = _FULL[family]
+    with torch.device("meta"):
+        pipe = types.SimpleNamespace(
+            unet=UNet2DConditionModel(**unet_config), vae=AutoencoderKL(**_VAE),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**te_config)),
+            text_encoder_2=te2_config and CLIPTextModelWithProjection(CLIPTextConfig(**te2_config)))
+    layout = export.original_layout(pipe)
+    assert infer_diffusers_model_type(layout) == model_type
+
+    def same(converted, module):
+        expected = {k.removeprefix("text_model."): v for k, v in module.state_dict().items()}
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+        assert set(converted) == set(expected)
+        assert all(converted[k].shape == expected[k].shape for k in expected)
+
+    same(convert_ldm_unet_checkpoint(layout, pipe.unet.config), pipe.unet)
+    same(convert_ldm_vae_checkpoint(layout, pipe.vae.config), pipe.vae)
+    if family == "sd2":
+        same(convert_open_clip_checkpoint(pipe.text_encoder, layout, prefix=export.SD2_TEXT_PREFIX), pipe.text_encoder)
+    else:
+        same(convert_ldm_clip_checkpoint(layout), pipe.text_encoder)
+    if family == "sdxl":
+        same(convert_open_clip_checkpoint(pipe.text_encoder_2, layout, prefix=export.SDXL_TEXT_PREFIXES[1]),
+             pipe.text_encoder_2)
+    # kohya names for every Linear / Conv2d of the U-Net map back to the same modules through diffusers' reader
+    modules = {n for n, m in pipe.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    lora = {f"unet.{n}.lora_{ab}.weight": torch.empty(2, 2, device="meta") for n in modules for ab in "AB"}
+    kohya = _maybe_map_sgm_blocks_to_diffusers(export.kohya_lora_state_dict(lora, pipe.unet.config),
+                                               pipe.unet.config)
+    back, _ = _convert_non_diffusers_lora_to_diffusers(kohya)
+    back = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in back.items()})
+    assert {k.rsplit(".lora_", 1)[0] for k in back} == modules
