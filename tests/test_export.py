@@ -195,7 +195,8 @@ def test_kohya_lora_keeps_an_alpha_recorded_in_the_diffusers_file(tmp_path):
         erased.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight.add_(0.1)
     state, _ = delta_to_lora(base.unet, erased, rank=2)
     SD.save_lora_weights(str(tmp_path), unet_lora_layers=state, safe_serialization=True,
-                         unet_lora_adapter_metadata={"r": 2, "lora_alpha": 4, "target_modules": ["conv_in", "to_k"]})
+                         unet_lora_adapter_metadata={"r": 2, "lora_alpha": 4, "target_modules": [
+                             "conv_in", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"]})
     path = save_kohya_lora(str(tmp_path), base.unet.config)
     with safe_open(path, "pt") as f:
         assert {float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha")} == {4.0}
