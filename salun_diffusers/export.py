@@ -301,7 +301,8 @@ def _check_output(path: str, overwrite: bool, suffix: str = ".safetensors") -> N
     if not path.endswith(suffix):
         raise ValueError(f"the output file {path!r} must end in {suffix} (the UIs pick checkpoints by extension)")
     if os.path.exists(path) and not overwrite:
-        raise ValueError(f"{path!r} already exists: pass overwrite=True (--overwrite) or choose another file name")
+        raise ValueError(f"{path!r} already exists: pass overwrite=True (--overwrite_output_dir) or choose another file "
+                         "name")
 
 
 def save_single_file(pipe_or_folder, path: str, *, half: bool = False, overwrite: bool = False) -> str:
@@ -314,7 +315,7 @@ def save_single_file(pipe_or_folder, path: str, *, half: bool = False, overwrite
     family = single_file_family(pipe)
     tensors = original_state_dict(pipe, half=half)
     scheduler = getattr(pipe, "scheduler", None)
-    prediction = getattr(getattr(scheduler, "config", None), "get", lambda *_: None)("prediction_type")
+    prediction = scheduler.config.get("prediction_type") if scheduler is not None else None
     metadata = {"format": "pt", "salun_diffusers.family": family, "salun_diffusers.dtype": str(
         torch.float16 if half else pipe.unet.dtype)}
     if prediction:
