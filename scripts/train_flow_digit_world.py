@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: the U-Net world's trainer
 
 from salun_diffusers.data import load_mnist  # noqa: E402
 from salun_diffusers.digits import (  # noqa: E402
@@ -43,7 +44,7 @@ from salun_diffusers.flow_matching import (  # noqa: E402
 from salun_diffusers.tokenizer import build_word_tokenizer  # noqa: E402
 from salun_diffusers.utils import write_json  # noqa: E402
 
-from train_digit_world import (  # noqa: E402  (scripts/ is on sys.path when this file runs)
+from train_digit_world import (  # noqa: E402
     PROMPT_WORDS, cosine_lr, dir_size, ema_update, encode_latents, n_params, replace_dir)
 
 logger = logging.getLogger("train_flow_digit_world")
@@ -59,11 +60,15 @@ class FlowDigitWorldConfig:
         "help": "Folder receiving digit-sd3/ and digit-sd3-metrics.json (replaced if present)."})
     mnist_dir: Optional[str] = field(default=None, metadata={
         "help": "Folder with t10k-images-idx3-ubyte.gz / t10k-labels-idx1-ubyte.gz (default ../shared/data/mnist)."})
+    max_images: Optional[int] = field(default=None, metadata={
+        "help": "Use only the first N digits (smoke tests); default all 10,000."})
     vae_dir: str = field(default=os.path.join(DIGIT_PIPELINE_DIR, "vae"), metadata={
         "help": "AutoencoderKL reused (default: the U-Net digit world's)."})
     judge_dir: str = field(default=os.path.join(ASSETS_DIR, "digit-judge"), metadata={"help": "Digit judge."})
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, batches, sigmas and noise."})
     num_threads: int = field(default=1, metadata={"help": "torch CPU threads."})
+    device: str = field(default="cpu", metadata={
+        "help": "Torch device (the shipped world is trained on CPU; cuda only speeds up size/steps searches)."})
     text_max_length: int = field(default=16, metadata={
         "help": "CLIP tokenizer model_max_length (same vocabulary as digit-sd's tokenizer; prompts are 6 tokens)."})
     # model size
@@ -129,11 +134,12 @@ def train(cfg, pipe, x0_mean, x0_std, labels, gen):
         idx = perm[pos:pos + cfg.batch_size]
         pos += cfg.batch_size
         b = len(idx)
-        x0 = model_latents(pipe.vae, x0_mean[idx] + x0_std[idx] * torch.randn(x0_mean[idx].shape, generator=gen))
-        prompt_idx = torch.where(torch.rand(b, generator=gen) < cfg.cond_dropout, 10, labels[idx])
+        eps = torch.randn(x0_mean[idx].shape, generator=gen).to(cfg.device)  # drawn on CPU: same on any device
+        x0 = model_latents(pipe.vae, x0_mean[idx] + x0_std[idx] * eps)
+        prompt_idx = torch.where(torch.rand(b, generator=gen) < cfg.cond_dropout, 10, labels[idx]).to(cfg.device)
         cond = encode_flow_prompts(pipe, prompts, max_sequence_length=SD3_MAX_SEQUENCE_LENGTH).index(prompt_idx)
-        noise = torch.randn(x0.shape, generator=gen)
-        sigmas = sample_sigmas(pipe.scheduler, b, generator=gen, scheme=cfg.sigma_scheme)
+        noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
+        sigmas = sample_sigmas(pipe.scheduler, b, generator=gen, scheme=cfg.sigma_scheme, device=cfg.device)
         pred = predict_velocity(pipe, noisy_latents(x0, noise, sigmas), sigmas, cond)
         loss = flow_matching_loss(pred, x0, noise)
         opt.zero_grad(set_to_none=True)
@@ -161,18 +167,20 @@ def main(argv=None) -> dict:
     times, t_start = {}, time.perf_counter()
 
     raw, labels_np = load_mnist(cfg.mnist_dir, split="test")
-    images, labels = mnist_images(raw), torch.from_numpy(labels_np)
+    images, labels = mnist_images(raw[:cfg.max_images]), torch.from_numpy(labels_np[:cfg.max_images])
     vae = AutoencoderKL.from_pretrained(cfg.vae_dir).eval()
     vae.register_to_config(shift_factor=0.0)  # SD3 decodes z / scaling_factor + shift_factor
     vae.requires_grad_(False)
     lat_mean, lat_std = encode_latents(vae, images)
+    vae.to(cfg.device)
+    lat_mean, lat_std = lat_mean.to(cfg.device), lat_std.to(cfg.device)
     times["encode_s"] = time.perf_counter() - t_start
     logger.info("MNIST: %d digits encoded to latents %s in %.0fs", len(labels), tuple(lat_mean.shape[1:]),
                 times["encode_s"])
 
     tok_dir = tempfile.mkdtemp(prefix="salun-sd3-tok-")
     tokenizer = build_word_tokenizer(PROMPT_WORDS, tok_dir, model_max_length=cfg.text_max_length)
-    pipe = build_pipeline(cfg, tokenizer, vae)
+    pipe = build_pipeline(cfg, tokenizer, vae).to(cfg.device)
     pipe.set_progress_bar_config(disable=True)
 
     t0 = time.perf_counter()
@@ -194,12 +202,13 @@ def main(argv=None) -> dict:
                                  model_max_length=cfg.text_max_length)
         replace_dir(os.path.join(tmp_root, "digit-sd3"), out_dir)
         shutil.rmtree(tmp_root)
-        pipe = StableDiffusion3Pipeline.from_pretrained(out_dir)  # judge what was saved
+        pipe = StableDiffusion3Pipeline.from_pretrained(  # judge what was saved (no T5: pass None)
+            out_dir, text_encoder_3=None, tokenizer_3=None).to(cfg.device)
         pipe.set_progress_bar_config(disable=True)
     shutil.rmtree(tok_dir)
 
     t0 = time.perf_counter()
-    judge = DigitJudge.from_pretrained(cfg.judge_dir)
+    judge = DigitJudge.from_pretrained(cfg.judge_dir, device=cfg.device)
     quality = judge_accuracy(pipe, judge, n_per_digit=cfg.eval_n_per_digit, seed=cfg.seed, batch_size=100,
                              **SD3_DIGIT_SAMPLING)
     times["quality_eval_s"] = time.perf_counter() - t0
