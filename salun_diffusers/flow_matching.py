@@ -20,7 +20,6 @@ scaling_factor``); :func:`predict_velocity` unpacks FLUX's output back to that l
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
@@ -28,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["FLOW_FAMILIES", "FlowConditioning", "compute_mu", "encode_flow_prompts", "flow_family",
-           "flow_matching_loss", "image_seq_len", "model_latents", "noisy_latents", "pack_flux_latents",
-           "predict_velocity", "sample_sigmas", "shift_sigmas", "transformer_kwargs", "unpack_flux_latents",
-           "velocity_target"]
+           "flow_matching_loss", "flux_image_ids", "image_seq_len", "model_latents", "noisy_latents",
+           "pack_flux_latents", "pipeline_mu", "predict_velocity", "sample_sigmas", "shift_sigmas",
+           "transformer_kwargs", "unpack_flux_latents", "velocity_target"]
 
 FLOW_FAMILIES = ("sd3", "flux")
 SIGMA_SCHEMES = ("logit_normal", "uniform")
@@ -61,6 +60,14 @@ def compute_mu(scheduler, seq_len: int) -> float:
     base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
     m = (max_shift - base_shift) / (max_len - base_len)
     return seq_len * m + (base_shift - m * base_len)
+
+
+def pipeline_mu(pipe, height: int, width: int) -> Optional[float]:
+    """The ``mu`` the pipeline samples a ``height`` x ``width`` latent with: FLUX's :func:`compute_mu` of the image
+    sequence length when the scheduler uses dynamic shifting, else None (SD3's static ``shift``)."""
+    if not pipe.scheduler.config.get("use_dynamic_shifting"):
+        return None
+    return compute_mu(pipe.scheduler, image_seq_len(pipe, height, width))
 
 
 def shift_sigmas(scheduler, sigmas: torch.Tensor, mu: Optional[float] = None) -> torch.Tensor:
@@ -221,8 +228,3 @@ def predict_velocity(pipe, latents: torch.Tensor, sigmas: torch.Tensor, cond: Fl
         out = unpack_flux_latents(out, *latents.shape[-2:])
     return out
 
-
-def logit_normal_density(sigmas: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """Density of the logit-normal distribution at ``sigmas`` (before shifting), for plots and checks."""
-    logit = torch.log(sigmas / (1 - sigmas))
-    return torch.exp(-0.5 * ((logit - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi) * sigmas * (1 - sigmas))

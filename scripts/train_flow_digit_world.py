@@ -77,7 +77,7 @@ class FlowDigitWorldConfig:
     head_dim: int = field(default=16, metadata={"help": "Attention head dimension."})
     text_hidden: int = field(default=32, metadata={"help": "Hidden size of each CLIP text encoder."})
     # training
-    steps: int = field(default=1500, metadata={"help": "Optimisation steps."})
+    steps: int = field(default=1800, metadata={"help": "Optimisation steps."})
     batch_size: int = field(default=64, metadata={"help": "Batch size."})
     lr: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW, warmup + cosine)."})
     ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the saved weights."})

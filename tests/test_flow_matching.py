@@ -6,8 +6,8 @@ import torch
 
 from salun_diffusers.flow_matching import (
     compute_mu, encode_flow_prompts, flow_family, flow_matching_loss, image_seq_len, model_latents, noisy_latents,
-    pack_flux_latents, predict_velocity, sample_sigmas, shift_sigmas, transformer_kwargs, unpack_flux_latents,
-    velocity_target)
+    pack_flux_latents, pipeline_mu, predict_velocity, sample_sigmas, shift_sigmas, transformer_kwargs,
+    unpack_flux_latents, velocity_target)
 from salun_diffusers.testing_flow import build_t5_tokenizer, get_flow_pipeline
 
 PROMPT = "a photo of cat"
@@ -132,6 +132,7 @@ def _identity(x):
 
 def test_sd3_kwargs_match_pipeline_call(sd3):
     assert flow_family(sd3) == "sd3" and image_seq_len(sd3, 8, 8) == 16  # 2x2 patches
+    assert pipeline_mu(sd3, 8, 8) is None  # static shift
     calls = _capture_pipeline_calls(sd3, guidance_scale=1.0)  # no CFG: one conditional call per step
     _check_against_pipeline(sd3, calls, _identity)
     # the shift (3.0, static) is what the pipeline's schedule used
@@ -146,6 +147,7 @@ def test_flux_kwargs_match_pipeline_call(flux):
                             guidance_scale=3.5 if distilled else None)
     # the dynamic shift: mu from the packed sequence length (4x4 = 16 tokens), as FluxPipeline computes it
     mu = compute_mu(flux.scheduler, image_seq_len(flux, 8, 8))
+    assert pipeline_mu(flux, 8, 8) == mu and image_seq_len(flux, 8, 8) == 16
     base = torch.from_numpy(np.linspace(1.0, 1 / 3, 3))
     torch.testing.assert_close(shift_sigmas(flux.scheduler, base, mu=mu).float(), flux.scheduler.sigmas[:-1])
     if distilled:
@@ -163,8 +165,7 @@ def test_training_step_reaches_transformer_and_text_encoders(family):
         x0 = model_latents(pipe.vae, pipe.vae.encode(images).latent_dist.mean)
     torch.testing.assert_close(x0, (pipe.vae.encode(images).latent_dist.mean - 0.1) * 1.5)
     noise = torch.randn(x0.shape, generator=gen)
-    mu = compute_mu(pipe.scheduler, image_seq_len(pipe, 8, 8)) if family == "flux" else None
-    sigmas = sample_sigmas(pipe.scheduler, 2, generator=gen, mu=mu)
+    sigmas = sample_sigmas(pipe.scheduler, 2, generator=gen, mu=pipeline_mu(pipe, 8, 8))
     cond = encode_flow_prompts(pipe, [PROMPT, ""], max_sequence_length=T5_LEN)
     loss = flow_matching_loss(predict_velocity(pipe, noisy_latents(x0, noise, sigmas), sigmas, cond), x0, noise)
     loss.backward()
