@@ -15,7 +15,11 @@ pipeline's own ``encode_prompt``, and an EMA of the weights. The digits are then
 (``StableDiffusion3Pipeline.save_pretrained``) and ``digit-sd3-metrics.json``.
 
 Sampling must pass ``max_sequence_length`` (the T5 length, 256 by default in the pipeline) as trained: the zero T5
-tokens take part in the joint attention, so their count matters (``SD3_DIGIT_SAMPLING`` has it).
+tokens take part in the joint attention, so their count matters (``SD3_DIGIT_SAMPLING`` has it; measured on the
+shipped world, 10 images per digit: 100% judged right at 8 (and at 1), 66% mean / 10% worst digit at the default 256).
+
+Shipped world (seed 0, defaults): 1800 steps in 1221 s of training on 1 thread beside other jobs (22 min in all),
+500/500 generated digits judged right; 3.6 MB.
 """
 
 from __future__ import annotations
