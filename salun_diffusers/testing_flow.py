@@ -35,13 +35,19 @@ def _flow_vae(seed: int):
 
 
 def build_t5_tokenizer(words=TEST_WORDS, save_directory: Optional[str] = None):
-    """A ``T5TokenizerFast`` (unigram, one piece per listed word, ``<pad>``=0, ``</s>``=1, ``<unk>``=2) built offline;
-    saved to ``save_directory`` when given."""
+    """A ``T5TokenizerFast`` (unigram, one piece per listed word, ``<pad>``=0, ``</s>``=1, ``<unk>``=2, ``</s>``
+    appended) built offline from a ``tokenizers`` object; saved to ``save_directory`` when given."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [("\u2581" + w, -1.0) for w in dict.fromkeys(w.lower() for w in words)]
-    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0)
     if save_directory:
         tokenizer.save_pretrained(save_directory)
     return tokenizer

@@ -81,8 +81,11 @@ def test_pack_roundtrip_and_family():
         flow_family(get_dummy_pipeline())
 
 
-def test_t5_tokenizer_built_offline():
-    tok = build_t5_tokenizer()
+def test_t5_tokenizer_built_offline(tmp_path):
+    from transformers import T5TokenizerFast
+
+    tok = build_t5_tokenizer(save_directory=str(tmp_path))
+    assert T5TokenizerFast.from_pretrained(str(tmp_path))(PROMPT).input_ids == tok(PROMPT).input_ids
     ids = tok(["a photo of cat"], padding="max_length", max_length=T5_LEN, truncation=True, return_tensors="pt")
     assert ids.input_ids.shape == (1, T5_LEN)
     assert ids.input_ids[0, 4].item() == tok.eos_token_id and ids.input_ids[0, -1].item() == tok.pad_token_id
