@@ -8,7 +8,7 @@ from salun_diffusers.flow_matching import (
     compute_mu, encode_flow_prompts, flow_family, flow_matching_loss, image_seq_len, model_latents, noisy_latents,
     pack_flux_latents, pipeline_mu, predict_velocity, sample_sigmas, shift_sigmas, transformer_kwargs,
     unpack_flux_latents, velocity_target)
-from salun_diffusers.testing_flow import build_t5_tokenizer, get_flow_pipeline
+from salun_diffusers.testing import build_t5_tokenizer, get_flow_pipeline
 
 PROMPT = "a photo of cat"
 T5_LEN = 8

@@ -36,9 +36,10 @@ COMPONENTS, SIDEWAYS, ROOT = "components", "sideways", "__init__"
 LAYERS: List[dict] = [
     {"name": "base", COMPONENTS: {"utils"}, SIDEWAYS: "free"},
     {"name": "core", COMPONENTS: {"concepts", "config", "families", "masking", "objectives", "delta", "saliency",
-                                  "tokenizer", "data", "data_cache", "digits", "hub", "lora", "runs", "testing"},
+                                  "tokenizer", "data", "data_cache", "digits", "hub", "lora", "runs", "testing",
+                                  "flow_matching", "provenance"},
      SIDEWAYS: "free"},
-    {"name": "loaders", COMPONENTS: {"loaders", "pipelines"}, SIDEWAYS: "free"},
+    {"name": "loaders", COMPONENTS: {"loaders", "pipelines", "export"}, SIDEWAYS: "free"},
     {"name": "components", COMPONENTS: {"erasure", "attacks", "evaluation", "classification", "reporting"},
      SIDEWAYS: {("attacks", "evaluation"), ("erasure", "attacks"), ("erasure", "evaluation")}},
     {"name": "facade", COMPONENTS: {"erase", ROOT}, SIDEWAYS: "free"},
