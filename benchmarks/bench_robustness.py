@@ -7,7 +7,7 @@
 
 For every digit: the base model, the default SalUn erasure (``salun_diffusers.erase``, mask ratio 0.5) and the
 ``--adversarial`` erasure (same recipe plus the inner attack), each attacked by the project's three attacks through
-``salun_diffusers.attacks.cli.run_attack`` (what ``salun-attack`` runs: per prompt row, a target image drawn by the
+``salun_diffusers.attacks.runner.run_attack`` (what ``salun-attack`` runs: per prompt row, a target image drawn by the
 base model from the digit's prompt and the row's seed, the attack against the attacked model's own denoising loss, the
 image drawn again from the adversarial conditioning with the same seed, the bundled digit judge; a row succeeds when
 the image before or after the attack shows the digit). The base model is attacked from a neutral prompt
@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from salun_diffusers.attacks import DEFAULT_STEPS  # noqa: E402
-from salun_diffusers.attacks.cli import AttackConfig, run_attack  # noqa: E402
+from salun_diffusers.attacks.config import AttackConfig  # noqa: E402
+from salun_diffusers.attacks.runner import run_attack  # noqa: E402
 from salun_diffusers.concepts import DIGIT_WORDS  # noqa: E402
 from salun_diffusers.config import EraseConfig  # noqa: E402
 from salun_diffusers.delta import WEIGHTS_NAME  # noqa: E402

@@ -5,7 +5,9 @@
     from salun_diffusers.pipelines import StableDiffusionErasedPipeline
 """
 
-__version__ = "0.1.0"
+import logging
+import warnings
+
 
 
 def _quiet_unactionable_notices() -> None:
@@ -17,9 +19,6 @@ def _quiet_unactionable_notices() -> None:
     * huggingface_hub: "The `local_dir_use_symlinks` argument is deprecated", which diffusers' own config loader
       passes when a pipeline is loaded by hub id.
     """
-    import logging
-    import warnings
-
     class _Filter(logging.Filter):
         def filter(self, record):
             return "requires torchvision (not installed); falling back to" not in record.getMessage()
@@ -31,6 +30,7 @@ def _quiet_unactionable_notices() -> None:
 
 _quiet_unactionable_notices()
 
+from .utils import __version__  # noqa: E402,F401
 from .config import EraseConfig  # noqa: E402,F401
 from .loaders import (ErasureLoaderMixin, fuse_erasure, get_erasure_metadata, get_loaded_erasures,  # noqa: E402,F401
                       load_erasure, set_erasure_scale, unload_erasure)

@@ -57,6 +57,16 @@ def digit_prompt(d: int) -> str:
 # the official SD optimiser: torch.optim.Adam(lr=1e-5), batch 8, no clipping (SD/train-scripts/nsfw_removal.py:73,
 # random_label.py:56); AdamW with weight decay 0 is exactly Adam
 OFFICIAL_OPTIMIZER = {"train_batch_size": 8, "learning_rate": 1e-5, "adam_weight_decay": 0.0, "max_grad_norm": 0.0}
+# the official SD recipe for every field a preset leaves unset (SD/train-scripts/nsfw_removal.py); steps: epochs if
+# given (preset or flag), else the official nudity run's 100 optimizer steps
+RECIPE_FALLBACKS = {"num_forget_images": 64, "num_retain_images": 64, **OFFICIAL_OPTIMIZER, "alpha": 0.1,
+                    "data_num_inference_steps": 50, "data_guidance_scale": 7.5}
+DEFAULT_MAX_TRAIN_STEPS = 100
+
+
+def preset_defaults(spec: "ConceptSpec") -> Dict[str, object]:
+    """The EraseConfig defaults of a concept: its preset's, then :data:`RECIPE_FALLBACKS` for the rest."""
+    return {**RECIPE_FALLBACKS, **spec.defaults}
 
 
 def _presets() -> Dict[str, ConceptSpec]:
@@ -270,9 +280,10 @@ def joint_defaults(members: Sequence[ConceptSpec], n_retain_prompts: int) -> Dic
     k = len(members)
     steps = base.pop("max_train_steps", None)
     epochs = base.pop("num_train_epochs", None)
+    recipe = {**RECIPE_FALLBACKS, **base}
     if steps is None and epochs:
-        steps = int(epochs) * -(-int(base.get("num_forget_images", 64)) // int(base.get("train_batch_size", 8)))
-    steps = 100 if steps is None else steps  # the official nudity run's steps where no preset says
+        steps = int(epochs) * -(-int(recipe["num_forget_images"]) // int(recipe["train_batch_size"]))
+    steps = DEFAULT_MAX_TRAIN_STEPS if steps is None else steps
     base["max_train_steps"] = int(math.ceil(int(steps) * (1 + 0.5 * (k - 1))))
     rates = [c.defaults["num_retain_images"] / max(1, len(c.retain_prompts)) for c in members
              if "num_retain_images" in c.defaults]

@@ -7,14 +7,17 @@ Fields left at ``None`` take the concept preset's default (see :mod:`salun_diffu
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 from dataclasses import dataclass, fields
 from typing import List, Optional, Union
 
-from .concepts import AnySpec, concept_from_row, resolve_concepts
-from .cli_args import flag_field
-from .utils import JsonConfigMixin
+from diffusers.optimization import SchedulerType
+
+from .concepts import DEFAULT_MAX_TRAIN_STEPS, AnySpec, concept_from_row, preset_defaults, resolve_concepts
+from .utils import JsonConfigMixin, flag_field
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -147,21 +150,22 @@ class EraseConfig(JsonConfigMixin):
     verdict_images: int = _f(50, "Digit model only: images per digit the bundled judge scores before/after (0: skip).")
 
     def __post_init__(self):
+        """Types, ranges and the preset merge only: the config never reads the disk (input paths are checked by
+        :func:`salun_diffusers.erasure.outputs.check_before_compute`, so a saved ``train_config.json`` loads on any
+        machine)."""
         self._normalize_concepts()
         spec = self.concept_spec()
         epochs_given = self.num_train_epochs is not None and self.max_train_steps is None
-        for key, value in spec.defaults.items():
+        for key, value in preset_defaults(spec).items():
             if getattr(self, key) is None and not (epochs_given and key == "max_train_steps"):
                 setattr(self, key, value)
-        # the official SD recipe where no preset says otherwise (SD/train-scripts/nsfw_removal.py)
-        fallbacks = {"num_forget_images": 64, "num_retain_images": 64, "train_batch_size": 8, "learning_rate": 1e-5,
-                     "alpha": 0.1, "adam_weight_decay": 0.0, "max_grad_norm": 0.0,
-                     "data_num_inference_steps": 50, "data_guidance_scale": 7.5}
-        for key, value in fallbacks.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        if self.max_train_steps is None:  # no preset steps: epochs if given, else the official nudity run's 100
-            self.max_train_steps = self._epoch_steps(self.num_train_epochs) if self.num_train_epochs else 100
+        if self.max_train_steps is None and not self.num_train_epochs:
+            self.max_train_steps = DEFAULT_MAX_TRAIN_STEPS
+        elif self.max_train_steps is None and not self.forget_data_dir and not any(c.forget_data_dir
+                                                                                  for c in spec.concepts):
+            forget = self.num_forget_images * len(spec.concepts)  # every concept's generated forget images
+            self.max_train_steps = max(1, self.num_train_epochs) * -(-forget // self.train_batch_size)
+        # else: epochs over a forget folder; erasure.data.resolve_epoch_steps counts its images before the run
         if self.saliency_batch_size is None:
             self.saliency_batch_size = self.train_batch_size
         if self.pretrained_model_name_or_path is None and spec.needs_sd:
@@ -173,23 +177,14 @@ class EraseConfig(JsonConfigMixin):
                                  or self.adversarial_lr <= 0 or self.adversarial_weight < 0):
             raise ValueError("--adversarial needs --adversarial_every >= 1, --adversarial_steps >= 1, "
                              "--adversarial_lr > 0 and --adversarial_weight >= 0")
-        if not self.save_merged_unet:
-            self.save_pipeline = "none"  # no merged U-Net, no pipeline folder: the erasure file alone
         if self.save_pipeline not in ("link", "copy", "none"):
             raise ValueError(f"--save_pipeline must be link, copy or none, got {self.save_pipeline!r}")
-        for name in ("forget_data_dir", "retain_data_dir", "mask_path"):
-            path = getattr(self, name)
-            if path is not None and not os.path.exists(path):
-                raise ValueError(f"--{name} {path!r} does not exist")
-
-    def _epoch_steps(self, epochs: int) -> int:
-        """Steps of ``epochs`` passes over the forget images (batch ``train_batch_size``), like the official loop."""
-        n = self.num_forget_images
-        if self.forget_data_dir and os.path.isdir(self.forget_data_dir):
-            from .erasure.data import IMAGE_EXTENSIONS
-
-            n = sum(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(self.forget_data_dir)) or n
-        return max(1, epochs) * -(-n // self.train_batch_size)
+        # Rule (documented in --save_merged_unet's help): a pipeline folder needs the merged U-Net, so without it the
+        # output is the erasure file alone, whatever --save_pipeline says
+        if not self.save_merged_unet and self.save_pipeline != "none":
+            logger.info("--no-save_merged_unet: --save_pipeline %s becomes none (a pipeline folder needs the merged "
+                        "U-Net)", self.save_pipeline)
+            self.save_pipeline = "none"
 
     def to_dict(self) -> dict:
         """All fields, except the hub token (never written to train_config.json, metadata or trackers)."""
@@ -271,8 +266,6 @@ def check_values(config) -> None:
         raise ValueError(f"--resolution must be a multiple of 8 (the VAE's scale), got {config.resolution}")
     if not str(config.output_dir or "").strip():
         raise ValueError("--output_dir must not be empty")
-    from diffusers.optimization import SchedulerType
-
     names = [t.value for t in SchedulerType]
     if config.lr_scheduler not in names:
         raise ValueError(f"--lr_scheduler {config.lr_scheduler!r} is not a diffusers scheduler; use one of {names}")

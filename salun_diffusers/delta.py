@@ -23,9 +23,12 @@ from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
 
 import torch
+from huggingface_hub import hf_hub_download
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .masking import pack_mask, unpack_mask
-from .utils import SEAL_KEY, check_seal, seal_header
+from .utils import SEAL_KEY, atomic_path, check_seal, seal_header, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +161,6 @@ def build_delta(model: torch.nn.Module, mask: Mapping[str, torch.Tensor], config
 
 def save_delta(delta: ErasureDelta, directory: str) -> str:
     """Write ``erasure.safetensors`` and ``erasure_config.json`` into ``directory`` (atomically). Returns the file."""
-    from safetensors.torch import save_file
-
-    from .utils import atomic_path, write_json
-
     tensors = {}
     packed = pack_mask(delta.mask)
     for name in delta.values:
@@ -200,7 +199,6 @@ def _resolve_file(source: str, revision: Optional[str] = None, subfolder: Option
     looks_like_hub_id = source.count("/") <= 1 and not source.startswith((".", "/", "~"))
     if source.endswith(".safetensors") or not looks_like_hub_id:
         raise FileNotFoundError(f"erasure {source!r} does not exist (not a file, folder or hub id)")
-    from huggingface_hub import hf_hub_download
 
     try:
         return hf_hub_download(source, WEIGHTS_NAME, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
@@ -221,8 +219,6 @@ def read_delta(source, *, metadata: Optional[Mapping] = None, revision: Optional
         meta = dict(metadata or {})
         what = "the erasure passed in memory"
     else:
-        from safetensors import safe_open
-
         path = _resolve_file(str(source), revision, subfolder, cache_dir)
         try:
             with safe_open(path, framework="pt") as f:

@@ -21,18 +21,21 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration
 
 from .config import EraseConfig
 from .delta import base_values_digest
 from .erasure.adversarial import make_adversary
 from .erasure.checkpoints import resolve_resume
-from .erasure.data import ConceptData, base_model_id, load_pipeline, prepare_data  # noqa: F401  (re-exported)
+from .erasure.data import prepare_data, resolve_epoch_steps
 from .erasure.outputs import check_before_compute, check_output_dir, output_lock, remove_partial_outputs, write_outputs
 from .erasure.saliency import compute_or_load_mask
 from .erasure.stacking import erased_base_lineage
-from .erasure.training import train, training_scheduler
+from .erasure.training import train
 from .erasure.validation import validation_hook
-from .families import SD, SDXL, check_fits, pipeline_class_name, text_encoders
+from .families import (SD, check_fits, load_erasure_base, pipeline_class_name, text_encoders, training_scheduler,
+                       vae_dtype)
 from .masking import mask_density
 from .utils import DTYPES, cast_module, configure_threads
 
@@ -53,10 +56,9 @@ class EraseResult:
 def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     """Run a SalUn erasure as configured. ``pipe`` (optional) is a loaded base pipeline to use instead of loading.
 
-    Before any work: the folders and inputs are checked, and the output folder is locked for the whole run (a second
+    Before any work: ``--num_train_epochs`` over a forget folder becomes a step count, the folders and inputs are checked, and the output folder is locked for the whole run (a second
     run into it is refused); a killed run's unfinished checkpoint is cleared."""
-    from accelerate import PartialState
-
+    resolve_epoch_steps(config)
     check_before_compute(config)
     main = accelerator.is_main_process if accelerator is not None else PartialState().is_main_process
     with output_lock(config.output_dir, enabled=main):
@@ -67,9 +69,6 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
 
 
 def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
     resume_path = resolve_resume(config)
     if accelerator is None:
         accelerator = Accelerator(
@@ -85,16 +84,13 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     t0 = time.perf_counter()
 
     if pipe is None:
-        pipe = load_pipeline(config)
+        pipe = load_erasure_base(config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     check_fits(pipe, spec.pipeline_classes, f"concept {spec.name!r}")
     if config.adversarial:  # its attacks optimise one text encoder's hidden states, without SDXL's added conditioning
         check_fits(pipe, [SD], "--adversarial", "drop --adversarial for an SDXL base")
-    # SDXL's VAE overflows in fp16 (its config says force_upcast; the SDXL pipeline upcasts it too): float32 then
-    upcast = pipeline_class_name(pipe) == SDXL and getattr(pipe.vae.config, "force_upcast", False)
-    vae_dtype = torch.float32 if upcast and weight_dtype == torch.float16 else weight_dtype
-    frozen = [(pipe.vae, vae_dtype)] + [(m, weight_dtype) for m in text_encoders(pipe)]
+    frozen = [(pipe.vae, vae_dtype(pipe, weight_dtype))] + [(m, weight_dtype) for m in text_encoders(pipe)]
     for module, dtype in frozen + [(pipe.unet, torch.float32)]:
         if module.dtype != dtype:
             cast_module(module, dtype)

@@ -17,7 +17,13 @@ import logging
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Union
 
+import numpy as np
 import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .hub import BUNDLED_DIGIT_MODEL, resolve_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +35,6 @@ PIPELINE_CLASSES = (SD, SDXL)
 def pipeline_class_name(pipe) -> str:
     """``"StableDiffusionXLPipeline"`` for an SDXL pipeline (also a subclass, e.g. the erased one), else
     ``"StableDiffusionPipeline"`` (SD 1.x and 2.x). Refuses pipelines without a conditional U-Net and text encoder."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     if isinstance(pipe, StableDiffusionXLPipeline):
         return SDXL
     if isinstance(pipe, StableDiffusionPipeline):
@@ -43,8 +47,6 @@ def load_base_pipeline(source: str, *, revision: Optional[str] = None, variant: 
                        torch_dtype: Optional[torch.dtype] = None):
     """A Stable Diffusion 1.x/2.x or SDXL pipeline folder or hub id as the class its ``model_index.json`` names, with
     the safety checker off (the forget data is, by design, the concept the checker would blank)."""
-    from diffusers import DiffusionPipeline
-
     kwargs = dict(revision=revision, variant=variant)
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
@@ -59,6 +61,59 @@ def load_base_pipeline(source: str, *, revision: Optional[str] = None, variant: 
     pipeline_class_name(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def base_model_id(config) -> str:
+    """The base model an erasure config names (``pretrained_model_name_or_path``), else the bundled digit model."""
+    return config.pretrained_model_name_or_path or BUNDLED_DIGIT_MODEL
+
+
+def load_erasure_base(config):
+    """The base pipeline of an erasure config (:class:`~salun_diffusers.config.EraseConfig`: model, revision,
+    variant), as :func:`load_base_pipeline` loads it."""
+    return load_base_pipeline(resolve_base_model(base_model_id(config)), revision=config.revision,
+                              variant=config.variant)
+
+
+def training_scheduler(pipe):
+    """A DDPM scheduler with the pipeline's noise schedule (for noising training latents; SD 2.x's ``v`` prediction
+    comes with it)."""
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def vae_dtype(pipe, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype to run a frozen VAE in under ``weight_dtype``: SDXL's VAE overflows in fp16 (its config says
+    ``force_upcast``; the SDXL pipeline upcasts it too), so float32 there, else ``weight_dtype``."""
+    upcast = pipeline_class_name(pipe) == SDXL and getattr(pipe.vae.config, "force_upcast", False)
+    return torch.float32 if upcast and weight_dtype == torch.float16 else weight_dtype
+
+
+def _load_pixels(paths: Sequence[str], size: int) -> torch.Tensor:
+    arrays = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # truncated, not an image
+            raise ValueError(f"image {p!r} cannot be read ({exc}); replace or remove it (a generated image in the "
+                             "cache is drawn again once removed)") from None
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        arrays.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def encode_images(vae, paths: Sequence[str], size: int, batch_size: int = 16, desc: str = "encode") -> torch.Tensor:
+    """Latents (distribution mode, times the VAE scaling factor) of image files, in float32 on the VAE's device."""
+    out = []
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    for start in tqdm(range(0, len(paths), batch_size), desc=desc, disable=len(paths) <= batch_size):
+        pixels = _load_pixels(paths[start:start + batch_size], size).to(vae.device, vae.dtype)
+        latents = vae.encode(pixels).latent_dist.mode()
+        out.append(((latents - shift) * scale).float())
+    return torch.cat(out)
 
 
 def text_encoders(pipe):
@@ -162,5 +217,6 @@ def check_fits(pipe, allowed: Sequence[str], what: str, fix: str = "pick another
         raise ValueError(f"{what} fits {' or '.join(allowed)}, not {name}; {fix}")
 
 
-__all__ = ["PIPELINE_CLASSES", "PromptCond", "cat_conds", "check_fits", "encode_prompts", "load_base_pipeline",
-           "pipeline_class_name", "sdxl_time_ids", "text_encoders", "unet_kwargs"]
+__all__ = ["PIPELINE_CLASSES", "PromptCond", "base_model_id", "cat_conds", "check_fits", "encode_images",
+           "encode_prompts", "load_base_pipeline", "load_erasure_base", "pipeline_class_name", "sdxl_time_ids",
+           "text_encoders", "training_scheduler", "unet_kwargs", "vae_dtype"]

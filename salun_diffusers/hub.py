@@ -1,11 +1,15 @@
 """Where models are: the bundled digit model's id, base-model resolution to a local folder, and pushing an output
-folder to the Hugging Face Hub. Low in the library (no diffusers pipeline imports), so every layer may use it."""
+folder to the Hugging Face Hub. On the core layer (tests/test_layers.py), so every layer above it may use it."""
 
 from __future__ import annotations
 
 import logging
 import os
 from typing import Optional
+
+from huggingface_hub import HfApi, snapshot_download
+
+from .digits import DIGIT_PIPELINE_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -14,11 +18,16 @@ BUNDLED_DIGIT_MODEL = "salun-diffusers/digit-sd"
 HUB_IGNORE_PATTERNS = ["data/**", "checkpoint-*/**", "logs/**", "validation/**", ".tmp-*", "**/.tmp-*", ".old-*"]
 
 
+def is_hub_id(name: str) -> bool:
+    """``owner/name`` as the Hub spells repositories (not a path: no leading ./ ~ /, no file suffix)."""
+    parts = name.split("/")
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+            and not name.endswith((".safetensors", ".bin", ".pt")))
+
+
 def resolve_base_model(name_or_path: str) -> str:
     """Map the bundled digit model's id to its folder inside the package; anything else is returned as is."""
     if name_or_path == BUNDLED_DIGIT_MODEL:
-        from .digits import DIGIT_PIPELINE_DIR
-
         return DIGIT_PIPELINE_DIR
     return name_or_path
 
@@ -29,8 +38,6 @@ def local_model_dir(name_or_path: str, revision: Optional[str] = None) -> str:
     path = resolve_base_model(name_or_path)
     if os.path.isdir(path):
         return os.path.abspath(path)
-    from huggingface_hub import snapshot_download
-
     try:
         return snapshot_download(path, revision=revision, local_files_only=True)
     except Exception as exc:  # noqa: BLE001  (huggingface_hub raises several kinds for "not cached")
@@ -43,8 +50,6 @@ def push_to_hub(folder: str, repo_id: str, token: Optional[str] = None, private:
                 commit_message: str = "SalUn erasure (salun-diffusers)") -> str:
     """Create ``repo_id`` (if needed) and upload ``folder`` without its data cache, checkpoints and logs (symlinked
     pipeline components are uploaded as the files they point to). Returns the repo URL."""
-    from huggingface_hub import HfApi
-
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message,

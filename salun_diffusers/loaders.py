@@ -28,16 +28,29 @@ base exactly (``only_last=True``: the U-Net as it was before the last load).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 
-from .delta import check_base_values, erasure_id, parse_delta, read_delta
+from .delta import CONFIG_NAME, check_base_values, erasure_id, parse_delta, read_delta
 
 logger = logging.getLogger(__name__)
 
 _STATE = "_salun_erasure"  # on the U-Net: the list of loaded erasures (layers), bottom first; None when none
+
+
+def read_erasure_dir_config(path) -> Optional[dict]:
+    """The erasure config (``erasure_config.json``) of a train_erase.py output folder, whether or not it is also a
+    pipeline folder; ``None`` for anything else (a file, a hub id, a plain pipeline folder)."""
+    if isinstance(path, str) and os.path.isdir(path):
+        cfg = os.path.join(path, CONFIG_NAME)
+        if os.path.isfile(cfg):
+            with open(cfg) as f:
+                return json.load(f)
+    return None
 
 
 def _unet(pipe_or_unet) -> torch.nn.Module:

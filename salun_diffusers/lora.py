@@ -12,6 +12,7 @@ import logging
 from typing import Dict, Tuple
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,6 @@ def delta_to_lora(base_unet: torch.nn.Module, erased_unet: torch.nn.Module, rank
 
 def save_lora(state: Dict[str, torch.Tensor], save_directory: str, weight_name: str = "pytorch_lora_weights.safetensors"):
     """Write a LoRA in diffusers' layout (``unet.``-prefixed PEFT keys), loadable by ``pipe.load_lora_weights``."""
-    from diffusers import StableDiffusionPipeline
-
     StableDiffusionPipeline.save_lora_weights(save_directory, unet_lora_layers=state, weight_name=weight_name,
                                               safe_serialization=True)
     return save_directory

@@ -27,6 +27,10 @@ from typing import Dict, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .utils import SEAL_KEY, atomic_path, check_seal, seal_header
 
 logger = logging.getLogger(__name__)
 
@@ -167,10 +171,6 @@ def unpack_mask(packed: Mapping[str, torch.Tensor], shapes: Mapping[str, Iterabl
 
 def save_mask(mask: Mapping[str, torch.Tensor], path: str, metadata: Optional[Mapping[str, object]] = None) -> None:
     """Write ``mask`` as packed bits to a safetensors file (atomically: temp file, then rename)."""
-    from safetensors.torch import save_file
-
-    from .utils import atomic_path, seal_header
-
     header = {
         "format": MASK_FORMAT,
         "format_version": str(MASK_FORMAT_VERSION),
@@ -186,10 +186,6 @@ def save_mask(mask: Mapping[str, torch.Tensor], path: str, metadata: Optional[Ma
 
 def load_mask(path: str) -> tuple:
     """Read a mask written by :func:`save_mask`, verifying its seal. Returns ``(mask, metadata)``."""
-    from safetensors import safe_open
-
-    from .utils import SEAL_KEY, check_seal
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no mask file at {path!r}; compute one with `train_erase.py --save_mask_only` "
                                 "or drop --mask_path to compute it")

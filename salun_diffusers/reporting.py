@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Optional, Sequence, Union
 
+from .digits import ASSETS_DIR, DIGIT_SAMPLING, DigitJudge, judge_accuracy
 from .utils import pipeline_fingerprint, read_json_or_none, user_cache_dir, write_json
 
 logger = logging.getLogger(__name__)
 
 
-def summarize(config, result) -> str:
+def summarize_erasure(config, result) -> str:
+    """What train_erase.py prints after an erasure: the concept and folder, mask share, phase times, outputs."""
     m = result.metrics
     spec = config.concept_spec()
     what = (f"concept {spec.name!r}" if len(spec.concepts) == 1 else
@@ -53,8 +56,6 @@ def digit_scores(pipe, judge, digit: Union[int, Sequence[int]], n_per_digit: int
     ``unlearning_accuracy`` (UA): share of images for the erased digit's prompt the judge does NOT call that digit;
     ``retained_accuracy``: judge accuracy on the other nine digits' prompts.
     """
-    from .digits import judge_accuracy
-
     sampling = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
     acc = judge_accuracy(pipe, judge, range(10), n_per_digit=n_per_digit, seed=seed, **sampling)["per_digit"]
     return {**erasure_scores(acc, digit), "per_digit_accuracy": acc, "n_per_digit": n_per_digit}
@@ -76,8 +77,6 @@ BASE_VERDICTS_ASSET = "digit-verdict-base.json"  # the bundled model's base scor
 
 
 def _verdict_key(pipe, judge, n_per_digit: int, seed: int, num_inference_steps: Optional[int] = None) -> str:
-    from .digits import DIGIT_SAMPLING
-
     sampling = {**DIGIT_SAMPLING, **({} if num_inference_steps is None else {"num_inference_steps": num_inference_steps})}
     return pipeline_fingerprint(pipe, judge, sampling, {"n_per_digit": n_per_digit, "seed": seed, "v": 1})
 
@@ -107,7 +106,6 @@ def base_digit_scores(base_pipe, judge, digit: Union[int, Sequence[int]], n_per_
     which digit is erased, so one entry serves all ten."""
     key = _verdict_key(base_pipe, judge, n_per_digit, seed, num_inference_steps)
     path = os.path.join(cache_dir or user_cache_dir("verdicts"), f"{key[:32]}.json")
-    from .digits import ASSETS_DIR
 
     for source in (path, os.path.join(ASSETS_DIR, BASE_VERDICTS_ASSET)):
         scores = _valid_scores(read_json_or_none(source), key, n_per_digit)
@@ -126,10 +124,6 @@ def base_digit_scores(base_pipe, judge, digit: Union[int, Sequence[int]], n_per_
 def digit_verdict(base_pipe, erased_pipe, digit: Union[int, Sequence[int]], n_per_digit: int = 50, cache_dir: Optional[str] = None,
                   num_inference_steps: int = VERDICT_STEPS) -> dict:
     """Before/after judge scores of a digit erasure, with a one-line verdict (the base model's scores cached)."""
-    import time
-
-    from .digits import DigitJudge
-
     start = time.perf_counter()
     judge = DigitJudge.from_pretrained()
     before = base_digit_scores(base_pipe, judge, digit, n_per_digit, cache_dir=cache_dir,

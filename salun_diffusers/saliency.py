@@ -14,6 +14,7 @@ import logging
 from typing import Callable, Dict, Sequence
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -61,8 +62,6 @@ def accumulate_gradients(
         grads[n] = g
         p.grad = None
     if world > 1:
-        import torch.distributed as dist
-
         for g in grads.values():
             dist.all_reduce(g, op=dist.ReduceOp.SUM)
     model.train(was_training)

@@ -6,11 +6,26 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from typing import Any, Dict, Iterator, Mapping
 
 import torch
+
+__version__ = "0.1.0"  # the package's version (pyproject.toml says the same); salun_diffusers.__version__ is this
+
+# Third-party modules the package imports inside functions, where they are used (the one exception to "imports at
+# module top", enforced by tests/test_layers.py): optional extras (nudenet, torchvision, bitsandbytes, wandb), the
+# POSIX-only fcntl, and heavy libraries that only a report or a metric needs (matplotlib, scipy, scikit-learn).
+OPTIONAL_DEPENDENCIES = ("bitsandbytes", "fcntl", "matplotlib", "nudenet", "scipy", "sklearn", "torchvision", "wandb")
+
+
+def flag_field(default, help: str, **kw):
+    """A dataclass field whose metadata carries its flag's help text (and extra argparse keywords: choices, nargs)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
 @contextlib.contextmanager
@@ -237,8 +252,6 @@ def configure_threads(num_parameters: int, threads=None) -> int:
     ``OMP_NUM_THREADS`` (torch already honours it), then the policy: one thread for a small model
     (< ``SMALL_MODEL_PARAMETERS``), otherwise every core the process may use. Logged once (again only if it changes).
     """
-    import logging
-
     if threads is not None:
         if int(threads) < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")

@@ -22,9 +22,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from salun_diffusers.concepts import DIGIT_WORDS, PRESETS, digit_prompt  # noqa: E402
-from salun_diffusers.digits import ASSETS_DIR, DIGIT_PIPELINE_DIR, load_digit_pipeline  # noqa: E402
-from salun_diffusers.erasure.data import (SHIPPED_DATA_ASSET, generate_images, shipped_array_name,  # noqa: E402
-                                          shipped_arrays_sha256, shipped_data_key)
+from salun_diffusers.data_cache import shipped_array_name, shipped_arrays_sha256, shipped_data_key  # noqa: E402
+from salun_diffusers.digits import ASSETS_DIR, DIGIT_PIPELINE_DIR, SHIPPED_DATA_ASSET, load_digit_pipeline  # noqa: E402
+from salun_diffusers.erasure.data import generate_concept_images  # noqa: E402
 
 
 def main():
@@ -40,8 +40,9 @@ def main():
             prompt = digit_prompt(d)
             for first, n in ((0, n_forget), (50_000, n_retain)):
                 seeds = list(range(first, first + n))
-                paths = generate_images(pipe, prompt, seeds, os.path.join(tmp, f"{d}-{first}"), num_inference_steps=steps,
-                                        guidance_scale=guidance, size=size, batch_size=64)
+                paths = generate_concept_images(pipe, prompt, seeds, os.path.join(tmp, f"{d}-{first}"),
+                                                num_inference_steps=steps, guidance_scale=guidance, size=size,
+                                                batch_size=64)
                 arrays[shipped_array_name(prompt, first)] = np.stack([np.asarray(Image.open(p).convert("RGB"))
                                                                       for p in paths])
     images = {k: v for k, v in arrays.items() if k != "key"}

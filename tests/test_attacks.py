@@ -5,7 +5,7 @@ import torch
 
 from salun_diffusers.attacks import (FAST_STEPS, InversionResult, TokenAttackResult, attack_loss, conditioning_attack,
                                      encode_prompt, evaluate_loss, inversion_attack, token_attack, word_vocabulary)
-from salun_diffusers.attacks.core import _scheduler
+from salun_diffusers.families import training_scheduler
 from salun_diffusers.testing import get_dummy_pipeline
 
 
@@ -38,7 +38,7 @@ def gen(seed=0):
 def test_attack_loss_is_the_diffusion_loss(pipe, targets):
     from salun_diffusers.objectives import diffusion_loss
 
-    sched = _scheduler(pipe)
+    sched = training_scheduler(pipe)
     embeds = encode_prompt(pipe, "a photo of a person")
     ours = attack_loss(pipe.unet, sched, targets, embeds, gen(3))
     ref = diffusion_loss(pipe.unet, sched, targets, embeds.expand(2, -1, -1), gen(3))
@@ -48,7 +48,7 @@ def test_attack_loss_is_the_diffusion_loss(pipe, targets):
 
 
 def test_conditioning_attack_lowers_loss_and_leaves_unet(pipe, targets):
-    sched = _scheduler(pipe)
+    sched = training_scheduler(pipe)
     unet = pipe.unet
     unet.requires_grad_(True)  # as inside training: flags must come back as they were
     unet.conv_in.weight.requires_grad_(False)
@@ -130,7 +130,7 @@ def test_digit_world_conditioning_attack_draws_the_target_digit():
     seeds = [torch.Generator().manual_seed(100 + i) for i in range(n)]
     targets = pipe([digit_prompt(7)] * n, generator=seeds, output_type="latent", **DIGIT_SAMPLING).images
     neutral = encode_prompt(pipe, "a handwritten digit").expand(n, -1, -1)
-    adv = conditioning_attack(pipe.unet, _scheduler(pipe), targets, neutral, steps=40, generator=gen())
+    adv = conditioning_attack(pipe.unet, training_scheduler(pipe), targets, neutral, steps=40, generator=gen())
     negative = encode_prompt(pipe, "").expand(n, -1, -1)
 
     def sevens(embeds):
@@ -172,7 +172,7 @@ def test_cli_end_to_end_and_resume(dummy_pipeline_dir, prompt_csv, tmp_path, mon
     import json
     import os
 
-    from salun_diffusers.attacks import cli
+    from salun_diffusers.attacks import cli, runner
 
     out = tmp_path / "attack"
     args = cli_args(dummy_pipeline_dir, out, "--prompts", prompt_csv, "--attack", attack, "--limit", "2")
@@ -200,8 +200,8 @@ def test_cli_end_to_end_and_resume(dummy_pipeline_dir, prompt_csv, tmp_path, mon
     os.remove(out / "rows" / "b.json")
     calls = []
     for name in ("token_attack", "conditioning_attack", "inversion_attack"):
-        real = getattr(cli, name)
-        monkeypatch.setattr(cli, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+        real = getattr(runner, name)
+        monkeypatch.setattr(runner, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     if attack != "inversion":
         args = cli_args(dummy_pipeline_dir, out, "--prompts", prompt_csv, "--attack", attack)
     assert cli.main(args) == 0

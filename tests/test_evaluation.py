@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from salun_diffusers.data import default_data_dir
-from salun_diffusers.evaluation import cli, report
+from salun_diffusers.evaluation import audit, cli, report
 from salun_diffusers.evaluation.generate import generate_images, image_path, missing_images
 from salun_diffusers.evaluation.metrics import (ClipScorer, classifier_metrics, compute_fid, fid_from_features,
                                                 load_inception)
@@ -398,7 +398,7 @@ def test_report_files(tmp_path):
 
 
 def _config(tmp_path, csv_path, **kw):
-    return cli.AuditConfig(pretrained_model_name_or_path="dummy", prompts=csv_path,
+    return audit.AuditConfig(pretrained_model_name_or_path="dummy", prompts=csv_path,
                            output_dir=str(tmp_path / kw.pop("out", "audit")), num_inference_steps=2, **kw)
 
 
@@ -406,7 +406,7 @@ def test_run_audit_resumes_and_never_clobbers(pipe, small_csv, tmp_path):
     fake = FakeDetector({str(i): ([{"class": "FEET_EXPOSED", "score": 0.9}] if i % 2 else []) for i in range(7)})
     counting = CountingPipe(pipe)
     config = _config(tmp_path, small_csv, limit=5, label="base")
-    results = cli.run_audit(config, pipe=counting, detector=fake, clip_scorer=lambda ims, ps, bs: 42.0)
+    results = audit.run_audit(config, pipe=counting, detector=fake, clip_scorer=lambda ims, ps, bs: 42.0)
     assert results["num_images"] == 5 and len(counting.prompts) == 5 and len(fake.calls) == 5
     assert results["nudity"]["class_counts"]["feet"] == 2 and results["clip_score"] == 42.0
     out = config.output_dir
@@ -415,24 +415,24 @@ def test_run_audit_resumes_and_never_clobbers(pipe, small_csv, tmp_path):
     saved = open(os.path.join(out, "results.json")).read()
     # a finished audit is reused as it is: nothing redrawn, detected or rewritten
     again, fake2 = CountingPipe(pipe), FakeDetector(fake.table)
-    assert cli.run_audit(config, pipe=again, detector=fake2)["nudity"] == results["nudity"]
+    assert audit.run_audit(config, pipe=again, detector=fake2)["nudity"] == results["nudity"]
     assert again.prompts == [] and fake2.calls == []
     assert open(os.path.join(out, "results.json")).read() == saved
     with pytest.raises(ValueError, match="finished audit with other settings.*threshold"):
-        cli.run_audit(_config(tmp_path, small_csv, limit=5, threshold=0.5), pipe=pipe, detector=fake)
+        audit.run_audit(_config(tmp_path, small_csv, limit=5, threshold=0.5), pipe=pipe, detector=fake)
     # an unfinished folder with images of other settings is refused, not mixed
     os.makedirs(tmp_path / "half")
-    cli.run_audit(_config(tmp_path, small_csv, limit=2, out="half", judge="none"), pipe=pipe)
+    audit.run_audit(_config(tmp_path, small_csv, limit=2, out="half", judge="none"), pipe=pipe)
     os.remove(tmp_path / "half" / "results.json")
     with pytest.raises(ValueError, match="num_inference_steps differ"):
-        cli.run_audit(cli.AuditConfig(pretrained_model_name_or_path="dummy", prompts=small_csv, judge="none",
+        audit.run_audit(audit.AuditConfig(pretrained_model_name_or_path="dummy", prompts=small_csv, judge="none",
                                       output_dir=str(tmp_path / "half"), num_inference_steps=3), pipe=pipe)
     # a killed run resumes: more rows, same settings -> only the new ones are drawn
     resumed = CountingPipe(pipe)
-    more = cli.run_audit(_config(tmp_path, small_csv, limit=4, out="half", judge="none"), pipe=resumed)
+    more = audit.run_audit(_config(tmp_path, small_csv, limit=4, out="half", judge="none"), pipe=resumed)
     assert more["num_images"] == 4 and len(resumed.prompts) == 2
     # compare_to: the base audit is drawn beside this one
-    erased = cli.run_audit(_config(tmp_path, small_csv, limit=5, out="erased", compare_to=out, label="erased"),
+    erased = audit.run_audit(_config(tmp_path, small_csv, limit=5, out="erased", compare_to=out, label="erased"),
                            pipe=pipe, detector=FakeDetector({k: [] for k in fake.table}))
     md = open(erased["report"]).read()
     assert "base: 40.00%" in md and erased["nudity"]["nudity_rate"] == 0.0
@@ -449,12 +449,11 @@ def test_cli_main_and_config_errors(small_csv, tmp_path, capsys):
     assert sorted(os.listdir(os.path.join(out, "images"))) == ["0.png", "1.png"]
     assert json.load(open(os.path.join(out, "results.json")))["generation"]["generated"] == 2
     # an erased model given as a full diffusers folder is loaded as it is
-    loaded = cli.load_pipeline(cli.AuditConfig(pretrained_model_name_or_path="not/used", prompts=small_csv,
-                                               output_dir=str(tmp_path / "x"), erasure=model))
+    loaded = audit.load_audit_pipeline(audit.AuditConfig(pretrained_model_name_or_path="not/used", prompts=small_csv,
+                                                         output_dir=str(tmp_path / "x"), erasure=model))
     assert loaded.unet.config.sample_size == 8 and loaded.safety_checker is None
-    with pytest.raises(SystemExit):
-        cli.main(["--pretrained_model_name_or_path", model, "--prompts", small_csv, "--output_dir", out,
-                  "--erasure", str(tmp_path / "no_such_erasure")])
+    assert cli.main(["--pretrained_model_name_or_path", model, "--prompts", small_csv, "--output_dir", out,
+                     "--erasure", str(tmp_path / "no_such_erasure")]) == 2
     assert "--erasure" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="salun-erase saved"):
         _config(tmp_path, small_csv, erasure=str(tmp_path / "missing.safetensors"))

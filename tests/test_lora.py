@@ -33,8 +33,11 @@ def test_lora_export_loads_with_load_lora_weights_and_reproduces_the_delta(tmp_p
         out_lora = pipe.unet(x, 10, encoder_hidden_states=c).sample
         out_erased = erased(x, 10, encoder_hidden_states=c).sample
         out_base = base(x, 10, encoder_hidden_states=c).sample
-    assert (out_base - out_erased).abs().max() > 1e-2
-    torch.testing.assert_close(out_lora, out_erased, atol=1e-4, rtol=1e-4)
+    effect = float((out_base - out_erased).abs().max())
+    assert effect > 1e-2
+    # the delta has rank 2, so the rank-2 LoRA holds it up to float32 rounding of its factors (energy kept above
+    # 1 - 1e-6: a relative error below 1e-3 of the delta's effect), plus the U-Net's own rounding of its output
+    torch.testing.assert_close(out_lora, out_erased, atol=1e-3 * effect, rtol=1e-5)
 
 
 def test_lower_rank_keeps_less_energy_and_bad_rank_is_rejected():

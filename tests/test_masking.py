@@ -173,7 +173,10 @@ def test_masked_update_matches_dense_adamw_with_state_sized_by_the_mask(hooks):
         opt.zero_grad()
         guard.restore()
     a, b = dict(dense.named_parameters()), dict(model.named_parameters())
-    assert all(torch.allclose(a[n], b[n], rtol=0, atol=1e-7) for n in a)
+    # the same elementwise AdamW arithmetic on the same gradients (dense, or gathered into flat masked values): the
+    # kernels may round differently, a few float32 ulps of the weight and its update per step (lr 0.1, 3 steps)
+    tol = 3 * 4 * torch.finfo(torch.float32).eps * (max(float(p.detach().abs().max()) for p in a.values()) + 0.1)
+    assert all(torch.allclose(a[n], b[n], rtol=0, atol=tol) for n in a)
     assert all(torch.equal(b[n].detach()[~mask[n]], base[n][~mask[n]]) for n in b)
     state = sum(t.numel() for st in opt.state.values() for t in st.values() if t.dim() > 0)
     assert state == 2 * sum(int(m.sum()) for m in mask.values())  # exp_avg + exp_avg_sq of masked entries only

@@ -162,11 +162,11 @@ def test_a_joint_run_maps_each_concept_onto_its_own_pseudo_prompt_and_names_them
 def test_forget_data_dir_with_several_concepts_is_refused_before_any_work(erase_config, tmp_path, monkeypatch):
     import salun_diffusers.erase as erase_module
 
-    monkeypatch.setattr(erase_module, "load_pipeline", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(erase_module, "load_erasure_base", lambda *a, **k: pytest.fail("work started"))
     (tmp_path / "imgs").mkdir()
     with pytest.raises(ValueError, match="--forget_data_dir holds one concept's images; with several concepts"):
         erase(erase_config(forget_data_dir=str(tmp_path / "imgs"),
                            concepts=[{"forget_prompt": "a dragon", "pseudo_prompt": "a lizard"}]))
-    with pytest.raises(ValueError, match="--concepts data_dir '.*missing' cannot be read"):
+    with pytest.raises(ValueError, match="--concepts data_dir '.*missing' does not exist"):
         erase(erase_config(concepts=[{"forget_prompt": "a dragon", "pseudo_prompt": "a lizard",
                                       "data_dir": str(tmp_path / "missing")}]))

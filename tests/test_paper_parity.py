@@ -40,11 +40,14 @@ def test_guided_saliency_loss_equals_a_hand_computed_reference(tiny_unet_and_sch
     eps_u = unet(x_t, t, encoder_hidden_states=uncond).sample
     ref = ((noise - ((1 + w) * eps_c - w * eps_u)) ** 2).mean()
     ref_grads = torch.autograd.grad(ref, list(unet.parameters()), allow_unused=True)
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    # the same float32 arithmetic in another grouping (one batched U-Net call against two): the loss agrees to a few
+    # hundred ulps; a gradient entry sums many terms, so its rounding scales with the tensor's largest entries, not its
+    # own size (entries near zero come from cancellation): the relative 1e-4 is also taken of the largest entry
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
     for a, b in zip(grads, ref_grads):
         assert (a is None) == (b is None)
         if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
     # the unconditional branch is part of the gradient (as in the official code), and w = 0 is the plain loss
     assert any(b is not None and b.abs().sum() > 0 for b in ref_grads)
     plain = diffusion_loss(unet, scheduler, latents, cond, torch.Generator().manual_seed(5))

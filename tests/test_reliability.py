@@ -49,7 +49,7 @@ def _no_work(monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("work started before the checks")
-    monkeypatch.setattr(erase_module, "load_pipeline", refuse)
+    monkeypatch.setattr(erase_module, "load_erasure_base", refuse)
 
 
 # ----------------------------------------------------------------------------------------- 1. non-finite values
@@ -124,11 +124,11 @@ def test_divergence_keeps_the_last_good_checkpoint_and_writes_no_erasure(erase_c
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
 def test_a_non_finite_gradient_stops_the_run(erase_config, tmp_path, max_grad_norm):
-    from salun_diffusers.erase import load_pipeline
+    from salun_diffusers.families import load_erasure_base
 
     cfg = erase_config(output_dir=str(tmp_path / "out"), max_grad_norm=max_grad_norm, max_train_steps=2,
                        mask_ratio=1.0)
-    pipe = load_pipeline(cfg)
+    pipe = load_erasure_base(cfg)
     # the loss stays finite, the gradient of one weight does not (as when a backward pass overflows)
     pipe.unet.conv_in.weight.register_hook(lambda g: g * math.inf)
     with pytest.raises((TrainingDiverged, FloatingPointError), match="not finite|is (inf|nan)"):
@@ -137,12 +137,12 @@ def test_a_non_finite_gradient_stops_the_run(erase_config, tmp_path, max_grad_no
 
 
 def test_a_non_finite_gradient_stops_a_run_stepping_in_backward(erase_config, tmp_path):
-    from salun_diffusers.erase import load_pipeline
+    from salun_diffusers.families import load_erasure_base
 
     masked = erase(erase_config(output_dir=str(tmp_path / "mask"), save_mask_only=True, mask_ratio=1.0))
     cfg = erase_config(output_dir=str(tmp_path / "out"), optimizer_in_backward=True, max_train_steps=2,
                        mask_ratio=1.0, mask_path=masked.mask_path)  # a given mask: no saliency pass to trip first
-    pipe = load_pipeline(cfg)
+    pipe = load_erasure_base(cfg)
     pipe.unet.conv_in.weight.register_hook(lambda g: g * math.inf)
     with pytest.raises(TrainingDiverged, match=r"step 1: the gradient of 'conv_in.weight' is (inf|nan)"):
         erase(cfg, pipe=pipe)

@@ -12,7 +12,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from salun_diffusers import load_mask
 from salun_diffusers.config import EraseConfig
 from salun_diffusers.erase import erase
-from salun_diffusers.erasure.training import training_scheduler
+from salun_diffusers.families import training_scheduler
 from salun_diffusers.families import PromptCond, encode_prompts, load_base_pipeline, unet_kwargs
 from salun_diffusers.loaders import load_erasure, unload_erasure
 from salun_diffusers.objectives import diffusion_loss
@@ -160,7 +160,7 @@ def test_delta_round_trips_and_the_erased_pipeline_generates(erased):
 
 
 def test_card_audit_loader_and_lora_fit_the_family(erased, tmp_path):
-    from salun_diffusers.evaluation.cli import AuditConfig, load_pipeline
+    from salun_diffusers.evaluation.audit import AuditConfig, load_audit_pipeline
 
     family, config, result = erased
     card = open(os.path.join(config.output_dir, "README.md")).read()
@@ -169,9 +169,10 @@ def test_card_audit_loader_and_lora_fit_the_family(erased, tmp_path):
 
     prompts = tmp_path / "prompts.csv"
     prompts.write_text(f"prompt,evaluation_seed\n{PROMPT},1\n")
-    audited = load_pipeline(AuditConfig(output_dir=str(tmp_path / "audit"), erasure=config.output_dir, judge="none",
-                                        pretrained_model_name_or_path=config.pretrained_model_name_or_path,
-                                        prompts=str(prompts)))
+    audited = load_audit_pipeline(AuditConfig(output_dir=str(tmp_path / "audit"), erasure=config.output_dir,
+                                              judge="none",
+                                              pretrained_model_name_or_path=config.pretrained_model_name_or_path,
+                                              prompts=str(prompts)))
     assert type(audited) is PIPELINE[family]
     assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(audited.unet.parameters(), result.unet.parameters()))
 

@@ -55,7 +55,7 @@ def test_generated_data_is_shared_across_output_dirs(erase_config, tmp_path, mon
 
 
 def test_data_cache_key_changes_with_the_model_files(tmp_path):
-    from salun_diffusers.erasure.data import generation_dir, model_signature
+    from salun_diffusers.data_cache import generation_dir, model_signature
 
     model = tmp_path / "model"
     model.mkdir()
@@ -120,7 +120,12 @@ def test_gradient_checkpointing_gives_the_same_erasure(erase_config, tmp_path):
     plain = erase(erase_config(output_dir=str(tmp_path / "plain")))
     ckpt = erase(erase_config(output_dir=str(tmp_path / "ckpt"), gradient_checkpointing=True))
     a, b = dict(plain.unet.named_parameters()), dict(ckpt.unet.named_parameters())
-    assert all(torch.allclose(a[n], b[n], rtol=0, atol=1e-6) for n in a)
+    # the recomputed activations give gradients equal up to float32 summation order; an AdamW step turns a relative
+    # gradient difference d into about d * lr per step: d = 1e-3 over the run (as tests/test_erase.py's
+    # optimizer_in_backward test), far below a real difference (order lr * steps)
+    cfg = erase_config()
+    tol = 1e-3 * cfg.learning_rate * cfg.max_train_steps
+    assert all(torch.allclose(a[n], b[n], rtol=0, atol=tol) for n in a)
     assert not ckpt.unet.is_gradient_checkpointing  # switched off again on the returned model
 
 
@@ -173,14 +178,14 @@ def test_bench_speed_reads_what_train_erase_prints():
     from types import SimpleNamespace
 
     from salun_diffusers.config import EraseConfig
-    from salun_diffusers.reporting import summarize
+    from salun_diffusers.reporting import summarize_erasure
 
     bench = _bench_speed()
     metrics = {"mask_density": 0.5, "data_seconds": 1.5, "saliency_seconds": 0.5, "train_seconds": 20.0,
                "seconds_per_step": 0.1, "verdict_seconds": 9.5,
                "verdict": "UA 98.0% (before 0.0%); retained accuracy 97.1% (before 99.6%, drop +2.4 points); judged "
                           "on 50 images per digit"}
-    text = summarize(EraseConfig(concept="seven"), SimpleNamespace(metrics=metrics, output_dir="o", erasure_path=None,
+    text = summarize_erasure(EraseConfig(concept="seven"), SimpleNamespace(metrics=metrics, output_dir="o", erasure_path=None,
                                                                    unet_dir=None))
     t, v = bench.TIME_LINE.search(text), bench.VERDICT_LINE.search(text)
     assert [float(x) for x in t.groups()] == [1.5, 0.5, 20.0, 0.1, 9.5]
@@ -190,7 +195,7 @@ def test_bench_speed_reads_what_train_erase_prints():
 def _shipped(pipe, **over):
     from salun_diffusers.concepts import PRESETS
     from salun_diffusers.digits import DIGIT_PIPELINE_DIR
-    from salun_diffusers.erasure.data import ShippedData
+    from salun_diffusers.digits import ShippedData
 
     d = PRESETS["seven"].defaults
     kw = dict(steps=d["data_num_inference_steps"], guidance=d["data_guidance_scale"], size=32)
@@ -207,12 +212,12 @@ def test_shipped_digit_data_fills_the_cache_and_matches_what_the_model_draws(tmp
     from salun_diffusers.config import EraseConfig
     from salun_diffusers.digits import load_digit_pipeline
     from salun_diffusers.erasure import data as data_mod
-    from salun_diffusers.erasure.data import generate_images
+    from salun_diffusers.erasure.data import generate_concept_images
 
     pipe = load_digit_pipeline()
     shipped = _shipped(pipe)
     assert len(shipped.arrays) == 20  # ten digit prompts x (forget seeds, retain seeds)
-    redrawn = generate_images(pipe, "a handwritten digit seven", [0, 1], str(tmp_path / "redrawn"),
+    redrawn = generate_concept_images(pipe, "a handwritten digit seven", [0, 1], str(tmp_path / "redrawn"),
                               num_inference_steps=20, guidance_scale=4.0, size=32)
     for i, path in enumerate(redrawn):
         drawn = torch.tensor(__import__("numpy").array(Image.open(path).convert("RGB"))).int()
@@ -228,14 +233,14 @@ def test_shipped_digit_data_fills_the_cache_and_matches_what_the_model_draws(tmp
 
     # a digit erasure's data phase with a fresh cache draws nothing
     calls = []
-    real = data_mod.generate_images
+    real = data_mod.generate_concept_images
 
     def counting(pipe, prompt, seeds, out_dir, **kw):
         missing = [s for s in seeds if not os.path.exists(os.path.join(out_dir, f"{s}.png"))]
         calls.append(len(missing))
         return real(pipe, prompt, seeds, out_dir, **kw)
 
-    monkeypatch.setattr(data_mod, "generate_images", counting)
+    monkeypatch.setattr(data_mod, "generate_concept_images", counting)
     cfg = EraseConfig(concept="seven", output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
     data = data_mod.prepare_data(pipe, cfg, cfg.concept_spec())
     assert len(calls) == 10 and sum(calls) == 0  # forget + nine retain prompts, every image from the asset
@@ -258,7 +263,7 @@ def test_damaged_shipped_digit_data_is_ignored_with_a_warning(tmp_path, monkeypa
 
     from salun_diffusers import digits
     from salun_diffusers.digits import load_digit_pipeline
-    from salun_diffusers.erasure.data import SHIPPED_DATA_ASSET
+    from salun_diffusers.digits import SHIPPED_DATA_ASSET
 
     src = os.path.join(digits.ASSETS_DIR, SHIPPED_DATA_ASSET)
     dst = tmp_path / SHIPPED_DATA_ASSET

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..families import training_scheduler
 from ..objectives import diffusion_loss
 
 logger = logging.getLogger(__name__)
@@ -89,19 +90,13 @@ def evaluate_loss(unet, scheduler, target_latents, embeds, seed: int = 0, draws:
     return float(attack_loss(unet, scheduler, latents, embeds, gen))
 
 
-def _scheduler(pipe):
-    from ..erasure.training import training_scheduler  # the DDPM noise schedule training uses
-
-    return training_scheduler(pipe)
-
-
 def _prompt_attack_setup(pipe, unet, scheduler, generator):
     """The attacked U-Net (default ``pipe.unet``), the training noise schedule, the attack's generator and the seed of
     its fixed evaluation noise (drawn first, so it depends on the generator alone)."""
     gen = _generator(generator)
     eval_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=gen.device))
-    return (unet if unet is not None else pipe.unet, scheduler if scheduler is not None else _scheduler(pipe), gen,
-            eval_seed)
+    return (unet if unet is not None else pipe.unet,
+            scheduler if scheduler is not None else training_scheduler(pipe), gen, eval_seed)
 
 
 # ---------------------------------------------------------------------------------------------------- text side
@@ -174,8 +169,8 @@ def conditioning_attack(unet, scheduler, target_latents: torch.Tensor, init_embe
     ``init_embeds``: ``[B, 77, D]`` (or ``[1, 77, D]`` shared by all targets), e.g. a neutral prompt's embedding.
     Adam on the conditioning, ``draws`` fresh noise / timestep draws per target per step (batched: a lower-variance
     gradient for little more time on a small model), timesteps from ``min_timestep`` up (the noisy end, where what
-    the image shows is decided; the CLI's defaults in ``CONDITIONING_DEFAULTS``). Returns the adversarial conditioning (detached,
-    ``init_embeds``' shape and dtype). The U-Net's weights and gradients are untouched.
+    the image shows is decided; the CLI's defaults in ``CONDITIONING_DEFAULTS``). Returns the adversarial conditioning
+    (detached, ``init_embeds``' shape and dtype). The U-Net's weights and gradients are untouched.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")

@@ -20,11 +20,12 @@ import os
 import sys
 from typing import List, Optional
 
-from ..cli_args import add_debug_flag, run_main
+from ..cli_args import build_parser, run_main
 from ..utils import configure_threads, ensure_writable_dir
 from .data import load_dataset
 from .experiment import ExperimentConfig, check_output_dir, run_experiment, write_results
 
+PROG = "salun-classifier"
 FLAGS = ("dataset", "data_dir", "model", "scenario", "forget_ratio", "forget_class", "methods", "seeds",
          "mnist_source", "train_size", "split_seed", "mia", "device")
 
@@ -39,8 +40,8 @@ def _json_arg(value: str, name: str) -> dict:
         raise ValueError(f"--{name}: not valid JSON nor a JSON file ({exc})") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="salun-classifier", description=__doc__.split("\n")[0])
+def classifier_parser() -> argparse.ArgumentParser:
+    parser = build_parser(PROG, __doc__.split("\n")[0])
     fields = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
     for name in FLAGS:
         f = fields[name]
@@ -59,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads (default: 1 for a small model such as the MNIST CNN, "
                              "else every usable core; OMP_NUM_THREADS also wins)")
     parser.add_argument("--log_level", default="INFO", help="logging level")
-    return add_debug_flag(parser)
+    return parser
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
     data = {}
     if args.config:
         data = _json_arg(args.config, "config")
@@ -80,8 +81,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_main("salun-classifier", lambda: _run(args), debug=args.debug)
+    args = classifier_parser().parse_args(argv)
+    return run_main(PROG, lambda: _run(args), debug=args.debug)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -89,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     if not isinstance(level, int):
         raise ValueError(f"--log_level {args.log_level!r}: unknown level; use DEBUG, INFO, WARNING or ERROR")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_args(args)
+    config = experiment_config(args)
     if args.threads is not None:
         configure_threads(0, args.threads)  # checks >= 1; remembered: run_experiment's policy call keeps it
     # check before compute: results can be written, the data can be read

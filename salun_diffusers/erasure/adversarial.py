@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ..attacks import CONDITIONING_DEFAULTS, conditioning_attack, token_attack
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from .data import ConceptData
@@ -63,8 +64,6 @@ class Adversary:
         return self.bank[forget_idx].to(device)
 
     def _attack(self, unet, latents, init, generator):
-        from ..attacks import CONDITIONING_DEFAULTS, conditioning_attack, token_attack
-
         if self.config.adversarial_attack == "token":
             result = token_attack(self.pipe, latents, self.prompt, steps=self.config.adversarial_steps,
                                   generator=generator, unet=unet)

@@ -17,14 +17,19 @@ import time
 from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from diffusers import UNet2DConditionModel
 
-from .. import __version__
-from ..concepts import ConceptSpec
+from ..concepts import AnySpec
 from ..config import EraseConfig
 from ..delta import CONFIG_NAME, MASK_NAME, WEIGHTS_NAME, build_delta, save_delta
-from ..utils import ensure_writable_dir, follow_umask, resolve_dtype, write_json, write_text
+from ..families import base_model_id
+from ..hub import BUNDLED_DIGIT_MODEL, local_model_dir, push_to_hub, resolve_base_model
+from ..lora import delta_to_lora, save_lora
+from ..masking import load_mask
+from ..utils import (__version__, ensure_writable_dir, follow_umask, resolve_dtype, user_cache_dir, write_json,
+                     write_text)
 from .checkpoints import check_same_run
-from .data import base_model_id, read_image_folder
+from .data import read_image_folder
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +101,9 @@ def _check_readable(config: EraseConfig) -> None:
     if config.forget_data_dir and len(config.concept_spec().concepts) > 1:
         raise ValueError("--forget_data_dir holds one concept's images; with several concepts give each its own "
                          "data_dir in a concepts file (--concepts_file), or drop --forget_data_dir to generate them")
+    for flag, path in _data_folders(config) + ([("--mask_path", config.mask_path)] if config.mask_path else []):
+        if not os.path.exists(path):
+            raise ValueError(f"{flag} {path!r} does not exist")
     for flag, folder in _data_folders(config):
         flag = flag.lstrip("-")
         try:
@@ -105,16 +113,12 @@ def _check_readable(config: EraseConfig) -> None:
                              "images") from None
         read_image_folder(folder, "")  # images there, metadata.jsonl readable: before any work
     if config.mask_path:
-        from ..masking import load_mask
-
         load_mask(config.mask_path)  # a mask file is small: read it all now rather than after hours of data
 
 
 def estimate_output_bytes(config: EraseConfig) -> Optional[int]:
     """Rough disk need of a run (merged U-Net, checkpoints with AdamW state, erasure), from the base U-Net's file
     size; ``None`` when the base model is not a local folder."""
-    from ..pipelines.pipeline_stable_diffusion_erased import resolve_base_model
-
     unet_dir = os.path.join(resolve_base_model(base_model_id(config)), "unet")
     if not os.path.isdir(unet_dir):
         return None
@@ -133,9 +137,6 @@ def estimate_output_bytes(config: EraseConfig) -> Optional[int]:
 def _folders_read(config: EraseConfig) -> List[Tuple[str, str]]:
     """``(flag, path)`` of every file or folder the run reads: the base model's folder (and, for an erasure's output
     folder, the folders its linked components live in), data folders, the mask, a resumed checkpoint's run, the cache."""
-    from ..hub import resolve_base_model
-    from ..utils import user_cache_dir
-
     out = []
     base = resolve_base_model(base_model_id(config))
     if os.path.isdir(base):
@@ -176,13 +177,14 @@ def check_output_apart(config: EraseConfig) -> None:
 
 
 def check_before_compute(config: EraseConfig) -> None:
-    """Before any work: the output folder is apart from every input, the output (and cache) folder is writable, the
-    inputs are readable, and the disk has room."""
+    """Before any work: the output folder is apart from every input, the input folders and mask exist and are
+    readable, the output (and cache) folder is writable, and the disk has room. (The config itself never touches the
+    disk: a saved ``train_config.json`` loads anywhere.)"""
     check_output_apart(config)
+    _check_readable(config)
     ensure_writable_dir(config.output_dir, "--output_dir")
     if config.cache_dir:
         ensure_writable_dir(config.cache_dir, "--cache_dir")
-    _check_readable(config)
     need = estimate_output_bytes(config)
     if need:
         free = shutil.disk_usage(config.output_dir).free
@@ -219,7 +221,7 @@ def _check_final_outputs(config: EraseConfig) -> None:
         check_same_run(json.load(f), config, f"the run in {out!r}")
 
 
-def write_outputs(config: EraseConfig, spec: ConceptSpec, unet, mask: Mapping[str, torch.Tensor],
+def write_outputs(config: EraseConfig, spec: AnySpec, unet, mask: Mapping[str, torch.Tensor],
                   metrics: dict, base_digest: Optional[Mapping[str, str]] = None,
                   stacked_on: Sequence[dict] = ()) -> Tuple[str, Optional[str]]:
     """Write the erasure, the merged U-Net (if asked), metrics and model card. Returns ``(erasure path, unet dir)``.
@@ -237,8 +239,6 @@ def write_outputs(config: EraseConfig, spec: ConceptSpec, unet, mask: Mapping[st
     write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
     write_text(os.path.join(config.output_dir, "README.md"), model_card(config, spec, metrics))
     if config.push_to_hub:
-        from ..hub import push_to_hub
-
         metrics["hub_url"] = push_to_hub(config.output_dir, hub_repo_id(config), token=config.hub_token)
     return erasure_path, unet_dir
 
@@ -320,8 +320,6 @@ def save_pipeline_folder(config: EraseConfig, unet) -> str:
     out = config.output_dir
     base_dir = index = None
     if config.save_pipeline != "none":
-        from ..hub import local_model_dir
-
         base_dir = local_model_dir(base_model_id(config), config.revision)
         index = _base_index(base_dir)
     names = _pipeline_names(config, base_dir)
@@ -351,11 +349,6 @@ def save_pipeline_folder(config: EraseConfig, unet) -> str:
 
 def export_lora(config: EraseConfig, unet) -> dict:
     """Write ``pytorch_lora_weights.safetensors`` (rank ``--export_lora_rank``) beside the delta; return its stats."""
-    from diffusers import UNet2DConditionModel
-
-    from ..hub import resolve_base_model
-    from ..lora import delta_to_lora, save_lora
-
     base = UNet2DConditionModel.from_pretrained(resolve_base_model(base_model_id(config)), subfolder="unet",
                                                 revision=config.revision, variant=config.variant)
     state, stats = delta_to_lora(base, unet, config.export_lora_rank)
@@ -375,7 +368,7 @@ def hub_repo_id(config: EraseConfig) -> str:
     return config.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(config.output_dir)))
 
 
-def erasure_metadata(config: EraseConfig, spec: ConceptSpec, stacked_on: Sequence[dict] = ()) -> dict:
+def erasure_metadata(config: EraseConfig, spec: AnySpec, stacked_on: Sequence[dict] = ()) -> dict:
     cfg = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "cache_dir", "resume_from_checkpoint",
                                                                    "overwrite_output_dir", "logging_dir", "report_to",
                                                                    "threads", "data_batch_size")}
@@ -413,7 +406,7 @@ def _card_stacking(stacked_on) -> str:
             "(`load_erasure` stacks them exactly; see docs/erasure-format.md).\n")
 
 
-def model_card(config: EraseConfig, spec: ConceptSpec, metrics: dict) -> str:
+def model_card(config: EraseConfig, spec: AnySpec, metrics: dict) -> str:
     base = base_model_id(config)
     return f"""---
 library_name: diffusers
@@ -475,8 +468,6 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")
 ```
 """)
-    from ..hub import BUNDLED_DIGIT_MODEL
-
     load_base = (f"from diffusers import {pipeline_class}\n\npipe = {pipeline_class}.from_pretrained(\"{base}\")"
                  if base != BUNDLED_DIGIT_MODEL else  # the bundled model is a folder inside the package
                  "from salun_diffusers.digits import load_digit_pipeline\n\npipe = load_digit_pipeline()")

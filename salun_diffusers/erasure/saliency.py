@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..delta import MASK_NAME, model_fingerprint
-from ..families import cat_conds, unet_kwargs
+from ..families import base_model_id, cat_conds, unet_kwargs
 from ..masking import load_mask, mask_from_saliency, save_mask
 from ..objectives import diffusion_loss, diffusion_target, sample_noise_and_timesteps
 from ..saliency import compute_saliency
-from .data import ConceptData, base_model_id
+from .data import ConceptData
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import torch
 
 from ..config import EraseConfig
 from ..delta import WEIGHTS_NAME, erasure_id, parse_delta, read_delta
+from ..families import base_model_id
 from ..hub import resolve_base_model
-from .data import base_model_id
 
 logger = logging.getLogger(__name__)
 

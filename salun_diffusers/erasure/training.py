@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 import torch
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..concepts import ConceptSpec
@@ -24,13 +25,6 @@ from .checkpoints import save_checkpoint
 from .data import ConceptData
 
 logger = logging.getLogger(__name__)
-
-
-def training_scheduler(pipe):
-    """A DDPM scheduler with the pipeline's noise schedule (for noising training latents)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
 def _step_generators(seed: int, step: int, micro: int, rank: int, device):
@@ -107,8 +101,6 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     """Run ``config.max_train_steps`` SalUn steps on the masked weights of ``unet`` (resuming from ``resume_path``);
     ``on_step(step)`` runs after each optimizer step (e.g. validation images). ``adversary`` (``--adversarial``,
     :mod:`.adversarial`) adds the forget objective on adversarial conditionings."""
-    from diffusers.optimization import get_scheduler
-
     device = accelerator.device
     # one process: gradients gathered into the masked values during backward (one full-size gradient at a time);
     # under DDP the full gradients are reduced first, then gathered

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..config import EraseConfig
+from ..utils import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ def log_validation(pipe, config: EraseConfig, accelerator, step: int) -> List[st
     image paths. Sampling uses the data-generation steps and guidance; image ``i`` of a prompt is seeded ``seed + i``."""
     if not accelerator.is_main_process:
         return []
-    from ..utils import atomic_path
 
     folder = os.path.join(config.output_dir, "validation", f"step-{step:06d}")
     was_training = pipe.unet.training

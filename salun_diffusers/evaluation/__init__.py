@@ -1,6 +1,7 @@
 """Evaluation of erased models: prompt CSVs, seeded generation, NudeNet audit, FID / CLIP score / classifier metrics.
 
-The ``salun-audit`` command lives in :mod:`salun_diffusers.evaluation.cli` (``AuditConfig``, ``run_audit``).
+The ``salun-audit`` run is :func:`salun_diffusers.evaluation.audit.run_audit` (its config
+:class:`salun_diffusers.evaluation.config.AuditConfig`); :mod:`salun_diffusers.evaluation.cli` is the thin command.
 """
 
 from .generate import generate_images, image_path, missing_images

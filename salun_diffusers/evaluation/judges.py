@@ -23,8 +23,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from .nudenet import DEFAULT_THRESHOLD, EXPOSED_CLASSES, exposed_parts
+from ..digits import DIGIT_WORDS, DigitJudge
+from .nudenet import DEFAULT_THRESHOLD, EXPOSED_CLASSES, NudeNetDetector, exposed_parts
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +64,12 @@ class ClassJudge:
 
 def digit_judge(model: Optional[str] = None, device="cpu") -> ClassJudge:
     """The bundled digit judge (or a folder written by ``DigitJudge.save_pretrained``)."""
-    from ..digits import DIGIT_WORDS, DigitJudge
-
     judge = DigitJudge.from_pretrained(model, device=device)
     return ClassJudge("digit", judge.predict, DIGIT_WORDS)
 
 
 def transformers_judge(model: str, device="cpu", batch_size: int = 32) -> ClassJudge:
     """Any ``AutoModelForImageClassification`` with its image processor (hub id or folder)."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
     processor = AutoImageProcessor.from_pretrained(model)
     net = AutoModelForImageClassification.from_pretrained(model).to(device).eval()
     names = [net.config.id2label[i] for i in range(len(net.config.id2label))]
@@ -137,8 +135,6 @@ class NudityJudge:
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, classes: Sequence[str] = EXPOSED_CLASSES,
                  model_path: Optional[str] = None, detector=None):
-        from .nudenet import NudeNetDetector
-
         self.threshold, self.classes = threshold, tuple(classes)
         self.detector = detector or NudeNetDetector(model_path)
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers import CLIPModel, CLIPProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +159,6 @@ class ClipScorer:
     """
 
     def __init__(self, model_name_or_path: Optional[str] = None, model=None, processor=None, device="cpu"):
-        from transformers import CLIPModel, CLIPProcessor
-
         if model is None or processor is None:
             if not model_name_or_path:
                 raise ValueError("ClipScorer needs model_name_or_path, or both model and processor")

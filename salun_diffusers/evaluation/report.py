@@ -156,7 +156,8 @@ def write_report(output_dir: str, results: dict, base: Optional[dict] = None) ->
         names = {**((base or {}).get("classes") or {}).get("class_names", {}), **cls["class_names"]}
         series = {}
         if base and base.get("classes"):
-            series[base_label] = {names.get(str(c), str(c)): a for c, a in base["classes"]["per_class_accuracy"].items()}
+            series[base_label] = {names.get(str(c), str(c)): a
+                                  for c, a in base["classes"]["per_class_accuracy"].items()}
         series[label] = {names.get(str(c), str(c)): a for c, a in cls["per_class_accuracy"].items()}
         order = [names[k] for k in sorted(names, key=int)]
         paths["class_plot"] = plot_grouped_bars(series, order, os.path.join(output_dir, CLASS_PLOT_FILE),

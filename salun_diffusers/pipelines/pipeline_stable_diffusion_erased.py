@@ -12,28 +12,15 @@ gives the merged U-Net). These classes instead load the base and apply the erasu
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from typing import Optional
 
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from ..delta import CONFIG_NAME
-from ..hub import BUNDLED_DIGIT_MODEL, resolve_base_model  # noqa: F401  (BUNDLED_DIGIT_MODEL: old import path)
-from ..loaders import ErasureLoaderMixin
+from ..hub import resolve_base_model
+from ..loaders import ErasureLoaderMixin, read_erasure_dir_config
 
 logger = logging.getLogger(__name__)
-
-
-def _erasure_dir_config(path) -> Optional[dict]:
-    """The erasure config of a train_erase.py output folder (whether or not it is also a pipeline folder)."""
-    if isinstance(path, str) and os.path.isdir(path):
-        cfg = os.path.join(path, CONFIG_NAME)
-        if os.path.isfile(cfg):
-            with open(cfg) as f:
-                return json.load(f)
-    return None
 
 
 class _ErasedFromPretrained(ErasureLoaderMixin):
@@ -43,14 +30,14 @@ class _ErasedFromPretrained(ErasureLoaderMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, erasure=None, erasure_scale: float = 1.0,
                         check_base: bool = True, **kwargs):
         """``check_base=False``: apply the erasure even onto base weights other than those it was made from."""
-        meta = _erasure_dir_config(pretrained_model_name_or_path)
+        meta = read_erasure_dir_config(pretrained_model_name_or_path)
         if meta is not None and erasure is None:
             out_dir, erasure = pretrained_model_name_or_path, pretrained_model_name_or_path
             base = meta.get("config", {}).get("base_model")
             if not base:
                 raise ValueError(f"{pretrained_model_name_or_path!r} records no base model; pass the base model "
                                  "and erasure=... explicitly")
-            if _erasure_dir_config(resolve_base_model(base)) is not None and erasure_scale == 1.0:
+            if read_erasure_dir_config(resolve_base_model(base)) is not None and erasure_scale == 1.0:
                 # made on top of another erasure (erasing again from an erased model): its base, with that erasure
                 # loaded (recursively), then this one on top: unload_erasure goes back to the original base
                 pipe = cls.from_pretrained(base, *args, check_base=check_base, **kwargs)
