@@ -66,11 +66,13 @@ def three(tmp_path_factory):
     return _params(base), a, b, c
 
 
-def test_beside_erasures_compose_exactly_and_unload_restores_the_base(three):
+def test_beside_erasures_compose_exactly_and_unload_restores_the_base(three, caplog):
     base, (a, erased_a, ma), (b, erased_b, mb), _ = three
     unet = _unet(0)
     load_erasure(unet, a)
-    load_erasure(unet, b)
+    with caplog.at_level(logging.WARNING):
+        load_erasure(unet, b)
+    assert "made beside the loaded erasure(s)" in caplog.text and "erase the concepts together" in caplog.text
     assert [e["stacked"] for e in get_loaded_erasures(unet)] == ["base", "beside"]
     assert [e["concept"] for e in get_loaded_erasures(unet)] == ["seven", "four"]
     params = dict(unet.named_parameters())
