@@ -199,6 +199,7 @@ def plot(report, path):
         ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", label=method)
     base = sorted((r["k"], 100 * r["base_retained"]) for r in rows if r["method"] == rows[0]["method"] or r["k"] == 1)
     ax.plot([k for k, _ in base], [v for _, v in base], "k--", lw=1, label="base model (same digits)")
+    ax.set_xticks(sorted({r["k"] for r in rows}))
     ax.set_xlabel("digits erased (k)")
     ax.set_ylabel("retained accuracy on the other digits (%)")
     ax.set_title("digit world: erasing k digits", fontsize=9)
