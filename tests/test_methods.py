@@ -7,13 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from salun_diffusers.attacks import encode_prompt
-from salun_diffusers.masking import mask_density
+from salun_diffusers.masking import MaskedUpdate, mask_density
 from salun_diffusers.methods import (AdvUnlearnConfig, EsdConfig, UceConfig, advunlearn_loss, apply_uce,
                                      ddim_partial_sample, encode_with_prefix, erase_pairs, esd_loss, esd_mask,
                                      esd_sample, prefix_ids, retain_sample, soft_prompt_attack, text_encoder_mask,
                                      token_embeddings, train_advunlearn, train_esd, uce_closed_form, uce_edit, uce_mask,
                                      uce_projections)
-from salun_diffusers.masking import MaskedUpdate
 from salun_diffusers.testing import get_dummy_pipeline
 
 

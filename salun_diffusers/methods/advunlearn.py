@@ -66,7 +66,8 @@ class AdvUnlearnConfig(JsonConfigMixin):
     adv_tokens: int = _f(1, "Adversarial tokens prepended to the prompt.")
     attack_init: str = _f("random", "random: fresh vocabulary tokens each attack; latest: continue from the last.",
                           choices=["random", "latest"])
-    attack_method: str = _f("pgd", "pgd: Adam on the gradient; fast_at: Adam on its sign.", choices=list(ATTACK_METHODS))
+    attack_method: str = _f("pgd", "pgd: Adam on the gradient; fast_at: Adam on its sign.",
+                            choices=list(ATTACK_METHODS))
     inner_attack: str = _f("soft", "soft: continuous token embeddings (official); token: UnlearnDiffAtk vocabulary "
                                    "words (needs target latents).", choices=list(INNER_ATTACKS))
     warmup: int = _f(200, "Plain ESD steps on the prompt before the first attack.")

@@ -102,8 +102,8 @@ def esd_mask(unet: torch.nn.Module, variant: str) -> Mask:
     mask = {name: torch.full(p.shape, is_esd_parameter(name, variant), dtype=torch.bool, device=p.device)
             for name, p in unet.named_parameters()}
     if not any(bool(m.any()) for m in mask.values()):
-        raise ValueError(f"{variant} selects no weight of this U-Net (it has no {'cross-attention' if variant == 'esd-x' else 'such'} "
-                         "layers); ESD needs a UNet2DConditionModel")
+        raise ValueError(f"{variant} selects no weight of this U-Net (no cross-attention layers?); ESD needs a "
+                         "UNet2DConditionModel")
     return mask
 
 
