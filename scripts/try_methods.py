@@ -34,12 +34,13 @@ SETTINGS: Dict[str, List[dict]] = {
     "esd-x": [dict(learning_rate=1e-4, iterations=300), dict(learning_rate=1e-3, iterations=300),
               dict(learning_rate=3e-3, iterations=300)],
     "esd-u": [dict(learning_rate=1e-5, iterations=300), dict(learning_rate=1e-4, iterations=300),
-              dict(learning_rate=1e-3, iterations=300)],
+              dict(learning_rate=1e-3, iterations=300), dict(learning_rate=3e-4, iterations=300)],
     "uce": [dict(guide="", preserve_scale=0.1), dict(guide="", preserve_scale=1.0),
             dict(guide="next", preserve_scale=0.1), dict(guide="next", preserve_scale=1.0)],
     "advunlearn": [dict(learning_rate=1e-4, iterations=100, warmup=20, retain_weight=0.3),
                    dict(learning_rate=1e-3, iterations=100, warmup=20, retain_weight=0.3),
-                   dict(learning_rate=1e-3, iterations=100, warmup=20, retain_weight=1.0)],
+                   dict(learning_rate=1e-3, iterations=100, warmup=20, retain_weight=1.0),
+                   dict(learning_rate=1e-3, iterations=200, warmup=40, retain_weight=1.0)],
 }
 DIGIT_SAMPLING_STEPS = 10
 
@@ -81,6 +82,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--digit", type=int, default=7)
     parser.add_argument("--methods", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--index", type=int, nargs="+", default=None,
+                        help="run only these settings (0-based positions in each method's list); default: all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="out/try-methods.jsonl")
     args = parser.parse_args()
@@ -88,7 +91,9 @@ def main() -> int:
     torch.set_num_threads(1)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     for method in args.methods:
-        for setting in SETTINGS[method]:
+        for i, setting in enumerate(SETTINGS[method]):
+            if args.index is not None and i not in args.index:
+                continue
             row = run_one(method, setting, args.digit, args.seed)
             with open(args.output, "a") as f:
                 f.write(json.dumps(row) + "\n")
