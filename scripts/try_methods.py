@@ -57,9 +57,9 @@ def run_one(method: str, setting: dict, digit: int, seed: int) -> dict:
         train_esd(pipe.unet, base, pipe.scheduler, encode_prompt(pipe, prompt), encode_prompt(pipe, ""), config,
                   generator=gen)
     elif method == "uce":
-        setting = dict(setting)
-        guide = digit_prompt((digit + 1) % 10) if setting.pop("guide") == "next" else ""
-        config = UceConfig(**setting)
+        options = dict(setting)
+        guide = digit_prompt((digit + 1) % 10) if options.pop("guide") == "next" else ""
+        config = UceConfig(**options)
         apply_uce(pipe.unet, uce_edit(pipe.unet, pipe.tokenizer, pipe.text_encoder, [prompt], [guide], others, config))
     elif method == "advunlearn":
         config = AdvUnlearnConfig(num_inference_steps=DIGIT_SAMPLING_STEPS, attack_steps=5, **setting)
