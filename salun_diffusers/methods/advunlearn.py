@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..attacks import encode_ids, frozen, token_attack
-from ..cli_args import flag_field as _f
+from ..utils import flag_field as _f
 from ..masking import Mask, MaskedUpdate
 from ..utils import JsonConfigMixin
 from .esd import EsdSample, ddim_partial_sample, esd_sample

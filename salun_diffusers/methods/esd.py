@@ -31,9 +31,10 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from ..cli_args import flag_field as _f
+from ..utils import flag_field as _f
 from ..masking import Mask, MaskedUpdate
 from ..utils import JsonConfigMixin
 
@@ -122,8 +123,6 @@ class EsdSample:
 
 
 def _ddim(scheduler):
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler.from_config(scheduler.config)
 
 

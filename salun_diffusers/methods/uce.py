@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..cli_args import flag_field as _f
+from ..utils import flag_field as _f
 from ..masking import Mask
 from ..utils import JsonConfigMixin
 
