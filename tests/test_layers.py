@@ -245,3 +245,17 @@ def test_the_checker_reports_forbidden_sideways_local_and_cyclic_imports(tmp_pat
 def test_optional_dependencies_are_third_party_names():
     assert OPTIONAL_DEPENDENCIES == tuple(sorted(OPTIONAL_DEPENDENCIES))
     assert not any(os.path.exists(PACKAGE_DIR / f"{name}.py") for name in OPTIONAL_DEPENDENCIES)
+
+
+def test_no_two_modules_define_the_same_public_name():
+    """One public name, one meaning: a function or class defined at module top in two modules of the package would
+    be two things under one name (the command-line entry points' ``main`` / ``parse_args`` are the same role in each
+    tool and are allowed)."""
+    allowed = {"main", "parse_args"}
+    where: Dict[str, List[str]] = {}
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                where.setdefault(node.name, []).append(str(path.relative_to(PACKAGE_DIR)))
+    twice = {name: files for name, files in where.items() if len(files) > 1 and name not in allowed}
+    assert not twice, f"public names defined in more than one module: {twice}"
