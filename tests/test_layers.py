@@ -7,11 +7,14 @@ module (``utils``) or subpackage (``erasure``); a subpackage's ``cli`` module is
 0. base: ``utils`` (helpers, the version, the optional-dependency list, ``flag_field``).
 1. core (free): ``concepts``, ``config``, ``families``, ``masking``, ``objectives``, ``delta`` and the small modules
    beside them: ``saliency``, ``tokenizer``, ``data`` (classifier datasets), ``data_cache`` (cache keys),
-   ``digits`` (the bundled digit world), ``hub``, ``lora``, ``runs``, ``testing`` (tiny test models).
-2. loaders (free): ``loaders`` and ``pipelines`` (the erased pipelines, built on the loaders).
-3. components: ``erasure``, ``attacks``, ``evaluation``, ``classification``, ``reporting``; sideways only as the lead
-   decided: evaluation imports neither attacks nor erasure, attacks may import evaluation, erasure may import attacks
-   and evaluation, classification imports none of the three.
+   ``digits`` (the bundled digit world), ``hub``, ``lora``, ``runs``, ``testing`` (tiny test models),
+   ``flow_matching`` (flow-matching noise/targets), ``provenance`` (environment records).
+2. loaders (free): ``loaders``, ``pipelines`` (the erased pipelines, built on the loaders), ``export`` (single-file
+   and kohya formats).
+3. components: ``erasure``, ``attacks``, ``evaluation``, ``classification``, ``reporting``, ``methods`` (peer
+   erasure methods); sideways only in this order: evaluation imports neither attacks nor erasure, attacks may import
+   evaluation, methods may import attacks, erasure may import attacks, evaluation and methods, classification imports
+   none of them.
 4. facade: ``erase`` (the erasure run) and the package's ``__init__``.
 5. command line: ``cli_args`` and every ``*/cli.py`` (``train_erase.py`` is outside the package, above it all).
 
@@ -40,8 +43,9 @@ LAYERS: List[dict] = [
                                   "flow_matching", "provenance"},
      SIDEWAYS: "free"},
     {"name": "loaders", COMPONENTS: {"loaders", "pipelines", "export"}, SIDEWAYS: "free"},
-    {"name": "components", COMPONENTS: {"erasure", "attacks", "evaluation", "classification", "reporting"},
-     SIDEWAYS: {("attacks", "evaluation"), ("erasure", "attacks"), ("erasure", "evaluation")}},
+    {"name": "components", COMPONENTS: {"erasure", "attacks", "evaluation", "classification", "reporting", "methods"},
+     SIDEWAYS: {("attacks", "evaluation"), ("erasure", "attacks"), ("erasure", "evaluation"), ("methods", "attacks"),
+                ("erasure", "methods")}},
     {"name": "facade", COMPONENTS: {"erase", ROOT}, SIDEWAYS: "free"},
     {"name": "command line", COMPONENTS: {"cli_args", "cli"}, SIDEWAYS: "free"},
 ]
@@ -241,3 +245,17 @@ def test_the_checker_reports_forbidden_sideways_local_and_cyclic_imports(tmp_pat
 def test_optional_dependencies_are_third_party_names():
     assert OPTIONAL_DEPENDENCIES == tuple(sorted(OPTIONAL_DEPENDENCIES))
     assert not any(os.path.exists(PACKAGE_DIR / f"{name}.py") for name in OPTIONAL_DEPENDENCIES)
+
+
+def test_no_two_modules_define_the_same_public_name():
+    """One public name, one meaning: a function or class defined at module top in two modules of the package would
+    be two things under one name (the command-line entry points' ``main`` / ``parse_args`` are the same role in each
+    tool and are allowed)."""
+    allowed = {"main", "parse_args"}
+    where: Dict[str, List[str]] = {}
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                where.setdefault(node.name, []).append(str(path.relative_to(PACKAGE_DIR)))
+    twice = {name: files for name, files in where.items() if len(files) > 1 and name not in allowed}
+    assert not twice, f"public names defined in more than one module: {twice}"

@@ -23,7 +23,7 @@ from typing import List, Optional
 from ..cli_args import build_parser, run_main
 from ..utils import configure_threads, ensure_writable_dir
 from .data import load_dataset
-from .experiment import ExperimentConfig, check_output_dir, run_experiment, write_results
+from .experiment import ExperimentConfig, check_results_dir, run_experiment, write_results
 
 PROG = "salun-classifier"
 FLAGS = ("dataset", "data_dir", "model", "scenario", "forget_ratio", "forget_class", "methods", "seeds",
@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         configure_threads(0, args.threads)  # checks >= 1; remembered: run_experiment's policy call keeps it
     # check before compute: results can be written, the data can be read
-    check_output_dir(args.output_dir, args.overwrite)
+    check_results_dir(args.output_dir, args.overwrite)
     ensure_writable_dir(args.output_dir)
     data = load_dataset(config.dataset, config.data_dir, mnist_source=config.mnist_source,
                         train_size=config.train_size, split_seed=config.split_seed)

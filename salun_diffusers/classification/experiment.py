@@ -226,7 +226,7 @@ def run_experiment(config: ExperimentConfig, *, data: Optional[ImageData] = None
 RESULT_FILES = ("results.json", "results.md")
 
 
-def check_output_dir(output_dir: str, overwrite: bool = False) -> None:
+def check_results_dir(output_dir: str, overwrite: bool = False) -> None:
     """Refuse to overwrite earlier results unless ``overwrite``."""
     existing = [f for f in RESULT_FILES if os.path.exists(os.path.join(output_dir, f))]
     if existing and not overwrite:
@@ -236,7 +236,7 @@ def check_output_dir(output_dir: str, overwrite: bool = False) -> None:
 
 def write_results(results: dict, output_dir: str, overwrite: bool = False) -> None:
     """Write ``results.json`` and ``results.md`` (atomically) into ``output_dir``."""
-    check_output_dir(output_dir, overwrite)
+    check_results_dir(output_dir, overwrite)
     os.makedirs(output_dir, exist_ok=True)
     write_json(os.path.join(output_dir, "results.json"), {k: v for k, v in results.items() if k != "markdown"})
     write_text(os.path.join(output_dir, "results.md"), results["markdown"])

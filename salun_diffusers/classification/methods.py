@@ -101,7 +101,7 @@ class UnlearnResult:
     info: Dict[str, float] = field(default_factory=dict)
 
 
-def make_optimizer(params, cfg: MethodConfig) -> torch.optim.Optimizer:
+def make_classifier_optimizer(params, cfg: MethodConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -178,7 +178,7 @@ def fit(model: torch.nn.Module, cfg: MethodConfig, epoch_batches: Callable[[int]
     """
     device = next(model.parameters()).device
     params = guard.trainable_parameters() if guard is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_classifier_optimizer(params, cfg)
     schedule = None
     aug_gen = torch.Generator().manual_seed(seed + 1_000_003)
     model.train()
