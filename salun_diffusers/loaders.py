@@ -225,7 +225,8 @@ def unload_erasure(pipe_or_unet, only_last: bool = False) -> None:
 
 def fuse_erasure(pipe_or_unet) -> None:
     """Keep the loaded erasure(s) permanently and free the backups. The fused values are then the U-Net's own: an
-    erasure made on top of them loads, one made beside them from the base cannot be checked and is refused."""
+    erasure made on top of them loads; one made beside them from the base is refused where its mask meets the fused
+    changes (the base values there are gone, so its base cannot be checked)."""
     unet, _ = _state(pipe_or_unet, "fuse")
     setattr(unet, _STATE, None)
 
