@@ -24,6 +24,7 @@ from .audit import audit_summary_lines, check_audit_inputs, run_audit
 from .config import AuditConfig
 from .report import RESULTS_FILE
 from .reproduce import load_recorded_run, reproduce_lines, reproduce_output_dir
+from .tables import table_lines
 
 RESUME_HINT = "rerun the same command to resume (images drawn are kept)"
 REPRODUCE_HELP = ("--reproduce RESULTS_JSON [--output_dir DIR]: rerun the audit a results.json records (into DIR, "
@@ -41,16 +42,17 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "salun-audit", 
     return parser.parse_args(argv_or_sys(argv))
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "salun-audit", description: Optional[str] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "salun-audit", description: Optional[str] = None,
+         table: Optional[str] = None) -> int:
     """Exit codes: 0 done; 2 a user mistake (bad flag value, missing file, a folder holding other settings), one line
     on stderr; 1 out of memory; 130 interrupted."""
     setup_logging()
     if wants_reproduce(argv_or_sys(argv)):
         args = reproduce_parser(prog).parse_args(argv_or_sys(argv))
-        return run_main(prog, lambda: reproduce_audit(args.reproduce, args.output_dir, args.debug), debug=args.debug,
-                        resume_hint=RESUME_HINT)
+        return run_main(prog, lambda: reproduce_audit(args.reproduce, args.output_dir, args.debug, table),
+                        debug=args.debug, resume_hint=RESUME_HINT)
     args = parse_args(argv, prog, description)
-    return run_main(prog, lambda: _run(args), debug=args.debug, resume_hint=RESUME_HINT)
+    return run_main(prog, lambda: _run(args, table), debug=args.debug, resume_hint=RESUME_HINT)
 
 
 def wants_reproduce(argv: Sequence[str]) -> bool:
@@ -67,7 +69,8 @@ def reproduce_parser(prog: str) -> OneLineParser:
     return parser
 
 
-def reproduce_audit(results_json: str, output_dir: Optional[str] = None, debug: bool = False) -> int:
+def reproduce_audit(results_json: str, output_dir: Optional[str] = None, debug: bool = False,
+                    table: Optional[str] = None) -> int:
     """Rerun a recorded audit with its recorded config into ``output_dir``; print its summary and where it differs
     (also written to ``reproduce.json``). Returns 0 when every figure is equal, else 1."""
     old = load_recorded_run(results_json, "salun-audit")
@@ -84,7 +87,7 @@ def reproduce_audit(results_json: str, output_dir: Optional[str] = None, debug: 
     new = run_audit(config)
     if "num_images" not in new:  # not the main process
         return 0
-    print("\n".join(audit_summary_lines(new)))
+    print("\n".join(audit_summary_lines(new) + (table_lines(new, table) if table else [])))
     old_images = os.path.join(os.path.dirname(old["_path"]), "images")
     equal, lines = reproduce_lines(old, new, AUDIT_FIGURES, [(old_images, os.path.join(out, "images"))])
     print("\n".join(lines))
@@ -92,26 +95,28 @@ def reproduce_audit(results_json: str, output_dir: Optional[str] = None, debug: 
     return 0 if equal else 1
 
 
-def _run(args) -> int:
+def _run(args, table: Optional[str] = None) -> int:
     config = config_from_args(AuditConfig, args)
     check_audit_inputs(config)
     results = run_audit(config)
     if "num_images" in results:  # main process
-        print("\n".join(audit_summary_lines(results)))
+        print("\n".join(audit_summary_lines(results) + (table_lines(results, table) if table else [])))
     return 0
 
 
-def run_protocol(prog: str, description: str, defaults: dict, argv: Optional[Sequence[str]] = None) -> int:
+def run_protocol(prog: str, description: str, defaults: dict, argv: Optional[Sequence[str]] = None,
+                 table: Optional[str] = None) -> int:
     """``salun-audit`` with an evaluation protocol's defaults (the top-level ``evaluation/`` scripts): each
-    ``{"--flag": value}`` is used unless the command line gives the flag; ``None`` values are left out."""
+    ``{"--flag": value}`` is used unless the command line gives the flag; ``None`` values are left out. After the
+    summary it prints the row of the paper's ``table`` (:mod:`salun_diffusers.evaluation.tables`)."""
     argv = argv_or_sys(argv)
     if wants_reproduce(argv):  # the recorded config holds every setting, the protocol's included
-        return main(argv, prog=prog, description=description)
+        return main(argv, prog=prog, description=description, table=table)
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     preset = [str(x) for flag, value in defaults.items() if value is not None and flag not in given
               for x in (flag, value)]
     shown = " ".join(f"{k} {v}" for k, v in defaults.items() if v is not None)
-    return main(preset + argv, prog=prog, description=f"{description} Defaults: {shown or 'none'}.")
+    return main(preset + argv, prog=prog, description=f"{description} Defaults: {shown or 'none'}.", table=table)
 
 
 if __name__ == "__main__":
