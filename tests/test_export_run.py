@@ -111,3 +111,11 @@ def test_half_single_file_and_the_refusals(exported, erase_config, tmp_path):
                                                       torch_dtype=torch.float16)
     erased = result.unet.state_dict()
     assert all(torch.equal(loaded.unet.state_dict()[k], v.to(torch.float16)) for k, v in erased.items())
+
+
+def test_the_exports_are_bookkeeping_a_resume_may_add_them(exported):
+    from salun_diffusers.erasure.checkpoints import config_differences
+
+    config, _ = exported
+    recorded = {k: v for k, v in config.to_dict().items() if k not in ("save_single_file", "single_file_dtype")}
+    assert config_differences(recorded, config) == []
