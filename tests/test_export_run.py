@@ -102,6 +102,14 @@ def test_half_single_file_and_the_refusals(exported, erase_config, tmp_path):
     (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     with pytest.raises(ValueError, match="StableDiffusion3Pipeline.*no original single-file layout"):
         check_before_compute(erase_config(save_single_file=True, pretrained_model_name_or_path=str(other)))
+    # an SD pipeline whose U-Net has blocks the original layout lacks: refused before any work, naming them
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (other / "unet").mkdir()
+    (other / "unet" / "config.json").write_text(json.dumps({
+        "_class_name": "UNet2DConditionModel", "layers_per_block": 1, "down_block_types": ["SimpleCrossAttnDownBlock2D"],
+        "up_block_types": ["UpBlock2D"]}))
+    with pytest.raises(ValueError, match="--save_single_file: U-Net down_block_types.*SimpleCrossAttnDownBlock2D"):
+        check_before_compute(erase_config(save_single_file=True, pretrained_model_name_or_path=str(other)))
     # float16 (the default), without a pipeline folder: the base's components, the erased U-Net cast to half
     half = erase_config(save_single_file=True, save_pipeline="none", output_dir=str(tmp_path / "erasure"))
     result = erase(half)

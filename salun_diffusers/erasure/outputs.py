@@ -339,25 +339,26 @@ def check_single_file_export(config: EraseConfig) -> None:
     if config.save_mask_only:
         raise ValueError("--save_single_file needs the erased model, which --save_mask_only does not make: drop one "
                          "of the two")
-    try:
-        base_dir = local_model_dir(base_model_id(config), config.revision)
-    except FileNotFoundError:
+    base = resolve_base_model(base_model_id(config))
+    try:  # two small JSON files: from the folder, the hub cache, or the hub (the run downloads the base anyway)
+        index = DiffusionPipeline.load_config(base, revision=config.revision)
+    except (OSError, ValueError):
+        logger.info("--save_single_file: the base's model_index.json cannot be read yet; checked at the end")
         return
-    index_path = os.path.join(base_dir, PIPELINE_INDEX)
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            cls = json.load(f).get("_class_name")
-        if cls not in SINGLE_FILE_CLASSES:
-            raise ValueError(f"--save_single_file: the base is a {cls}, which has no original single-file layout "
-                             f"(supported: {', '.join(SINGLE_FILE_CLASSES)}); drop --save_single_file and use the "
-                             "diffusers folder")
-    unet_config = os.path.join(base_dir, "unet", "config.json")
-    if os.path.isfile(unet_config):
-        with open(unet_config) as f:
-            try:
-                unet_prefix_map(json.load(f), [])
-            except (KeyError, ValueError) as exc:
-                raise ValueError(f"--save_single_file: {exc}") from None
+    cls = index.get("_class_name")
+    if cls not in SINGLE_FILE_CLASSES:
+        raise ValueError(f"--save_single_file: the base is a {cls}, which has no original single-file layout "
+                         f"(supported: {', '.join(SINGLE_FILE_CLASSES)}); drop --save_single_file and use the "
+                         "diffusers folder")
+    try:
+        unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=config.revision)
+    except (OSError, ValueError):
+        logger.info("--save_single_file: the base's unet/config.json cannot be read yet; checked at the end")
+        return
+    try:
+        unet_prefix_map(unet_config, [])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"--save_single_file: {exc}") from None
 
 
 def _check_single_file_target(config: EraseConfig) -> None:
