@@ -45,6 +45,12 @@ def test_digit_world_prints_ua_retained_and_per_digit(tmp_path, capsys, monkeypa
     assert [float(x) for x in row[4:]] == pytest.approx([100 * cls["per_class_accuracy"][k] for k in ("0", "1")],
                                                         abs=0.005)
     assert float(row[3]) >= 90  # the base model draws zeros its judge calls zero (real efficacy world)
+    # the same command again from its results.json: the same row, and the comparison says so
+    code, again = run_script("digit_world", ["--reproduce", str(out / "results.json"), "--output_dir",
+                                             str(tmp_path / "again")], capsys, monkeypatch)
+    assert code == 0 and again == rows
+    assert json.loads((tmp_path / "again" / "reproduce.json").read_text())["lines"][:2] == [
+        f"reproduced: every figure equals {out / 'results.json'}", "images/: 0 of 40 images differ (pixel-identical)"]
 
 
 @pytest.fixture
