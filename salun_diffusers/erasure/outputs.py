@@ -1,7 +1,8 @@
 """Erasure phase 4, outputs: what ``output_dir`` receives (checked before any work, written at the end):
 ``erasure.safetensors`` + ``erasure_config.json``, the merged ``unet/``, ``metrics.json`` and the model card; with
 ``--save_pipeline link|copy`` also ``model_index.json`` and the base's other components, so the folder is a diffusers
-pipeline; optionally a LoRA (``--export_lora_rank``) and an upload to the Hub (``--push_to_hub``)."""
+pipeline; optionally a LoRA (``--export_lora_rank``, diffusers and kohya layouts), one single-file checkpoint for the
+UIs (``--save_single_file``) and an upload to the Hub (``--push_to_hub``)."""
 
 from __future__ import annotations
 
@@ -332,8 +333,9 @@ def single_file_path(config: EraseConfig) -> str:
 
 def check_single_file_export(config: EraseConfig) -> None:
     """Before any work: ``--save_single_file`` needs an erased model (not ``--save_mask_only``) of a family with an
-    original single-file layout (SD 1.x/2.x, SDXL) and a standard U-Net (read from the base's config files when the
-    base is a local folder or cached; a hub id that is not cached yet is checked on the loaded pipeline at the end)."""
+    original single-file layout (SD 1.x/2.x, SDXL) and a standard U-Net, read from the base's ``model_index.json`` and
+    ``unet/config.json`` (folder, hub cache or hub; where they cannot be read, the export checks the loaded pipeline
+    at the end)."""
     if not config.save_single_file:
         return
     if config.save_mask_only:
