@@ -13,4 +13,4 @@ import sys
 from salun_diffusers.evaluation.cli import run_protocol
 
 if __name__ == "__main__":
-    sys.exit(run_protocol("evaluation/digit_world.py", __doc__.split("\n")[0], {"--judge": "digit"}))
+    sys.exit(run_protocol("evaluation/digit_world.py", __doc__.split("\n")[0], {"--judge": "digit"}, table="digits"))

@@ -15,4 +15,4 @@ from salun_diffusers.evaluation.cli import run_protocol
 if __name__ == "__main__":
     sys.exit(run_protocol("evaluation/fid_clip_coco.py", __doc__.split("\n")[0],
                           {"--judge": "none", "--clip_model": "openai/clip-vit-large-patch14",
-                           "--prompts": data_file("prompts", "coco_10k.csv")}))
+                           "--prompts": data_file("prompts", "coco_10k.csv")}, table="coco"))

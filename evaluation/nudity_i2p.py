@@ -14,4 +14,4 @@ from salun_diffusers.evaluation.cli import run_protocol
 
 if __name__ == "__main__":
     sys.exit(run_protocol("evaluation/nudity_i2p.py", __doc__.split("\n")[0],
-                          {"--judge": "nudenet", "--prompts": data_file("i2p_prompts.csv")}))
+                          {"--judge": "nudenet", "--prompts": data_file("i2p_prompts.csv")}, table="nudity"))

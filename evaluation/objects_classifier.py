@@ -16,4 +16,4 @@ from salun_diffusers.evaluation.cli import run_protocol
 if __name__ == "__main__":
     sys.exit(run_protocol("evaluation/objects_classifier.py", __doc__.split("\n")[0],
                           {"--judge": "classifier", "--judge_model": "microsoft/resnet-50",
-                           "--prompts": data_file("prompts", "imagenette.csv")}))
+                           "--prompts": data_file("prompts", "imagenette.csv")}, table="objects"))

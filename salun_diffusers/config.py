@@ -148,6 +148,13 @@ class EraseConfig(JsonConfigMixin):
     report_to: Optional[str] = _f(None, "Tracker for accelerate (tensorboard, wandb, ...); none by default.")
     logging_dir: str = _f("logs", "Tracker log folder, relative to --output_dir.")
     verdict_images: int = _f(50, "Digit model only: images per digit the bundled judge scores before/after (0: skip).")
+    # exports for the UIs (Automatic1111, ComfyUI; see the README)
+    save_single_file: bool = _f(False, "Also write the erased model as ONE checkpoint in the original Stable Diffusion "
+                                       "layout, <output_dir>/<name of output_dir>.safetensors (U-Net, VAE, text "
+                                       "encoder(s); SD 1.x/2.x/SDXL): the file Automatic1111, ComfyUI and "
+                                       "from_single_file load.")
+    single_file_dtype: str = _f("float16", "dtype of the --save_single_file checkpoint (float16: half the size, what "
+                                           "the UIs run; float32: the exact weights).", choices=["float16", "float32"])
 
     def __post_init__(self):
         """Types, ranges and the preset merge only: the config never reads the disk (input paths are checked by
@@ -177,6 +184,8 @@ class EraseConfig(JsonConfigMixin):
                                  or self.adversarial_lr <= 0 or self.adversarial_weight < 0):
             raise ValueError("--adversarial needs --adversarial_every >= 1, --adversarial_steps >= 1, "
                              "--adversarial_lr > 0 and --adversarial_weight >= 0")
+        if self.single_file_dtype not in ("float16", "float32"):
+            raise ValueError(f"--single_file_dtype must be float16 or float32, got {self.single_file_dtype!r}")
         if self.save_pipeline not in ("link", "copy", "none"):
             raise ValueError(f"--save_pipeline must be link, copy or none, got {self.save_pipeline!r}")
         # Rule (documented in --save_merged_unet's help): a pipeline folder needs the merged U-Net, so without it the

@@ -33,7 +33,11 @@ def summarize_erasure(config, result) -> str:
         lines.append(f"  pipeline: DiffusionPipeline.from_pretrained({result.output_dir!r})")
     if m.get("lora"):
         lines.append(f"  LoRA: rank {m['lora']['rank']}, {m['lora']['energy_kept']:.1%} of the delta's energy "
-                     "(pytorch_lora_weights.safetensors)")
+                     "(pytorch_lora_weights.safetensors" + (f", kohya layout {m['lora']['kohya_file']}"
+                                                            if m["lora"].get("kohya_file") else "") + ")")
+    if m.get("single_file"):
+        lines.append(f"  single file for Automatic1111 / ComfyUI: "
+                     f"{os.path.join(result.output_dir, m['single_file']['file'])} ({m['single_file']['dtype']})")
     if m.get("hub_url"):
         lines.append(f"  pushed to {m['hub_url']}")
     if "verdict" in m:

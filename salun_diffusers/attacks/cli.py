@@ -19,28 +19,39 @@ killed run resumes with the rows it has, and a rerun with more prompts (``--limi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Optional, Sequence
 
 from ..cli_args import argv_or_sys, build_parser, config_from_args, run_main, setup_logging
+from ..evaluation.cli import REPRODUCE_FILE, REPRODUCE_HELP, reproduce_parser, wants_reproduce
+from ..evaluation.reproduce import load_recorded_run, reproduce_lines, reproduce_output_dir
+from ..utils import write_json
 from .config import AttackConfig
-from .report import REPORT_FILE, attack_summary_line
+from .report import REPORT_FILE, RESULTS_FILE, attack_summary_line
 from .runner import run_attack
 
 PROG = "salun-attack"
 RESUME_HINT = "rerun the same command to resume (finished rows are kept)"
+ATTACK_FIGURES = ("num_prompts", "target_rate", "before_rate", "after_rate", "asr", "asr_where_target_hit",
+                  "num_target_hit", "mean_loss_start", "mean_loss_final")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
     """The parsed flags (``AttackConfig``'s fields and ``--debug``); a malformed flag exits 2 with one line."""
-    return build_parser(PROG, __doc__.split("\n\n")[0], AttackConfig).parse_args(argv_or_sys(argv))
+    return build_parser(PROG, __doc__.split("\n\n")[0], AttackConfig,
+                        epilog=REPRODUCE_HELP.replace("audit", "attack")).parse_args(argv_or_sys(argv))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit codes: 0 done; 2 a user mistake (bad flag value, missing file, a folder holding other settings), one line
     on stderr; 1 out of memory; 130 interrupted."""
     setup_logging()
+    if wants_reproduce(argv_or_sys(argv)):
+        args = reproduce_parser(PROG).parse_args(argv_or_sys(argv))
+        return run_main(PROG, lambda: reproduce_attack(args.reproduce, args.output_dir), debug=args.debug,
+                        resume_hint=RESUME_HINT)
     args = parse_args(argv)
     return run_main(PROG, lambda: _run(args), debug=args.debug, resume_hint=RESUME_HINT)
 
@@ -50,6 +61,26 @@ def _run(args) -> int:
     results = run_attack(config)
     print(f"{attack_summary_line(results)}; report: {os.path.join(config.output_dir, REPORT_FILE)}")
     return 0
+
+
+def reproduce_attack(results_json: str, output_dir: Optional[str] = None) -> int:
+    """Rerun a recorded attack with its recorded config into ``output_dir``; print its summary and where it differs
+    (also written to ``reproduce.json``). Returns 0 when every figure is equal, else 1."""
+    old = load_recorded_run(results_json, PROG)
+    out = reproduce_output_dir(old["_path"], output_dir)
+    if os.path.isfile(os.path.join(out, RESULTS_FILE)):
+        raise ValueError(f"{out!r} already holds a finished attack; --reproduce attacks afresh: pass a new "
+                         "--output_dir")
+    names = {f.name for f in dataclasses.fields(AttackConfig)}
+    config = AttackConfig(**{**{k: v for k, v in old["config"].items() if k in names}, "output_dir": out})
+    new = run_attack(config)
+    print(f"{attack_summary_line(new)}; report: {os.path.join(out, REPORT_FILE)}")
+    old_dir = os.path.dirname(old["_path"])
+    equal, lines = reproduce_lines(old, new, ATTACK_FIGURES, [(os.path.join(old_dir, d), os.path.join(out, d))
+                                                              for d in ("targets", "before", "after")])
+    print("\n".join(lines))
+    write_json(os.path.join(out, REPRODUCE_FILE), {"reproduces": old["_path"], "equal": equal, "lines": lines})
+    return 0 if equal else 1
 
 
 if __name__ == "__main__":

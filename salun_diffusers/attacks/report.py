@@ -4,23 +4,31 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from typing import Optional, Sequence
 
+from ..evaluation.reproduce import PROVENANCE_KEY
 from ..utils import atomic_path, write_json, write_text
 from .config import AttackConfig
 
 RESULTS_FILE, REPORT_FILE, PLOT_FILE, ROWS_CSV = "results.json", "report.md", "asr.png", "rows.csv"
 
 
-def write_attack_report(config: AttackConfig, records: Sequence[dict], inversion: Optional[dict] = None) -> dict:
+def write_attack_report(config: AttackConfig, records: Sequence[dict], inversion: Optional[dict] = None,
+                        provenance: Optional[dict] = None) -> dict:
     """Summarise the finished rows and write every report file; returns the results (as in ``results.json``, plus
-    the plot's path)."""
+    the plot's path). ``provenance``: what the figures depend on besides the config
+    (:func:`salun_diffusers.evaluation.reproduce.run_provenance`); the config is recorded in full, for
+    ``--reproduce``."""
     out = config.output_dir
     results = summarize_attack(config, records)
     results["settings"] = config.settings()
+    results["config"] = dataclasses.asdict(config)
     if inversion is not None:
         results["inversion"] = inversion
+    if provenance is not None:
+        results[PROVENANCE_KEY] = provenance
     write_json(os.path.join(out, RESULTS_FILE), results)
     results["plot"] = plot_rates(results, os.path.join(out, PLOT_FILE))
     write_text(os.path.join(out, REPORT_FILE), render_attack_markdown(config, results, records))

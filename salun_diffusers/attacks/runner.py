@@ -24,7 +24,9 @@ from ..digits import DIGIT_SAMPLING, digit_prompt
 from ..families import encode_images, training_scheduler
 from ..evaluation.generate import generate_images, image_path, row_size
 from ..evaluation.judges import make_judge
+from ..evaluation.nudenet import EXPOSED_CLASSES
 from ..evaluation.prompts import PromptRow, read_prompts
+from ..evaluation.reproduce import judge_record, rows_record, run_provenance
 from ..pipelines import StableDiffusionErasedPipeline
 from ..runs import check_resume_settings
 from ..utils import atomic_path, resolve_dtype, write_json
@@ -233,4 +235,18 @@ def run_attack(config: AttackConfig, judge=None, base_pipe=None, pipe=None) -> d
         inversion_info = {"file": os.path.join(out, INVERSION_FILE), "seconds": float(saved["seconds"]),
                           "loss_start": float(saved["loss_start"]), "loss_final": float(saved["loss_final"]),
                           "num_targets": len(rows)}
-    return write_attack_report(config, records, inversion_info)
+    return write_attack_report(config, records, inversion_info, attack_provenance(config, rows))
+
+
+def attack_provenance(config: AttackConfig, rows) -> dict:
+    """What the attack's figures depend on besides its config (:mod:`salun_diffusers.evaluation.reproduce`)."""
+    model, erasure, base_model = resolve_models(config)
+    judge, files = judge_record(config.judge, threshold=config.threshold, counted_classes=EXPOSED_CLASSES,
+                                judge_model=config.judge_model, nudenet_model=config.nudenet_model)
+    if config.judge == "digit":
+        judge["digit"] = config.digit
+    elif config.judge == "classifier":
+        judge["target_class"] = config.target_class
+    return run_provenance(prompts=config.prompts, models={"model": model, "erasure": erasure,
+                                                          "base_model": base_model if base_model != model else None},
+                          judge=judge, judge_files=files, rows=rows_record(rows, config.resolution))

@@ -33,6 +33,7 @@ BOOKKEEPING_FIELDS = frozenset({
     "checkpoints_total_limit", "cache_dir", "verdict_images", "save_merged_unet", "save_mask_only", "threads",
     "gradient_checkpointing", "save_pipeline", "export_lora_rank", "push_to_hub", "hub_model_id", "hub_token",
     "validation_prompts", "validation_steps", "num_validation_images",
+    "save_single_file", "single_file_dtype",
 })
 
 

@@ -1,7 +1,8 @@
 """Erasure phase 4, outputs: what ``output_dir`` receives (checked before any work, written at the end):
 ``erasure.safetensors`` + ``erasure_config.json``, the merged ``unet/``, ``metrics.json`` and the model card; with
 ``--save_pipeline link|copy`` also ``model_index.json`` and the base's other components, so the folder is a diffusers
-pipeline; optionally a LoRA (``--export_lora_rank``) and an upload to the Hub (``--push_to_hub``)."""
+pipeline; optionally a LoRA (``--export_lora_rank``, diffusers and kohya layouts), one single-file checkpoint for the
+UIs (``--save_single_file``) and an upload to the Hub (``--push_to_hub``)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,17 @@ import time
 from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from ..concepts import AnySpec
 from ..config import EraseConfig
 from ..delta import CONFIG_NAME, MASK_NAME, WEIGHTS_NAME, build_delta, save_delta
+from ..export import KOHYA_LORA_NAME, save_kohya_lora, save_single_file, single_file_family, unet_prefix_map
 from ..families import base_model_id
 from ..hub import BUNDLED_DIGIT_MODEL, local_model_dir, push_to_hub, resolve_base_model
 from ..lora import delta_to_lora, save_lora
 from ..masking import load_mask
+from ..provenance import environment_record
 from ..utils import (__version__, ensure_writable_dir, follow_umask, resolve_dtype, user_cache_dir, write_json,
                      write_text)
 from .checkpoints import check_same_run
@@ -182,6 +185,7 @@ def check_before_compute(config: EraseConfig) -> None:
     disk: a saved ``train_config.json`` loads anywhere.)"""
     check_output_apart(config)
     _check_readable(config)
+    check_single_file_export(config)
     ensure_writable_dir(config.output_dir, "--output_dir")
     if config.cache_dir:
         ensure_writable_dir(config.cache_dir, "--cache_dir")
@@ -199,6 +203,7 @@ def check_output_dir(config: EraseConfig) -> None:
     """Refuse to overwrite an existing erasure unless asked (or resuming the same run), before any work is done."""
     _check_final_outputs(config)
     _check_pipeline_targets(config, _pipeline_names(config))
+    _check_single_file_target(config)
 
 
 def _check_final_outputs(config: EraseConfig) -> None:
@@ -236,6 +241,9 @@ def write_outputs(config: EraseConfig, spec: AnySpec, unet, mask: Mapping[str, t
     metrics["num_changed_weights"] = delta.num_changed()
     if config.export_lora_rank:
         metrics["lora"] = export_lora(config, unet)
+    if config.save_single_file:
+        metrics["single_file"] = export_single_file(config, unet)
+    metrics["environment"] = environment_record()
     write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
     write_text(os.path.join(config.output_dir, "README.md"), model_card(config, spec, metrics))
     if config.push_to_hub:
@@ -359,9 +367,107 @@ def export_lora(config: EraseConfig, unet) -> dict:
         os.replace(os.path.join(tmp, LORA_NAME), os.path.join(config.output_dir, LORA_NAME))
     finally:
         shutil.rmtree(tmp)
+    # the same LoRA in kohya's key layout, for Automatic1111's models/Lora and ComfyUI's models/loras
+    save_kohya_lora(os.path.join(config.output_dir, LORA_NAME), base.config, overwrite=True)
+    stats["file"], stats["kohya_file"] = LORA_NAME, KOHYA_LORA_NAME
     logger.info("LoRA rank %d: %d layers, %.1f%% of the delta's energy", stats["rank"], stats["layers"],
                 100 * stats["energy_kept"])
     return stats
+
+
+# ------------------------------------------------------------------------------------ the single file for the UIs
+SINGLE_FILE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def single_file_path(config: EraseConfig) -> str:
+    """``<output_dir>/<name of output_dir>.safetensors`` (``<name>-single-file.safetensors`` where that would be one
+    of the folder's other files, e.g. ``--output_dir out/erasure``)."""
+    out = os.path.normpath(os.path.abspath(config.output_dir))
+    name = os.path.basename(out)
+    if f"{name}.safetensors" in (WEIGHTS_NAME, MASK_NAME, LORA_NAME, KOHYA_LORA_NAME):
+        name += "-single-file"
+    return os.path.join(out, f"{name}.safetensors")
+
+
+def check_single_file_export(config: EraseConfig) -> None:
+    """Before any work: ``--save_single_file`` needs an erased model (not ``--save_mask_only``) of a family with an
+    original single-file layout (SD 1.x/2.x, SDXL) and a standard U-Net, read from the base's ``model_index.json`` and
+    ``unet/config.json`` (folder, hub cache or hub; where they cannot be read, the export checks the loaded pipeline
+    at the end)."""
+    if not config.save_single_file:
+        return
+    if config.save_mask_only:
+        raise ValueError("--save_single_file needs the erased model, which --save_mask_only does not make: drop one "
+                         "of the two")
+    base = resolve_base_model(base_model_id(config))
+    try:  # two small JSON files: from the folder, the hub cache, or the hub (the run downloads the base anyway)
+        index = DiffusionPipeline.load_config(base, revision=config.revision)
+    except (OSError, ValueError):
+        logger.info("--save_single_file: the base's model_index.json cannot be read yet; checked at the end")
+        return
+    cls = index.get("_class_name")
+    if cls not in SINGLE_FILE_CLASSES:
+        raise ValueError(f"--save_single_file: the base is a {cls}, which has no original single-file layout "
+                         f"(supported: {', '.join(SINGLE_FILE_CLASSES)}); drop --save_single_file and use the "
+                         "diffusers folder")
+    try:
+        unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=config.revision)
+    except (OSError, ValueError):
+        logger.info("--save_single_file: the base's unet/config.json cannot be read yet; checked at the end")
+        return
+    try:
+        unet_prefix_map(unet_config, [])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"--save_single_file: {exc}") from None
+
+
+def _check_single_file_target(config: EraseConfig) -> None:
+    path = single_file_path(config)
+    if config.save_single_file and os.path.lexists(path) and not (config.overwrite_output_dir
+                                                                   or config.resume_from_checkpoint):
+        raise FileExistsError(f"{path!r} already exists; choose another --output_dir, or pass --overwrite_output_dir "
+                              "to replace it")
+
+
+def export_single_file(config: EraseConfig, unet) -> dict:
+    """Write the erased model (``unet`` with the base's VAE and text encoder(s)) as one checkpoint in the original
+    layout (:func:`salun_diffusers.export.save_single_file`, atomic); return what metrics.json records of it."""
+    base_dir = local_model_dir(base_model_id(config), config.revision)
+    kwargs = dict(unet=unet, variant=config.variant)
+    if "safety_checker" in DiffusionPipeline.load_config(base_dir):
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(base_dir, **kwargs)  # the erased U-Net itself, not a copy
+    path = single_file_path(config)
+    save_single_file(pipe, path, half=config.single_file_dtype == "float16", overwrite=True)
+    return {"file": os.path.basename(path), "family": single_file_family(pipe), "dtype": config.single_file_dtype,
+            "bytes": os.path.getsize(path)}
+
+
+def _card_exports(config: EraseConfig, metrics: dict) -> str:
+    """The model card's sections on the UI exports (single file, kohya LoRA) and the training environment."""
+    parts = []
+    single, lora = metrics.get("single_file"), metrics.get("lora")
+    if single or lora:
+        parts.append("## Use in Automatic1111 or ComfyUI\n")
+    if single:
+        parts.append(f"`{single['file']}` is the whole erased model ({single['family']}, {single['dtype']}) in the "
+                     "original Stable Diffusion single-file layout: copy it to Automatic1111's "
+                     "`models/Stable-diffusion/` or ComfyUI's `models/checkpoints/` (Load Checkpoint node); "
+                     f"diffusers reads it with `from_single_file(\"{single['file']}\", config=\"path/to/this/folder\")`"
+                     f"{'' if config.save_pipeline != 'none' else ' (config: the base model)'}.\n")
+    if lora:
+        parts.append(f"`{lora.get('kohya_file', KOHYA_LORA_NAME)}` is the rank-{config.export_lora_rank} LoRA in "
+                     "kohya's key layout: Automatic1111 `models/Lora/` + `<lora:name:1>` in the prompt; ComfyUI "
+                     "`models/loras/` + LoraLoaderModelOnly. It approximates the erasure "
+                     f"({lora['energy_kept']:.0%} of the delta's energy); the single file is exact.\n")
+    env = metrics.get("environment")
+    if env:
+        versions = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "diffusers", "transformers", "accelerate",
+                                                        "peft") if env.get(k))
+        parts.append(f"## Environment\n\nTrained with {versions}; {env.get('cpu_count')} CPU cores, "
+                     f"{env.get('torch_threads')} torch thread(s), GPU: {', '.join(env.get('gpu') or []) or 'none'} "
+                     f"(CUDA {env.get('cuda') or '-'}). The full record is `environment` in metrics.json.\n")
+    return "\n".join(parts)
 
 
 def hub_repo_id(config: EraseConfig) -> str:
@@ -447,7 +553,7 @@ Files: `{WEIGHTS_NAME}` (masked values + packed mask), `{CONFIG_NAME}`, `{MASK_N
  + {"link": "linked", "copy": "copied"}.get(config.save_pipeline, "") + ")" if config.save_merged_unet and config.save_pipeline != "none" else ""}{
  f", `{LORA_NAME}` (rank {config.export_lora_rank}, {metrics['lora']['energy_kept']:.0%} of the delta's energy)"
  if metrics.get("lora") else ""}.
-
+{_card_exports(config, metrics)}
 ## Limitations
 
 Erasure reduces, but does not guarantee the absence of, the concept; adversarial prompts can recover erased

@@ -34,6 +34,7 @@ from .judges import CLASS_JUDGES, load_class_judge, row_labels
 from .metrics import ClipScorer, classifier_metrics, compute_fid, load_inception
 from .nudenet import EXPOSED_CLASSES, NudeNetDetector, detect_images, nudity_summary
 from .prompts import shard_rows
+from .reproduce import PROVENANCE_KEY, judge_record, rows_record, run_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -245,11 +246,28 @@ def run_audit(config: AuditConfig, pipe=None, detector=None, clip_scorer=None, f
         "classes": classes,
         "clip_score": clip_score,
         "fid": fid,
+        PROVENANCE_KEY: audit_provenance(config, rows),
     })
     write_json(os.path.join(out, report.RESULTS_FILE), results)
     results.update(report.write_report(out, results, base))
     accelerator.wait_for_everyone()
     return results
+
+
+def audit_provenance(config: AuditConfig, rows) -> dict:
+    """What the audit's figures depend on besides its config (:mod:`salun_diffusers.evaluation.reproduce`)."""
+    judge, files = judge_record(config.judge, threshold=config.threshold,
+                                counted_classes=config.nudity_classes_list(), judge_model=config.judge_model,
+                                nudenet_model=config.nudenet_model)
+    if config.clip_model:
+        judge["clip_model"] = config.clip_model
+    if config.fid_reference:
+        judge["fid_reference"] = {"folder": os.path.abspath(config.fid_reference),
+                                  "images": len(reference_images(config.fid_reference))}
+        files["fid_model"] = config.fid_model
+    return run_provenance(prompts=config.prompts, models={"model": config.pretrained_model_name_or_path,
+                                                          "erasure": config.erasure},
+                          judge=judge, judge_files=files, rows=rows_record(rows, config.resolution))
 
 
 def audit_summary_lines(results: dict) -> List[str]:
