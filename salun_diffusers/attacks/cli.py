@@ -25,11 +25,18 @@ from typing import Optional, Sequence
 
 from ..cli_args import argv_or_sys, build_parser, config_from_args, run_main, setup_logging
 from .config import AttackConfig
+from .probes import ProbeSettings, ProbeTarget, probe_summary, probe_target
 from .report import REPORT_FILE, attack_summary_line
 from .runner import run_attack
 
-PROG = "salun-attack"
+PROG, PROBE_PROG = "salun-attack", "salun-probe"
 RESUME_HINT = "rerun the same command to resume (finished rows are kept)"
+PROBE_DOC = """Knowledge probes (context inpainting, SDEdit, relearning, a strong conditioning attack) on a model, into a
+resumable folder (see salun_diffusers.attacks.probes).
+
+    salun-probe --model out/no-seven --digit 7 --output_dir probes/no-seven                # digit world
+    salun-probe --model out/sd14-no-nudity --images my-nude-photos --concept_prompt nudity \\
+        --neutral_prompts "a photo of a person" "" --output_dir probes/nudity              # SD path, NudeNet"""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -49,6 +56,21 @@ def _run(args) -> int:
     config = config_from_args(AttackConfig, args)
     results = run_attack(config)
     print(f"{attack_summary_line(results)}; report: {os.path.join(config.output_dir, REPORT_FILE)}")
+    return 0
+
+
+def probe_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``salun-probe``; exit codes as :func:`main` (a rerun reuses the finished probes)."""
+    setup_logging()
+    args = build_parser(PROBE_PROG, PROBE_DOC, ProbeSettings, ProbeTarget).parse_args(argv_or_sys(argv))
+    return run_main(PROBE_PROG, lambda: _run_probes(args), debug=args.debug,
+                    resume_hint="rerun the same command to resume (finished probes are kept)")
+
+
+def _run_probes(args) -> int:
+    results = probe_target(config_from_args(ProbeSettings, args), config_from_args(ProbeTarget, args))
+    for key, value in probe_summary(results).items():
+        print(f"{key}: {value}")
     return 0
 
 
