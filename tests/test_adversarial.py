@@ -99,4 +99,5 @@ def test_adversarial_digit_preset_doubles_the_retain_weight_unless_alpha_is_give
     assert EraseConfig(concept="seven", forget_prompt="a handwritten digit seven", adversarial=True).alpha == 4.0
     sd = dict(pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4")
     assert EraseConfig(concept="nudity", adversarial=True, **sd).alpha == 0.1
-    assert EraseConfig(concept="cat", forget_prompt="a cat", pseudo_prompt=["a dog"], adversarial=True, **sd).alpha == 0.1
+    own = EraseConfig(concept="cat", forget_prompt="a cat", pseudo_prompt=["a dog"], adversarial=True, **sd)
+    assert own.alpha == 0.1
