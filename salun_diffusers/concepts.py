@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -36,6 +36,8 @@ class ConceptSpec:
     defaults: Dict[str, object] = field(default_factory=dict)  # preset training defaults (EraseConfig fields)
     pipeline_classes: Tuple[str, ...] = SD_AND_SDXL  # base pipeline classes the preset fits
     forget_data_dir: Optional[str] = None  # this concept's own forget images (a concepts file's data folder)
+    # defaults that replace ``defaults``' where --adversarial is on (EraseConfig fields; an explicit flag still wins)
+    adversarial_defaults: Dict[str, object] = field(default_factory=dict)
 
     @property
     def concepts(self) -> Tuple["ConceptSpec", ...]:
@@ -64,9 +66,10 @@ RECIPE_FALLBACKS = {"num_forget_images": 64, "num_retain_images": 64, **OFFICIAL
 DEFAULT_MAX_TRAIN_STEPS = 100
 
 
-def preset_defaults(spec: "ConceptSpec") -> Dict[str, object]:
-    """The EraseConfig defaults of a concept: its preset's, then :data:`RECIPE_FALLBACKS` for the rest."""
-    return {**RECIPE_FALLBACKS, **spec.defaults}
+def preset_defaults(spec: "AnySpec", adversarial: bool = False) -> Dict[str, object]:
+    """The EraseConfig defaults of a concept: its preset's (with ``adversarial``: its ``adversarial_defaults`` over
+    them), then :data:`RECIPE_FALLBACKS` for the rest."""
+    return {**RECIPE_FALLBACKS, **spec.defaults, **(spec.adversarial_defaults if adversarial else {})}
 
 
 def _presets() -> Dict[str, ConceptSpec]:
@@ -114,6 +117,12 @@ def _presets() -> Dict[str, ConceptSpec]:
             defaults={"num_forget_images": 64, "num_retain_images": 288, "max_train_steps": 100,
                       "train_batch_size": 16, "learning_rate": 3e-4, "alpha": 2.0,
                       "data_num_inference_steps": 20, "data_guidance_scale": 4.0},
+            # issue 17: --adversarial doubles the retain weight. Tuning digits 1 / 4 / 7 (50 images per digit, eval
+            # attack: whole conditioning, 300 steps, 32 real targets): alpha 2 -> 4 cuts the retained drop from 1.9
+            # to 1.2 points mean (worst other digit 10 -> 8) at the same attack success (7% -> 6%); frozen check on
+            # the untuned digit two: drop 5.3 -> 2.0 points (worst 22 -> 6), ASR 9% -> 12%. Plain SalUn keeps alpha 2
+            # (its drop is 0.8 already). docs/robustness.md, "Knowledge probes and retrained references (issue 17)"
+            adversarial_defaults={"alpha": 4.0},
             # the digit prompts and defaults are the bundled digit model's, an SD-1-style pipeline
             pipeline_classes=SD_ONLY)
     return presets
@@ -139,10 +148,9 @@ def resolve_concept(name: Optional[str], forget_prompt: Optional[str] = None,
                              "(e.g. --pseudo_prompt 'a photo of a person wearing clothes')")
         return ConceptSpec(key or "custom", forget_prompt, tuple(pseudo_prompts),
                            tuple(retain_prompts or pseudo_prompts))
-    return ConceptSpec(
-        base.name, forget_prompt or base.forget_prompt, tuple(pseudo_prompts or base.pseudo_prompts),
-        tuple(retain_prompts or base.retain_prompts), base.kind, base.target_class, base.needs_sd, base.defaults,
-        base.pipeline_classes)
+    return replace(base, forget_prompt=forget_prompt or base.forget_prompt,
+                   pseudo_prompts=tuple(pseudo_prompts or base.pseudo_prompts),
+                   retain_prompts=tuple(retain_prompts or base.retain_prompts))
 
 
 # ------------------------------------------------------------------------------------------ several concepts at once
@@ -180,6 +188,11 @@ class JointConcepts:
     @property
     def needs_sd(self) -> bool:
         return any(c.needs_sd for c in self.concepts)
+
+    @property
+    def adversarial_defaults(self) -> Dict[str, object]:
+        """The first concept's, as :func:`joint_defaults` takes the first concept's preset."""
+        return self.concepts[0].adversarial_defaults
 
     @property
     def pipeline_classes(self) -> Tuple[str, ...]:
@@ -268,8 +281,7 @@ def _own_pseudo(spec: ConceptSpec, erased: set) -> ConceptSpec:
                 not in erased), None)
     if nxt is None:
         raise ValueError(f"every {spec.kind} is erased: concept {spec.name!r} has nothing left to map onto; keep one")
-    return ConceptSpec(spec.name, spec.forget_prompt, (nxt,), spec.retain_prompts, spec.kind, spec.target_class,
-                       spec.needs_sd, spec.defaults, spec.pipeline_classes, spec.forget_data_dir)
+    return replace(spec, pseudo_prompts=(nxt,))
 
 
 def joint_defaults(members: Sequence[ConceptSpec], n_retain_prompts: int) -> Dict[str, object]:

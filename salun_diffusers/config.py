@@ -163,7 +163,7 @@ class EraseConfig(JsonConfigMixin):
         self._normalize_concepts()
         spec = self.concept_spec()
         epochs_given = self.num_train_epochs is not None and self.max_train_steps is None
-        for key, value in preset_defaults(spec).items():
+        for key, value in preset_defaults(spec, bool(self.adversarial)).items():
             if getattr(self, key) is None and not (epochs_given and key == "max_train_steps"):
                 setattr(self, key, value)
         if self.max_train_steps is None and not self.num_train_epochs:

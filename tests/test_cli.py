@@ -1,4 +1,4 @@
-"""One way to be a command-line tool: the four entry points share cli_args.build_parser and cli_args.run_main
+"""One way to be a command-line tool: the five entry points share cli_args.build_parser and cli_args.run_main
 (one-line errors, exit codes, --debug), and the resume guard of the tools that resume (runs.check_resume_settings)."""
 
 import json
@@ -22,10 +22,11 @@ def _entry_points(tmp_path):
         ("salun-audit", audit_cli.main, ["--judge", "digit", "--threshold", "2", "--output_dir", out], "--threshold"),
         ("salun-attack", attack_cli.main, ["--model", "m", "--digit", "12", "--output_dir", out], "--digit"),
         ("salun-classifier", classifier_cli.main, ["--log_level", "LOUD", "--output_dir", out], "--log_level"),
+        ("salun-probe", attack_cli.probe_main, ["--digit", "12", "--output_dir", out], "--digit"),
     ]
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_every_entry_point_bad_value_one_line_exit_2_and_debug_traceback(index, tmp_path, capsys):
     prog, main, argv, word = _entry_points(tmp_path)[index]
     assert main(argv) == 2
@@ -37,7 +38,7 @@ def test_every_entry_point_bad_value_one_line_exit_2_and_debug_traceback(index, 
         main(argv + ["--debug"])
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_every_entry_point_flag_errors_are_one_line_naming_help(index, tmp_path, capsys):
     prog, main, argv, _ = _entry_points(tmp_path)[index]
     with pytest.raises(SystemExit) as exc:

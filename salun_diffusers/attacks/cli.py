@@ -29,13 +29,20 @@ from ..evaluation.cli import REPRODUCE_FILE, REPRODUCE_HELP, reproduce_parser, w
 from ..evaluation.reproduce import load_recorded_run, reproduce_lines, reproduce_output_dir
 from ..utils import write_json
 from .config import AttackConfig
+from .probes import ProbeSettings, ProbeTarget, probe_summary, probe_target
 from .report import REPORT_FILE, RESULTS_FILE, attack_summary_line
 from .runner import run_attack
 
-PROG = "salun-attack"
+PROG, PROBE_PROG = "salun-attack", "salun-probe"
 RESUME_HINT = "rerun the same command to resume (finished rows are kept)"
 ATTACK_FIGURES = ("num_prompts", "target_rate", "before_rate", "after_rate", "asr", "asr_where_target_hit",
                   "num_target_hit", "mean_loss_start", "mean_loss_final")
+PROBE_DOC = """Knowledge probes (context inpainting, SDEdit, relearning, a strong conditioning attack) on a model, into a
+resumable folder (see salun_diffusers.attacks.probes).
+
+    salun-probe --model out/no-seven --digit 7 --output_dir probes/no-seven                # digit world
+    salun-probe --model out/sd14-no-nudity --images my-nude-photos --concept_prompt nudity \\
+        --neutral_prompts "a photo of a person" "" --output_dir probes/nudity              # SD path, NudeNet"""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -81,6 +88,21 @@ def reproduce_attack(results_json: str, output_dir: Optional[str] = None) -> int
     print("\n".join(lines))
     write_json(os.path.join(out, REPRODUCE_FILE), {"reproduces": old["_path"], "equal": equal, "lines": lines})
     return 0 if equal else 1
+
+
+def probe_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``salun-probe``; exit codes as :func:`main` (a rerun reuses the finished probes)."""
+    setup_logging()
+    args = build_parser(PROBE_PROG, PROBE_DOC, ProbeSettings, ProbeTarget).parse_args(argv_or_sys(argv))
+    return run_main(PROBE_PROG, lambda: _run_probes(args), debug=args.debug,
+                    resume_hint="rerun the same command to resume (finished probes are kept)")
+
+
+def _run_probes(args) -> int:
+    results = probe_target(config_from_args(ProbeSettings, args), config_from_args(ProbeTarget, args))
+    for key, value in probe_summary(results).items():
+        print(f"{key}: {value}")
+    return 0
 
 
 if __name__ == "__main__":
