@@ -7,7 +7,7 @@ import os
 import time
 from typing import Optional
 
-from .digits import ASSETS_DIR, DIGIT_SAMPLING, DigitJudge, judge_accuracy
+from .digits import ASSETS_DIR, DigitJudge, digit_sampling, judge_accuracy
 from .utils import pipeline_fingerprint, read_json_or_none, user_cache_dir, write_json
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ BASE_VERDICTS_ASSET = "digit-verdict-base.json"  # the bundled model's base scor
 
 
 def _verdict_key(pipe, judge, n_per_digit: int, seed: int, num_inference_steps: Optional[int] = None) -> str:
-    sampling = {**DIGIT_SAMPLING, **({} if num_inference_steps is None else {"num_inference_steps": num_inference_steps})}
+    sampling = {**digit_sampling(pipe), **({} if num_inference_steps is None else {"num_inference_steps": num_inference_steps})}
     return pipeline_fingerprint(pipe, judge, sampling, {"n_per_digit": n_per_digit, "seed": seed, "v": 1})
 
 
