@@ -15,6 +15,8 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 # the diffusers pipeline classes a preset fits (SD 1.x and 2.x are both StableDiffusionPipeline)
 SD_ONLY = ("StableDiffusionPipeline",)
 SD_AND_SDXL = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# prompt-only concepts fit every text-to-image family: the U-Nets and the flow-matching transformers (SD3, FLUX)
+TEXT_TO_IMAGE = SD_AND_SDXL + ("StableDiffusion3Pipeline", "FluxPipeline")
 DIGIT_WORLDS = ("StableDiffusionPipeline", "StableDiffusion3Pipeline")  # the bundled digit worlds: U-Net and SD3
 DIGIT_SD3_MODEL = "salun-diffusers/digit-sd3"
 IMAGENETTE = ("tench", "english springer", "cassette player", "chain saw", "church", "french horn",
@@ -31,7 +33,7 @@ class ConceptSpec:
     target_class: Optional[int] = None  # digit / class index judged by a classifier, where there is one
     needs_sd: bool = True  # False: works on the bundled digit model
     defaults: Dict[str, object] = field(default_factory=dict)  # preset training defaults (EraseConfig fields)
-    pipeline_classes: Tuple[str, ...] = SD_AND_SDXL  # base pipeline classes the preset fits
+    pipeline_classes: Tuple[str, ...] = TEXT_TO_IMAGE  # base pipeline classes the preset fits
     model_defaults: Dict[str, Dict[str, object]] = field(default_factory=dict)  # per base model id, over defaults
 
 
