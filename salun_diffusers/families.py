@@ -58,6 +58,16 @@ def pipeline_class_name(pipe) -> str:
                      f"2.x ({SD}), SDXL ({SDXL}), SD3 ({SD3}) and FLUX ({FLUX}) pipelines")
 
 
+def is_flow_model(name_or_path: str) -> bool:
+    """Whether a base model (folder, bundled id or cached hub id) is an SD3 / FLUX pipeline (its ``model_index.json``
+    names a transformer); False where its index cannot be read."""
+    try:
+        index = DiffusionPipeline.load_config(resolve_base_model(name_or_path))
+    except (OSError, ValueError):
+        return False
+    return index.get("_class_name") in FLOW_CLASSES or (index.get("transformer") or [None])[0] is not None
+
+
 def denoiser(pipe) -> torch.nn.Module:
     """The network SalUn erases from: ``pipe.transformer`` (SD3, FLUX) or ``pipe.unet``."""
     return pipe.transformer if pipeline_class_name(pipe) in FLOW_CLASSES else pipe.unet
@@ -397,6 +407,7 @@ def check_fits(pipe, allowed: Sequence[str], what: str, fix: str = "pick another
 
 
 __all__ = ["FLOW_CLASSES", "FLUX", "FlowFamily", "PIPELINE_CLASSES", "PromptCond", "SD3", "UNET_CLASSES",
-           "UNetFamily", "as_family", "base_model_id", "denoiser", "denoiser_folder", "model_family", "native_size", "cat_conds", "check_fits", "encode_images",
-           "encode_prompts", "load_base_pipeline", "load_erasure_base", "pipeline_class_name", "sdxl_time_ids",
-           "text_encoders", "training_scheduler", "unet_kwargs", "vae_dtype"]
+           "UNetFamily", "as_family", "base_model_id", "cat_conds", "check_fits", "denoiser", "denoiser_folder",
+           "encode_images", "encode_prompts", "is_flow_model", "load_base_pipeline", "load_erasure_base",
+           "model_family", "native_size", "pipeline_class_name", "sdxl_time_ids", "text_encoders",
+           "training_scheduler", "unet_kwargs", "vae_dtype"]

@@ -236,3 +236,8 @@ def test_guarantees_hold_for_the_flow_families(flow_dirs, family, tmp_path):
     assert "--adversarial" in last and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "cache2") or not any(
         f.endswith(".png") for _, _, files in os.walk(tmp_path / "cache2") for f in files)
+    # salun-attack refuses these families in one line too (its attacks optimise CLIP hidden states of a U-Net)
+    proc = subprocess.run([sys.executable, "-m", "salun_diffusers.attacks.cli", "--model", flow_dirs[family],
+                           "--digit", "7", "--output_dir", str(tmp_path / "attack")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "SD3/FLUX" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
