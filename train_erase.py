@@ -50,7 +50,8 @@ def main(argv=None) -> int:
 def _run(config: EraseConfig) -> int:
     result = erase_module.erase(config)
     spec = config.concept_spec()
-    if spec.kind == "digit" and config.pretrained_model_name_or_path in (None, *BUNDLED_MODELS) and result.erasure_path \
+    bundled = config.pretrained_model_name_or_path in (None, *BUNDLED_MODELS)  # the digit worlds, judged
+    if spec.kind == "digit" and bundled and result.erasure_path \
             and config.verdict_images > 0:
         # the bundled digit model has a judge: say how well the digit was erased and the others kept
         verdict = digit_verdict(families.load_erasure_base(config), result.pipeline, spec.target_class,

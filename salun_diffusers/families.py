@@ -352,7 +352,8 @@ class FlowFamily(UNetFamily):
         out: Dict[str, PromptCond] = {}
         for prompt in keys:
             c = fm.encode_flow_prompts(self.pipe, [prompt], self.max_sequence_length, device=device)
-            out[prompt] = PromptCond(c.prompt_embeds[0].float(), {"pooled_projections": c.pooled_prompt_embeds[0].float()})
+            out[prompt] = PromptCond(c.prompt_embeds[0].float(),
+                                     {"pooled_projections": c.pooled_prompt_embeds[0].float()})
         return out
 
     def noised(self, latents: torch.Tensor, generator: torch.Generator, min_timestep: int = 0):
@@ -374,7 +375,9 @@ class FlowFamily(UNetFamily):
             raise ValueError(f"{self.family} transformers need pooled prompt embeddings with the hidden states: pass a "
                              "PromptCond from FlowFamily.encode_prompts")
         embeds = cond.embeds.to(x_t.dtype)
-        text_ids = torch.zeros(embeds.shape[1], 3, device=x_t.device, dtype=x_t.dtype) if self.family == "flux" else None
+        text_ids = None
+        if self.family == "flux":  # FluxPipeline's txt_ids: zeros of the text length
+            text_ids = torch.zeros(embeds.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
         c = fm.FlowConditioning(embeds, cond.added["pooled_projections"].to(x_t.dtype), text_ids)
         out = model(**fm.transformer_kwargs(self.pipe, x_t, t, c, self.guidance_scale))[0]
         return fm.unpack_flux_latents(out, *x_t.shape[-2:]) if self.family == "flux" else out

@@ -58,8 +58,8 @@ def delta_to_lora(base_unet: torch.nn.Module, erased_unet: torch.nn.Module, rank
     return state, stats
 
 
-def save_lora(state: Dict[str, torch.Tensor], save_directory: str, weight_name: str = "pytorch_lora_weights.safetensors",
-              component: str = "unet"):
+def save_lora(state: Dict[str, torch.Tensor], save_directory: str,
+              weight_name: str = "pytorch_lora_weights.safetensors", component: str = "unet"):
     """Write a LoRA in diffusers' layout (``unet.``-prefixed PEFT keys; ``component="transformer"``: the
     ``transformer.``-prefixed keys SD3 and FLUX pipelines load), loadable by ``pipe.load_lora_weights``."""
     if component == "transformer":

@@ -25,7 +25,8 @@ def summarize_erasure(config, result) -> str:
     if result.erasure_path:
         lines.append(f"  erasure: {result.erasure_path} ({m.get('num_changed_weights', 0):,} weights)")
     if result.unet_dir:
-        lines.append(f"  merged U-Net: {result.unet_dir}")
+        net = "transformer" if os.path.basename(result.unet_dir.rstrip("/")) == "transformer" else "U-Net"
+        lines.append(f"  merged {net}: {result.unet_dir}")
     if result.unet_dir and os.path.isfile(os.path.join(result.output_dir, "model_index.json")):
         lines.append(f"  pipeline: DiffusionPipeline.from_pretrained({result.output_dir!r})")
     if m.get("lora"):
@@ -64,7 +65,8 @@ BASE_VERDICTS_ASSET = "digit-verdict-base.json"  # the bundled model's base scor
 
 
 def _verdict_key(pipe, judge, n_per_digit: int, seed: int, num_inference_steps: Optional[int] = None) -> str:
-    sampling = {**digit_sampling(pipe), **({} if num_inference_steps is None else {"num_inference_steps": num_inference_steps})}
+    sampling = {**digit_sampling(pipe),
+                **({} if num_inference_steps is None else {"num_inference_steps": num_inference_steps})}
     return pipeline_fingerprint(pipe, judge, sampling, {"n_per_digit": n_per_digit, "seed": seed, "v": 1})
 
 
