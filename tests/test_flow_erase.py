@@ -241,3 +241,21 @@ def test_guarantees_hold_for_the_flow_families(flow_dirs, family, tmp_path):
                            "--digit", "7", "--output_dir", str(tmp_path / "attack")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "SD3/FLUX" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+
+
+def test_the_sd3_digit_world_is_a_bundled_model_with_its_own_preset_and_t5_length():
+    from salun_diffusers.digits import DIGIT_SD3_PIPELINE_DIR, SD3_DIGIT_SAMPLING, digit_sampling
+    from salun_diffusers.hub import resolve_base_model
+
+    assert resolve_base_model("salun-diffusers/digit-sd3") == DIGIT_SD3_PIPELINE_DIR
+    config = EraseConfig(concept="seven", pretrained_model_name_or_path="salun-diffusers/digit-sd3", output_dir="x")
+    assert config.max_train_steps == 50 and config.alpha == 4.0  # the SD3 world's digit preset
+    assert config.concept_spec().retain_prompts[-1] == "" and len(config.concept_spec().retain_prompts) == 10
+    unet_world = EraseConfig(concept="seven", output_dir="x")
+    assert unet_world.max_train_steps == 100 and unet_world.retain_prompt is None  # the U-Net world's, unchanged
+    pipe = load_base_pipeline(DIGIT_SD3_PIPELINE_DIR)
+    assert type(pipe) is StableDiffusion3Pipeline and pipe.text_encoder_3 is None
+    family = model_family(pipe, config)
+    assert family.sampling_kwargs() == {"max_sequence_length": 8} and digit_sampling(pipe) == SD3_DIGIT_SAMPLING
+    length = pipe.tokenizer.model_max_length + 8  # CLIP tokens, then the T5 length the world was trained with
+    assert family.encode_prompts(["a handwritten digit seven"])[""].embeds.shape[0] == length
