@@ -80,7 +80,7 @@ def denoiser_folder(model) -> str:
 
 def native_size(pipe) -> int:
     """The image size the pipeline draws by default (pixels)."""
-    if pipeline_class_name(pipe) in FLOW_CLASSES:
+    if getattr(pipe, "transformer", None) is not None:  # SD3, FLUX
         return pipe.default_sample_size * pipe.vae_scale_factor
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
