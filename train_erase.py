@@ -19,6 +19,7 @@ from salun_diffusers import families
 from salun_diffusers.cli_args import build_parser, config_from_args, run_main
 from salun_diffusers.concepts import read_concepts_file
 from salun_diffusers.config import EraseConfig
+from salun_diffusers.hub import BUNDLED_MODELS
 from salun_diffusers.reporting import digit_verdict, summarize_erasure
 from salun_diffusers.utils import write_json
 
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
 def _run(config: EraseConfig) -> int:
     result = erase_module.erase(config)
     spec = config.concept_spec()
-    if spec.kind == "digit" and config.pretrained_model_name_or_path is None and result.erasure_path \
+    bundled = config.pretrained_model_name_or_path in (None, *BUNDLED_MODELS)  # the digit worlds, judged
+    if spec.kind == "digit" and bundled and result.erasure_path \
             and config.verdict_images > 0:
         # the bundled digit model has a judge: say how well the digit (each digit) was erased and the others kept
         digits = spec.target_class if len(spec.concepts) == 1 else list(spec.target_classes)

@@ -29,8 +29,9 @@ _f = flag_field
 class EraseConfig(JsonConfigMixin):
     # model
     pretrained_model_name_or_path: Optional[str] = _f(
-        None, "Base pipeline, SD 1.x/2.x or SDXL: hub id or folder (e.g. CompVis/stable-diffusion-v1-4). Default: the "
-              "bundled digit model.")
+        None, "Base pipeline, SD 1.x/2.x, SDXL, SD3 or FLUX: hub id or folder (e.g. CompVis/stable-diffusion-v1-4). "
+              "Default: the bundled digit model (salun-diffusers/digit-sd; its flow-matching twin: "
+              "salun-diffusers/digit-sd3).")
     revision: Optional[str] = _f(None, "Revision (branch, tag or commit) of the base model on the hub.")
     variant: Optional[str] = _f(None, "Weight variant of the base model, e.g. fp16.")
     # concept
@@ -58,6 +59,11 @@ class EraseConfig(JsonConfigMixin):
     data_guidance_scale: Optional[float] = _f(None, "Guidance scale when generating forget/retain data (7.5).")
     data_batch_size: Optional[int] = _f(None, "Images per pipeline call when generating data (default: 64 for a small "
                                               "model such as the digit U-Net, else --train_batch_size).")
+    max_sequence_length: Optional[int] = _f(None, "SD3/FLUX: T5 token length of the prompt encoding, in training and "
+                                                  "data generation (default: the pipeline's; the bundled SD3 digit "
+                                                  "world: 8, as it was trained).")
+    flux_guidance_scale: Optional[float] = _f(None, "Guidance-distilled FLUX (FLUX.1-dev): the embedded guidance the "
+                                                    "transformer is trained at (default 3.5, FluxPipeline's).")
     resolution: Optional[int] = _f(None, "Image size for data (default: the pipeline's native size).")
     cache_dir: Optional[str] = _f(None, "Where generated data images are cached (default: the user cache, "
                                         "$SALUN_DIFFUSERS_CACHE or $XDG_CACHE_HOME/salun_diffusers or "
@@ -163,7 +169,7 @@ class EraseConfig(JsonConfigMixin):
         self._normalize_concepts()
         spec = self.concept_spec()
         epochs_given = self.num_train_epochs is not None and self.max_train_steps is None
-        for key, value in preset_defaults(spec, bool(self.adversarial)).items():
+        for key, value in preset_defaults(spec, bool(self.adversarial), self.pretrained_model_name_or_path).items():
             if getattr(self, key) is None and not (epochs_given and key == "max_train_steps"):
                 setattr(self, key, value)
         if self.max_train_steps is None and not self.num_train_epochs:
@@ -235,7 +241,8 @@ RANGES = {
     "adam_epsilon": (0.0, None), "adam_weight_decay": (0.0, None), "max_grad_norm": (0.0, None),
     "data_guidance_scale": (0.0, None), "lr_warmup_steps": (0, None), "checkpointing_steps": (0, None),
     "verdict_images": (0, None), "seed": (0, 2 ** 31), "num_retain_images": (0, None),
-    "checkpoints_total_limit": (1, None), "resolution": (8, None), "mask_ratio": (0.0, 1.0),
+    "checkpoints_total_limit": (1, None), "max_sequence_length": (1, None), "flux_guidance_scale": (0.0, None),
+    "resolution": (8, None), "mask_ratio": (0.0, 1.0),
     "saliency_guidance_scale": (0.0, None), "export_lora_rank": (0, None), "validation_steps": (0, None),
     **{name: (1, None) for name in ("num_forget_images", "max_train_steps", "train_batch_size", "num_train_epochs",
                                     "gradient_accumulation_steps", "saliency_batch_size", "data_num_inference_steps",

@@ -34,8 +34,7 @@ from .erasure.saliency import compute_or_load_mask
 from .erasure.stacking import erased_base_lineage
 from .erasure.training import train
 from .erasure.validation import validation_hook
-from .families import (SD, check_fits, load_erasure_base, pipeline_class_name, text_encoders, training_scheduler,
-                       vae_dtype)
+from .families import SD, check_fits, load_erasure_base, model_family, pipeline_class_name, text_encoders, vae_dtype
 from .masking import mask_density
 from .utils import DTYPES, cast_module, configure_threads
 
@@ -89,19 +88,22 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     pipe.to(accelerator.device)
     check_fits(pipe, spec.pipeline_classes, f"concept {spec.name!r}")
     if config.adversarial:  # its attacks optimise one text encoder's hidden states, without SDXL's added conditioning
-        check_fits(pipe, [SD], "--adversarial", "drop --adversarial for an SDXL base")
+        check_fits(pipe, [SD], "--adversarial", "drop --adversarial (its attacks optimise one CLIP encoder's hidden "
+                   "states; SDXL, SD3 and FLUX are conditioned on pooled embeddings too)")
+    # the family (U-Net: SD 1.x/2.x/XL; flow-matching transformer: SD3, FLUX): the denoiser, its noise, target and call
+    family = model_family(pipe, config)
+    unet = family.denoiser
     frozen = [(pipe.vae, vae_dtype(pipe, weight_dtype))] + [(m, weight_dtype) for m in text_encoders(pipe)]
-    for module, dtype in frozen + [(pipe.unet, torch.float32)]:
+    for module, dtype in frozen + [(unet, torch.float32)]:
         if module.dtype != dtype:
             cast_module(module, dtype)
     for module, _ in frozen:
         module.requires_grad_(False)
-    unet = pipe.unet
     stacked_on = erased_base_lineage(config, unet)  # erasing again from an erased model: what it already holds
     configure_threads(sum(p.numel() for p in unet.parameters()), config.threads)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    scheduler = training_scheduler(pipe)
+    scheduler = family  # the phases' noise, target and model call
 
     # 1. data
     with accelerator.autocast():

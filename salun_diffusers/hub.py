@@ -9,11 +9,13 @@ from typing import Optional
 
 from huggingface_hub import HfApi, snapshot_download
 
-from .digits import DIGIT_PIPELINE_DIR
+from .digits import DIGIT_PIPELINE_DIR, DIGIT_SD3_PIPELINE_DIR
 
 logger = logging.getLogger(__name__)
 
 BUNDLED_DIGIT_MODEL = "salun-diffusers/digit-sd"
+BUNDLED_DIGIT_SD3_MODEL = "salun-diffusers/digit-sd3"  # the flow-matching (SD3-format) digit world
+BUNDLED_MODELS = {BUNDLED_DIGIT_MODEL: DIGIT_PIPELINE_DIR, BUNDLED_DIGIT_SD3_MODEL: DIGIT_SD3_PIPELINE_DIR}
 # What an output folder never uploads: the generated-data cache, training checkpoints, tracker logs, temp files.
 HUB_IGNORE_PATTERNS = ["data/**", "checkpoint-*/**", "logs/**", "validation/**", ".tmp-*", "**/.tmp-*", ".old-*"]
 
@@ -26,10 +28,8 @@ def is_hub_id(name: str) -> bool:
 
 
 def resolve_base_model(name_or_path: str) -> str:
-    """Map the bundled digit model's id to its folder inside the package; anything else is returned as is."""
-    if name_or_path == BUNDLED_DIGIT_MODEL:
-        return DIGIT_PIPELINE_DIR
-    return name_or_path
+    """Map a bundled digit model's id to its folder inside the package; anything else is returned as is."""
+    return BUNDLED_MODELS.get(name_or_path, name_or_path)
 
 
 def local_model_dir(name_or_path: str, revision: Optional[str] = None) -> str:

@@ -54,9 +54,14 @@ def read_erasure_dir_config(path) -> Optional[dict]:
 
 
 def _unet(pipe_or_unet) -> torch.nn.Module:
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    """The denoiser an erasure applies to: ``pipe.unet``, ``pipe.transformer`` (SD3, FLUX), or the module itself."""
+    unet = pipe_or_unet
+    for name in ("unet", "transformer"):
+        if getattr(pipe_or_unet, name, None) is not None:
+            unet = getattr(pipe_or_unet, name)
+            break
     if not isinstance(unet, torch.nn.Module):
-        raise TypeError(f"expected a diffusers pipeline with a .unet or a UNet2DConditionModel, got "
+        raise TypeError(f"expected a diffusers pipeline with a .unet or .transformer, or the denoiser module, got "
                         f"{type(pipe_or_unet).__name__}")
     return unet
 

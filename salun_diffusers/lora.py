@@ -12,7 +12,7 @@ import logging
 from typing import Dict, Tuple
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,14 @@ def delta_to_lora(base_unet: torch.nn.Module, erased_unet: torch.nn.Module, rank
     return state, stats
 
 
-def save_lora(state: Dict[str, torch.Tensor], save_directory: str, weight_name: str = "pytorch_lora_weights.safetensors"):
-    """Write a LoRA in diffusers' layout (``unet.``-prefixed PEFT keys), loadable by ``pipe.load_lora_weights``."""
-    StableDiffusionPipeline.save_lora_weights(save_directory, unet_lora_layers=state, weight_name=weight_name,
-                                              safe_serialization=True)
+def save_lora(state: Dict[str, torch.Tensor], save_directory: str,
+              weight_name: str = "pytorch_lora_weights.safetensors", component: str = "unet"):
+    """Write a LoRA in diffusers' layout (``unet.``-prefixed PEFT keys; ``component="transformer"``: the
+    ``transformer.``-prefixed keys SD3 and FLUX pipelines load), loadable by ``pipe.load_lora_weights``."""
+    if component == "transformer":
+        StableDiffusion3Pipeline.save_lora_weights(save_directory, transformer_lora_layers=state,
+                                                   weight_name=weight_name, safe_serialization=True)
+    else:
+        StableDiffusionPipeline.save_lora_weights(save_directory, unet_lora_layers=state, weight_name=weight_name,
+                                                  safe_serialization=True)
     return save_directory

@@ -7,7 +7,7 @@ import os
 import time
 from typing import Optional, Sequence, Union
 
-from .digits import ASSETS_DIR, DIGIT_SAMPLING, DigitJudge, judge_accuracy
+from .digits import ASSETS_DIR, DigitJudge, digit_sampling, judge_accuracy
 from .utils import pipeline_fingerprint, read_json_or_none, user_cache_dir, write_json
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ def summarize_erasure(config, result) -> str:
     if result.erasure_path:
         lines.append(f"  erasure: {result.erasure_path} ({m.get('num_changed_weights', 0):,} weights)")
     if result.unet_dir:
-        lines.append(f"  merged U-Net: {result.unet_dir}")
+        net = "transformer" if os.path.basename(result.unet_dir.rstrip("/")) == "transformer" else "U-Net"
+        lines.append(f"  merged {net}: {result.unet_dir}")
     if result.unet_dir and os.path.isfile(os.path.join(result.output_dir, "model_index.json")):
         lines.append(f"  pipeline: DiffusionPipeline.from_pretrained({result.output_dir!r})")
     if m.get("lora"):
@@ -81,7 +82,8 @@ BASE_VERDICTS_ASSET = "digit-verdict-base.json"  # the bundled model's base scor
 
 
 def _verdict_key(pipe, judge, n_per_digit: int, seed: int, num_inference_steps: Optional[int] = None) -> str:
-    sampling = {**DIGIT_SAMPLING, **({} if num_inference_steps is None else {"num_inference_steps": num_inference_steps})}
+    sampling = {**digit_sampling(pipe),
+                **({} if num_inference_steps is None else {"num_inference_steps": num_inference_steps})}
     return pipeline_fingerprint(pipe, judge, sampling, {"n_per_digit": n_per_digit, "seed": seed, "v": 1})
 
 

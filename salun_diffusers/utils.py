@@ -127,6 +127,10 @@ def content_fingerprint(*parts) -> str:
 def pipeline_fingerprint(pipe, *settings) -> str:
     """:func:`content_fingerprint` of a diffusion pipeline's weights (U-Net, VAE, text encoder) and scheduler (class
     and config), then ``settings``: the key of caches of what the pipeline draws."""
+    if getattr(pipe, "transformer", None) is not None:  # SD3 / FLUX: the transformer and every text encoder
+        encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        return content_fingerprint(pipe.transformer, pipe.vae, *[e for e in encoders if e is not None],
+                                   dict(pipe.scheduler.config), type(pipe.scheduler).__name__, *settings)
     return content_fingerprint(pipe.unet, pipe.vae, pipe.text_encoder, dict(pipe.scheduler.config),
                                type(pipe.scheduler).__name__, *settings)
 

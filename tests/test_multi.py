@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_erase
-from salun_diffusers.concepts import JointConcepts, digit_prompt, read_concepts_file, resolve_concepts
+from salun_diffusers.concepts import DIGIT_WORLDS, JointConcepts, digit_prompt, read_concepts_file, resolve_concepts
 from salun_diffusers.config import EraseConfig
 from salun_diffusers.delta import read_delta
 from salun_diffusers.erase import erase
@@ -26,7 +26,7 @@ def test_digits_map_onto_their_own_pseudo_digit_that_is_not_erased():
     # seven's next digit (eight) is erased too: it maps onto nine; eight onto nine; four onto five
     assert pseudo == {"seven": (digit_prompt(9),), "eight": (digit_prompt(9),), "four": (digit_prompt(5),)}
     assert spec.retain_prompts == tuple(digit_prompt(d) for d in (0, 1, 2, 3, 5, 6, 9))  # the erased ones left out
-    assert spec.target_classes == (7, 8, 4) and spec.pipeline_classes == ("StableDiffusionPipeline",)
+    assert spec.target_classes == (7, 8, 4) and spec.pipeline_classes == DIGIT_WORLDS  # the U-Net and SD3 worlds
     # one concept's steps x (1 + 0.5 (k - 1)); retain images at the preset's 32 per retain prompt
     assert spec.defaults["max_train_steps"] == 200 and spec.defaults["num_retain_images"] == 7 * 32
     assert resolve_concepts(["seven"]).concepts == (resolve_concepts("seven"),)  # one concept: as before

@@ -40,14 +40,16 @@ def test_saliency_rejects_non_finite_loss_and_empty_data():
         compute_saliency(model, [], lambda m, b, g: m.weight.sum())
 
 
-def test_two_process_saliency_equals_single_process(tmp_path):
-    """torchrun (what `accelerate launch` uses) with 2 CPU processes gives the single-process saliency and mask."""
+@pytest.mark.parametrize("family,port", [("unet", "29517"), ("flux", "29519")])
+def test_two_process_saliency_equals_single_process(tmp_path, family, port):
+    """torchrun (what `accelerate launch` uses) with 2 CPU processes gives the single-process saliency and mask, for
+    a U-Net and for a FLUX transformer (flow matching)."""
     script = os.path.join(HERE, "scripts", "dist_saliency.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single, double = str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")
-    subprocess.run([sys.executable, script, single], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, script, single, family], check=True, env=env, capture_output=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", script, double], env=env, capture_output=True, text=True)
+                           "--master_port", port, script, double, family], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors import safe_open
 

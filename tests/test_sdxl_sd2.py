@@ -188,11 +188,13 @@ def test_card_audit_loader_and_lora_fit_the_family(erased, tmp_path):
 
 def test_presets_name_the_pipeline_classes_they_fit(pipeline_dirs, tmp_path):
     nudity = EraseConfig(pretrained_model_name_or_path=pipeline_dirs["sdxl"], concept="nudity").concept_spec()
-    assert nudity.pipeline_classes == ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+    assert nudity.pipeline_classes == ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
+                                       "StableDiffusion3Pipeline", "FluxPipeline")
     config = EraseConfig(pretrained_model_name_or_path=pipeline_dirs["sdxl"], concept="seven",
                          output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
-    assert config.concept_spec().pipeline_classes == ("StableDiffusionPipeline",)
-    with pytest.raises(ValueError, match="fits StableDiffusionPipeline, not StableDiffusionXLPipeline"):
+    assert config.concept_spec().pipeline_classes == ("StableDiffusionPipeline", "StableDiffusion3Pipeline")
+    with pytest.raises(ValueError, match="fits StableDiffusionPipeline or StableDiffusion3Pipeline, not "
+                                         "StableDiffusionXLPipeline"):
         erase(config)
     drawn = [f for _, _, files in os.walk(config.cache_dir) for f in files if f.endswith(".png")]
     assert drawn == []  # refused before any image was drawn

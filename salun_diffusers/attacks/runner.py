@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..digits import DIGIT_SAMPLING, digit_prompt
-from ..families import encode_images, training_scheduler
+from ..families import encode_images, is_flow_model, training_scheduler
 from ..evaluation.generate import generate_images, image_path, row_size
 from ..evaluation.judges import make_judge
 from ..evaluation.nudenet import EXPOSED_CLASSES
@@ -191,6 +191,10 @@ def run_attack(config: AttackConfig, judge=None, base_pipe=None, pipe=None) -> d
     os.makedirs(out, exist_ok=True)
     check_resume_settings(out, config.settings(), holds="an attack run", kept="finished rows are never redone or mixed")
     model, erasure, base_model = resolve_models(config)
+    if pipe is None and is_flow_model(model):
+        raise ValueError(f"salun-attack attacks U-Net pipelines (SD 1.x/2.x): its attacks optimise one CLIP encoder's "
+                         f"hidden states against the U-Net's denoising loss, and {model!r} is an SD3/FLUX transformer "
+                         "pipeline (pooled + T5 conditioning, velocity target), not supported yet")
     judge = judge or make_attack_judge(config)
     steps = config.sampling_steps()
     draw = dict(batch_size=config.batch_size, num_inference_steps=steps, resolution=config.resolution)

@@ -19,7 +19,7 @@ from ..data_cache import generation_dir, model_signature
 from ..digits import ShippedData
 from ..evaluation.generate import generate_images as draw_images
 from ..evaluation.prompts import PromptRow
-from ..families import PromptCond, base_model_id, encode_images, encode_prompts
+from ..families import PromptCond, base_model_id, model_family
 from ..hub import resolve_base_model
 from ..utils import SMALL_MODEL_PARAMETERS, user_cache_dir
 
@@ -48,14 +48,15 @@ class ConceptData:
 
 
 def generate_concept_images(pipe, prompt: str, seeds: Sequence[int], out_dir: str, *, num_inference_steps: int,
-                    guidance_scale: float, size: int, batch_size: int = 8, accelerator=None) -> List[str]:
+                    guidance_scale: float, size: int, batch_size: int = 8, accelerator=None,
+                    **pipe_kwargs) -> List[str]:
     """One PNG per seed (``{seed}.png``) in ``out_dir``, drawn by the evaluation generator (one seeded generator per
     image, atomic writes, existing files kept, process ``r`` of ``N`` draws every N-th image). Returns the paths."""
     rows = [PromptRow(str(s), prompt, int(s), guidance_scale, size, size) for s in seeds]
     main = accelerator.is_local_main_process if accelerator else True
     draw_images(pipe, rows, out_dir, batch_size=batch_size, num_inference_steps=num_inference_steps,
                 process_index=accelerator.process_index if accelerator else 0,
-                num_processes=accelerator.num_processes if accelerator else 1, show_progress=main)
+                num_processes=accelerator.num_processes if accelerator else 1, show_progress=main, **pipe_kwargs)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return [os.path.join(out_dir, f"{s}.png") for s in seeds]
@@ -129,13 +130,16 @@ def data_batch_size(config: EraseConfig, unet) -> int:
 
 def prepare_data(pipe, config: EraseConfig, spec: AnySpec, accelerator=None) -> ConceptData:
     """Forget and retain latents + prompt embeddings (generating and caching images where no folder is given)."""
-    size = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    family = model_family(pipe, config)  # the pipeline's family: denoiser, encode_prompt, latents, sampling settings
+    size = config.resolution or family.native_size()
     cache = config.cache_dir or user_cache_dir("data")
     gen = dict(num_inference_steps=config.data_num_inference_steps, guidance_scale=config.data_guidance_scale,
-               size=size, batch_size=data_batch_size(config, pipe.unet), accelerator=accelerator)
+               size=size, batch_size=data_batch_size(config, family.denoiser), accelerator=accelerator,
+               **{k: v for k, v in family.sampling_kwargs().items() if k != "guidance_scale"})
     model_id = base_model_id(config)
     precision = accelerator.mixed_precision if accelerator is not None else "no"
     extra = [config.variant, precision, model_signature(resolve_base_model(model_id))]
+    extra += [f"{k}={v}" for k, v in sorted(family.sampling_kwargs().items())]  # (none for U-Nets: keys unchanged)
 
     shipped = []  # built on first use
 
@@ -176,11 +180,11 @@ def prepare_data(pipe, config: EraseConfig, spec: AnySpec, accelerator=None) -> 
             retain += [(p, prompt) for p in generated(prompt, n, config.seed * 100_000 + 50_000, "retain")]
     prompts = [*[c.forget_prompt for c in members], *[p for c in members for p in c.pseudo_prompts],
                *[p for _, p in retain]]
-    embeds = encode_prompts(pipe, prompts, size)  # + "": the unconditional branch of the guided saliency loss
-    forget_latents = encode_images(pipe.vae, forget, size, desc="encode forget")
+    embeds = family.encode_prompts(prompts, size)  # + "": the unconditional branch of the guided saliency loss
+    forget_latents = family.encode_images(forget, size, desc="encode forget")
     retain_latents = retain_ids = None
     if retain:
-        retain_latents = encode_images(pipe.vae, [p for p, _ in retain], size, desc="encode retain")
+        retain_latents = family.encode_images([p for p, _ in retain], size, desc="encode retain")
         order = list(embeds)
         retain_ids = torch.tensor([order.index(p) for _, p in retain])
     ids = torch.tensor(forget_ids) if len(members) > 1 else None

@@ -24,7 +24,7 @@ from ..concepts import AnySpec
 from ..config import EraseConfig
 from ..delta import CONFIG_NAME, MASK_NAME, WEIGHTS_NAME, build_delta, save_delta
 from ..export import KOHYA_LORA_NAME, save_kohya_lora, save_single_file, single_file_family, unet_prefix_map
-from ..families import base_model_id
+from ..families import base_model_id, denoiser_folder
 from ..hub import BUNDLED_DIGIT_MODEL, local_model_dir, push_to_hub, resolve_base_model
 from ..lora import delta_to_lora, save_lora
 from ..masking import load_mask
@@ -41,7 +41,7 @@ LORA_NAME = "pytorch_lora_weights.safetensors"
 
 
 LOCK_NAME = ".salun-erase.lock"
-FINAL_OUTPUTS = (WEIGHTS_NAME, MASK_NAME, "unet", "README.md")  # what a run would replace in --output_dir
+FINAL_OUTPUTS = (WEIGHTS_NAME, MASK_NAME, "unet", "transformer", "README.md")  # what a run would replace in --output_dir
 
 
 class OutputDirBusy(OSError):
@@ -122,7 +122,7 @@ def _check_readable(config: EraseConfig) -> None:
 def estimate_output_bytes(config: EraseConfig) -> Optional[int]:
     """Rough disk need of a run (merged U-Net, checkpoints with AdamW state, erasure), from the base U-Net's file
     size; ``None`` when the base model is not a local folder."""
-    unet_dir = os.path.join(resolve_base_model(base_model_id(config)), "unet")
+    unet_dir = os.path.join(resolve_base_model(base_model_id(config)), _denoiser_name(config))
     if not os.path.isdir(unet_dir):
         return None
     weights = [f for f in os.listdir(unet_dir) if f.endswith((".safetensors", ".bin"))
@@ -202,7 +202,7 @@ def check_before_compute(config: EraseConfig) -> None:
 def check_output_dir(config: EraseConfig) -> None:
     """Refuse to overwrite an existing erasure unless asked (or resuming the same run), before any work is done."""
     _check_final_outputs(config)
-    _check_pipeline_targets(config, _pipeline_names(config))
+    _check_pipeline_targets(config, _pipeline_names(config, folder=_denoiser_name(config)))
     _check_single_file_target(config)
 
 
@@ -252,16 +252,27 @@ def write_outputs(config: EraseConfig, spec: AnySpec, unet, mask: Mapping[str, t
 
 
 # ------------------------------------------------------------------------------------ the output folder as a pipeline
-def _pipeline_names(config: EraseConfig, base_dir: Optional[str] = None) -> List[str]:
-    """What the pipeline part of the output folder consists of: ``unet`` (+ the base's other component folders and
-    ``model_index.json`` with ``--save_pipeline link|copy``)."""
+def _denoiser_name(config: EraseConfig) -> str:
+    """``"transformer"`` when the base model is a local folder whose pipeline has one (SD3, FLUX), else ``"unet"``."""
+    index = os.path.join(resolve_base_model(base_model_id(config)), PIPELINE_INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            if (json.load(f).get("transformer") or [None])[0] is not None:
+                return "transformer"
+    return "unet"
+
+
+def _pipeline_names(config: EraseConfig, base_dir: Optional[str] = None, folder: str = "unet") -> List[str]:
+    """What the pipeline part of the output folder consists of: the denoiser's ``folder`` (``unet`` or
+    ``transformer``; + the base's other component folders and ``model_index.json`` with ``--save_pipeline
+    link|copy``)."""
     if not config.save_merged_unet:
         return []
     if config.save_pipeline == "none":
-        return ["unet"]
-    names = ["unet", PIPELINE_INDEX]
+        return [folder]
+    names = [folder, PIPELINE_INDEX]
     if base_dir is not None:
-        names[1:1] = [k for k in _base_index(base_dir) if os.path.isdir(os.path.join(base_dir, k)) and k != "unet"]
+        names[1:1] = [k for k in _base_index(base_dir) if os.path.isdir(os.path.join(base_dir, k)) and k != folder]
     return names
 
 
@@ -322,23 +333,25 @@ def _fill_component(src: str, dst: str, mode: str) -> None:
 
 
 def save_pipeline_folder(config: EraseConfig, unet) -> str:
-    """Write the merged ``unet/`` and, with ``--save_pipeline link|copy``, the base's other components and
-    ``model_index.json`` into the output folder. Every folder is built under a temp name and renamed into place;
-    ``model_index.json`` comes last, so a folder is never a half-written pipeline. Returns the ``unet/`` path."""
+    """Write the merged ``unet/`` (``transformer/`` for SD3 / FLUX) and, with ``--save_pipeline link|copy``, the
+    base's other components and ``model_index.json`` into the output folder. Every folder is built under a temp name
+    and renamed into place; ``model_index.json`` comes last, so a folder is never a half-written pipeline. Returns
+    the denoiser folder's path."""
     out = config.output_dir
+    folder = denoiser_folder(unet)
     base_dir = index = None
     if config.save_pipeline != "none":
         base_dir = local_model_dir(base_model_id(config), config.revision)
         index = _base_index(base_dir)
-    names = _pipeline_names(config, base_dir)
+    names = _pipeline_names(config, base_dir, folder)
     _check_pipeline_targets(config, names)
     staged = []
     try:
-        tmp = _temp_dir(out, "unet")
-        staged.append((tmp, "unet"))
+        tmp = _temp_dir(out, folder)
+        staged.append((tmp, folder))
         unet.save_pretrained(tmp, safe_serialization=True)
         for name in names:
-            if name not in ("unet", PIPELINE_INDEX):
+            if name not in (folder, PIPELINE_INDEX):
                 tmp = _temp_dir(out, name)
                 staged.append((tmp, name))
                 _fill_component(os.path.join(base_dir, name), tmp, config.save_pipeline)
@@ -352,17 +365,18 @@ def save_pipeline_folder(config: EraseConfig, unet) -> str:
         write_json(os.path.join(out, PIPELINE_INDEX), index)
         logger.info("%s is a diffusers pipeline (components %s from %s)", out,
                     "linked" if config.save_pipeline == "link" else "copied", base_dir)
-    return os.path.join(out, "unet")
+    return os.path.join(out, folder)
 
 
 def export_lora(config: EraseConfig, unet) -> dict:
     """Write ``pytorch_lora_weights.safetensors`` (rank ``--export_lora_rank``) beside the delta; return its stats."""
-    base = UNet2DConditionModel.from_pretrained(resolve_base_model(base_model_id(config)), subfolder="unet",
-                                                revision=config.revision, variant=config.variant)
+    folder = denoiser_folder(unet)
+    base = type(unet).from_pretrained(resolve_base_model(base_model_id(config)), subfolder=folder,
+                                      revision=config.revision, variant=config.variant)
     state, stats = delta_to_lora(base, unet, config.export_lora_rank)
     tmp = _temp_dir(config.output_dir, "lora")
     try:
-        save_lora(state, tmp, weight_name=LORA_NAME)
+        save_lora(state, tmp, weight_name=LORA_NAME, component=folder)
         follow_umask(tmp)
         os.replace(os.path.join(tmp, LORA_NAME), os.path.join(config.output_dir, LORA_NAME))
     finally:
@@ -512,8 +526,15 @@ def _card_stacking(stacked_on) -> str:
             "(`load_erasure` stacks them exactly; see docs/erasure-format.md).\n")
 
 
+CARD_FAMILIES = {"StableDiffusionPipeline": "U-Net, Stable Diffusion 1.x/2.x", "StableDiffusionXLPipeline": "U-Net, SDXL",
+            "StableDiffusion3Pipeline": "flow-matching transformer, Stable Diffusion 3",
+            "FluxPipeline": "flow-matching transformer, FLUX"}
+
+
 def model_card(config: EraseConfig, spec: AnySpec, metrics: dict) -> str:
     base = base_model_id(config)
+    pipeline_class = metrics.get("pipeline_class", "StableDiffusionPipeline")
+    net = "transformer" if pipeline_class in ("StableDiffusion3Pipeline", "FluxPipeline") else "U-Net"
     return f"""---
 library_name: diffusers
 base_model: {base}
@@ -529,13 +550,14 @@ tags:
 
 This folder holds a [SalUn](https://arxiv.org/abs/2310.12508) (saliency unlearning) erasure of the concept{
 "s " + ", ".join(f"**{c.name}**" for c in spec.concepts) + " (erased jointly, one mask)" if len(spec.concepts) > 1
-else f" **{spec.name}**"} from the U-Net of `{base}`, made with salun-diffusers {__version__}.
-Only the {metrics.get('mask_density', 0):.1%} most salient U-Net weights ({metrics.get('num_changed_weights', 0):,})
+else f" **{spec.name}**"} from the {net} of `{base}`, made with salun-diffusers {__version__}.
+Model family: {CARD_FAMILIES.get(pipeline_class, pipeline_class)} (`{pipeline_class}`).
+Only the {metrics.get('mask_density', 0):.1%} most salient {net} weights ({metrics.get('num_changed_weights', 0):,})
 were changed; every other weight is bit-identical to the base model.
 {_card_stacking(metrics.get("stacked_on"))}
 ## Use
 
-{_card_usage(config, base, metrics.get('pipeline_class', 'StableDiffusionPipeline'))}
+{_card_usage(config, base, pipeline_class)}
 ## Training
 
 | setting | value |
@@ -549,7 +571,7 @@ f" (concepts combined: {config.saliency_combine})" if len(spec.concepts) > 1 els
 | wall time | {metrics.get('total_seconds', 0):.1f} s |
 
 Files: `{WEIGHTS_NAME}` (masked values + packed mask), `{CONFIG_NAME}`, `{MASK_NAME}`, `train_config.json`,
-`metrics.json`{", `unet/`" if config.save_merged_unet else ""}{", `model_index.json` and the base's other components ("
+`metrics.json`{f", `{'transformer' if net == 'transformer' else 'unet'}/`" if config.save_merged_unet else ""}{", `model_index.json` and the base's other components ("
  + {"link": "linked", "copy": "copied"}.get(config.save_pipeline, "") + ")" if config.save_merged_unet and config.save_pipeline != "none" else ""}{
  f", `{LORA_NAME}` (rank {config.export_lora_rank}, {metrics['lora']['energy_kept']:.0%} of the delta's energy)"
  if metrics.get("lora") else ""}.
@@ -564,35 +586,44 @@ concepts. Audit the model (e.g. `salun-audit` with NudeNet over I2P) before rely
 def _card_usage(config: EraseConfig, base: str, pipeline_class: str) -> str:
     """The model card's "Use" section: the ways this folder loads (``pipeline_class``: the base's)."""
     erased_class = pipeline_class.replace("Pipeline", "ErasedPipeline")
+    flow = pipeline_class in ("StableDiffusion3Pipeline", "FluxPipeline")
     parts = []
     if config.save_merged_unet and config.save_pipeline != "none":
-        parts.append("""This folder is a diffusers pipeline with the erased U-Net:
+        parts.append(f"""This folder is a diffusers pipeline with the erased {'transformer' if flow else 'U-Net'}:
 
 ```python
-from diffusers import DiffusionPipeline
+from diffusers import {pipeline_class}
 
-pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")
+pipe = {pipeline_class}.from_pretrained("path/to/this/folder")
 ```
 """)
-    load_base = (f"from diffusers import {pipeline_class}\n\npipe = {pipeline_class}.from_pretrained(\"{base}\")"
-                 if base != BUNDLED_DIGIT_MODEL else  # the bundled model is a folder inside the package
-                 "from salun_diffusers.digits import load_digit_pipeline\n\npipe = load_digit_pipeline()")
+    if base == BUNDLED_DIGIT_MODEL:  # the bundled models are folders inside the package
+        load_base = "from salun_diffusers.digits import load_digit_pipeline\n\npipe = load_digit_pipeline()"
+    elif base != resolve_base_model(base):
+        load_base = (f"from diffusers import {pipeline_class}\nfrom salun_diffusers.hub import resolve_base_model\n\n"
+                     f"pipe = {pipeline_class}.from_pretrained(resolve_base_model(\"{base}\"))")
+    else:
+        load_base = f"from diffusers import {pipeline_class}\n\npipe = {pipeline_class}.from_pretrained(\"{base}\")"
     parts.append(f"""The erasure as a delta over the base model (`set_erasure_scale` / `unload_erasure` work on it):
 
 ```python
 from salun_diffusers import load_erasure
 {load_base}
-load_erasure(pipe, "path/to/this/folder")
+load_erasure(pipe, "path/to/this/folder")   # onto pipe.{'transformer' if flow else 'unet'}
 ```
-
-```python
+""")
+    if not flow:
+        parts.append(f"""```python
 from salun_diffusers.pipelines import {erased_class}
 
 pipe = {erased_class}.from_pretrained("path/to/this/folder")   # base read from the erasure
 ```
 """)
     if config.save_merged_unet:
-        parts.append("The erased U-Net alone: `UNet2DConditionModel.from_pretrained(folder, subfolder='unet')`.\n")
+        parts.append("The erased transformer alone: `{0}.from_pretrained(folder, subfolder='transformer')`.\n".format(
+            "SD3Transformer2DModel" if pipeline_class == "StableDiffusion3Pipeline" else "FluxTransformer2DModel")
+            if flow else
+            "The erased U-Net alone: `UNet2DConditionModel.from_pretrained(folder, subfolder='unet')`.\n")
     if config.export_lora_rank:
         parts.append(f"As a LoRA (an SVD approximation): `pipe.load_lora_weights(folder, weight_name='{LORA_NAME}')`.\n")
     return "\n".join(parts)

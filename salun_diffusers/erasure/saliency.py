@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..delta import MASK_NAME, model_fingerprint
-from ..families import base_model_id, cat_conds, unet_kwargs
+from ..families import as_family, base_model_id, cat_conds
 from ..masking import load_mask, mask_from_saliency, save_mask
-from ..objectives import diffusion_loss, diffusion_target, sample_noise_and_timesteps
+from ..objectives import diffusion_loss
 from ..saliency import compute_saliency
 from .data import ConceptData
 
@@ -34,13 +34,14 @@ UNCOND_PROMPT = ""
 def guided_diffusion_loss(unet, scheduler, latents, embeds, uncond_embeds, guidance_scale: float,
                           generator) -> torch.Tensor:
     """``MSE(target, (1 + w) * eps(x_t, c) - w * eps(x_t, ""))``: the official SalUn saliency loss (one batched
-    U-Net call for both branches; the gradient flows through both, as in the official code)."""
-    noise, t = sample_noise_and_timesteps(latents, scheduler, generator)
-    noisy = scheduler.add_noise(latents, noise, t)
-    out = unet(torch.cat([noisy, noisy]), torch.cat([t, t]), **unet_kwargs(cat_conds([embeds, uncond_embeds]))).sample
+    denoiser call for both branches; the gradient flows through both, as in the official code). ``scheduler``: a
+    family object or a DDPM scheduler (:func:`~salun_diffusers.families.as_family`); flow families guide velocities."""
+    family = as_family(scheduler)
+    noisy, t, target = family.noised(latents, generator)
+    out = family.predict(unet, torch.cat([noisy, noisy]), torch.cat([t, t]), cat_conds([embeds, uncond_embeds]))
     cond, uncond = out.chunk(2)
     pred = (1 + guidance_scale) * cond.float() - guidance_scale * uncond.float()
-    return F.mse_loss(pred, diffusion_target(scheduler, latents, noise, t).float())
+    return F.mse_loss(pred, target.float())
 
 
 def concept_batches(data: ConceptData, batch_size: int):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..config import EraseConfig
+from ..families import denoiser, model_family
 from ..utils import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -45,14 +46,16 @@ def log_validation(pipe, config: EraseConfig, accelerator, step: int) -> List[st
         return []
 
     folder = os.path.join(config.output_dir, "validation", f"step-{step:06d}")
-    was_training = pipe.unet.training
-    pipe.unet.eval()
+    model = denoiser(pipe)
+    was_training = model.training
+    model.eval()
+    extra = {k: v for k, v in model_family(pipe, config).sampling_kwargs().items() if k != "guidance_scale"}
     paths, arrays = [], []
     for j, prompt in enumerate(config.validation_prompts):
         gens = [torch.Generator("cpu").manual_seed(config.seed + i) for i in range(config.num_validation_images)]
         with accelerator.autocast():
             images = pipe([prompt] * len(gens), generator=gens, num_inference_steps=config.data_num_inference_steps,
-                          guidance_scale=config.data_guidance_scale).images
+                          guidance_scale=config.data_guidance_scale, **extra).images
         slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
         for i, image in enumerate(images):
             path = os.path.join(folder, f"{j:02d}-{slug}-{i}.png")
@@ -60,7 +63,7 @@ def log_validation(pipe, config: EraseConfig, accelerator, step: int) -> List[st
                 image.save(tmp, format="PNG")
             paths.append(path)
             arrays.append(np.asarray(image))
-    pipe.unet.train(was_training)
+    model.train(was_training)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack(arrays), step, dataformats="NHWC")

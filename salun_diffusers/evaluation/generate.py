@@ -16,6 +16,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from ..families import native_size
 from ..utils import atomic_path
 from .prompts import PromptRow, shard_rows
 
@@ -28,7 +29,7 @@ def image_path(output_dir: str, row: PromptRow) -> str:
 
 def default_size(pipe) -> Tuple[int, int]:
     """(height, width) the pipeline draws when none is asked for."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = native_size(pipe)
     return size, size
 
 

@@ -1,4 +1,7 @@
-"""Compute U-Net saliency on the tiny pipeline under accelerate (run with 1 or N processes); save it from rank 0."""
+"""Compute saliency on a tiny denoiser under accelerate (run with 1 or N processes); save it from rank 0.
+
+``dist_saliency.py OUT [unet|flux]``: the tiny SD U-Net (DDPM noise) or the tiny FLUX transformer (flow matching,
+the FlowFamily's noise, velocity target and call)."""
 
 import sys
 
@@ -6,21 +9,26 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
+from diffusers import DDPMScheduler
+
+from salun_diffusers.families import FlowFamily, PromptCond
 from salun_diffusers.objectives import diffusion_loss
 from salun_diffusers.saliency import compute_saliency
-from salun_diffusers.testing import get_dummy_components
+from salun_diffusers.testing import get_dummy_components, get_flow_pipeline
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, family: str = "unet") -> None:
     accelerator = Accelerator(cpu=True)
-    components = get_dummy_components(seed=0)
-    unet = components["unet"]
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     g = torch.Generator().manual_seed(123)
     latents = torch.randn(10, 4, 8, 8, generator=g)
-    cond = torch.randn(10, 77, 16, generator=g)
+    if family == "flux":
+        pipe = get_flow_pipeline("flux", guidance_embeds=True)
+        unet, scheduler = pipe.transformer, FlowFamily(pipe, guidance_scale=3.5)
+        cond = PromptCond(torch.randn(10, 6, 16, generator=g), {"pooled_projections": torch.randn(10, 8, generator=g)})
+    else:
+        unet = get_dummy_components(seed=0)["unet"]
+        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        cond = torch.randn(10, 77, 16, generator=g)
     batches = [list(range(i, min(i + 3, 10))) for i in range(0, 10, 3)]  # 4 batches, uneven last
 
     def loss_fn(model, idx, generator):
@@ -34,4 +42,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
