@@ -139,6 +139,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed_sampling(sample, steps: int, device):
+    """``(seconds, Peak)`` of ``sample(steps)`` after a 2-step warm-up, device work synchronised."""
+    sample(2)
+    with Peak(device) as peak:
+        sync(device)
+        start = time.perf_counter()
+        sample(steps)
+        sync(device)
+        return time.perf_counter() - start, peak
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--unet_config", default=SD14_CONFIG if os.path.isfile(SD14_CONFIG) else "tiny",
@@ -298,13 +309,7 @@ def main(argv=None):
                 x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
             return x
 
-        sample(2)
-        with Peak(device) as peak:
-            sync(device)
-            t = time.perf_counter()
-            sample(args.num_inference_steps)
-            sync(device)
-            dt = time.perf_counter() - t
+        dt, peak = timed_sampling(sample, args.num_inference_steps, device)
         result.update({"sample_images_per_s": n / dt, "sample_s_per_image": dt / n, "sample_peak_gib": peak.gib,
                        "num_inference_steps": args.num_inference_steps})
         print(f"sampling: {n / dt:.3f} images/s ({dt / n:.2f} s/image, {args.num_inference_steps} Euler steps), "
@@ -328,13 +333,7 @@ def main(argv=None):
                 x = ddim.step(uncond + 7.5 * (cond_eps - uncond), t, x).prev_sample
             return x
 
-        sample(2)
-        with Peak(device) as peak:
-            sync(device)
-            t = time.perf_counter()
-            sample(args.num_inference_steps)
-            sync(device)
-            dt = time.perf_counter() - t
+        dt, peak = timed_sampling(sample, args.num_inference_steps, device)
         result.update({"sample_images_per_s": n / dt, "sample_s_per_image": dt / n, "sample_peak_gib": peak.gib,
                        "num_inference_steps": args.num_inference_steps, "sample_dtype": args.sample_dtype})
         print(f"sampling: {n / dt:.3f} images/s ({dt / n:.2f} s/image, {args.num_inference_steps} CFG steps, "
