@@ -1,0 +1,439 @@
+#!/usr/bin/env python
+"""Peers on the same bench: SalUn (default and ``--adversarial``), ESD-x, ESD-u, UCE and AdvUnlearn on the digit world.
+
+    # 1. tuning (digits one, four, seven only; every setting of each method's grid; a cheaper, differently seeded attack)
+    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --tune --digits 1,4,7 --output_dir out/peers-tune
+    # 2. the benchmark: the frozen settings (FROZEN below) on all ten digits, two processes side by side
+    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --digits 0-9 --jobs 2 --output_dir out/peers
+
+Same base model (the bundled digit pipeline, a real model trained on MNIST), same judge (the bundled digit classifier),
+same attacks, same machine, one run. Per method and digit:
+
+* unlearning accuracy (UA: share of the digit's 50 images the judge does not call that digit) and retained accuracy
+  (the other nine digits' 50 images each), :func:`salun_diffusers.reporting.digit_scores`, 10 sampling steps;
+* **conditioning ASR**: the independent whole-conditioning attack of issue 17
+  (:func:`salun_diffusers.attacks.probes.conditioning_probe`): 64 real held-out MNIST images of the digit as targets,
+  300 Adam steps at lr 1e-2 on the whole prompt conditioning, timesteps over the whole range, from the digit's own
+  prompt; an image counts when the judge sees the digit before or after the attack;
+* **token ASR**: ``salun-attack``'s token attack (UnlearnDiffAtk-style: 5 vocabulary words prepended, 100 steps) on
+  ``--num_prompts`` rows, through :func:`salun_diffusers.attacks.runner.run_attack` on the erased pipeline;
+* wall and CPU seconds of the erasure itself (data generation excluded: SalUn's forget/retain images are cached
+  first; the peers generate nothing), threads stated.
+
+Where retrained references exist (``benchmarks/build_references.py``: the digit world retrained without the digit),
+a ``never learned`` row gets the same scores and attacks.
+
+The tuning run (``--tune``) erases digits one, four and seven with every setting of :data:`GRID` and scores them with
+a cheaper attack (100 steps, 32 images, other seeds); :func:`choose` then picks per method by the rule written there.
+The choice is frozen in :data:`FROZEN` (by hand, from the tuning report) before the ten-digit run. Every finished
+piece is a JSON file under ``--output_dir/rows/``; a rerun skips it (a killed run resumes). Writes report.json,
+report.md and tradeoff.png (retained accuracy against conditioning ASR, one point per method and digit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.build_references import DEFAULT_DIR, load_reference, reference_dir  # noqa: E402
+from salun_diffusers.attacks import encode_prompt  # noqa: E402
+from salun_diffusers.attacks.config import AttackConfig  # noqa: E402
+from salun_diffusers.attacks.probes import conditioning_probe, digit_images  # noqa: E402
+from salun_diffusers.attacks.runner import run_attack  # noqa: E402
+from salun_diffusers.concepts import DIGIT_WORDS, digit_prompt  # noqa: E402
+from salun_diffusers.config import EraseConfig  # noqa: E402
+from salun_diffusers.digits import DigitJudge, load_digit_pipeline  # noqa: E402
+from salun_diffusers.erase import erase  # noqa: E402
+from salun_diffusers.evaluation.judges import make_judge  # noqa: E402
+from salun_diffusers.hub import BUNDLED_DIGIT_MODEL  # noqa: E402
+from salun_diffusers.methods import (AdvUnlearnConfig, EsdConfig, UceConfig, apply_uce, train_advunlearn,  # noqa: E402
+                                     train_esd, uce_edit)
+from salun_diffusers.reporting import EVAL_SEED, base_digit_scores, digit_scores  # noqa: E402
+from salun_diffusers.utils import read_json_or_none, write_json, write_text  # noqa: E402
+
+logger = logging.getLogger("bench_peers")
+
+# Digit-world sampling for the partial DDIM draws of ESD / AdvUnlearn: the digit model's verdict steps (10), not SD's 50.
+DIGIT_SAMPLING_STEPS = 10
+TUNE_DIGITS = (1, 4, 7)
+
+# The tuning grids (4 settings per method; the issue allows 12: a first coarse pass on digit seven, docs/peers.md,
+# dropped the settings that broke the other digits, e.g. ESD-x lr 3e-3: 21.6 points, ESD-u lr 1e-3: 83.6). The digit U-Net has 1.0M weights and its text encoder 0.14M: the
+# SD1.4 learning rates (1e-5) barely move them in a few hundred steps, so the grids climb from there. SalUn's settings
+# are the shipped digit presets (salun_diffusers.concepts), tuned on the same three digits in earlier work.
+GRID: Dict[str, List[dict]] = {
+    "salun": [{}],
+    "salun-adv": [{}],
+    "esd-x": [dict(learning_rate=lr, iterations=it, negative_guidance=1.0)
+              for lr, it in [(1e-4, 300), (3e-4, 300), (1e-3, 300), (1e-3, 150)]],
+    "esd-u": [dict(learning_rate=lr, iterations=it, negative_guidance=ng)
+              for lr, it, ng in [(1e-4, 300, 1.0), (3e-4, 300, 1.0), (1e-4, 300, 2.0), (3e-4, 150, 1.0)]],
+    "uce": [dict(guide=g, preserve_scale=p, lamb=0.5) for g, p in [("", 0.1), ("", 1.0), ("next", 0.1), ("next", 1.0)]],
+    "advunlearn": [dict(learning_rate=lr, iterations=it, warmup=w, retain_weight=rw)
+                   for lr, it, w, rw in [(1e-3, 100, 20, 0.3), (1e-3, 100, 20, 1.0), (1e-3, 200, 40, 1.0),
+                                         (3e-3, 100, 20, 1.0)]],
+}
+# The settings the ten-digit run uses: chosen by `choose` from the tuning report on digits 1, 4, 7 (docs/peers.md).
+FROZEN: Dict[str, dict] = {
+    "salun": {},
+    "salun-adv": {},
+    "esd-x": dict(learning_rate=1e-3, iterations=300, negative_guidance=1.0),
+    "esd-u": dict(learning_rate=3e-4, iterations=300, negative_guidance=1.0),
+    "uce": dict(guide="", preserve_scale=1.0, lamb=0.5),
+    "advunlearn": dict(learning_rate=1e-3, iterations=100, warmup=20, retain_weight=1.0),
+}
+METHODS = tuple(GRID)
+REFERENCE = "never learned"
+REFERENCE_DIR = DEFAULT_DIR  # benchmarks/cache/references (build_references.py)
+# Attacks: the benchmark's (independent conditioning attack at 300 steps on 64 images) and the tuning's (cheaper, and
+# with other images and seeds than the report, so the report does not judge on what the choice was tuned on).
+ATTACK = {"report": dict(steps=300, n=64, offset=0, seed=0), "tune": dict(steps=100, n=32, offset=64, seed=17)}
+TOKEN_SEED = 3 * EVAL_SEED
+
+
+def _digits(text: str) -> List[int]:
+    out = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out += list(range(int(a), int(b) + 1))
+        elif part.strip():
+            out.append(int(part))
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output_dir", default="out/bench-peers")
+    p.add_argument("--digits", type=_digits, default=list(range(10)), help="e.g. 0-9 or 1,4,7")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    p.add_argument("--tune", action="store_true", help="every GRID setting, the tuning attack; then the choice")
+    p.add_argument("--n_per_digit", type=int, default=50, help="judged images per digit prompt (UA / retained)")
+    p.add_argument("--num_prompts", type=int, default=4, help="token-attack rows per method and digit (0: none)")
+    p.add_argument("--token_digits", type=_digits, default=None,
+                   help="digits that get the token attack (default: all; it costs about 15 s per row on one thread)")
+    p.add_argument("--seed", type=int, default=0, help="erasure seed")
+    p.add_argument("--jobs", type=int, default=1, help="processes side by side (digits split between them)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--no_reference", action="store_true", help="skip the never-learned rows")
+    p.add_argument("--report_only", action="store_true", help="rebuild the report from rows/ and stop")
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------ erasures
+def erase_salun(args, digit: int, adversarial: bool):
+    """SalUn through ``erase()`` exactly as ``train_erase.py --concept <digit>`` runs it (data cached first)."""
+    name = f"{DIGIT_WORDS[digit]}-{'adversarial' if adversarial else 'salun'}"
+    common = dict(concept=DIGIT_WORDS[digit], cache_dir=os.path.join(args.output_dir, "data-cache"), seed=args.seed,
+                  save_merged_unet=False, save_pipeline="none", verdict_images=0, threads=args.threads,
+                  overwrite_output_dir=True)
+    erase(EraseConfig(output_dir=os.path.join(args.output_dir, "runs", f"{name}-data"), save_mask_only=True, **common),
+          pipe=load_digit_pipeline())  # forget / retain images generated and cached, outside the timing
+    pipe = load_digit_pipeline()
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = erase(EraseConfig(output_dir=os.path.join(args.output_dir, "runs", name), adversarial=adversarial,
+                               **common), pipe=pipe)
+    return result.pipeline, time.perf_counter() - wall, time.process_time() - cpu, {}
+
+
+def erase_peer(method: str, setting: dict, digit: int, seed: int):
+    """A peer method on a fresh copy of the bundled digit pipeline; returns (pipe, wall s, CPU s, resolved config)."""
+    pipe = load_digit_pipeline()
+    prompt = digit_prompt(digit)
+    others = [digit_prompt(d) for d in range(10) if d != digit]
+    gen = torch.Generator().manual_seed(seed)
+    wall, cpu = time.perf_counter(), time.process_time()
+    if method in ("esd-x", "esd-u"):
+        config = EsdConfig(variant=method, num_inference_steps=DIGIT_SAMPLING_STEPS, **setting)
+        base = copy.deepcopy(pipe.unet).requires_grad_(False)
+        train_esd(pipe.unet, base, pipe.scheduler, encode_prompt(pipe, prompt), encode_prompt(pipe, ""), config,
+                  generator=gen)
+    elif method == "uce":
+        options = dict(setting)
+        guide = digit_prompt((digit + 1) % 10) if options.pop("guide") == "next" else ""
+        config = UceConfig(**options)
+        apply_uce(pipe.unet, uce_edit(pipe.unet, pipe.tokenizer, pipe.text_encoder, [prompt], [guide], others, config))
+    elif method == "advunlearn":
+        config = AdvUnlearnConfig(num_inference_steps=DIGIT_SAMPLING_STEPS, attack_steps=5, **setting)
+        train_advunlearn(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, prompt, others, config,
+                         generator=gen)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    return pipe, wall, cpu, config.to_dict()
+
+
+# ------------------------------------------------------------------------------------------------------- scoring
+def conditioning_asr(pipe, digit: int, kind: str) -> dict:
+    a = ATTACK[kind]
+    images = digit_images(digit, a["n"], offset=a["offset"])
+    r = conditioning_probe(pipe, make_judge("digit", digit=digit), images, prompt=digit_prompt(digit), steps=a["steps"],
+                           seed=a["seed"])
+    return {k: v for k, v in r.items() if not k.startswith("_")}
+
+
+def token_asr(args, pipe, base, digit: int, name: str) -> Optional[dict]:
+    if not args.num_prompts:
+        return None
+    cfg = AttackConfig(model=BUNDLED_DIGIT_MODEL, output_dir=os.path.join(args.output_dir, "attacks", name),
+                       attack="token", digit=digit, num_prompts=args.num_prompts, seed=TOKEN_SEED, label=name)
+    r = run_attack(cfg, base_pipe=base, pipe=pipe)
+    return {k: r[k] for k in ("asr", "after_rate", "before_rate", "num_prompts", "mean_attack_seconds")}
+
+
+def run_piece(args, method: str, setting: dict, digit: int, base, judge, base_scores) -> dict:
+    """One method x setting x digit: erase, score, attack; cached as rows/<name>.json."""
+    kind = "tune" if args.tune else "report"
+    tag = "-".join(f"{k}{v}" for k, v in sorted(setting.items())) or "default"
+    name = f"{kind}-{method}-{tag}-{digit}".replace(" ", "")
+    path = os.path.join(args.output_dir, "rows", name + ".json")
+    done = read_json_or_none(path)
+    if done is not None:
+        return done
+    if method == REFERENCE:
+        pipe, wall, cpu, config = load_reference(REFERENCE_DIR, digit), None, None, {}
+    elif method.startswith("salun"):
+        pipe, wall, cpu, config = erase_salun(args, digit, method == "salun-adv")
+    else:
+        pipe, wall, cpu, config = erase_peer(method, setting, digit, args.seed)
+    scores = digit_scores(pipe, judge, digit, args.n_per_digit)
+    row = {"method": method, "setting": setting, "config": config, "digit": digit, "kind": kind,
+           "unlearning_accuracy": scores["unlearning_accuracy"], "retained_accuracy": scores["retained_accuracy"],
+           "retained_drop": base_scores["retained_accuracy"] - scores["retained_accuracy"],
+           "per_digit_accuracy": scores["per_digit_accuracy"], "wall_seconds": wall, "cpu_seconds": cpu,
+           "threads": torch.get_num_threads()}
+    row["conditioning"] = conditioning_asr(pipe, digit, kind)
+    if not args.tune and (args.token_digits is None or digit in args.token_digits):
+        row["token"] = token_asr(args, pipe, base, digit, name)
+    write_json(path, row)
+    print(f"{method:11s} {tag:50s} digit {digit}: UA {row['unlearning_accuracy']:6.1%} drop "
+          f"{row['retained_drop'] * 100:+5.1f} pts  cond ASR {row['conditioning']['asr']:5.1%}"
+          + (f"  token ASR {row['token']['asr']:5.1%}" if row.get("token") else "")
+          + (f"  {wall:6.1f} s (cpu {cpu:.1f})" if wall is not None else ""), flush=True)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------------ choosing
+def choose(rows: List[dict]) -> Dict[str, dict]:
+    """Per method, the tuned setting: among settings with UA >= 95% and retained drop <= 3 points on every tuning
+    digit, the lowest mean conditioning ASR; if none qualifies, the highest mean UA among those whose mean drop is at
+    most 3 points; if none of those, the smallest mean drop."""
+    by: Dict[str, Dict[str, List[dict]]] = {}
+    for r in rows:
+        by.setdefault(r["method"], {}).setdefault(json.dumps(r["setting"], sort_keys=True), []).append(r)
+    chosen = {}
+    for method, settings in by.items():
+        def stats(rs):
+            return (min(r["unlearning_accuracy"] for r in rs), max(r["retained_drop"] for r in rs),
+                    np.mean([r["unlearning_accuracy"] for r in rs]), np.mean([r["retained_drop"] for r in rs]),
+                    np.mean([r["conditioning"]["asr"] for r in rs]))
+        table = {k: stats(rs) for k, rs in settings.items()}
+        good = [k for k, s in table.items() if s[0] >= 0.95 and s[1] <= 0.03]
+        if good:
+            pick, why = min(good, key=lambda k: table[k][4]), "qualifies on every digit; lowest conditioning ASR"
+        else:
+            fair = [k for k, s in table.items() if s[3] <= 0.03]
+            if fair:
+                pick, why = max(fair, key=lambda k: table[k][2]), "none qualifies: highest mean UA at mean drop <= 3"
+            else:
+                pick, why = min(table, key=lambda k: table[k][3]), "none qualifies: smallest mean drop"
+        chosen[method] = {"setting": json.loads(pick), "why": why, "digits": sorted({r["digit"] for r in settings[pick]})}
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------------- reports
+def summarize(rows: List[dict]) -> List[dict]:
+    out = []
+    for method in list(METHODS) + [REFERENCE]:
+        rs = [r for r in rows if r["method"] == method]
+        if not rs:
+            continue
+        ua = [r["unlearning_accuracy"] for r in rs]
+        drop = [r["retained_drop"] for r in rs]
+        cond = [r["conditioning"]["asr"] for r in rs]
+        tok = [r["token"]["asr"] for r in rs if r.get("token")]
+        wall = [r["wall_seconds"] for r in rs if r.get("wall_seconds") is not None]
+        cpu = [r["cpu_seconds"] for r in rs if r.get("cpu_seconds") is not None]
+        both = sum(1 for r in rs if r["unlearning_accuracy"] >= 0.95 and r["retained_drop"] <= 0.03)
+        out.append({"method": method, "digits": len(rs), "ua_mean": float(np.mean(ua)), "ua_min": float(np.min(ua)),
+                    "drop_mean": float(np.mean(drop)), "drop_max": float(np.max(drop)),
+                    "cond_mean": float(np.mean(cond)), "cond_max": float(np.max(cond)),
+                    "token_mean": float(np.mean(tok)) if tok else None, "token_max": float(np.max(tok)) if tok else None,
+                    "both_targets": both, "wall_mean": float(np.mean(wall)) if wall else None,
+                    "cpu_mean": float(np.mean(cpu)) if cpu else None})
+    return out
+
+
+def _pct(x, digits=0):
+    return "—" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Digit world (bundled MNIST text-to-image model, bundled digit judge); torch threads "
+             f"{report['threads']} per process, {report['jobs']} process(es) on the 2-core machine; "
+             f"{report['n_per_digit']} images per digit for UA / retained; conditioning attack "
+             f"{ATTACK[report['kind']]['steps']} steps on {ATTACK[report['kind']]['n']} real images.", "",
+             "| method | digits | UA mean / min | retained drop mean / max (pts) | conditioning ASR mean / max | "
+             "token ASR mean / max | UA >= 95% and drop <= 3 | erasure s wall / CPU (mean) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in report["summary"]:
+        t = (f"{s['wall_mean']:.0f} / {s['cpu_mean']:.0f}" if s["wall_mean"] is not None else "—")
+        lines.append(f"| {s['method']} | {s['digits']} | {_pct(s['ua_mean'], 1)} / {_pct(s['ua_min'])} | "
+                     f"{100 * s['drop_mean']:.1f} / {100 * s['drop_max']:.1f} | {_pct(s['cond_mean'])} / "
+                     f"{_pct(s['cond_max'])} | {_pct(s['token_mean'])} / {_pct(s['token_max'])} | "
+                     f"{s['both_targets']} of {s['digits']} | {t} |")
+    lines += ["", "Per digit (UA / retained drop in points / conditioning ASR / token ASR):", "",
+              "| method | " + " | ".join(str(d) for d in report["digits"]) + " |",
+              "|---|" + "---|" * len(report["digits"])]
+    for method in list(METHODS) + [REFERENCE]:
+        cells = []
+        for d in report["digits"]:
+            r = next((r for r in report["rows"] if r["method"] == method and r["digit"] == d), None)
+            if r is None:
+                cells.append("")
+                continue
+            tok = f" / {_pct(r['token']['asr'])}" if r.get("token") else ""
+            cells.append(f"{_pct(r['unlearning_accuracy'])} / {100 * r['retained_drop']:+.1f} / "
+                         f"{_pct(r['conditioning']['asr'])}{tok}")
+        if any(cells):
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if report.get("chosen"):
+        lines += ["", "Tuning choice (rule: benchmarks/bench_peers.py `choose`):", ""]
+        for m, c in report["chosen"].items():
+            lines.append(f"- {m}: {json.dumps(c['setting'])} ({c['why']})")
+    return "\n".join(lines) + "\n"
+
+
+def tradeoff_plot(report: dict, path: str) -> None:
+    import matplotlib  # optional dependency
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, method in enumerate(list(METHODS) + [REFERENCE]):
+        rs = [r for r in report["rows"] if r["method"] == method]
+        if rs:
+            ax.scatter([100 * r["conditioning"]["asr"] for r in rs], [100 * r["retained_accuracy"] for r in rs],
+                       label=method, marker="os^vDP*"[i % 7], alpha=0.75)
+    ax.set_xlabel("conditioning attack success (%), lower is better")
+    ax.set_ylabel("retained accuracy on the other digits (%)")
+    ax.set_title("Digit world: one point per method and erased digit")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(args, rows: List[dict]) -> dict:
+    kind = "tune" if args.tune else "report"
+    rows = [r for r in rows if r["kind"] == kind]
+    report = {"world": "digit", "kind": kind, "threads": args.threads, "jobs": args.jobs,
+              "n_per_digit": args.n_per_digit, "digits": sorted({r["digit"] for r in rows}), "rows": rows,
+              "attack": ATTACK[kind], "frozen": FROZEN, "summary": [] if args.tune else summarize(rows)}
+    if args.tune:
+        report["chosen"] = choose(rows)
+        report["summary"] = summarize_tuning(rows)
+    write_json(os.path.join(args.output_dir, f"{kind}.json"), report)
+    text = tuning_markdown(report) if args.tune else markdown(report)
+    write_text(os.path.join(args.output_dir, f"{kind}.md"), text)
+    if not args.tune and rows:
+        tradeoff_plot(report, os.path.join(args.output_dir, "tradeoff.png"))
+    return report
+
+
+def summarize_tuning(rows: List[dict]) -> List[dict]:
+    out = {}
+    for r in rows:
+        key = (r["method"], json.dumps(r["setting"], sort_keys=True))
+        out.setdefault(key, []).append(r)
+    return [{"method": m, "setting": json.loads(s), "digits": [r["digit"] for r in rs],
+             "ua": [r["unlearning_accuracy"] for r in rs], "drop": [r["retained_drop"] for r in rs],
+             "cond": [r["conditioning"]["asr"] for r in rs],
+             "wall": [r["wall_seconds"] for r in rs]} for (m, s), rs in out.items()]
+
+
+def tuning_markdown(report: dict) -> str:
+    lines = ["Tuning on the digit world, digits " + ", ".join(str(d) for d in report["digits"]) +
+             f" (conditioning attack {ATTACK['tune']['steps']} steps on {ATTACK['tune']['n']} images, other images "
+             "and seeds than the report's); per digit UA / drop (pts) / conditioning ASR.", "",
+             "| method | setting | per digit | erasure s (mean wall) |", "|---|---|---|---|"]
+    for s in report["summary"]:
+        cells = "; ".join(f"{d}: {_pct(u)} / {100 * dr:+.1f} / {_pct(c)}"
+                          for d, u, dr, c in zip(s["digits"], s["ua"], s["drop"], s["cond"]))
+        walls = [w for w in s["wall"] if w is not None]
+        lines.append(f"| {s['method']} | {json.dumps(s['setting'])} | {cells} | "
+                     f"{np.mean(walls):.0f} |" if walls else f"| {s['method']} | {json.dumps(s['setting'])} | {cells} | — |")
+    lines += ["", "Chosen (rule: `choose`):", ""]
+    for m, c in report["chosen"].items():
+        lines.append(f"- {m}: {json.dumps(c['setting'])} ({c['why']})")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def all_rows(args) -> List[dict]:
+    folder = os.path.join(args.output_dir, "rows")
+    if not os.path.isdir(folder):
+        return []
+    rows = [read_json_or_none(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith(".json")]
+    return [r for r in rows if r is not None and r["digit"] in args.digits]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    os.makedirs(os.path.join(args.output_dir, "rows"), exist_ok=True)
+    if args.jobs > 1 and not args.report_only:
+        chunks = [args.digits[i::args.jobs] for i in range(args.jobs)]
+        base_cmd = [sys.executable, os.path.abspath(__file__)] + [
+            a for a in (argv if argv is not None else sys.argv[1:])]
+        procs = []
+        for i, chunk in enumerate(chunks):
+            cmd = base_cmd + ["--jobs", "1", "--digits", ",".join(map(str, chunk))]
+            log = open(os.path.join(args.output_dir, f"job{i}.log"), "a")
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            print(f"jobs exited with {codes}; see {args.output_dir}/job*.log", file=sys.stderr)
+            return 1
+    elif not args.report_only:
+        judge = DigitJudge.from_pretrained()
+        base = load_digit_pipeline()
+        base_scores = base_digit_scores(base, judge, 0, args.n_per_digit)
+        print(f"digit world; torch threads {torch.get_num_threads()}; {'tuning' if args.tune else 'benchmark'}")
+        for digit in args.digits:
+            todo = [(m, s) for m in args.methods for s in (GRID[m] if args.tune else [FROZEN[m]])]
+            if not args.tune and not args.no_reference and os.path.isfile(
+                    os.path.join(reference_dir(REFERENCE_DIR, digit), "reference.json")):
+                todo.append((REFERENCE, {}))
+            for method, setting in todo:
+                scores = base_digit_scores(base, judge, digit, args.n_per_digit)
+                run_piece(args, method, setting, digit, base, judge, scores)
+    report = write_report(args, all_rows(args))
+    print(tuning_markdown(report) if args.tune else markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
