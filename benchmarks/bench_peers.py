@@ -89,13 +89,15 @@ GRID: Dict[str, List[dict]] = {
 FROZEN: Dict[str, dict] = {
     "salun": {},
     "salun-adv": {},
-    "esd-x": dict(learning_rate=1e-3, iterations=300, negative_guidance=1.0),
-    "esd-u": dict(learning_rate=3e-4, iterations=300, negative_guidance=1.0),
-    "uce": dict(guide="", preserve_scale=1.0, lamb=0.5),
-    "advunlearn": dict(learning_rate=1e-3, iterations=100, warmup=20, retain_weight=1.0),
+    "esd-x": dict(learning_rate=1e-3, iterations=150, negative_guidance=1.0),
+    "esd-u": dict(learning_rate=1e-4, iterations=300, negative_guidance=1.0),
+    "uce": dict(guide="next", preserve_scale=0.1, lamb=0.5),
+    "advunlearn": dict(learning_rate=1e-3, iterations=200, warmup=40, retain_weight=1.0),
 }
 METHODS = tuple(GRID)
 REFERENCE = "never learned"
+BASE = "base"
+ROWS = (BASE,) + METHODS + (REFERENCE,)  # the report's row order
 REFERENCE_DIR = DEFAULT_DIR  # benchmarks/cache/references (build_references.py)
 # Attacks: the benchmark's (independent conditioning attack at 300 steps on 64 images) and the tuning's (cheaper, and
 # with other images and seeds than the report, so the report does not judge on what the choice was tuned on).
@@ -209,7 +211,9 @@ def run_piece(args, method: str, setting: dict, digit: int, base, judge, base_sc
     done = read_json_or_none(path)
     if done is not None:
         return done
-    if method == REFERENCE:
+    if method == BASE:
+        pipe, wall, cpu, config = load_digit_pipeline(), None, None, {}
+    elif method == REFERENCE:
         pipe, wall, cpu, config = load_reference(REFERENCE_DIR, digit), None, None, {}
     elif method.startswith("salun"):
         pipe, wall, cpu, config = erase_salun(args, digit, method == "salun-adv")
@@ -263,7 +267,7 @@ def choose(rows: List[dict]) -> Dict[str, dict]:
 # ------------------------------------------------------------------------------------------------------- reports
 def summarize(rows: List[dict]) -> List[dict]:
     out = []
-    for method in list(METHODS) + [REFERENCE]:
+    for method in ROWS:
         rs = [r for r in rows if r["method"] == method]
         if not rs:
             continue
@@ -304,7 +308,7 @@ def markdown(report: dict) -> str:
     lines += ["", "Per digit (UA / retained drop in points / conditioning ASR / token ASR):", "",
               "| method | " + " | ".join(str(d) for d in report["digits"]) + " |",
               "|---|" + "---|" * len(report["digits"])]
-    for method in list(METHODS) + [REFERENCE]:
+    for method in ROWS:
         cells = []
         for d in report["digits"]:
             r = next((r for r in report["rows"] if r["method"] == method and r["digit"] == d), None)
@@ -330,11 +334,11 @@ def tradeoff_plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for i, method in enumerate(list(METHODS) + [REFERENCE]):
+    for i, method in enumerate(ROWS):
         rs = [r for r in report["rows"] if r["method"] == method]
         if rs:
             ax.scatter([100 * r["conditioning"]["asr"] for r in rs], [100 * r["retained_accuracy"] for r in rs],
-                       label=method, marker="os^vDP*"[i % 7], alpha=0.75)
+                       label=method, marker="os^vDP*X"[i % 8], alpha=0.75)
     ax.set_xlabel("conditioning attack success (%), lower is better")
     ax.set_ylabel("retained accuracy on the other digits (%)")
     ax.set_title("Digit world: one point per method and erased digit")
@@ -424,6 +428,8 @@ def main(argv=None):
         print(f"digit world; torch threads {torch.get_num_threads()}; {'tuning' if args.tune else 'benchmark'}")
         for digit in args.digits:
             todo = [(m, s) for m in args.methods for s in (GRID[m] if args.tune else [FROZEN[m]])]
+            if not args.tune:
+                todo.insert(0, (BASE, {}))
             if not args.tune and not args.no_reference and os.path.isfile(
                     os.path.join(reference_dir(REFERENCE_DIR, digit), "reference.json")):
                 todo.append((REFERENCE, {}))
