@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.build_references import DEFAULT_DIR, load_reference, reference_dir  # noqa: E402
 from salun_diffusers.attacks import encode_prompt  # noqa: E402
 from salun_diffusers.attacks.config import AttackConfig  # noqa: E402
-from salun_diffusers.attacks.probes import conditioning_probe, digit_images  # noqa: E402
+from salun_diffusers.attacks.probes import conditioning_probe, digit_images, inpainting_probe  # noqa: E402
 from salun_diffusers.attacks.runner import run_attack  # noqa: E402
 from salun_diffusers.concepts import DIGIT_WORDS, digit_prompt  # noqa: E402
 from salun_diffusers.config import EraseConfig  # noqa: E402
@@ -103,6 +103,7 @@ REFERENCE_DIR = DEFAULT_DIR  # benchmarks/cache/references (build_references.py)
 # with other images and seeds than the report, so the report does not judge on what the choice was tuned on).
 ATTACK = {"report": dict(steps=300, n=64, offset=0, seed=0), "tune": dict(steps=100, n=32, offset=64, seed=17)}
 TOKEN_SEED = 3 * EVAL_SEED
+PROMPT_ATTACKS = ("token", "inversion")
 
 
 def _digits(text: str) -> List[int]:
@@ -123,9 +124,10 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
     p.add_argument("--tune", action="store_true", help="every GRID setting, the tuning attack; then the choice")
     p.add_argument("--n_per_digit", type=int, default=50, help="judged images per digit prompt (UA / retained)")
-    p.add_argument("--num_prompts", type=int, default=4, help="token-attack rows per method and digit (0: none)")
-    p.add_argument("--token_digits", type=_digits, default=None,
-                   help="digits that get the token attack (default: all; it costs about 15 s per row on one thread)")
+    p.add_argument("--num_prompts", type=int, default=4,
+                   help="token- and inversion-attack rows per method and digit (0: none)")
+    p.add_argument("--token_digits", type=_digits, default=None, help="digits that get the token and inversion "
+                   "attacks (default: all; the token attack costs about 15 s per row on one thread)")
     p.add_argument("--seed", type=int, default=0, help="erasure seed")
     p.add_argument("--jobs", type=int, default=1, help="processes side by side (digits split between them)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -193,13 +195,20 @@ def conditioning_asr(pipe, digit: int, kind: str) -> dict:
     return {k: v for k, v in r.items() if not k.startswith("_")}
 
 
-def token_asr(args, pipe, base, digit: int, name: str) -> Optional[dict]:
-    if not args.num_prompts:
-        return None
-    cfg = AttackConfig(model=BUNDLED_DIGIT_MODEL, output_dir=os.path.join(args.output_dir, "attacks", name),
-                       attack="token", digit=digit, num_prompts=args.num_prompts, seed=TOKEN_SEED, label=name)
+def prompt_attack_asr(args, pipe, base, digit: int, name: str, attack: str) -> dict:
+    """``salun-attack``'s token or inversion attack on ``--num_prompts`` rows of the digit's prompt."""
+    cfg = AttackConfig(model=BUNDLED_DIGIT_MODEL, output_dir=os.path.join(args.output_dir, "attacks", f"{name}-{attack}"),
+                       attack=attack, digit=digit, num_prompts=args.num_prompts, seed=TOKEN_SEED, label=name)
     r = run_attack(cfg, base_pipe=base, pipe=pipe)
     return {k: r[k] for k in ("asr", "after_rate", "before_rate", "num_prompts", "mean_attack_seconds")}
+
+
+def context_probe(pipe, digit: int) -> dict:
+    """Issue 17's context probe: the top half of 64 real images of the digit kept, completed from the empty prompt;
+    share judged the digit, beside the share for the kept half alone."""
+    images = digit_images(digit, ATTACK["report"]["n"], offset=ATTACK["report"]["offset"])
+    r = inpainting_probe(pipe, make_judge("digit", digit=digit), images, prompts=("",), seed=ATTACK["report"]["seed"])
+    return {"completed": r["prompts"][""], "kept_alone": r["kept_alone"], "n": r["n"]}
 
 
 def run_piece(args, method: str, setting: dict, digit: int, base, judge, base_scores) -> dict:
@@ -226,8 +235,11 @@ def run_piece(args, method: str, setting: dict, digit: int, base, judge, base_sc
            "per_digit_accuracy": scores["per_digit_accuracy"], "wall_seconds": wall, "cpu_seconds": cpu,
            "threads": torch.get_num_threads()}
     row["conditioning"] = conditioning_asr(pipe, digit, kind)
-    if not args.tune and (args.token_digits is None or digit in args.token_digits):
-        row["token"] = token_asr(args, pipe, base, digit, name)
+    if not args.tune:
+        row["context"] = context_probe(pipe, digit)
+        if args.num_prompts and (args.token_digits is None or digit in args.token_digits):
+            for attack in PROMPT_ATTACKS:
+                row[attack] = prompt_attack_asr(args, pipe, base, digit, name, attack)
     write_json(path, row)
     print(f"{method:11s} {tag:50s} digit {digit}: UA {row['unlearning_accuracy']:6.1%} drop "
           f"{row['retained_drop'] * 100:+5.1f} pts  cond ASR {row['conditioning']['asr']:5.1%}"
@@ -271,19 +283,22 @@ def summarize(rows: List[dict]) -> List[dict]:
         rs = [r for r in rows if r["method"] == method]
         if not rs:
             continue
+        def stat(values):
+            return (float(np.mean(values)), float(np.max(values))) if values else (None, None)
+
         ua = [r["unlearning_accuracy"] for r in rs]
-        drop = [r["retained_drop"] for r in rs]
-        cond = [r["conditioning"]["asr"] for r in rs]
-        tok = [r["token"]["asr"] for r in rs if r.get("token")]
         wall = [r["wall_seconds"] for r in rs if r.get("wall_seconds") is not None]
         cpu = [r["cpu_seconds"] for r in rs if r.get("cpu_seconds") is not None]
-        both = sum(1 for r in rs if r["unlearning_accuracy"] >= 0.95 and r["retained_drop"] <= 0.03)
-        out.append({"method": method, "digits": len(rs), "ua_mean": float(np.mean(ua)), "ua_min": float(np.min(ua)),
-                    "drop_mean": float(np.mean(drop)), "drop_max": float(np.max(drop)),
-                    "cond_mean": float(np.mean(cond)), "cond_max": float(np.max(cond)),
-                    "token_mean": float(np.mean(tok)) if tok else None, "token_max": float(np.max(tok)) if tok else None,
-                    "both_targets": both, "wall_mean": float(np.mean(wall)) if wall else None,
-                    "cpu_mean": float(np.mean(cpu)) if cpu else None})
+        entry = {"method": method, "digits": len(rs), "ua_mean": float(np.mean(ua)), "ua_min": float(np.min(ua)),
+                 "both_targets": sum(1 for r in rs if r["unlearning_accuracy"] >= 0.95 and r["retained_drop"] <= 0.03),
+                 "wall_mean": float(np.mean(wall)) if wall else None, "cpu_mean": float(np.mean(cpu)) if cpu else None}
+        entry["drop_mean"], entry["drop_max"] = stat([r["retained_drop"] for r in rs])
+        entry["cond_mean"], entry["cond_max"] = stat([r["conditioning"]["asr"] for r in rs])
+        for attack in PROMPT_ATTACKS:
+            entry[f"{attack}_mean"], entry[f"{attack}_max"] = stat([r[attack]["asr"] for r in rs if r.get(attack)])
+            entry[f"{attack}_digits"] = sum(1 for r in rs if r.get(attack))
+        entry["context_mean"], entry["context_max"] = stat([r["context"]["completed"] for r in rs if r.get("context")])
+        out.append(entry)
     return out
 
 
@@ -292,20 +307,24 @@ def _pct(x, digits=0):
 
 
 def markdown(report: dict) -> str:
+    kind = ATTACK[report["kind"]]
     lines = [f"Digit world (bundled MNIST text-to-image model, bundled digit judge); torch threads "
              f"{report['threads']} per process, {report['jobs']} process(es) on the 2-core machine; "
-             f"{report['n_per_digit']} images per digit for UA / retained; conditioning attack "
-             f"{ATTACK[report['kind']]['steps']} steps on {ATTACK[report['kind']]['n']} real images.", "",
+             f"{report['n_per_digit']} images per digit for UA / retained; conditioning attack {kind['steps']} steps "
+             f"on {kind['n']} real images; context: the top half of the same real images completed from the empty "
+             "prompt; token / inversion: salun-attack on the digits that have them.", "",
              "| method | digits | UA mean / min | retained drop mean / max (pts) | conditioning ASR mean / max | "
-             "token ASR mean / max | UA >= 95% and drop <= 3 | erasure s wall / CPU (mean) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "context mean / max | token ASR mean / max | inversion ASR mean / max | UA >= 95% and drop <= 3 | "
+             "erasure s wall / CPU (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in report["summary"]:
         t = (f"{s['wall_mean']:.0f} / {s['cpu_mean']:.0f}" if s["wall_mean"] is not None else "—")
-        lines.append(f"| {s['method']} | {s['digits']} | {_pct(s['ua_mean'], 1)} / {_pct(s['ua_min'])} | "
-                     f"{100 * s['drop_mean']:.1f} / {100 * s['drop_max']:.1f} | {_pct(s['cond_mean'])} / "
-                     f"{_pct(s['cond_max'])} | {_pct(s['token_mean'])} / {_pct(s['token_max'])} | "
-                     f"{s['both_targets']} of {s['digits']} | {t} |")
-    lines += ["", "Per digit (UA / retained drop in points / conditioning ASR / token ASR):", "",
+        drop = "—" if s["drop_mean"] is None else f"{100 * s['drop_mean']:.1f} / {100 * s['drop_max']:.1f}"
+        lines.append(f"| {s['method']} | {s['digits']} | {_pct(s['ua_mean'], 1)} / {_pct(s['ua_min'])} | {drop} | "
+                     + " | ".join(f"{_pct(s[k + '_mean'])} / {_pct(s[k + '_max'])}"
+                                  for k in ("cond", "context") + PROMPT_ATTACKS)
+                     + f" | {s['both_targets']} of {s['digits']} | {t} |")
+    lines += ["", "Per digit: UA / retained drop (points) / conditioning ASR [/ token / inversion ASR]:", "",
               "| method | " + " | ".join(str(d) for d in report["digits"]) + " |",
               "|---|" + "---|" * len(report["digits"])]
     for method in ROWS:
@@ -315,15 +334,11 @@ def markdown(report: dict) -> str:
             if r is None:
                 cells.append("")
                 continue
-            tok = f" / {_pct(r['token']['asr'])}" if r.get("token") else ""
+            extra = "".join(f" / {_pct(r[a]['asr'])}" for a in PROMPT_ATTACKS if r.get(a))
             cells.append(f"{_pct(r['unlearning_accuracy'])} / {100 * r['retained_drop']:+.1f} / "
-                         f"{_pct(r['conditioning']['asr'])}{tok}")
+                         f"{_pct(r['conditioning']['asr'])}{extra}")
         if any(cells):
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    if report.get("chosen"):
-        lines += ["", "Tuning choice (rule: benchmarks/bench_peers.py `choose`):", ""]
-        for m, c in report["chosen"].items():
-            lines.append(f"- {m}: {json.dumps(c['setting'])} ({c['why']})")
     return "\n".join(lines) + "\n"
 
 

@@ -50,4 +50,4 @@ def test_summary_counts_digits_meeting_both_targets(bench):
     assert s["cond_mean"] == pytest.approx(0.8)
     text = bench.markdown({"threads": 1, "jobs": 1, "n_per_digit": 50, "kind": "report", "digits": [0, 1, 2],
                            "rows": rows, "summary": [s]})
-    assert "| uce | 3 | 98.0% / 94% | 1.4 / 3.1 | 80% / 90% |" in text
+    assert "| uce | 3 | 98.0% / 94% | 1.4 / 3.1 | 80% / 90% | — / — | — / — | — / — | 1 of 3 | 1 / 1 |" in text
