@@ -177,7 +177,8 @@ class EraseConfig(JsonConfigMixin):
     output_dir: str = _f("out/erasure", "Where the erasure, mask, merged unet/, checkpoints and model card go.")
     overwrite_output_dir: bool = _f(False, "Allow replacing an erasure already in --output_dir.")
     save_merged_unet: bool = _f(True, "Also save the erased U-Net in full as <output_dir>/unet (from_pretrained); "
-                                      "--no-save_merged_unet also means --save_pipeline none.")
+                                      "--no-save_merged_unet also means --save_pipeline none. (--method advunlearn: the erased "
+                                      "text encoder, as <output_dir>/text_encoder.)")
     save_pipeline: str = _f("link", "Make --output_dir a diffusers pipeline folder (model_index.json + the merged unet/ + "
                                     "the base's other components, symlinked per file or copied): "
                                     "StableDiffusionPipeline.from_pretrained(output_dir) then loads the erased model. "

@@ -50,7 +50,7 @@ class EraseResult:
     mask_path: str
     unet_dir: Optional[str]
     metrics: dict
-    unet: torch.nn.Module
+    unet: torch.nn.Module  # the erased module: the denoiser, or the text encoder (--method advunlearn)
     pipeline: object
 
 

@@ -183,3 +183,16 @@ def test_cli_uce_on_the_digit_world(tmp_path, capsys):
     base = load_digit_pipeline()
     load_erasure(base, out)
     assert all(torch.equal(p, q) for p, q in zip(base.unet.parameters(), pipe.unet.parameters()))
+
+
+def test_uce_erases_several_concepts_in_one_edit(dummy_pipeline_dir, tmp_path):
+    config = EraseConfig(pretrained_model_name_or_path=dummy_pipeline_dir, concept=["nudity", "van_gogh"],
+                         method="uce", output_dir=str(tmp_path / "out"), save_pipeline="none")
+    result = erase(config)
+    assert result.metrics["final"]["erased_prompts"] == ["a photo of a nude person",
+                                                         "a painting in the style of Van Gogh"]
+    with open(os.path.join(config.output_dir, CONFIG_NAME)) as f:
+        meta = json.load(f)["config"]
+    assert [c["name"] for c in meta["erased_concepts"]] == ["nudity", "van_gogh"]
+    base = _params(_load(dummy_pipeline_dir).unet)
+    assert any(not torch.equal(p.detach(), base[n]) for n, p in result.unet.named_parameters())
