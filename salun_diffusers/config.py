@@ -21,6 +21,28 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
+# --method: SalUn, or a peer erasure method (salun_diffusers.methods) run by the same tool, with the same outputs
+METHODS = ("salun", "esd-x", "esd-u", "esd-full", "uce", "advunlearn")
+ESD_METHODS = ("esd-x", "esd-u", "esd-full")
+# what each method changes: the family's denoiser ("unet" / "transformer") or the text encoder
+TEXT_ENCODER_METHODS = ("advunlearn",)
+# the peers' own knobs (None: the method's preset, salun_diffusers.erasure.peers.resolve_method)
+PEER_FIELDS = ("negative_guidance", "start_guidance", "partial_sampling_steps", "guide_prompt", "preserve_scale",
+               "attack_steps", "attack_warmup")
+# the flags every method reads: the model, the concept, the seed, where and how the outputs are written
+SHARED_FIELDS = ("pretrained_model_name_or_path", "revision", "variant", "method", "concept", "concepts",
+                 "forget_prompt", "pseudo_prompt", "retain_prompt", "seed", "threads", "output_dir",
+                 "overwrite_output_dir", "save_merged_unet", "save_pipeline", "push_to_hub", "hub_model_id",
+                 "hub_token", "delta_dtype", "verdict_images", "save_single_file", "single_file_dtype", "logging_dir")
+_ESD_FIELDS = ("learning_rate", "max_train_steps", "negative_guidance", "start_guidance", "partial_sampling_steps",
+               "export_lora_rank")
+PEER_METHOD_FIELDS = {
+    **{m: _ESD_FIELDS for m in ESD_METHODS},
+    "uce": ("guide_prompt", "preserve_scale", "export_lora_rank"),
+    "advunlearn": ("learning_rate", "max_train_steps", "alpha", "negative_guidance", "start_guidance",
+                   "partial_sampling_steps", "attack_steps", "attack_warmup"),
+}
+
 
 _f = flag_field
 
@@ -34,6 +56,13 @@ class EraseConfig(JsonConfigMixin):
               "salun-diffusers/digit-sd3).")
     revision: Optional[str] = _f(None, "Revision (branch, tag or commit) of the base model on the hub.")
     variant: Optional[str] = _f(None, "Weight variant of the base model, e.g. fp16.")
+    method: str = _f("salun", "Erasure method: salun (saliency-masked fine-tuning of the denoiser, the default), "
+                              "esd-x / esd-u / esd-full (ESD: fine-tune the U-Net's cross-attention / all but "
+                              "cross-attention / all toward negatively guided noise), uce (closed-form edit of the "
+                              "cross-attention keys and values), advunlearn (adversarial training of the text "
+                              "encoder). The peers fit SD 1.x/2.x; their knobs default to their recipe (the official "
+                              "SD1.4 one, or the digit world's on the bundled model): README, 'Other methods'.",
+                     choices=list(METHODS))
     # concept
     concept: Union[None, str, List[str]] = _f(
         None, "Concept preset(s) to erase (default: seven, the bundled digit model's README example): nudity, van_gogh, an Imagenette class (church, ...), a digit (zero..nine "
@@ -126,13 +155,30 @@ class EraseConfig(JsonConfigMixin):
     adversarial_steps: int = _f(5, "Inner attack budget per attack (optimizer steps of the fast inner attack).")
     adversarial_lr: float = _f(1e-2, "Step size of the inner conditioning attack.")
     adversarial_weight: float = _f(4.0, "Weight of the forget objective on the adversarial conditionings.")
+    # the peer methods' knobs (--method esd-*, uce, advunlearn); None: the method's preset. Shared ones reuse
+    # --learning_rate, --max_train_steps (their iterations), --alpha (AdvUnlearn's retain weight) and --seed
+    negative_guidance: Optional[float] = _f(None, "ESD / AdvUnlearn: eta of the target eps0 - eta (eps_c - eps0) "
+                                                  "(official 1.0).")
+    start_guidance: Optional[float] = _f(None, "ESD / AdvUnlearn: guidance of the partial sampling that draws x_t "
+                                               "(official 3.0).")
+    partial_sampling_steps: Optional[int] = _f(None, "ESD / AdvUnlearn: DDIM steps of the partial sampling (official "
+                                                     "50; the digit world: 10).")
+    guide_prompt: Optional[str] = _f(None, "UCE: the prompt the erased concept's tokens map onto ('' = the "
+                                           "unconditional, the official default).")
+    preserve_scale: Optional[float] = _f(None, "UCE: weight of keeping the retain prompts' outputs (official 0.1; "
+                                               "the digit world: 1.0).")
+    attack_steps: Optional[int] = _f(None, "AdvUnlearn: inner soft-prompt attack steps per outer step (official 30; "
+                                           "the digit world: 5).")
+    attack_warmup: Optional[int] = _f(None, "AdvUnlearn: plain ESD steps before the first attack (official 200; the "
+                                            "digit world: 20).")
     seed: int = _f(0, "Seed for data generation, saliency noise and training noise.")
     mixed_precision: str = _f("no", "Mixed precision: no, fp16 or bf16 (accelerate).", choices=["no", "fp16", "bf16"])
     # output and bookkeeping
     output_dir: str = _f("out/erasure", "Where the erasure, mask, merged unet/, checkpoints and model card go.")
     overwrite_output_dir: bool = _f(False, "Allow replacing an erasure already in --output_dir.")
     save_merged_unet: bool = _f(True, "Also save the erased U-Net in full as <output_dir>/unet (from_pretrained); "
-                                      "--no-save_merged_unet also means --save_pipeline none.")
+                                      "--no-save_merged_unet also means --save_pipeline none. (--method advunlearn: the erased "
+                                      "text encoder, as <output_dir>/text_encoder.)")
     save_pipeline: str = _f("link", "Make --output_dir a diffusers pipeline folder (model_index.json + the merged unet/ + "
                                     "the base's other components, symlinked per file or copied): "
                                     "StableDiffusionPipeline.from_pretrained(output_dir) then loads the erased model. "
@@ -166,21 +212,14 @@ class EraseConfig(JsonConfigMixin):
         """Types, ranges and the preset merge only: the config never reads the disk (input paths are checked by
         :func:`salun_diffusers.erasure.outputs.check_before_compute`, so a saved ``train_config.json`` loads on any
         machine)."""
+        self._check_method_flags()
         self._normalize_concepts()
         spec = self.concept_spec()
-        epochs_given = self.num_train_epochs is not None and self.max_train_steps is None
-        for key, value in preset_defaults(spec, bool(self.adversarial), self.pretrained_model_name_or_path).items():
-            if getattr(self, key) is None and not (epochs_given and key == "max_train_steps"):
-                setattr(self, key, value)
-        if self.max_train_steps is None and not self.num_train_epochs:
-            self.max_train_steps = DEFAULT_MAX_TRAIN_STEPS
-        elif self.max_train_steps is None and not self.forget_data_dir and not any(c.forget_data_dir
-                                                                                  for c in spec.concepts):
-            forget = self.num_forget_images * len(spec.concepts)  # every concept's generated forget images
-            self.max_train_steps = max(1, self.num_train_epochs) * -(-forget // self.train_batch_size)
-        # else: epochs over a forget folder; erasure.data.resolve_epoch_steps counts its images before the run
-        if self.saliency_batch_size is None:
-            self.saliency_batch_size = self.train_batch_size
+        if self.method == "salun":
+            self._apply_presets(spec)
+        elif self.method != "uce" and len(spec.concepts) > 1:  # a peer's recipe: its preset (erasure.peers)
+            raise ValueError(f"--method {self.method} erases one concept per run, got {len(spec.concepts)}; erase "
+                             "them one at a time, or together with --method uce or salun")
         if self.pretrained_model_name_or_path is None and spec.needs_sd:
             raise ValueError(f"concept {spec.name!r} needs a Stable Diffusion model: pass "
                              "--pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 (the bundled default "
@@ -200,6 +239,39 @@ class EraseConfig(JsonConfigMixin):
             logger.info("--no-save_merged_unet: --save_pipeline %s becomes none (a pipeline folder needs the merged "
                         "U-Net)", self.save_pipeline)
             self.save_pipeline = "none"
+
+    def _apply_presets(self, spec: AnySpec) -> None:
+        """SalUn's recipe: the concept preset's defaults for the fields left unset, and the step count."""
+        epochs_given = self.num_train_epochs is not None and self.max_train_steps is None
+        for key, value in preset_defaults(spec, bool(self.adversarial), self.pretrained_model_name_or_path).items():
+            if getattr(self, key) is None and not (epochs_given and key == "max_train_steps"):
+                setattr(self, key, value)
+        if self.max_train_steps is None and not self.num_train_epochs:
+            self.max_train_steps = DEFAULT_MAX_TRAIN_STEPS
+        elif self.max_train_steps is None and not self.forget_data_dir and not any(c.forget_data_dir
+                                                                                  for c in spec.concepts):
+            forget = self.num_forget_images * len(spec.concepts)  # every concept's generated forget images
+            self.max_train_steps = max(1, self.num_train_epochs) * -(-forget // self.train_batch_size)
+        # else: epochs over a forget folder; erasure.data.resolve_epoch_steps counts its images before the run
+        if self.saliency_batch_size is None:
+            self.saliency_batch_size = self.train_batch_size
+
+    def _check_method_flags(self) -> None:
+        """Refuse a flag the chosen ``--method`` does not read (one given away from its default), naming the fix."""
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        allowed = ({f.name for f in fields(self)} - set(PEER_FIELDS) if self.method == "salun"
+                   else set(SHARED_FIELDS) | set(PEER_METHOD_FIELDS[self.method]))
+        for f in fields(self):
+            if f.name in allowed or getattr(self, f.name) == f.default:
+                continue
+            users = ["salun"] * (f.name not in PEER_FIELDS) + [m for m, names in PEER_METHOD_FIELDS.items()
+                                                                if f.name in names]
+            if f.name in ("checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint"):
+                why = "its runs are short and not checkpointed: rerun from the start"
+            else:
+                why = f"it is a setting of --method {' / '.join(users)}"
+            raise ValueError(f"--{f.name} does not apply to --method {self.method} ({why}); drop --{f.name}")
 
     def to_dict(self) -> dict:
         """All fields, except the hub token (never written to train_config.json, metadata or trackers)."""
@@ -244,6 +316,8 @@ RANGES = {
     "checkpoints_total_limit": (1, None), "max_sequence_length": (1, None), "flux_guidance_scale": (0.0, None),
     "resolution": (8, None), "mask_ratio": (0.0, 1.0),
     "saliency_guidance_scale": (0.0, None), "export_lora_rank": (0, None), "validation_steps": (0, None),
+    "negative_guidance": (0.0, None), "start_guidance": (0.0, None), "preserve_scale": (0.0, None),
+    "attack_steps": (0, None), "attack_warmup": (0, None), "partial_sampling_steps": (1, None),
     **{name: (1, None) for name in ("num_forget_images", "max_train_steps", "train_batch_size", "num_train_epochs",
                                     "gradient_accumulation_steps", "saliency_batch_size", "data_num_inference_steps",
                                     "threads", "num_validation_images", "data_batch_size")},

@@ -29,7 +29,9 @@ from .delta import base_values_digest
 from .erasure.adversarial import make_adversary
 from .erasure.checkpoints import resolve_resume
 from .erasure.data import prepare_data, resolve_epoch_steps
-from .erasure.outputs import check_before_compute, check_output_dir, output_lock, remove_partial_outputs, write_outputs
+from .erasure.outputs import (check_before_compute, check_output_dir, output_lock, remove_partial_outputs,
+                               save_peer_mask, write_outputs)
+from .erasure.peers import resolve_method, run_peer
 from .erasure.saliency import compute_or_load_mask
 from .erasure.stacking import erased_base_lineage
 from .erasure.training import train
@@ -48,7 +50,7 @@ class EraseResult:
     mask_path: str
     unet_dir: Optional[str]
     metrics: dict
-    unet: torch.nn.Module
+    unet: torch.nn.Module  # the erased module: the denoiser, or the text encoder (--method advunlearn)
     pipeline: object
 
 
@@ -56,7 +58,9 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     """Run a SalUn erasure as configured. ``pipe`` (optional) is a loaded base pipeline to use instead of loading.
 
     Before any work: ``--num_train_epochs`` over a forget folder becomes a step count, the folders and inputs are checked, and the output folder is locked for the whole run (a second
-    run into it is refused); a killed run's unfinished checkpoint is cleared."""
+    run into it is refused); a killed run's unfinished checkpoint is cleared. ``config.method`` other than
+    ``"salun"``: a peer method (:mod:`salun_diffusers.erasure.peers`), its knobs resolved from its preset first."""
+    method = resolve_method(config)
     resolve_epoch_steps(config)
     check_before_compute(config)
     main = accelerator.is_main_process if accelerator is not None else PartialState().is_main_process
@@ -64,7 +68,55 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
         check_output_dir(config)
         if main:
             remove_partial_outputs(config.output_dir)
+        if method is not None:
+            return _erase_peer(config, method, pipe, accelerator)
         return _erase(config, pipe, accelerator)
+
+
+def _erase_peer(config: EraseConfig, method: dict, pipe, accelerator) -> EraseResult:
+    """A peer method: load and check the base (SD 1.x/2.x), record the config, run the method on its component,
+    write the outputs as a SalUn run's. No data images, saliency, checkpoints or mixed precision (refused by the
+    config)."""
+    accelerator = accelerator or Accelerator()
+    if accelerator.num_processes > 1:
+        raise ValueError(f"--method {config.method} runs in one process; start it with python (or accelerate launch "
+                         "--num_processes 1)")
+    spec = config.concept_spec()
+    t0 = time.perf_counter()
+    if pipe is None:
+        pipe = load_erasure_base(config)
+    check_fits(pipe, [SD], f"--method {config.method}", "its recipe is written for SD 1.x/2.x (one CLIP text "
+               "encoder, a U-Net with cross-attention): use --method salun for SDXL, SD3 and FLUX")
+    check_fits(pipe, spec.pipeline_classes, f"concept {spec.name!r}")
+    main = accelerator.is_main_process
+    if main:
+        os.makedirs(config.output_dir, exist_ok=True)
+        config.to_json_file(os.path.join(config.output_dir, "train_config.json"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(accelerator.device)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        if module.dtype != torch.float32:
+            cast_module(module, torch.float32)
+        module.requires_grad_(False)
+    configure_threads(sum(p.numel() for p in pipe.unet.parameters()), config.threads)
+    stacked_on = erased_base_lineage(config, pipe.unet)
+    t_data = time.perf_counter()
+    run = run_peer(pipe, config, spec)
+    t_train = time.perf_counter()
+    density = mask_density(run.mask)
+    steps = config.max_train_steps or 0
+    metrics = {"method": config.method, "method_preset": method["preset"], "method_config": method["config"],
+               "component": run.component, "pipeline_class": pipeline_class_name(pipe), "mask_density": density,
+               "data_seconds": t_data - t0, "saliency_seconds": 0.0, "train_seconds": t_train - t_data,
+               "final": run.logs, "history": run.history, "max_train_steps": steps,
+               "seconds_per_step": (t_train - t_data) / max(1, steps)}
+    erasure_path = unet_dir = None
+    mask_file = save_peer_mask(config, run.module, run.mask, run.component) if main else None
+    if main:
+        metrics["total_seconds"] = time.perf_counter() - t0
+        erasure_path, unet_dir = write_outputs(config, spec, run.module, run.mask, metrics, run.base_digest,
+                                               stacked_on, component=run.component, method=method)
+    return EraseResult(config.output_dir, erasure_path, mask_file, unet_dir, metrics, run.module, pipe)
 
 
 def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:

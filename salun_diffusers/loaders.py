@@ -28,6 +28,7 @@ base exactly (``only_last=True``: the U-Net as it was before the last load).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -36,10 +37,14 @@ from typing import Dict, List, Mapping, Optional, Union
 import torch
 
 from .delta import CONFIG_NAME, check_base_values, erasure_id, parse_delta, read_delta
+from .families import denoiser_folder
 
 logger = logging.getLogger(__name__)
 
 _STATE = "_salun_erasure"  # on the U-Net: the list of loaded erasures (layers), bottom first; None when none
+# the pipeline components an erasure may change (its metadata's ``component``; none recorded: the denoiser)
+COMPONENTS = ("unet", "transformer", "text_encoder")
+_LOAD_ORDER = itertools.count()  # each loaded layer's place in the order of loads, across components
 
 
 def read_erasure_dir_config(path) -> Optional[dict]:
@@ -66,8 +71,34 @@ def _unet(pipe_or_unet) -> torch.nn.Module:
     return unet
 
 
+def _target(pipe_or_unet, component: Optional[str]) -> torch.nn.Module:
+    """The module an erasure of ``component`` (``None``: the denoiser) applies to: ``pipe.<component>``, or the
+    module itself when a module is passed."""
+    if component and not isinstance(pipe_or_unet, torch.nn.Module):
+        module = getattr(pipe_or_unet, component, None)
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"this erasure changes the {component}, which {type(pipe_or_unet).__name__} does not have; "
+                            "load it into the pipeline it was made for")
+        return module
+    return _unet(pipe_or_unet)
+
+
+def _modules(pipe_or_unet) -> List[torch.nn.Module]:
+    """The modules erasures may be loaded into: the module itself, or the pipeline's components."""
+    if isinstance(pipe_or_unet, torch.nn.Module):
+        return [pipe_or_unet]
+    found = [getattr(pipe_or_unet, n, None) for n in COMPONENTS]
+    return [m for m in found if isinstance(m, torch.nn.Module)] or [_unet(pipe_or_unet)]
+
+
 def _layers(unet) -> List[dict]:
     return getattr(unet, _STATE, None) or []
+
+
+def _all_layers(pipe_or_unet) -> List[tuple]:
+    """``(module, layer)`` of every loaded erasure, in the order they were loaded."""
+    pairs = [(m, layer) for m in _modules(pipe_or_unet) for layer in _layers(m)]
+    return sorted(pairs, key=lambda pair: pair[1]["order"])
 
 
 @torch.no_grad()
@@ -153,16 +184,18 @@ def _stack_position(unet, layers, delta, masks, backup) -> Optional[dict]:
 def load_erasure(pipe_or_unet, pretrained_or_dict: Union[str, Mapping[str, torch.Tensor]], *, scale: float = 1.0,
                  metadata: Optional[Mapping] = None, revision: Optional[str] = None, subfolder: Optional[str] = None,
                  cache_dir: Optional[str] = None, check_fingerprint: bool = True, check_base: bool = True) -> dict:
-    """Apply an erasure to ``pipe.unet`` (or a U-Net) in place, on top of any erasures already loaded (see the module
+    """Apply an erasure to ``pipe.unet`` (``pipe.transformer``; ``pipe.text_encoder`` for an erasure whose metadata
+    names that component, e.g. AdvUnlearn's; or the module passed) in place, on top of any erasures already loaded (see the module
     docstring: on top of them, or beside them from the same base). Returns the erasure's metadata.
 
     ``check_base=False`` applies the erasure even to a U-Net whose values differ from the base it was made from (same
     shapes, e.g. an SD1.4 erasure onto SD1.5): its values then replace the U-Net's; everything else is still verified.
     """
-    unet = _unet(pipe_or_unet)
-    layers = _layers(unet)
     tensors, meta = read_delta(pretrained_or_dict, metadata=metadata, revision=revision, subfolder=subfolder,
                                cache_dir=cache_dir)
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    unet = _target(pipe_or_unet, config.get("component"))  # the U-Net, transformer or text encoder it changed
+    layers = _layers(unet)
     delta = parse_delta(tensors, meta, unet, check_fingerprint=check_fingerprint, check_base=False)
     ident = erasure_id(delta.metadata)
     if ident is not None and any(layer["id"] == ident for layer in layers):
@@ -184,13 +217,14 @@ def load_erasure(pipe_or_unet, pretrained_or_dict: Union[str, Mapping[str, torch
                 "(docs/multi.md): erase the concepts together (train_erase.py --concept a b c) instead",
                 _concept(delta.metadata), 100 * moved / max(1, delta.num_changed()), delta.num_changed())
     parents = [p.get("id") for p in (delta.config.get("stacked_on") or []) if isinstance(p, dict)]
-    missing = [p for p in parents if p not in {layer["id"] for layer in layers}]
+    missing = [p for p in parents if p not in {layer["id"] for _, layer in _all_layers(pipe_or_unet)}]
     if missing and ref is None:
         logger.warning("this erasure of %r was made from an erased model (erasure %s); that erasure is not loaded "
                        "here, so unless this U-Net already holds it (the erased folder's own U-Net) the result lacks "
                        "it: load it first", _concept(delta.metadata), ", ".join(missing))
     layer = {"mask": masks, "values": delta.values, "ref": ref, "backup": None, "metadata": delta.metadata,
-             "scale": None, "id": ident, "stacked": "beside" if ref is not None else "on top" if layers else "base"}
+             "scale": None, "id": ident, "stacked": "beside" if ref is not None else "on top" if layers else "base",
+             "component": config.get("component") or denoiser_folder(unet), "order": next(_LOAD_ORDER)}
     _apply(unet, layer, float(scale), backup)
     setattr(unet, _STATE, layers + [layer])
     logger.info("loaded erasure %r: %d weights in %d tensors (scale %.3g%s)", delta.config.get("concept"),
@@ -199,55 +233,61 @@ def load_erasure(pipe_or_unet, pretrained_or_dict: Union[str, Mapping[str, torch
     return delta.metadata
 
 
-def _state(pipe_or_unet, verb: str):
-    unet = _unet(pipe_or_unet)
-    layers = _layers(unet)
-    if not layers:
+def _state(pipe_or_unet, verb: str) -> List[tuple]:
+    """``(module, its layers)`` of every component holding loaded erasures; refuses when none does."""
+    held = [(m, _layers(m)) for m in _modules(pipe_or_unet) if _layers(m)]
+    if not held:
         raise RuntimeError(f"no erasure is loaded, nothing to {verb}; call load_erasure(pipe, path) first")
-    return unet, layers
+    return held
 
 
 @torch.no_grad()
 def set_erasure_scale(pipe_or_unet, scale: float) -> None:
     """Re-apply the loaded erasure(s) at ``scale`` (0 = base weights, 1 = erased weights); with several loaded, every
-    one at this scale (unwound to the base, then applied again in order)."""
-    unet, layers = _state(pipe_or_unet, "rescale")
-    for layer in reversed(layers):
-        _restore(unet, layer)
-    for layer in layers:
-        _apply(unet, layer, float(scale))
+    one at this scale (unwound to the base, then applied again in order; each component on its own)."""
+    for unet, layers in _state(pipe_or_unet, "rescale"):
+        for layer in reversed(layers):
+            _restore(unet, layer)
+        for layer in layers:
+            _apply(unet, layer, float(scale))
 
 
 @torch.no_grad()
 def unload_erasure(pipe_or_unet, only_last: bool = False) -> None:
-    """Restore the base values of every erased weight (bit-identical); ``only_last``: undo only the erasure loaded
-    last, leaving the U-Net exactly as it was before that load."""
-    unet, layers = _state(pipe_or_unet, "unload")
-    for layer in reversed(layers[-1:] if only_last else layers):
-        _restore(unet, layer)
-    setattr(unet, _STATE, layers[:-1] if only_last and len(layers) > 1 else None)
+    """Restore the base values of every erased weight (bit-identical; the U-Net's and, for a text-encoder erasure,
+    the text encoder's); ``only_last``: undo only the erasure loaded last, leaving its module exactly as it was
+    before that load."""
+    held = _state(pipe_or_unet, "unload")
+    if only_last:
+        held = [max(held, key=lambda pair: pair[1][-1]["order"])]
+    for unet, layers in held:
+        for layer in reversed(layers[-1:] if only_last else layers):
+            _restore(unet, layer)
+        setattr(unet, _STATE, layers[:-1] if only_last and len(layers) > 1 else None)
 
 
 def fuse_erasure(pipe_or_unet) -> None:
     """Keep the loaded erasure(s) permanently and free the backups. The fused values are then the U-Net's own: an
     erasure made on top of them loads; one made beside them from the base is refused where its mask meets the fused
     changes (the base values there are gone, so its base cannot be checked)."""
-    unet, _ = _state(pipe_or_unet, "fuse")
-    setattr(unet, _STATE, None)
+    for unet, _ in _state(pipe_or_unet, "fuse"):
+        setattr(unet, _STATE, None)
 
 
 def get_erasure_metadata(pipe_or_unet) -> Optional[dict]:
     """The metadata of the erasure loaded last (``None`` when none is loaded)."""
-    layers = _layers(_unet(pipe_or_unet))
-    return layers[-1]["metadata"] if layers else None
+    pairs = _all_layers(pipe_or_unet)
+    return pairs[-1][1]["metadata"] if pairs else None
 
 
 def get_loaded_erasures(pipe_or_unet) -> List[dict]:
-    """The loaded erasures, bottom first: ``concept``, ``id`` (see :func:`erasure_id`), ``stacked`` ("base", "on top"
-    or "beside"), ``scale``, ``num_changed`` and the ``metadata``."""
+    """The loaded erasures, in the order they were loaded (each component's bottom first): ``concept``, ``id`` (see
+    :func:`erasure_id`), ``stacked`` ("base", "on top" or "beside", within its component), ``component``, ``scale``,
+    ``num_changed`` and the ``metadata``."""
     return [{"concept": _concept(layer["metadata"]), "id": layer["id"], "stacked": layer["stacked"],
-             "scale": layer["scale"], "num_changed": sum(v.numel() for v in layer["values"].values()),
-             "metadata": layer["metadata"]} for layer in _layers(_unet(pipe_or_unet))]
+             "component": layer["component"], "scale": layer["scale"],
+             "num_changed": sum(v.numel() for v in layer["values"].values()),
+             "metadata": layer["metadata"]} for _, layer in _all_layers(pipe_or_unet)]
 
 
 class ErasureLoaderMixin:

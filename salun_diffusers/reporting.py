@@ -20,7 +20,9 @@ def summarize_erasure(config, result) -> str:
     what = (f"concept {spec.name!r}" if len(spec.concepts) == 1 else
             f"concepts {', '.join(repr(c.name) for c in spec.concepts)} (jointly)")
     lines = [f"erased {what} -> {result.output_dir}",
-             f"  mask: {m['mask_density']:.1%} of U-Net weights",
+             f"  mask: {m['mask_density']:.1%} of "
+             f"{'text-encoder' if m.get('component') == 'text_encoder' else 'U-Net'} weights"
+             + (f" (--method {m['method']}, {m['method_preset']} preset)" if m.get("method") else ""),
              f"  time: data {m['data_seconds']:.1f}s, saliency {m['saliency_seconds']:.1f}s"
              + (f", training {m['train_seconds']:.1f}s ({m['seconds_per_step']:.3f}s/step)" if "train_seconds" in m
                 else "")
@@ -28,7 +30,8 @@ def summarize_erasure(config, result) -> str:
     if result.erasure_path:
         lines.append(f"  erasure: {result.erasure_path} ({m.get('num_changed_weights', 0):,} weights)")
     if result.unet_dir:
-        net = "transformer" if os.path.basename(result.unet_dir.rstrip("/")) == "transformer" else "U-Net"
+        net = {"transformer": "transformer", "text_encoder": "text encoder"}.get(
+            os.path.basename(result.unet_dir.rstrip("/")), "U-Net")
         lines.append(f"  merged {net}: {result.unet_dir}")
     if result.unet_dir and os.path.isfile(os.path.join(result.output_dir, "model_index.json")):
         lines.append(f"  pipeline: DiffusionPipeline.from_pretrained({result.output_dir!r})")

@@ -21,13 +21,13 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from ..concepts import AnySpec
-from ..config import EraseConfig
-from ..delta import CONFIG_NAME, MASK_NAME, WEIGHTS_NAME, build_delta, save_delta
+from ..config import TEXT_ENCODER_METHODS, EraseConfig
+from ..delta import CONFIG_NAME, MASK_NAME, WEIGHTS_NAME, build_delta, model_fingerprint, save_delta
 from ..export import KOHYA_LORA_NAME, save_kohya_lora, save_single_file, single_file_family, unet_prefix_map
 from ..families import base_model_id, denoiser_folder
 from ..hub import BUNDLED_DIGIT_MODEL, local_model_dir, push_to_hub, resolve_base_model
 from ..lora import delta_to_lora, save_lora
-from ..masking import load_mask
+from ..masking import Mask, load_mask, save_mask
 from ..provenance import environment_record
 from ..utils import (__version__, ensure_writable_dir, follow_umask, resolve_dtype, user_cache_dir, write_json,
                      write_text)
@@ -41,7 +41,7 @@ LORA_NAME = "pytorch_lora_weights.safetensors"
 
 
 LOCK_NAME = ".salun-erase.lock"
-FINAL_OUTPUTS = (WEIGHTS_NAME, MASK_NAME, "unet", "transformer", "README.md")  # what a run would replace in --output_dir
+FINAL_OUTPUTS = (WEIGHTS_NAME, MASK_NAME, "unet", "transformer", "text_encoder", "README.md")  # what a run would replace in --output_dir
 
 
 class OutputDirBusy(OSError):
@@ -202,7 +202,7 @@ def check_before_compute(config: EraseConfig) -> None:
 def check_output_dir(config: EraseConfig) -> None:
     """Refuse to overwrite an existing erasure unless asked (or resuming the same run), before any work is done."""
     _check_final_outputs(config)
-    _check_pipeline_targets(config, _pipeline_names(config, folder=_denoiser_name(config)))
+    _check_pipeline_targets(config, _pipeline_names(config, folder=component_name(config)))
     _check_single_file_target(config)
 
 
@@ -228,21 +228,26 @@ def _check_final_outputs(config: EraseConfig) -> None:
 
 def write_outputs(config: EraseConfig, spec: AnySpec, unet, mask: Mapping[str, torch.Tensor],
                   metrics: dict, base_digest: Optional[Mapping[str, str]] = None,
-                  stacked_on: Sequence[dict] = ()) -> Tuple[str, Optional[str]]:
+                  stacked_on: Sequence[dict] = (), component: Optional[str] = None,
+                  method: Optional[Mapping] = None) -> Tuple[str, Optional[str]]:
     """Write the erasure, the merged U-Net (if asked), metrics and model card. Returns ``(erasure path, unet dir)``.
     ``base_digest``: :func:`~salun_diffusers.delta.base_values_digest` of the base U-Net, taken before training;
-    ``stacked_on``: the erasures the base model already held (:mod:`~salun_diffusers.erasure.stacking`)."""
+    ``stacked_on``: the erasures the base model already held (:mod:`~salun_diffusers.erasure.stacking`).
+    ``component``: the pipeline folder of ``unet``, the module the erasure changed (default: its denoiser folder,
+    ``unet`` or ``transformer``; a peer method's may be ``text_encoder``); ``method``: a peer method's record
+    (:func:`~salun_diffusers.erasure.peers.resolve_method`), kept in the erasure's metadata."""
+    component = component or denoiser_folder(unet)
     if stacked_on:
         metrics["stacked_on"] = list(stacked_on)
-    delta = build_delta(unet, mask, erasure_metadata(config, spec, stacked_on), dtype=resolve_dtype(config.delta_dtype),
-                        base_digest=base_digest)
+    meta = erasure_metadata(config, spec, stacked_on, component, method)
+    delta = build_delta(unet, mask, meta, dtype=resolve_dtype(config.delta_dtype), base_digest=base_digest)
     erasure_path = save_delta(delta, config.output_dir)
-    unet_dir = save_pipeline_folder(config, unet) if config.save_merged_unet else None
+    unet_dir = save_pipeline_folder(config, unet, component) if config.save_merged_unet else None
     metrics["num_changed_weights"] = delta.num_changed()
     if config.export_lora_rank:
         metrics["lora"] = export_lora(config, unet)
     if config.save_single_file:
-        metrics["single_file"] = export_single_file(config, unet)
+        metrics["single_file"] = export_single_file(config, unet, component)
     metrics["environment"] = environment_record()
     write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
     write_text(os.path.join(config.output_dir, "README.md"), model_card(config, spec, metrics))
@@ -251,7 +256,21 @@ def write_outputs(config: EraseConfig, spec: AnySpec, unet, mask: Mapping[str, t
     return erasure_path, unet_dir
 
 
+def save_peer_mask(config: EraseConfig, module, mask: Mask, component: str) -> str:
+    """A peer method's mask of the weights it may change, as ``mask.safetensors`` (a SalUn run's saliency mask's
+    place and format). Returns its path."""
+    path = os.path.join(config.output_dir, MASK_NAME)
+    save_mask(mask, path, {"fingerprint": model_fingerprint(module), "method": config.method, "component": component,
+                           "concept": config.concept_spec().name, "base_model": base_model_id(config)})
+    return path
+
+
 # ------------------------------------------------------------------------------------ the output folder as a pipeline
+def component_name(config: EraseConfig) -> str:
+    """The pipeline folder the run changes: ``text_encoder`` for AdvUnlearn, else the denoiser's."""
+    return "text_encoder" if config.method in TEXT_ENCODER_METHODS else _denoiser_name(config)
+
+
 def _denoiser_name(config: EraseConfig) -> str:
     """``"transformer"`` when the base model is a local folder whose pipeline has one (SD3, FLUX), else ``"unet"``."""
     index = os.path.join(resolve_base_model(base_model_id(config)), PIPELINE_INDEX)
@@ -332,13 +351,14 @@ def _fill_component(src: str, dst: str, mode: str) -> None:
                 shutil.copyfile(source, target)
 
 
-def save_pipeline_folder(config: EraseConfig, unet) -> str:
+def save_pipeline_folder(config: EraseConfig, unet, folder: Optional[str] = None) -> str:
     """Write the merged ``unet/`` (``transformer/`` for SD3 / FLUX) and, with ``--save_pipeline link|copy``, the
     base's other components and ``model_index.json`` into the output folder. Every folder is built under a temp name
     and renamed into place; ``model_index.json`` comes last, so a folder is never a half-written pipeline. Returns
-    the denoiser folder's path."""
+    the denoiser folder's path. ``folder``: the pipeline folder of ``unet`` (default: its denoiser folder;
+    ``text_encoder`` for a text-encoder erasure, the base's U-Net then linked or copied)."""
     out = config.output_dir
-    folder = denoiser_folder(unet)
+    folder = folder or denoiser_folder(unet)
     base_dir = index = None
     if config.save_pipeline != "none":
         base_dir = local_model_dir(base_model_id(config), config.revision)
@@ -443,11 +463,12 @@ def _check_single_file_target(config: EraseConfig) -> None:
                               "to replace it")
 
 
-def export_single_file(config: EraseConfig, unet) -> dict:
-    """Write the erased model (``unet`` with the base's VAE and text encoder(s)) as one checkpoint in the original
-    layout (:func:`salun_diffusers.export.save_single_file`, atomic); return what metrics.json records of it."""
+def export_single_file(config: EraseConfig, unet, component: str = "unet") -> dict:
+    """Write the erased model (``unet`` with the base's VAE and text encoder(s); ``component``: the pipeline
+    component ``unet`` is, e.g. ``text_encoder``) as one checkpoint in the original layout
+    (:func:`salun_diffusers.export.save_single_file`, atomic); return what metrics.json records of it."""
     base_dir = local_model_dir(base_model_id(config), config.revision)
-    kwargs = dict(unet=unet, variant=config.variant)
+    kwargs = {component: unet, "variant": config.variant}
     if "safety_checker" in DiffusionPipeline.load_config(base_dir):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     pipe = DiffusionPipeline.from_pretrained(base_dir, **kwargs)  # the erased U-Net itself, not a copy
@@ -488,7 +509,10 @@ def hub_repo_id(config: EraseConfig) -> str:
     return config.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(config.output_dir)))
 
 
-def erasure_metadata(config: EraseConfig, spec: AnySpec, stacked_on: Sequence[dict] = ()) -> dict:
+def erasure_metadata(config: EraseConfig, spec: AnySpec, stacked_on: Sequence[dict] = (),
+                     component: Optional[str] = None, method: Optional[Mapping] = None) -> dict:
+    """The erasure's ``config`` metadata: the run's settings, base model, concepts; ``component`` (the pipeline
+    folder of the changed module, read by the loaders) and a peer ``method``'s preset and resolved config."""
     cfg = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "cache_dir", "resume_from_checkpoint",
                                                                    "overwrite_output_dir", "logging_dir", "report_to",
                                                                    "threads", "data_batch_size")}
@@ -503,6 +527,10 @@ def erasure_metadata(config: EraseConfig, spec: AnySpec, stacked_on: Sequence[di
         cfg.update({"forget_prompt": members[0].forget_prompt, "pseudo_prompts": list(members[0].pseudo_prompts)})
     if stacked_on:
         cfg["stacked_on"] = [dict(p) for p in stacked_on]
+    if component:
+        cfg["component"] = component
+    if method:
+        cfg.update({"method_preset": method["preset"], "method_config": dict(method["config"])})
     return cfg
 
 
@@ -531,7 +559,84 @@ CARD_FAMILIES = {"StableDiffusionPipeline": "U-Net, Stable Diffusion 1.x/2.x", "
             "FluxPipeline": "flow-matching transformer, FLUX"}
 
 
+PEER_NAMES = {"esd-x": ("ESD-x", "https://arxiv.org/abs/2303.07345", "cross-attention weights of the U-Net"),
+              "esd-u": ("ESD-u", "https://arxiv.org/abs/2303.07345",
+                        "U-Net weights outside cross-attention, the time embedding and the output head"),
+              "esd-full": ("ESD (full)", "https://arxiv.org/abs/2303.07345", "U-Net weights"),
+              "uce": ("UCE", "https://arxiv.org/abs/2308.14761", "cross-attention key and value projections"),
+              "advunlearn": ("AdvUnlearn", "https://arxiv.org/abs/2405.15234",
+                             "text-encoder weights (transformer layers and final layer norm)")}
+
+
+def peer_model_card(config: EraseConfig, spec: AnySpec, metrics: dict) -> str:
+    """The model card of a peer method's erasure (``--method esd-* | uce | advunlearn``)."""
+    base = base_model_id(config)
+    name, paper, what = PEER_NAMES[config.method]
+    component = metrics.get("component", "unet")
+    rows = "".join(f"| {k} | {v} |\n" for k, v in sorted((metrics.get("method_config") or {}).items()))
+    erased = ", ".join(f"**{c.name}** (`{c.forget_prompt}`)" for c in spec.concepts)
+    pipeline_use = (f"""This folder is a diffusers pipeline with the erased `{component}/`:
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")
+```
+
+""" if config.save_merged_unet and config.save_pipeline != "none" else "")
+    return f"""---
+library_name: diffusers
+base_model: {base}
+tags:
+- stable-diffusion
+- concept-erasure
+- machine-unlearning
+- {config.method}
+- salun-diffusers
+---
+
+# {name} erasure of "{spec.name}" from `{base}`
+
+This folder holds a [{name}]({paper}) erasure of {erased} from `{base}`, made with salun-diffusers {__version__}
+(`train_erase.py --method {config.method}`). Only the {what} ({metrics.get('num_changed_weights', 0):,} weights,
+{metrics.get('mask_density', 0):.1%} of the `{component}`) may have changed; every other weight is bit-identical to
+the base model.
+{_card_stacking(metrics.get("stacked_on"))}
+## Use
+
+{pipeline_use}The erasure as a delta over the base model (`set_erasure_scale` / `unload_erasure` work on it):
+
+```python
+from diffusers import StableDiffusionPipeline
+from salun_diffusers import load_erasure
+
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+load_erasure(pipe, "path/to/this/folder")   # onto pipe.{component}
+```
+
+## Training
+
+Recipe: the `{metrics.get('method_preset')}` preset of {name}, under the flags given:
+
+| setting | value |
+|---|---|
+{rows}| retain / preserved prompt(s) | {'; '.join(spec.retain_prompts[:4])}{' ...' if len(spec.retain_prompts) > 4 else ''} |
+| seed | {config.seed} |
+| wall time | {metrics.get('total_seconds', 0):.1f} s |
+
+Files: `{WEIGHTS_NAME}` (changed values + packed mask), `{CONFIG_NAME}`, `{MASK_NAME}`, `train_config.json`,
+`metrics.json`{f", `{component}/`" if config.save_merged_unet else ""}.
+{_card_exports(config, metrics)}
+## Limitations
+
+Erasure reduces, but does not guarantee the absence of, the concept; adversarial prompts can recover erased
+concepts. Audit the model before relying on it.
+"""
+
+
 def model_card(config: EraseConfig, spec: AnySpec, metrics: dict) -> str:
+    if config.method != "salun":
+        return peer_model_card(config, spec, metrics)
     base = base_model_id(config)
     pipeline_class = metrics.get("pipeline_class", "StableDiffusionPipeline")
     net = "transformer" if pipeline_class in ("StableDiffusion3Pipeline", "FluxPipeline") else "U-Net"

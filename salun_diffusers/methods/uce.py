@@ -37,8 +37,13 @@ logger = logging.getLogger(__name__)
 TECHNIQUES = ("replace", "tensor")
 # Official SD v1.4 call (train_erase.py __main__): lamb 0.5, erase_scale 1, preserve_scale 0.1 (its flag default),
 # to_k and to_v, technique replace, guide " " (the unconditional) when none is given.
+# "digits": the bundled digit world, the other digits preserved at weight 1.0 (provisional, from
+# scripts/try_methods.py's grid on digit seven); train_erase.py --method uce reads it on the digit model.
 UCE_PRESETS: Dict[str, Dict[str, object]] = {
-    "sd14": {"lamb": 0.5, "erase_scale": 1.0, "preserve_scale": 0.1, "with_to_k": True, "technique": "replace"},
+    "sd14": {"lamb": 0.5, "erase_scale": 1.0, "preserve_scale": 0.1, "with_to_k": True, "technique": "replace",
+             "guide_prompt": ""},
+    "digits": {"lamb": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "with_to_k": True, "technique": "replace",
+               "guide_prompt": ""},
 }
 
 
@@ -50,6 +55,8 @@ class UceConfig(JsonConfigMixin):
     with_to_k: bool = _f(True, "Edit the keys (to_k) as well as the values (to_v).")
     technique: str = _f("replace", "replace: erased tokens map to the guide's outputs; tensor: their outputs lose the "
                                    "component along the concept's.", choices=list(TECHNIQUES))
+    guide_prompt: str = _f("", "The prompt every erased prompt maps onto ('' = the unconditional, official); read by "
+                               "the caller of uce_edit (train_erase.py --method uce).")
 
     def __post_init__(self):
         for name in ("lamb", "erase_scale", "preserve_scale"):

@@ -1,0 +1,198 @@
+"""train_erase.py --method: the peer methods (ESD, UCE, AdvUnlearn) run by the same tool on tiny models: the same
+outputs (sealed erasure over the changed component, pipeline folder, records), flag refusals, family refusals."""
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+import train_erase
+from salun_diffusers.config import EraseConfig
+from salun_diffusers.delta import CONFIG_NAME
+from salun_diffusers.erase import erase
+from salun_diffusers.erasure.peers import method_config, resolve_method
+from salun_diffusers.loaders import get_loaded_erasures, load_erasure, set_erasure_scale, unload_erasure
+from salun_diffusers.masking import load_mask
+from salun_diffusers.methods import esd_mask, text_encoder_mask, uce_mask
+from salun_diffusers.testing import get_flow_pipeline, save_dummy_pipeline
+
+# a few steps each: mechanics, not efficacy (the digit-world presets are the lead's)
+RUNS = {
+    "esd-x": dict(max_train_steps=3, partial_sampling_steps=3, learning_rate=1e-3),
+    "esd-u": dict(max_train_steps=3, partial_sampling_steps=3, learning_rate=1e-3),
+    "uce": dict(preserve_scale=0.5),
+    "advunlearn": dict(max_train_steps=3, partial_sampling_steps=3, attack_steps=2, attack_warmup=1,
+                       learning_rate=1e-3),
+}
+COMPONENT = {"esd-x": "unet", "esd-u": "unet", "uce": "unet", "advunlearn": "text_encoder"}
+
+
+def _load(path):
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _params(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _expected_mask(method, pipe):
+    if method.startswith("esd"):
+        return esd_mask(pipe.unet, method)
+    return uce_mask(pipe.unet) if method == "uce" else text_encoder_mask(pipe.text_encoder)
+
+
+@pytest.fixture(scope="module")
+def runs(dummy_pipeline_dir, tmp_path_factory):
+    out = {}
+    for method, kw in RUNS.items():
+        config = EraseConfig(pretrained_model_name_or_path=dummy_pipeline_dir, concept="nudity", method=method,
+                             output_dir=str(tmp_path_factory.mktemp(method) / "out"), **kw)
+        out[method] = (config, erase(config))
+    return out
+
+
+@pytest.mark.parametrize("method", list(RUNS))
+def test_peer_output_loads_and_changes_only_its_weights(runs, method, dummy_pipeline_dir):
+    config, result = runs[method]
+    component = COMPONENT[method]
+    base_pipe = _load(dummy_pipeline_dir)
+    base = {c: _params(getattr(base_pipe, c)) for c in ("unet", "text_encoder", "vae")}
+    # the changed set: the method's own, recorded in mask.safetensors and the erasure; non-empty, and it moved
+    mask, _ = load_mask(result.mask_path)
+    expected = _expected_mask(method, base_pipe)
+    assert set(mask) == set(expected) and all(torch.equal(mask[n], expected[n]) for n in mask)
+    erased = _params(result.unet)
+    moved = sum(int((erased[n][m] != base[component][n][m]).sum()) for n, m in mask.items())
+    assert moved > 0
+    for n, m in mask.items():
+        assert torch.equal(erased[n][~m], base[component][n][~m]), n
+    # plain from_pretrained: the changed component is the erased one, every other component is the base's
+    folder = _load(config.output_dir)
+    for c, params in base.items():
+        got = _params(getattr(folder, c))
+        want = erased if c == component else params
+        assert all(torch.equal(got[n], want[n]) for n in want), c
+    # the loader verbs onto the base pipeline: bit-exact, and back
+    meta = load_erasure(base_pipe, config.output_dir)
+    assert meta["config"]["method"] == method and meta["config"]["component"] == component
+    assert get_loaded_erasures(base_pipe)[0]["component"] == component
+    assert all(torch.equal(p.detach(), erased[n]) for n, p in getattr(base_pipe, component).named_parameters())
+    set_erasure_scale(base_pipe, 0.0)
+    assert all(torch.equal(p.detach(), base[component][n]) for n, p in getattr(base_pipe, component).named_parameters())
+    set_erasure_scale(base_pipe, 1.0)
+    unload_erasure(base_pipe)
+    for c, params in base.items():
+        assert all(torch.equal(p.detach(), params[n]) for n, p in getattr(base_pipe, c).named_parameters()), c
+
+
+@pytest.mark.parametrize("method", list(RUNS))
+def test_peer_records_its_method_and_resolved_recipe(runs, method):
+    config, result = runs[method]
+    out = config.output_dir
+    recorded = EraseConfig.from_json_file(os.path.join(out, "train_config.json"))
+    assert recorded == config and recorded.method == method
+    resolved = method_config(config).to_dict()
+    with open(os.path.join(out, CONFIG_NAME)) as f:
+        meta = json.load(f)["config"]
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert meta["method_config"] == resolved == metrics["method_config"]
+    assert meta["method_preset"] == metrics["method_preset"] == "sd14"  # not the bundled digit model
+    for flag, value in RUNS[method].items():  # the flags given win over the preset
+        assert getattr(recorded, flag) == value
+    if method != "uce":
+        assert resolved["iterations"] == 3 and len(metrics["history"]["loss"]) == 3
+        assert recorded.negative_guidance == 1.0  # unset: the preset's (sd14), written back
+    else:
+        assert recorded.guide_prompt == "" and resolved["lamb"] == 0.5
+    assert metrics["component"] == COMPONENT[method] and metrics["num_changed_weights"] > 0
+    assert f"--method {method}" in open(os.path.join(out, "README.md")).read()
+
+
+def test_presets_per_model_and_flags_over_them(dummy_pipeline_dir):
+    digits = EraseConfig(method="esd-u")
+    record = resolve_method(digits)
+    assert record["preset"] == "digits" and digits.learning_rate == 3e-4 and digits.max_train_steps == 300
+    assert digits.partial_sampling_steps == 10
+    assert resolve_method(digits) == record  # idempotent
+    sd = EraseConfig(method="esd-x", pretrained_model_name_or_path=dummy_pipeline_dir, learning_rate=2e-5)
+    assert resolve_method(sd)["preset"] == "sd14" and sd.learning_rate == 2e-5 and sd.max_train_steps == 1000
+    adv = EraseConfig(method="advunlearn")
+    resolve_method(adv)
+    assert (adv.alpha, adv.attack_warmup, adv.attack_steps, adv.max_train_steps) == (1.0, 20, 5, 100)
+    uce = EraseConfig(method="uce")
+    resolve_method(uce)
+    assert uce.preserve_scale == 1.0 and uce.guide_prompt == ""
+    assert resolve_method(EraseConfig()) is None and EraseConfig().negative_guidance is None
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--method", "uce", "--mask_ratio", "0.3"], "--mask_ratio does not apply to --method uce"),
+    (["--method", "uce", "--adversarial"], "--adversarial does not apply to --method uce"),
+    (["--negative_guidance", "2"], "--negative_guidance does not apply to --method salun"),
+    (["--method", "esd-x", "--alpha", "1"], "--alpha does not apply to --method esd-x"),
+    (["--method", "esd-u", "--resume_from_checkpoint", "latest"], "not checkpointed"),
+    (["--method", "advunlearn", "--checkpointing_steps", "5"], "not checkpointed"),
+    (["--method", "esd-x", "--concept", "one", "two"], "one concept per run"),
+    (["--method", "esd-x", "--learning_rate", "0"], "--learning_rate must be > 0"),
+])
+def test_wrong_flags_for_the_method_exit_2_with_one_line(argv, needle, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert train_erase.main([*argv, "--output_dir", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not os.path.exists(out)
+
+
+def test_peers_refuse_sdxl_and_flow_bases(tmp_path, capsys):
+    sdxl = save_dummy_pipeline(str(tmp_path / "tiny-sdxl"), family="sdxl")
+    out = str(tmp_path / "out")
+    assert train_erase.main(["--method", "uce", "--pretrained_model_name_or_path", sdxl, "--concept", "nudity",
+                             "--output_dir", out]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (and loading bars)
+    assert len(errors) == 1 and "--method uce fits StableDiffusionPipeline, not StableDiffusionXL" in errors[0]
+    assert not os.path.exists(os.path.join(out, "train_config.json"))  # refused before anything was written
+    config = EraseConfig(method="esd-x", concept="nudity", pretrained_model_name_or_path=sdxl,
+                         output_dir=str(tmp_path / "flow"), max_train_steps=1)
+    with pytest.raises(ValueError, match="fits StableDiffusionPipeline, not StableDiffusion3Pipeline"):
+        erase(config, pipe=get_flow_pipeline("sd3"))
+
+
+def test_a_second_run_never_overwrites(runs):
+    config, _ = runs["uce"]
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+        erase(EraseConfig(**{**config.to_dict(), "hub_token": None}))
+
+
+def test_cli_uce_on_the_digit_world(tmp_path, capsys):
+    out = str(tmp_path / "digit-uce")
+    assert train_erase.main(["--method", "uce", "--concept", "seven", "--output_dir", out,
+                             "--verdict_images", "0"]) == 0
+    assert f"erased concept 'seven' -> {out}" in capsys.readouterr().out
+    recorded = EraseConfig.from_json_file(os.path.join(out, "train_config.json"))
+    assert recorded.method == "uce" and recorded.preserve_scale == 1.0  # the digit preset, recorded
+    with open(os.path.join(out, CONFIG_NAME)) as f:
+        meta = json.load(f)["config"]
+    assert meta["method_preset"] == "digits" and meta["component"] == "unet"
+    pipe = _load(out)
+    from salun_diffusers.digits import load_digit_pipeline
+    base = load_digit_pipeline()
+    load_erasure(base, out)
+    assert all(torch.equal(p, q) for p, q in zip(base.unet.parameters(), pipe.unet.parameters()))
+
+
+def test_uce_erases_several_concepts_in_one_edit(dummy_pipeline_dir, tmp_path):
+    config = EraseConfig(pretrained_model_name_or_path=dummy_pipeline_dir, concept=["nudity", "van_gogh"],
+                         method="uce", output_dir=str(tmp_path / "out"), save_pipeline="none")
+    result = erase(config)
+    assert result.metrics["final"]["erased_prompts"] == ["a photo of a nude person",
+                                                         "a painting in the style of Van Gogh"]
+    with open(os.path.join(config.output_dir, CONFIG_NAME)) as f:
+        meta = json.load(f)["config"]
+    assert [c["name"] for c in meta["erased_concepts"]] == ["nudity", "van_gogh"]
+    base = _params(_load(dummy_pipeline_dir).unet)
+    assert any(not torch.equal(p.detach(), base[n]) for n, p in result.unet.named_parameters())
