@@ -15,7 +15,7 @@ from salun_diffusers.erase import erase
 from salun_diffusers.erasure.peers import method_config, resolve_method
 from salun_diffusers.loaders import get_loaded_erasures, load_erasure, set_erasure_scale, unload_erasure
 from salun_diffusers.masking import load_mask
-from salun_diffusers.methods import esd_mask, text_encoder_mask, uce_mask
+from salun_diffusers.methods import NEXT_DIGIT, esd_mask, text_encoder_mask, uce_mask
 from salun_diffusers.testing import get_flow_pipeline, save_dummy_pipeline
 
 # a few steps each: mechanics, not efficacy (the digit-world presets are the lead's)
@@ -116,17 +116,17 @@ def test_peer_records_its_method_and_resolved_recipe(runs, method):
 def test_presets_per_model_and_flags_over_them(dummy_pipeline_dir):
     digits = EraseConfig(method="esd-u")
     record = resolve_method(digits)
-    assert record["preset"] == "digits" and digits.learning_rate == 3e-4 and digits.max_train_steps == 300
+    assert record["preset"] == "digits" and digits.learning_rate == 1e-4 and digits.max_train_steps == 300
     assert digits.partial_sampling_steps == 10
     assert resolve_method(digits) == record  # idempotent
     sd = EraseConfig(method="esd-x", pretrained_model_name_or_path=dummy_pipeline_dir, learning_rate=2e-5)
     assert resolve_method(sd)["preset"] == "sd14" and sd.learning_rate == 2e-5 and sd.max_train_steps == 1000
     adv = EraseConfig(method="advunlearn")
     resolve_method(adv)
-    assert (adv.alpha, adv.attack_warmup, adv.attack_steps, adv.max_train_steps) == (1.0, 20, 5, 100)
+    assert (adv.alpha, adv.attack_warmup, adv.attack_steps, adv.max_train_steps) == (1.0, 40, 5, 200)
     uce = EraseConfig(method="uce")
     resolve_method(uce)
-    assert uce.preserve_scale == 1.0 and uce.guide_prompt == ""
+    assert uce.preserve_scale == 0.1 and uce.guide_prompt == NEXT_DIGIT
     assert resolve_method(EraseConfig()) is None and EraseConfig().negative_guidance is None
 
 
@@ -174,7 +174,8 @@ def test_cli_uce_on_the_digit_world(tmp_path, capsys):
                              "--verdict_images", "0"]) == 0
     assert f"erased concept 'seven' -> {out}" in capsys.readouterr().out
     recorded = EraseConfig.from_json_file(os.path.join(out, "train_config.json"))
-    assert recorded.method == "uce" and recorded.preserve_scale == 1.0  # the digit preset, recorded
+    assert recorded.method == "uce" and recorded.preserve_scale == 0.1  # the digit preset, recorded
+    assert recorded.guide_prompt == NEXT_DIGIT
     with open(os.path.join(out, CONFIG_NAME)) as f:
         meta = json.load(f)["config"]
     assert meta["method_preset"] == "digits" and meta["component"] == "unet"

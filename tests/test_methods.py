@@ -97,7 +97,8 @@ def test_train_esd_moves_only_its_weights_and_lowers_the_loss(pipe, variant):
 def test_esd_config_checks_and_preset():
     assert EsdConfig.preset("sd14").learning_rate == 1e-5 and EsdConfig.preset("sd14").iterations == 1000
     # the digit world's preset: a per-variant learning rate, resolved for the variant asked for
-    assert EsdConfig.preset("digits", variant="esd-u").learning_rate == 3e-4
+    assert EsdConfig.preset("digits", variant="esd-u").learning_rate == 1e-4
+    assert EsdConfig.preset("digits").iterations == 150 and EsdConfig.preset("digits", variant="esd-u").iterations == 300
     assert EsdConfig.preset("digits").learning_rate == 1e-3 and EsdConfig.preset("digits").num_inference_steps == 10
     assert EsdConfig.preset("digits", variant="esd-x", learning_rate=5e-4).learning_rate == 5e-4
     with pytest.raises(ValueError, match="no ESD preset"):

@@ -22,13 +22,13 @@ from typing import Callable, Dict, Mapping, Optional
 import torch
 
 from ..attacks import encode_prompt
-from ..concepts import AnySpec
+from ..concepts import AnySpec, digit_prompt
 from ..config import EraseConfig
 from ..delta import base_values_digest
 from ..families import base_model_id
 from ..hub import BUNDLED_DIGIT_MODEL, resolve_base_model
 from ..masking import Mask
-from ..methods import (AdvUnlearnConfig, EsdConfig, UceConfig, apply_uce, esd_mask, text_encoder_mask,
+from ..methods import (NEXT_DIGIT, AdvUnlearnConfig, EsdConfig, UceConfig, apply_uce, esd_mask, text_encoder_mask,
                        train_advunlearn, train_esd, uce_edit, uce_mask)
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,18 @@ def _run_esd(pipe, cfg: EsdConfig, spec: AnySpec, generator: torch.Generator) ->
     return PeerRun(unet, mask, "unet", digest, {"loss": losses[-1]}, {"loss": losses})
 
 
+def _guide(cfg: UceConfig, prompt: str) -> str:
+    """The guide prompt of one erased prompt: ``cfg.guide_prompt``, or for :data:`NEXT_DIGIT` (the digit preset,
+    chosen by benchmarks/bench_peers.py's tuning) the next digit's prompt."""
+    if cfg.guide_prompt != NEXT_DIGIT:
+        return cfg.guide_prompt
+    for d in range(10):
+        if digit_prompt(d) == prompt:
+            return digit_prompt((d + 1) % 10)
+    raise ValueError(f"--guide_prompt {NEXT_DIGIT!r} maps a digit onto the next one, and {prompt!r} is not a digit "
+                     "prompt: pass --guide_prompt '' or a prompt of your own")
+
+
 def _run_uce(pipe, cfg: UceConfig, spec: AnySpec, generator: torch.Generator) -> PeerRun:
     unet = pipe.unet
     mask = uce_mask(unet, cfg.with_to_k)
@@ -100,7 +112,7 @@ def _run_uce(pipe, cfg: UceConfig, spec: AnySpec, generator: torch.Generator) ->
     erased = [c.forget_prompt for c in spec.concepts]
     preserved = [p for p in spec.retain_prompts if p not in erased]
     logger.info("UCE: %d erased prompt(s) onto %r, %d preserved", len(erased), cfg.guide_prompt, len(preserved))
-    apply_uce(unet, uce_edit(unet, pipe.tokenizer, pipe.text_encoder, erased, [cfg.guide_prompt] * len(erased),
+    apply_uce(unet, uce_edit(unet, pipe.tokenizer, pipe.text_encoder, erased, [_guide(cfg, p) for p in erased],
                              preserved, cfg))
     return PeerRun(unet, mask, "unet", digest, {"erased_prompts": erased, "preserved_prompts": preserved}, {})
 

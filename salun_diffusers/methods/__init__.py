@@ -12,12 +12,14 @@ from .advunlearn import (ADVUNLEARN_PRESETS, AdvUnlearnConfig, advunlearn_loss, 
                          retain_sample, soft_prompt_attack, text_encoder_mask, train_advunlearn)
 from .esd import (ESD_PRESETS, ESD_VARIANTS, EsdConfig, EsdSample, ddim_partial_sample, esd_loss, esd_mask, esd_sample,
                   is_esd_parameter, train_esd)
-from .uce import (UCE_PRESETS, UceConfig, apply_uce, erase_pairs, token_embeddings, uce_closed_form, uce_edit, uce_mask,
+from .uce import (NEXT_DIGIT, UCE_PRESETS, UceConfig, apply_uce, erase_pairs, token_embeddings, uce_closed_form,
+                  uce_edit, uce_mask,
                   uce_projections)
 
 __all__ = ["ADVUNLEARN_PRESETS", "AdvUnlearnConfig", "advunlearn_loss", "encode_with_prefix", "prefix_ids",
            "retain_sample", "soft_prompt_attack", "text_encoder_mask", "train_advunlearn",
            "ESD_PRESETS", "ESD_VARIANTS", "EsdConfig", "EsdSample", "ddim_partial_sample", "esd_loss", "esd_mask",
            "esd_sample", "is_esd_parameter", "train_esd",
-           "UCE_PRESETS", "UceConfig", "apply_uce", "erase_pairs", "token_embeddings", "uce_closed_form", "uce_edit",
+           "NEXT_DIGIT", "UCE_PRESETS", "UceConfig", "apply_uce", "erase_pairs", "token_embeddings", "uce_closed_form",
+           "uce_edit",
            "uce_mask", "uce_projections"]

@@ -51,11 +51,11 @@ ADVUNLEARN_PRESETS: Dict[str, Dict[str, object]] = {
              "num_inference_steps": 50, "attack_steps": 30, "attack_lr": 1e-3, "adv_tokens": 1,
              "attack_init": "random", "attack_method": "pgd", "warmup": 200, "attack_every": 1,
              "retain_weight": 0.3, "retain_batch": 5},
-    # the bundled digit world (0.14M-weight text encoder; 10 DDIM steps, the world's verdict steps): provisional
-    # values from scripts/try_methods.py's grid on digit seven; train_erase.py --method advunlearn reads them there
-    "digits": {"iterations": 100, "learning_rate": 1e-3, "negative_guidance": 1.0, "start_guidance": 3.0,
+    # the bundled digit world (0.14M-weight text encoder; 10 DDIM steps, the world's verdict steps): chosen by
+    # benchmarks/bench_peers.py --tune on digits 1, 4, 7 (docs/peers.md); train_erase.py --method advunlearn reads it
+    "digits": {"iterations": 200, "learning_rate": 1e-3, "negative_guidance": 1.0, "start_guidance": 3.0,
                "num_inference_steps": 10, "attack_steps": 5, "attack_lr": 1e-3, "adv_tokens": 1,
-               "attack_init": "random", "attack_method": "pgd", "warmup": 20, "attack_every": 1,
+               "attack_init": "random", "attack_method": "pgd", "warmup": 40, "attack_every": 1,
                "retain_weight": 1.0, "retain_batch": 5},
 }
 

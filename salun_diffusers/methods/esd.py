@@ -43,16 +43,16 @@ logger = logging.getLogger(__name__)
 ESD_VARIANTS = ("esd-x", "esd-u", "esd-full")
 
 # The paper's SD v1.4 recipe (train-scripts/train-esd.py defaults and README): negative guidance 1.0, lr 1e-5,
-# 1,000 iterations of batch 1, Adam without decay, start guidance 3, 50 DDIM steps. "digits": frozen on the digit world
-# (scripts/try_methods.py; coarse tune on digit seven, see the report of issue 18).
+# 1,000 iterations of batch 1, Adam without decay, start guidance 3, 50 DDIM steps.
 # A value may be a {variant: value} dict where the variants differ. "digits": the bundled digit world (1.0M-weight
-# U-Net: the SD1.4 learning rate barely moves it; 10 DDIM steps, the world's verdict steps). Provisional values from
-# scripts/try_methods.py's coarse grid on digit seven; train_erase.py --method esd-* reads them on the digit model.
+# U-Net: the SD1.4 learning rate barely moves it; 10 DDIM steps, the world's verdict steps). Chosen by
+# benchmarks/bench_peers.py --tune on digits 1, 4, 7 (docs/peers.md); train_erase.py --method esd-* reads them.
 ESD_PRESETS: Dict[str, Dict[str, object]] = {
     "sd14": {"negative_guidance": 1.0, "learning_rate": 1e-5, "iterations": 1000, "batch_size": 1,
              "start_guidance": 3.0, "num_inference_steps": 50},
-    "digits": {"negative_guidance": 1.0, "learning_rate": {"esd-x": 1e-3, "esd-u": 3e-4, "esd-full": 3e-4},
-               "iterations": 300, "batch_size": 1, "start_guidance": 3.0, "num_inference_steps": 10},
+    "digits": {"negative_guidance": 1.0, "learning_rate": {"esd-x": 1e-3, "esd-u": 1e-4, "esd-full": 1e-4},
+               "iterations": {"esd-x": 150, "esd-u": 300, "esd-full": 300}, "batch_size": 1, "start_guidance": 3.0,
+               "num_inference_steps": 10},
 }
 
 

@@ -37,13 +37,14 @@ logger = logging.getLogger(__name__)
 TECHNIQUES = ("replace", "tensor")
 # Official SD v1.4 call (train_erase.py __main__): lamb 0.5, erase_scale 1, preserve_scale 0.1 (its flag default),
 # to_k and to_v, technique replace, guide " " (the unconditional) when none is given.
-# "digits": the bundled digit world, the other digits preserved at weight 1.0 (provisional, from
-# scripts/try_methods.py's grid on digit seven); train_erase.py --method uce reads it on the digit model.
+# "digits": the bundled digit world, the other digits preserved, each digit mapped onto the next one (NEXT_DIGIT):
+# chosen by benchmarks/bench_peers.py --tune on digits 1, 4, 7 (docs/peers.md); train_erase.py --method uce reads it.
+NEXT_DIGIT = "<next digit>"
 UCE_PRESETS: Dict[str, Dict[str, object]] = {
     "sd14": {"lamb": 0.5, "erase_scale": 1.0, "preserve_scale": 0.1, "with_to_k": True, "technique": "replace",
              "guide_prompt": ""},
-    "digits": {"lamb": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0, "with_to_k": True, "technique": "replace",
-               "guide_prompt": ""},
+    "digits": {"lamb": 0.5, "erase_scale": 1.0, "preserve_scale": 0.1, "with_to_k": True, "technique": "replace",
+               "guide_prompt": NEXT_DIGIT},
 }
 
 
