@@ -40,10 +40,12 @@ def generation_dir(cache_dir: str, model_id: str, revision, prompt: str, steps: 
     return os.path.join(cache_dir, f"{slug(prompt)}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
 
 
-def shipped_data_key(pipe, steps: int, guidance: float, size: int, variant=None, precision: str = "no") -> str:
-    """The key the shipped digit data is stored under: the pipeline's fingerprint and the generation settings."""
+def shipped_data_key(pipe, steps: int, guidance: float, size: int, variant=None, precision: str = "no",
+                     sampling=None) -> str:
+    """The key the shipped digit data is stored under: the pipeline's fingerprint and the generation settings
+    (``sampling``: further pipeline-call settings, e.g. an SD3 world's T5 length; none for a U-Net)."""
     return pipeline_fingerprint(pipe, {"steps": steps, "guidance": guidance, "size": size, "variant": variant,
-                                       "precision": precision, "v": 1})
+                                       "precision": precision, "v": 1, **(sampling or {})})
 
 
 def shipped_arrays_sha256(arrays) -> str:

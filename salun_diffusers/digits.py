@@ -32,7 +32,8 @@ from .utils import atomic_path, cast_module
 
 __all__ = ["DIGIT_JUDGE_DIR", "DIGIT_PIPELINE_DIR", "DIGIT_SAMPLING", "DIGIT_SD3_PIPELINE_DIR", "SD3_DIGIT_SAMPLING",
            "digit_sampling", "flow_sampling_defaults", "DIGIT_WORDS", "DigitJudge", "digit_prompt",
-           "ShippedData", "generate_digits", "judge_accuracy", "judge_split", "load_digit_pipeline", "mnist_images"]
+           "BUNDLED_WORLDS", "ShippedData", "bundled_world", "generate_digits", "judge_accuracy", "judge_split",
+           "load_digit_pipeline", "mnist_images", "shipped_asset"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +55,7 @@ SD3_DIGIT_SAMPLING: Dict[str, float] = {**DIGIT_SAMPLING, "max_sequence_length":
 def flow_sampling_defaults(model_source: str) -> dict:
     """Pipeline-call settings a bundled flow world needs whatever else is asked (its T5 length); ``{}`` for any
     other model."""
-    if isinstance(model_source, str) and os.path.isdir(model_source) \
-            and os.path.realpath(model_source) == os.path.realpath(DIGIT_SD3_PIPELINE_DIR):
-        return {"max_sequence_length": SD3_MAX_SEQUENCE_LENGTH}
-    return {}
+    return {"max_sequence_length": SD3_MAX_SEQUENCE_LENGTH} if bundled_world(model_source) == "digit-sd3" else {}
 
 
 def digit_sampling(pipe) -> dict:
@@ -241,23 +239,46 @@ def judge_accuracy(pipe, judge: DigitJudge, digits: Iterable[int] = range(10), n
     return result
 
 
-# The bundled digit model's generated forget/retain images at the digit presets' settings (seed 0), shipped like its
-# base verdict: they never change, and drawing them (352 images, 20 steps) was a fifth of the README command's time.
-# Built by scripts/build_digit_data.py; used only when its key (a fingerprint of the pipeline's weights, scheduler
-# and the generation settings) matches, and copied into the ordinary cache folder, so every later step is the same.
-SHIPPED_DATA_ASSET = "digit-data.npz"
+# Each bundled digit world ships what never changes for it, named after it (``BUNDLED_WORLDS``), both built by
+# scripts/build_digit_data.py and both used only when their key (a fingerprint of the pipeline's weights and scheduler
+# and of the settings) matches:
+# * ``<world>-verdict-base.json``: the judge's scores of the base model (reporting.base_digit_scores), so a first
+#   run's verdict draws only the erased model;
+# * ``<world>-data.npz``: its generated forget/retain images at the digit presets' settings (seed 0), copied into the
+#   ordinary cache folder (ShippedData), so a first digit erasure draws none (on the U-Net world drawing them was a
+#   fifth of the README command's time) and every later step is the same.
+BUNDLED_WORLDS: Dict[str, str] = {"digit": DIGIT_PIPELINE_DIR, "digit-sd3": DIGIT_SD3_PIPELINE_DIR}
+SHIPPED_DATA_SUFFIX = "-data.npz"
+SHIPPED_VERDICT_SUFFIX = "-verdict-base.json"
+SHIPPED_DATA_ASSET = "digit" + SHIPPED_DATA_SUFFIX  # the U-Net world's
+
+
+def bundled_world(model_source) -> Optional[str]:
+    """The name of the bundled digit world (a key of :data:`BUNDLED_WORLDS`) in folder ``model_source``, else None."""
+    if not isinstance(model_source, str) or not os.path.isdir(model_source):
+        return None
+    real = os.path.realpath(model_source)
+    return next((w for w, folder in BUNDLED_WORLDS.items() if os.path.realpath(folder) == real), None)
+
+
+def shipped_asset(world: str, suffix: str) -> str:
+    """Path of a bundled world's shipped file (``suffix``: :data:`SHIPPED_DATA_SUFFIX` or
+    :data:`SHIPPED_VERDICT_SUFFIX`)."""
+    return os.path.join(ASSETS_DIR, world + suffix)
 
 
 class ShippedData:
-    """The shipped images of the bundled model (empty for any other model or setting): :meth:`fill` writes the
-    PNGs it has for a prompt's seeds into a cache folder, leaving files already there alone."""
+    """The shipped images of a bundled world (empty for any other model or setting): :meth:`fill` writes the
+    PNGs it has for a prompt's seeds into a cache folder, leaving files already there alone. ``sampling``: the
+    pipeline-call settings the images are drawn with beyond steps, guidance and size (default: the world's own,
+    :func:`flow_sampling_defaults`)."""
 
     def __init__(self, pipe, model_source: str, steps: int, guidance: float, size: int, variant=None,
-                 precision: str = "no"):
+                 precision: str = "no", sampling: Optional[dict] = None):
         self.arrays = {}
-        path = os.path.join(ASSETS_DIR, SHIPPED_DATA_ASSET)
-        if (not os.path.isfile(path) or not os.path.isdir(model_source)
-                or os.path.realpath(model_source) != os.path.realpath(DIGIT_PIPELINE_DIR)):
+        world = bundled_world(model_source)
+        path = shipped_asset(world, SHIPPED_DATA_SUFFIX) if world else None
+        if path is None or not os.path.isfile(path):
             return
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -269,7 +290,8 @@ class ShippedData:
         if digest != shipped_arrays_sha256(arrays):
             logger.warning("ignoring %s: its images do not match its checksum; generating the data instead", path)
             return
-        if key == shipped_data_key(pipe, steps, guidance, size, variant, precision):
+        sampling = flow_sampling_defaults(model_source) if sampling is None else sampling
+        if key == shipped_data_key(pipe, steps, guidance, size, variant, precision, sampling):
             self.arrays = arrays
 
     def fill(self, prompt: str, seeds: Sequence[int], out_dir: str) -> int:

@@ -7,7 +7,7 @@ import os
 import time
 from typing import Optional, Sequence, Union
 
-from .digits import ASSETS_DIR, DigitJudge, digit_sampling, judge_accuracy
+from .digits import BUNDLED_WORLDS, SHIPPED_VERDICT_SUFFIX, DigitJudge, digit_sampling, judge_accuracy, shipped_asset
 from .utils import pipeline_fingerprint, read_json_or_none, user_cache_dir, write_json
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def erasure_scores(per_digit_accuracy, digits) -> dict:
             "retained_accuracy": sum(others) / len(others) if others else float("nan")}
 
 
-BASE_VERDICTS_ASSET = "digit-verdict-base.json"  # the bundled model's base scores, shipped (they never change)
+BASE_VERDICTS_ASSET = "digit" + SHIPPED_VERDICT_SUFFIX  # the U-Net world's base scores, shipped (each world has one)
 
 
 def _verdict_key(pipe, judge, n_per_digit: int, seed: int, num_inference_steps: Optional[int] = None) -> str:
@@ -106,25 +106,37 @@ def _valid_scores(entry, key: str, n_per_digit: int):
     return scores if ok else None
 
 
+def base_verdict_entry(base_pipe, judge, digit: Union[int, Sequence[int]] = 7, n_per_digit: int = 50,
+                       seed: int = EVAL_SEED, num_inference_steps: Optional[int] = None) -> dict:
+    """The base model's :func:`digit_scores`, judged now, with their key: ``{"key", "scores"}``, what
+    :func:`base_digit_scores` caches and scripts/build_digit_data.py ships."""
+    return {"key": _verdict_key(base_pipe, judge, n_per_digit, seed, num_inference_steps),
+            "scores": digit_scores(base_pipe, judge, digit, n_per_digit, seed, num_inference_steps)}
+
+
 def base_digit_scores(base_pipe, judge, digit: Union[int, Sequence[int]], n_per_digit: int = 50, seed: int = EVAL_SEED,
                       cache_dir: Optional[str] = None, num_inference_steps: Optional[int] = None) -> dict:
     """:func:`digit_scores` of the base model, cached: keyed by a fingerprint of the pipeline's weights and
     scheduler, the judge's weights, the sampling settings, ``n_per_digit`` and ``seed``. Looked up in ``cache_dir``
-    (default: the user cache, ``verdicts/``), then in the package assets (the bundled model's scores, shipped);
-    computed and written (atomically) on a miss or a corrupt entry. The per-digit accuracies do not depend on
-    which digit is erased, so one entry serves all ten."""
+    (default: the user cache, ``verdicts/``), then in the package assets (each bundled world's scores, shipped; a
+    damaged one is ignored with a warning); computed and written (atomically) on a miss or a corrupt entry. The
+    per-digit accuracies do not depend on which digit is erased, so one entry serves all ten."""
     key = _verdict_key(base_pipe, judge, n_per_digit, seed, num_inference_steps)
     path = os.path.join(cache_dir or user_cache_dir("verdicts"), f"{key[:32]}.json")
 
-    for source in (path, os.path.join(ASSETS_DIR, BASE_VERDICTS_ASSET)):
-        scores = _valid_scores(read_json_or_none(source), key, n_per_digit)
+    for source in (path, *(shipped_asset(world, SHIPPED_VERDICT_SUFFIX) for world in BUNDLED_WORLDS)):
+        entry = read_json_or_none(source)
+        scores = _valid_scores(entry, key, n_per_digit)
         if scores is not None:
             logger.info("base-model verdict read from %s", source)
             break
+        if source != path and os.path.isfile(source) and (not isinstance(entry, dict) or entry.get("key") == key):
+            logger.warning("ignoring %s: not a valid verdict file; judging the base model instead", source)
     else:
-        scores = digit_scores(base_pipe, judge, digit, n_per_digit, seed, num_inference_steps)
+        entry = base_verdict_entry(base_pipe, judge, digit, n_per_digit, seed, num_inference_steps)
+        scores = entry["scores"]
         try:
-            write_json(path, {"key": key, "scores": scores})
+            write_json(path, entry)
         except OSError as exc:  # a read-only cache is no reason to fail the run
             logger.warning("could not cache the base-model verdict in %s (%s)", path, exc)
     return {**scores, **erasure_scores(scores["per_digit_accuracy"], digit)}
