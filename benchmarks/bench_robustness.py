@@ -364,9 +364,10 @@ def markdown(report) -> str:
              f"before or after the attack shows the digit. UA / retained accuracy: {a['n_per_digit']} judged images "
              f"per digit prompt. Erasure seed {a['seed']}; torch threads {report['torch_threads']}.", "",
              "| digit | model | UA | retained acc. | " + "".join(f"{k} ASR | " for k in attacks)
-             + f"conditioning ASR, {a['strong_conditioning_steps']} steps | erasure s (wall / CPU) |",
-             "|---|---|---|---|" + "---|" * len(attacks) + "---|---|"]
-    rows, cols = report["rows"], (*attacks, STRONG)
+             + (f"conditioning ASR, {a['strong_conditioning_steps']} steps | " if a["strong_conditioning_steps"] else "")
+             + "erasure s (wall / CPU) |",
+             "|---|---|---|---|" + "---|" * (len(attacks) + bool(a["strong_conditioning_steps"])) + "---|"]
+    rows, cols = report["rows"], (*attacks, *([STRONG] if a["strong_conditioning_steps"] else []))
 
     def cell(rs, k):
         rs = [r for r in rs if k in r]

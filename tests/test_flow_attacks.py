@@ -164,3 +164,41 @@ def test_cli_refuses_what_a_flow_family_cannot_take_in_one_line(flow_dirs, tmp_p
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert all(w in err for w in words), err
     assert not os.path.exists(out / "targets")  # refused before any image is drawn
+
+
+@pytest.mark.parametrize("attack", ["conditioning", "token"])
+def test_adversarial_inner_attack_on_sd3_keeps_hidden_states_and_pooled_in_its_bank(sd3, targets, attack):
+    """``--adversarial``'s inner attack through the SD3 family: the bank holds hidden states and pooled embeddings,
+    the attack moves them (warm-started from the bank), the adversarial term of the SalUn loss takes them, and the
+    bank survives a checkpoint round trip."""
+    from types import SimpleNamespace
+
+    from salun_diffusers.erasure.adversarial import Adversary
+    from salun_diffusers.erasure.data import ConceptData
+    from salun_diffusers.objectives import salun_loss
+
+    family = pipeline_family(sd3)
+    conds = family.encode_prompts([TARGET, PROMPT])
+    data = ConceptData(targets, None, None, conds)
+    spec = SimpleNamespace(concepts=[SimpleNamespace(forget_prompt=TARGET)])
+    config = SimpleNamespace(adversarial_attack=attack, adversarial_steps=3, adversarial_lr=5e-2, adversarial_every=1)
+    adversary = Adversary(sd3, family, data, spec, config)
+    start = {k: v.clone() for k, v in adversary.state_dict().items()}
+    assert set(start) == {"bank", "pooled"} and torch.equal(start["pooled"][0], conds[TARGET].added["pooled_projections"])
+    idx = torch.tensor([1])
+    adv = adversary.embeds(sd3.transformer, 0, idx, targets[idx], seed=3)
+    assert isinstance(adv, PromptCond) and adv.embeds.shape == (1, *conds[TARGET].embeds.shape)
+    state = adversary.state_dict()
+    assert torch.equal(state["bank"][0], start["bank"][0])  # only the attacked entry moves
+    assert not torch.equal(state["pooled"][1], start["pooled"][1])
+    assert torch.equal(state["pooled"][1], adv.added["pooled_projections"][0])
+    cond, pseudo = PromptCond.stack([conds[TARGET]]), PromptCond.stack([conds[PROMPT]])
+    with torch.no_grad():
+        _, forget, _ = salun_loss(sd3.transformer, family, targets[idx], cond, pseudo, None, None, 0.0, gen(), adv, 4.0)
+        _, plain, _ = salun_loss(sd3.transformer, family, targets[idx], cond, pseudo, None, None, 0.0, gen())
+    assert float(forget) > float(plain)  # the adversarial term is there
+    other = Adversary(sd3, family, data, spec, config)
+    other.load_state_dict(state)
+    assert all(torch.equal(other.state_dict()[k], state[k]) for k in state)
+    with pytest.raises(ValueError, match="pooled"):
+        other.load_state_dict({"bank": state["bank"]})
