@@ -4,6 +4,8 @@
     nice -n 10 python benchmarks/bench_robustness.py --output_dir out/bench-robustness          # digits 1, 4, 7
     python benchmarks/bench_robustness.py --digits 7 --num_prompts 4 --n_per_digit 10 \\
         --ratios 0.5 --token_steps 20 --inversion_steps 40 --output_dir out/robustness-small   # a few minutes
+    nice -n 10 python benchmarks/bench_robustness.py --pretrained_model_name_or_path salun-diffusers/digit-sd3 \\
+        --models base,SalUn --ratios 0.5 --strong_conditioning_steps 0 --output_dir out/bench-robustness-sd3
 
 For every digit: the base model, the default SalUn erasure (``salun_diffusers.erase``, mask ratio 0.5) and the
 ``--adversarial`` erasure (same recipe plus the inner attack), each attacked by the project's three attacks through
@@ -19,6 +21,11 @@ retained accuracy (``tradeoff.png``).
 Writes report.json, report.md and tradeoff.png into --output_dir after every finished piece; erasures and attack runs
 are kept under it and reused by a rerun with the same settings (a killed run resumes). This is the digit world (a
 real model trained on real MNIST), not Stable Diffusion.
+
+``--pretrained_model_name_or_path salun-diffusers/digit-sd3`` runs the same on the SD3-format digit world (a
+flow-matching transformer): its erasures are ``train_erase.py --pretrained_model_name_or_path salun-diffusers/digit-sd3``'s
+(the SD3 digit preset), the attacks go through its family object (flow-matching loss, hidden states + pooled
+embeddings), and only the attacks it takes run by default (conditioning, token).
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ from salun_diffusers.config import EraseConfig  # noqa: E402
 from salun_diffusers.delta import WEIGHTS_NAME  # noqa: E402
 from salun_diffusers.digits import DigitJudge, load_digit_pipeline  # noqa: E402
 from salun_diffusers.erase import erase  # noqa: E402
-from salun_diffusers.hub import BUNDLED_DIGIT_MODEL  # noqa: E402
+from salun_diffusers.attacks.core import ATTACK_REFUSALS  # noqa: E402
+from salun_diffusers.families import load_base_pipeline, model_class_name  # noqa: E402
+from salun_diffusers.hub import BUNDLED_DIGIT_MODEL, resolve_base_model  # noqa: E402
 from salun_diffusers.loaders import load_erasure  # noqa: E402
 from salun_diffusers.reporting import EVAL_SEED, base_digit_scores, digit_scores  # noqa: E402
 from salun_diffusers.utils import read_json_or_none, write_json, write_text  # noqa: E402
@@ -67,6 +76,11 @@ def _floats(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", default="out/bench-robustness")
+    p.add_argument("--pretrained_model_name_or_path", default=BUNDLED_DIGIT_MODEL,
+                   help="the digit world: salun-diffusers/digit-sd (U-Net, default) or salun-diffusers/digit-sd3 "
+                        "(SD3-format flow-matching transformer)")
+    p.add_argument("--attacks", default=None,
+                   help=f"comma-separated attacks of {', '.join(ATTACKS)} (default: every one the world's family takes)")
     p.add_argument("--digits", type=_ints, default=[7, 1, 4], help="digits erased and attacked (in this order)")
     p.add_argument("--num_prompts", type=int, default=10,
                    help="attacked prompt rows (seeds) per digit, model and attack")
@@ -100,12 +114,28 @@ def parse_args(argv=None):
     args.adversarial_extra = json.loads(args.adversarial_args)
     if args.sweep_digits is None:
         args.sweep_digits = list(args.digits)
+    family = model_class_name(args.pretrained_model_name_or_path)
+    if args.attacks is None:
+        args.attacks = [a for a in ATTACKS if (family, a) not in ATTACK_REFUSALS]
+    else:
+        args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+        if not set(args.attacks) <= set(ATTACKS):
+            p.error(f"--attacks must be of {', '.join(ATTACKS)}")
     return args
+
+
+def load_world(args):
+    """The digit world's base pipeline (a fresh one: erasures change their pipeline's weights)."""
+    if args.pretrained_model_name_or_path == BUNDLED_DIGIT_MODEL:
+        return load_digit_pipeline()
+    return load_base_pipeline(resolve_base_model(args.pretrained_model_name_or_path))
 
 
 # ------------------------------------------------------------------------------------------------------ erasures
 def erase_config(args, digit: int, ratio: float, adversarial: bool, name: str, **more) -> EraseConfig:
     extra = {**args.erase_extra, **(args.adversarial_extra if adversarial else {}), **more}
+    if args.pretrained_model_name_or_path != BUNDLED_DIGIT_MODEL:
+        extra.setdefault("pretrained_model_name_or_path", args.pretrained_model_name_or_path)
     return EraseConfig(concept=DIGIT_WORDS[digit], mask_ratio=ratio, output_dir=os.path.join(args.output_dir, "runs", name),
                        overwrite_output_dir=True, cache_dir=os.path.join(args.output_dir, "data-cache"), seed=args.seed,
                        save_merged_unet=False, save_pipeline="none", verdict_images=0, threads=args.threads,
@@ -115,7 +145,7 @@ def erase_config(args, digit: int, ratio: float, adversarial: bool, name: str, *
 def prepare_data(args, digit: int) -> None:
     """Generate (cache) the digit's forget / retain images first, so that erasure timings compare training alone."""
     erase(erase_config(args, digit, SALUN_RATIO, False, f"{DIGIT_WORDS[digit]}-data", save_mask_only=True),
-          pipe=load_digit_pipeline())
+          pipe=load_world(args))
 
 
 def erasure(args, digit: int, ratio: float, adversarial: bool, judge) -> dict:
@@ -129,7 +159,7 @@ def erasure(args, digit: int, ratio: float, adversarial: bool, judge) -> dict:
         print(f"  reusing {out}")
         return record
     wall, cpu = time.perf_counter(), time.process_time()
-    result = erase(cfg, pipe=load_digit_pipeline())
+    result = erase(cfg, pipe=load_world(args))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     m = result.metrics
     scores = digit_scores(result.pipeline, judge, digit, args.n_per_digit)
@@ -143,8 +173,8 @@ def erasure(args, digit: int, ratio: float, adversarial: bool, judge) -> dict:
     return record
 
 
-def attacked_pipeline(folder):
-    pipe = load_digit_pipeline()
+def attacked_pipeline(args, folder):
+    pipe = load_world(args)
     if folder:
         load_erasure(pipe, folder)
     return pipe
@@ -155,7 +185,7 @@ def attack(args, digit: int, model: str, folder, attack_name: str, base_pipe, pi
     slug = {"base": "base", "SalUn": "salun", "SalUn --adversarial": "adversarial"}.get(model, model)
     steps = steps or getattr(args, f"{attack_name}_steps")
     name = f"{DIGIT_WORDS[digit]}-{slug}-{attack_name}" + (f"-s{steps}" if steps else "")
-    cfg = AttackConfig(model=folder or BUNDLED_DIGIT_MODEL, output_dir=os.path.join(
+    cfg = AttackConfig(model=folder or args.pretrained_model_name_or_path, output_dir=os.path.join(
         args.output_dir, "attacks", name), attack=attack_name, digit=digit,
         from_prompt=args.neutral_prompt if folder is None else None, num_prompts=args.num_prompts, steps=steps,
         seed=ATTACK_SEED + 1000 * args.seed, label=f"{model} ({DIGIT_WORDS[digit]})", limit=limit)
@@ -176,13 +206,16 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     if args.merge:
         return merge_reports(args)
-    print(f"digit world; torch threads {torch.get_num_threads()}; erasure seed {args.seed}; attacked rows use seeds "
+    print(f"digit world ({args.pretrained_model_name_or_path}); torch threads {torch.get_num_threads()}; "
+          f"erasure seed {args.seed}; attacked rows use seeds "
           f"{ATTACK_SEED + 1000 * args.seed}..{ATTACK_SEED + 1000 * args.seed + args.num_prompts - 1}; UA/retained "
           f"images use seeds {EVAL_SEED} + 1000*digit + i (i < {args.n_per_digit})")
     judge = DigitJudge.from_pretrained()
-    base = load_digit_pipeline()
+    base = load_world(args)
     base_acc = base_digit_scores(base, judge, 0, args.n_per_digit)["per_digit_accuracy"]
-    report = {"world": "digit (bundled MNIST text-to-image model, judged by the bundled digit classifier)",
+    world = "" if args.pretrained_model_name_or_path == BUNDLED_DIGIT_MODEL else \
+        f", {args.pretrained_model_name_or_path}: SD3-format flow-matching transformer"
+    report = {"world": f"digit (bundled MNIST text-to-image model{world}, judged by the bundled digit classifier)",
               "args": {k: v for k, v in vars(args).items() if not k.endswith("_extra")},
               "torch_threads": torch.get_num_threads(), "base_per_digit_accuracy": base_acc,
               "rows": [], "sweep": [], "complete": False}
@@ -200,12 +233,12 @@ def main(argv=None):
             if model not in wanted:
                 continue
             folder = run.get("folder")
-            pipe = attacked_pipeline(folder)
+            pipe = attacked_pipeline(args, folder)
             row = {"digit": d, "model": model, "unlearning_accuracy": run["unlearning_accuracy"],
                    "num_prompts": args.num_prompts, "n_per_digit": args.n_per_digit,
                    "retained_accuracy": run["retained_accuracy"],
                    **{k: run[k] for k in ("wall_seconds", "cpu_seconds", "data_seconds", "train_seconds") if k in run}}
-            for a in ATTACKS:
+            for a in args.attacks:
                 row[a] = attack(args, d, model, folder, a, base, pipe)
             if folder and args.strong_conditioning_steps:
                 row[STRONG] = attack(args, d, model, folder, "conditioning", base, pipe,
@@ -222,7 +255,7 @@ def main(argv=None):
             print(f"sweep: digit {d}, mask ratio {ratio:g}")
             run = erasure(args, d, ratio, False, judge)
             model = "SalUn" if ratio == SALUN_RATIO else f"mask{ratio:g}"  # 0.5: the same run as the table's
-            res = attack(args, d, model, run["folder"], "conditioning", base, attacked_pipeline(run["folder"]),
+            res = attack(args, d, model, run["folder"], "conditioning", base, attacked_pipeline(args, run["folder"]),
                          steps=args.strong_conditioning_steps or None, limit=args.sweep_prompts)
             report["sweep"].append({"digit": d, "mask_ratio": ratio, "conditioning_asr": res["asr"],
                                     "num_prompts": res["num_prompts"],
@@ -273,12 +306,17 @@ def _mean(rows, key, sub=None):
     return float(np.mean(values)) if values else float("nan")
 
 
+def report_attacks(report) -> list:
+    """The attacks a report's run made (reports from before --attacks: all three)."""
+    return list(report["args"].get("attacks") or ATTACKS)
+
+
 def targets(report) -> list:
     """(target, measured, met) for each issue-9 target the run can speak to (erasures paired by digit)."""
     rows = report["rows"]
     by = {m: {r["digit"]: r for r in rows if r["model"] == m} for m in MODELS}
     out = []
-    for a in ATTACKS:
+    for a in report_attacks(report):
         if by["base"]:
             v = _mean(list(by["base"].values()), a, "asr")
             out.append((f"{a} attack on the base model from a neutral prompt >= 90% (digits "
@@ -314,7 +352,8 @@ def targets(report) -> list:
 
 def markdown(report) -> str:
     a = report["args"]
-    steps = {k: a[f"{k}_steps"] or DEFAULT_STEPS[k] for k in ATTACKS}
+    attacks = report_attacks(report)
+    steps = {k: a[f"{k}_steps"] or DEFAULT_STEPS[k] for k in attacks}
     per_digit = {r["digit"]: r.get("num_prompts", a["num_prompts"]) for r in report["rows"]}
     n_rows = (", ".join(f"{n} for digit {d}" for d, n in per_digit.items()) if len(set(per_digit.values())) > 1
               else str(next(iter(per_digit.values()), a["num_prompts"])))
@@ -324,10 +363,11 @@ def markdown(report) -> str:
              f"\"{a['neutral_prompt']}\", the erasures from the digit's own prompt. ASR counts a row when the image "
              f"before or after the attack shows the digit. UA / retained accuracy: {a['n_per_digit']} judged images "
              f"per digit prompt. Erasure seed {a['seed']}; torch threads {report['torch_threads']}.", "",
-             f"| digit | model | UA | retained acc. | conditioning ASR | token ASR | inversion ASR | conditioning ASR, "
-             f"{a['strong_conditioning_steps']} steps | erasure s (wall / CPU) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    rows, cols = report["rows"], (*ATTACKS, STRONG)
+             "| digit | model | UA | retained acc. | " + "".join(f"{k} ASR | " for k in attacks)
+             + (f"conditioning ASR, {a['strong_conditioning_steps']} steps | " if a["strong_conditioning_steps"] else "")
+             + "erasure s (wall / CPU) |",
+             "|---|---|---|---|" + "---|" * (len(attacks) + bool(a["strong_conditioning_steps"])) + "---|"]
+    rows, cols = report["rows"], (*attacks, *([STRONG] if a["strong_conditioning_steps"] else []))
 
     def cell(rs, k):
         rs = [r for r in rs if k in r]

@@ -221,6 +221,12 @@ def cat_conds(conds: Sequence[Cond]) -> Cond:
     return PromptCond(torch.cat([c.embeds for c in conds]), added)
 
 
+def map_cond(cond: Cond, fn) -> Cond:
+    """``fn`` applied to a conditioning's tensor, or to every tensor of a :class:`PromptCond` (e.g. ``.to``,
+    ``.repeat``, ``.detach``)."""
+    return fn(cond) if isinstance(cond, torch.Tensor) else cond._map(fn)
+
+
 def sdxl_time_ids(height: int, width: int) -> torch.Tensor:
     """SDXL's micro-conditioning for an uncropped image drawn at its own size: ``(h, w, 0, 0, h, w)``, as the SDXL
     pipeline passes by default (diffusers' SDXL training script passes the image's original size and crop)."""
@@ -360,6 +366,13 @@ class FlowFamily(UNetFamily):
                                      {"pooled_projections": c.pooled_prompt_embeds[0].float()})
         return out
 
+    def prompt_conds(self, prompts: Sequence[str]) -> "PromptCond":
+        """The batched conditioning (float32) of ``prompts`` through the pipeline's ``encode_prompt``, with gradients
+        flowing (e.g. to edited token embeddings of the text encoders: the prompt attacks)."""
+        device = text_encoders(self.pipe)[0].device
+        c = fm.encode_flow_prompts(self.pipe, list(prompts), self.max_sequence_length, device=device)
+        return PromptCond(c.prompt_embeds.float(), {"pooled_projections": c.pooled_prompt_embeds.float()})
+
     def noised(self, latents: torch.Tensor, generator: torch.Generator, min_timestep: int = 0):
         noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32)
         b = latents.shape[0]
@@ -399,6 +412,24 @@ def model_family(pipe, config=None) -> UNetFamily:
     return FlowFamily(pipe, length, getattr(config, "flux_guidance_scale", None))
 
 
+def pipeline_family(pipe) -> UNetFamily:
+    """:func:`model_family` of a loaded pipeline with the sampling settings of the folder it was loaded from (the
+    bundled SD3 digit world's T5 length; none for other models)."""
+    if pipeline_class_name(pipe) not in FLOW_CLASSES:
+        return UNetFamily(pipe)
+    source = getattr(pipe, "name_or_path", None)
+    return FlowFamily(pipe, flow_sampling_defaults(source).get("max_sequence_length") if source else None)
+
+
+def model_class_name(name_or_path: str) -> Optional[str]:
+    """The pipeline class a base model's ``model_index.json`` names (folder, bundled id or cached hub id); None
+    where its index cannot be read."""
+    try:
+        return DiffusionPipeline.load_config(resolve_base_model(name_or_path)).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
 def as_family(scheduler_or_family) -> UNetFamily:
     """A family object from what the objectives are given: a family object as is, a (DDPM) scheduler wrapped."""
     if isinstance(scheduler_or_family, UNetFamily):
@@ -413,8 +444,8 @@ def check_fits(pipe, allowed: Sequence[str], what: str, fix: str = "pick another
         raise ValueError(f"{what} fits {' or '.join(allowed)}, not {name}; {fix}")
 
 
-__all__ = ["FLOW_CLASSES", "FLUX", "FlowFamily", "PIPELINE_CLASSES", "PromptCond", "SD3", "UNET_CLASSES",
-           "UNetFamily", "as_family", "base_model_id", "cat_conds", "check_fits", "denoiser", "denoiser_folder",
-           "encode_images", "encode_prompts", "is_flow_model", "load_base_pipeline", "load_erasure_base",
-           "model_family", "native_size", "pipeline_class_name", "sdxl_time_ids", "text_encoders",
-           "training_scheduler", "unet_kwargs", "vae_dtype"]
+__all__ = ["FLOW_CLASSES", "FLUX", "FlowFamily", "PIPELINE_CLASSES", "PromptCond", "SD", "SD3", "SDXL",
+           "UNET_CLASSES", "UNetFamily", "as_family", "base_model_id", "cat_conds", "check_fits", "denoiser",
+           "denoiser_folder", "encode_images", "encode_prompts", "is_flow_model", "load_base_pipeline",
+           "load_erasure_base", "map_cond", "model_class_name", "model_family", "native_size", "pipeline_class_name",
+           "pipeline_family", "sdxl_time_ids", "text_encoders", "training_scheduler", "unet_kwargs", "vae_dtype"]

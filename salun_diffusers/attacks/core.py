@@ -11,6 +11,14 @@ model draws for the same prompt and seed, as UnlearnDiffAtk does); no auxiliary 
 * :func:`conditioning_attack`: the whole text conditioning ``[B, 77, D]`` optimised directly (white-box, the
   strongest of the three).
 
+Model families: the attacks go through the family object (:mod:`salun_diffusers.families`) passed as ``scheduler``
+(a DDPM scheduler stands for the U-Net family): its noise, timesteps / sigmas, training target and model call are the
+loss. SD 1.x/2.x: the conditioning is the CLIP hidden states ``[B, 77, D]``. SD3 / FLUX (a
+:class:`~salun_diffusers.families.FlowFamily`): a :class:`~salun_diffusers.families.PromptCond` of the hidden states
+and the pooled embeddings, as the pipeline's ``encode_prompt`` makes them; the conditioning attack optimises both, the
+token attack types its words into both of SD3's CLIP encoders (T5, when there is one, reads the typed prompt). What
+a family cannot be attacked with is refused in one line (:func:`check_attack_fits`).
+
 Every attack is seeded by an explicit ``torch.Generator`` (noise, timesteps, initial tokens) and deterministic on
 CPU. The attacked U-Net (and text encoder) are frozen for the duration and their ``requires_grad`` flags restored
 afterwards: their weights and ``.grad`` are never touched, so the attacks can run inside training
@@ -29,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..families import training_scheduler
+from ..families import (FLUX, SD3, SDXL, PromptCond, map_cond, pipeline_class_name, pipeline_family,
+                        training_scheduler)
 from ..objectives import diffusion_loss
 
 logger = logging.getLogger(__name__)
@@ -45,10 +54,59 @@ DEFAULT_LR: Dict[str, float] = {"token": 1e-2, "inversion": 5e-3, "conditioning"
 # t >= 500 3 (also at 300 steps or lr 0.03); t >= 300 2, t >= 700 or 800 1 of rows 3, 7.
 CONDITIONING_DEFAULTS: Dict[str, int] = {"draws": 8, "min_timestep": 500}
 EVAL_DRAWS = 8  # noise draws of the fixed evaluation that picks the best token set
+# The added conditioning the conditioning attack optimises besides the hidden states (SD3 / FLUX: the pooled text
+# embeddings); anything else (SDXL's time ids) is kept as given.
+ATTACKED_ADDED = ("pooled_projections",)
+# (pipeline class, attack) -> why it is refused
+ATTACK_REFUSALS: Dict[tuple, str] = {
+    (SDXL, "token"): "SDXL is not supported by the attacks yet (two text encoders and time ids); attack an SD 1.x/2.x, "
+                     "SD3 or FLUX model",
+    (FLUX, "token"): "FLUX's prompt hidden states come from T5, which does not read the CLIP word vocabulary the token "
+                     "attack chooses from; use --attack conditioning",
+    (SD3, "inversion"): "concept inversion learns one token embedding of a single CLIP text encoder, and SD3 reads the "
+                        "prompt through two CLIP encoders (and T5); use --attack token or conditioning",
+    (FLUX, "inversion"): "concept inversion learns one token embedding of a CLIP text encoder, and FLUX's prompt hidden "
+                         "states come from T5; use --attack conditioning",
+}
+ATTACK_REFUSALS[(SDXL, "inversion")] = ATTACK_REFUSALS[(SDXL, "conditioning")] = ATTACK_REFUSALS[(SDXL, "token")]
 
 
 def _generator(generator: Optional[torch.Generator]) -> torch.Generator:
     return generator if generator is not None else torch.Generator().manual_seed(0)
+
+
+def check_attack_fits(pipeline_class: Optional[str], attack: str) -> None:
+    """Refuse, in one line saying why, an attack the model family cannot take (``pipeline_class``: the pipeline's
+    class name, e.g. from ``model_index.json``; None passes)."""
+    reason = ATTACK_REFUSALS.get((pipeline_class, attack))
+    if reason:
+        raise ValueError(f"the {attack} attack does not fit {pipeline_class}: {reason}")
+
+
+def _is_flow(scheduler) -> bool:
+    return bool(getattr(scheduler, "flow", False))
+
+
+def _hidden(cond):
+    return cond if isinstance(cond, torch.Tensor) else cond.embeds
+
+
+def _batched(cond):
+    """A conditioning with a batch dimension (``[77, D]`` -> ``[1, 77, D]``; a PromptCond's every tensor)."""
+    return map_cond(cond, lambda t: t.unsqueeze(0)) if _hidden(cond).ndim == 2 else cond
+
+
+def _repeat(cond, times: int):
+    """``times`` copies of a batch of conditionings, one after another (like ``Tensor.repeat`` on the batch)."""
+    return map_cond(cond, lambda t: t.repeat(times, *([1] * (t.ndim - 1))))
+
+
+def _detached_like(cond, like):
+    """``cond`` detached, each tensor in the dtype of ``like``'s."""
+    if isinstance(cond, torch.Tensor):
+        return cond.detach().to(like.dtype)
+    added = None if cond.added is None else {k: v.detach().to(like.added[k].dtype) for k, v in cond.added.items()}
+    return PromptCond(cond.embeds.detach().to(like.embeds.dtype), added)
 
 
 @contextlib.contextmanager
@@ -68,13 +126,12 @@ def attack_loss(unet, scheduler, target_latents: torch.Tensor, embeds: torch.Ten
                 added_cond_kwargs=None, min_timestep: int = 0) -> torch.Tensor:
     """The attacked model's own denoising loss: MSE of ``eps(x_t | embeds)`` against the noise that made ``x_t``
     from ``target_latents`` (noise and timesteps drawn from ``generator``). ``embeds`` with batch 1 is shared by
-    every target."""
+    every target. ``scheduler`` may be a family object (SD3 / FLUX: sigmas with the pipeline's shift, the velocity
+    target, ``embeds`` a PromptCond with the pooled embeddings)."""
     latents = target_latents.to(unet.device, unet.dtype)
-    embeds = embeds.to(unet.device, unet.dtype)
-    if embeds.ndim == 2:
-        embeds = embeds.unsqueeze(0)
-    if embeds.shape[0] == 1 and latents.shape[0] > 1:
-        embeds = embeds.expand(latents.shape[0], -1, -1)
+    embeds = _batched(map_cond(embeds, lambda t: t.to(unet.device, unet.dtype)))
+    if _hidden(embeds).shape[0] == 1 and latents.shape[0] > 1:
+        embeds = map_cond(embeds, lambda t: t.expand(latents.shape[0], *t.shape[1:]))
     return diffusion_loss(unet, scheduler, latents, embeds, generator, added_cond_kwargs=added_cond_kwargs,
                           min_timestep=min_timestep)
 
@@ -83,20 +140,25 @@ def attack_loss(unet, scheduler, target_latents: torch.Tensor, embeds: torch.Ten
 def evaluate_loss(unet, scheduler, target_latents, embeds, seed: int = 0, draws: int = EVAL_DRAWS) -> float:
     """:func:`attack_loss` averaged over ``draws`` fixed noise draws per target (``seed``): comparable across calls."""
     latents = target_latents.repeat(draws, *([1] * (target_latents.ndim - 1)))
-    embeds = embeds.unsqueeze(0) if embeds.ndim == 2 else embeds
-    if embeds.shape[0] > 1:
-        embeds = embeds.repeat(draws, 1, 1)
+    embeds = _batched(embeds)
+    if _hidden(embeds).shape[0] > 1:
+        embeds = _repeat(embeds, draws)
     gen = torch.Generator(device=unet.device).manual_seed(int(seed))
     return float(attack_loss(unet, scheduler, latents, embeds, gen))
 
 
 def _prompt_attack_setup(pipe, unet, scheduler, generator):
-    """The attacked U-Net (default ``pipe.unet``), the training noise schedule, the attack's generator and the seed of
-    its fixed evaluation noise (drawn first, so it depends on the generator alone)."""
+    """The attacked denoiser (default ``pipe.unet``; SD3 / FLUX: ``pipe.transformer``), the training noise schedule
+    (the family object for SD3 / FLUX), the attack's generator and the seed of its fixed evaluation noise (drawn
+    first, so it depends on the generator alone)."""
     gen = _generator(generator)
     eval_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=gen.device))
-    return (unet if unet is not None else pipe.unet,
-            scheduler if scheduler is not None else training_scheduler(pipe), gen, eval_seed)
+    if scheduler is None:
+        family = pipeline_family(pipe)
+        scheduler = family if family.flow else training_scheduler(pipe)
+    if unet is None:
+        unet = pipe.transformer if _is_flow(scheduler) else pipe.unet
+    return unet, scheduler, gen, eval_seed
 
 
 # ---------------------------------------------------------------------------------------------------- text side
@@ -128,9 +190,15 @@ def _pieces(tokenizer, text: str) -> List[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids) if text.strip() else []
 
 
-def encode_prompt(pipe, prompt: str) -> torch.Tensor:
-    """The conditioning ``[1, 77, D]`` the pipeline makes of ``prompt`` (no classifier-free guidance)."""
+def encode_prompt(pipe, prompt: str, scheduler=None):
+    """The conditioning ``[1, 77, D]`` the pipeline makes of ``prompt`` (no classifier-free guidance). SD3 / FLUX
+    (``scheduler`` the family object, default the pipeline's): a batch-1 PromptCond of the pipeline's
+    ``encode_prompt`` (hidden states and pooled embeddings)."""
+    if scheduler is None and getattr(pipe, "transformer", None) is not None:
+        scheduler = pipeline_family(pipe)
     with torch.no_grad():
+        if _is_flow(scheduler):
+            return scheduler.prompt_conds([prompt])
         return encode_ids(pipe.text_encoder, _ids(pipe.tokenizer, _pieces(pipe.tokenizer, prompt))).float()
 
 
@@ -160,10 +228,10 @@ def _word(tokenizer, token_id: int) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- conditioning
-def conditioning_attack(unet, scheduler, target_latents: torch.Tensor, init_embeds: torch.Tensor, *,
+def conditioning_attack(unet, scheduler, target_latents: torch.Tensor, init_embeds, *,
                         steps: int = DEFAULT_STEPS["conditioning"], lr: float = DEFAULT_LR["conditioning"],
                         draws: int = 1, min_timestep: int = 0, generator: Optional[torch.Generator] = None,
-                        show_progress: bool = False) -> torch.Tensor:
+                        show_progress: bool = False):
     """Optimise the whole text conditioning (white-box) so the model reconstructs ``target_latents``.
 
     ``init_embeds``: ``[B, 77, D]`` (or ``[1, 77, D]`` shared by all targets), e.g. a neutral prompt's embedding.
@@ -171,6 +239,10 @@ def conditioning_attack(unet, scheduler, target_latents: torch.Tensor, init_embe
     gradient for little more time on a small model), timesteps from ``min_timestep`` up (the noisy end, where what
     the image shows is decided; the CLI's defaults in ``CONDITIONING_DEFAULTS``). Returns the adversarial conditioning
     (detached, ``init_embeds``' shape and dtype). The U-Net's weights and gradients are untouched.
+
+    SD3 / FLUX (``scheduler`` a :class:`~salun_diffusers.families.FlowFamily`, ``unet`` the transformer):
+    ``init_embeds`` is a :class:`~salun_diffusers.families.PromptCond`; its hidden states and its pooled embeddings
+    are optimised together (one Adam over both), ``min_timestep`` is a sigma times 1000.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -179,16 +251,21 @@ def conditioning_attack(unet, scheduler, target_latents: torch.Tensor, init_embe
     if not 0 <= min_timestep < scheduler.config.num_train_timesteps:
         raise ValueError(f"min_timestep must be in [0, {scheduler.config.num_train_timesteps}), got {min_timestep}")
     gen = _generator(generator)
-    embeds = init_embeds.detach().float().clone().requires_grad_(True)
+    embeds = map_cond(init_embeds, lambda t: t.detach().float().clone())
+    params = [embeds] if isinstance(embeds, torch.Tensor) else \
+        [embeds.embeds, *(v for k, v in (embeds.added or {}).items() if k in ATTACKED_ADDED)]
+    for p in params:
+        p.requires_grad_(True)
     latents = target_latents.repeat(draws, *([1] * (target_latents.ndim - 1)))
-    opt = torch.optim.Adam([embeds], lr=lr)
+    opt = torch.optim.Adam(params, lr=lr)
     with frozen(unet), torch.enable_grad():
         for _ in tqdm(range(steps), desc="conditioning attack", disable=not show_progress, leave=False):
             opt.zero_grad(set_to_none=True)
-            batch = embeds.repeat(draws, 1, 1) if embeds.ndim == 3 and embeds.shape[0] > 1 else embeds
+            hidden = _hidden(embeds)
+            batch = _repeat(embeds, draws) if hidden.ndim == 3 and hidden.shape[0] > 1 else embeds
             attack_loss(unet, scheduler, latents, batch, gen, min_timestep=min_timestep).backward()
             opt.step()
-    return embeds.detach().to(init_embeds.dtype)
+    return _detached_like(embeds, init_embeds)
 
 
 # --------------------------------------------------------------------------------------------------------- token
@@ -199,7 +276,7 @@ class TokenAttackResult:
     prompt: str  # the adversarial prompt (adversarial words, a space, the original prompt)
     token_ids: List[int]  # the adversarial tokens' ids
     tokens: List[str]  # ... and their words
-    embeds: torch.Tensor  # [1, 77, D]: the conditioning of ``prompt``, to feed the U-Net
+    embeds: torch.Tensor  # [1, 77, D]: the conditioning of ``prompt``, to feed the U-Net (SD3: a PromptCond)
     loss_start: float  # evaluate_loss of the initial tokens ...
     loss_final: float  # ... and of the chosen ones (same fixed noise draws)
     losses: List[float] = field(default_factory=list, repr=False)  # per optimisation step
@@ -216,23 +293,45 @@ def token_attack(pipe, target_latents: torch.Tensor, prompt: str, *, num_tokens:
     vocabulary embedding (cosine) and the projected tokens are what the text encoder sees (straight-through). Every
     ``eval_every`` steps (default ``steps // 4``) the projected token set is scored with :func:`evaluate_loss` on
     fixed noise; the best set (the start included) is returned.
+
+    SD3 (``scheduler`` its :class:`~salun_diffusers.families.FlowFamily`, default the pipeline's): the words go
+    through both CLIP encoders, as the pipeline's ``encode_prompt`` puts a prompt through them; each encoder has its
+    own soft embeddings, and a word is chosen by the sum of their cosines. The loss is the transformer's own
+    flow-matching loss on the conditioning ``encode_prompt`` makes (hidden states and pooled embeddings); ``embeds``
+    of the result is that PromptCond for the prompt as typed.
     """
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if getattr(pipe, "transformer", None) is not None:
+        check_attack_fits(pipeline_class_name(pipe), "token")
     unet, scheduler, gen, eval_seed = _prompt_attack_setup(pipe, unet, scheduler, generator)
+    flow = _is_flow(scheduler)
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    encoders = [text_encoder, pipe.text_encoder_2] if flow else [text_encoder]
+    if flow and pipe.tokenizer_2.get_vocab() != tokenizer.get_vocab():
+        raise ValueError("the token attack needs SD3's two CLIP tokenizers to share one vocabulary")
     eval_every = max(1, eval_every or steps // 4 or 1)
 
     vocab = word_vocabulary(tokenizer).to(text_encoder.device)
-    table = text_encoder.get_input_embeddings().weight.detach()[vocab].float()
-    table_unit = F.normalize(table, dim=-1)
+    tables = [e.get_input_embeddings().weight.detach()[vocab.to(e.device)].float() for e in encoders]
+    units = [F.normalize(t, dim=-1) for t in tables]
     start = torch.randint(0, len(vocab), (num_tokens,), generator=gen, device=gen.device).to(vocab.device)
     ids = _ids(tokenizer, [0] * num_tokens + _pieces(tokenizer, prompt)).to(text_encoder.device)
     span = slice(1, 1 + num_tokens)
 
-    def conditioning(choice: torch.Tensor, vectors: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def nearest(softs) -> torch.Tensor:
+        """The vocabulary word nearest (cosine, summed over the encoders) to each soft token."""
+        scores = F.normalize(softs[0], dim=-1) @ units[0].T
+        for soft, unit in zip(softs[1:], units[1:]):
+            scores = scores + F.normalize(soft, dim=-1) @ unit.T
+        return scores.argmax(-1)
+
+    def conditioning(choice: torch.Tensor, vectors=None):
+        if flow:  # the pipeline's encode_prompt on placeholder words; each encoder's span gets its vectors
+            return _flow_span_conditioning(pipe, scheduler, encoders, prompt, num_tokens,
+                                           vectors or [t[choice] for t in tables])
         run_ids = ids.clone()
         run_ids[0, span] = vocab[choice]
         if vectors is None:
@@ -240,7 +339,7 @@ def token_attack(pipe, target_latents: torch.Tensor, prompt: str, *, num_tokens:
 
         def edit(out):
             out = out.clone()
-            out[:, span] = vectors.to(out.dtype)
+            out[:, span] = vectors[0].to(out.dtype)
             return out
         return encode_ids(text_encoder, run_ids, edit)
 
@@ -248,21 +347,22 @@ def token_attack(pipe, target_latents: torch.Tensor, prompt: str, *, num_tokens:
         with torch.no_grad():
             return evaluate_loss(unet, scheduler, target_latents, conditioning(choice), eval_seed)
 
-    soft = table[start].clone().requires_grad_(True)
-    opt = torch.optim.Adam([soft], lr=lr)
+    softs = [table[start].clone().requires_grad_(True) for table in tables]
+    opt = torch.optim.Adam(softs, lr=lr)
     best_choice, best = start, score(start)
     loss_start, losses = best, []
-    with frozen(unet, text_encoder), torch.enable_grad():
+    with frozen(unet, *encoders), torch.enable_grad():
         for step in tqdm(range(1, steps + 1), desc="token attack", disable=not show_progress, leave=False):
-            choice = (F.normalize(soft, dim=-1) @ table_unit.T).argmax(-1)
-            hard = soft + (table[choice] - soft).detach()  # forward: vocabulary tokens; gradient: to the soft ones
+            choice = nearest(softs)
+            # forward: vocabulary tokens; gradient: to the soft ones
+            hard = [soft + (table[choice] - soft).detach() for soft, table in zip(softs, tables)]
             opt.zero_grad(set_to_none=True)
             loss = attack_loss(unet, scheduler, target_latents, conditioning(choice, hard), gen)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
             if step % eval_every == 0 or step == steps:
-                choice = (F.normalize(soft.detach(), dim=-1) @ table_unit.T).argmax(-1)
+                choice = nearest([soft.detach() for soft in softs])
                 if not torch.equal(choice, best_choice):
                     value = score(choice)
                     if value < best:
@@ -271,12 +371,46 @@ def token_attack(pipe, target_latents: torch.Tensor, prompt: str, *, num_tokens:
     words = [_word(tokenizer, i) for i in token_ids]
     adv_prompt = " ".join(words + ([prompt.strip()] if prompt.strip() else []))
     # the conditioning of the prompt as a user would type it (whole-word tokens tokenize back to themselves)
-    embeds = encode_prompt(pipe, adv_prompt)
+    embeds = encode_prompt(pipe, adv_prompt, scheduler)
     retyped = _pieces(tokenizer, adv_prompt)[:num_tokens]
     if retyped != token_ids:
         logger.warning("adversarial prompt %r tokenizes to %s, not the optimised %s", adv_prompt, retyped, token_ids)
     loss_final = evaluate_loss(unet, scheduler, target_latents, embeds, eval_seed)  # of the prompt as typed
     return TokenAttackResult(adv_prompt, token_ids, words, embeds, loss_start, loss_final, losses)
+
+
+def _anchor_word(tokenizer) -> tuple:
+    """``(word, id)``: a whole-word token that tokenizes to itself alone (a placeholder the attacks overwrite)."""
+    for token_id in word_vocabulary(tokenizer).tolist():
+        word = _word(tokenizer, token_id)
+        if _pieces(tokenizer, word) == [token_id]:
+            return word, token_id
+    raise ValueError("the tokenizer has no whole-word token that tokenizes back to itself")
+
+
+def _flow_span_conditioning(pipe, family, encoders, prompt: str, num_tokens: int, vectors):
+    """The conditioning (batch 1, gradients flowing) the pipeline's ``encode_prompt`` makes of ``num_tokens``
+    placeholder words then ``prompt``, with encoder ``i``'s input token embeddings of the placeholders replaced by
+    ``vectors[i]`` ``[num_tokens, D_i]``."""
+    word, anchor = _anchor_word(pipe.tokenizer)
+    span = slice(1, 1 + num_tokens)
+    text = " ".join([word] * num_tokens + ([prompt.strip()] if prompt.strip() else []))
+
+    def hook(vec):
+        def edit(module, args, out):
+            if not bool((args[0][:, span] == anchor).all()):
+                raise ValueError(f"prompt {prompt!r}: the adversarial tokens fall past the text encoder's token limit")
+            out = out.clone()
+            out[:, span] = vec.to(out.dtype)
+            return out
+        return edit
+
+    handles = [e.get_input_embeddings().register_forward_hook(hook(v)) for e, v in zip(encoders, vectors)]
+    try:
+        return family.prompt_conds([text])
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ------------------------------------------------------------------------------------------------------ inversion
@@ -342,6 +476,8 @@ def inversion_attack(pipe, concept_latents: torch.Tensor, *, steps: int = DEFAUL
     n = len(concept_latents)
     if len(templates) not in (1, n):
         raise ValueError(f"give one template or one per latent: {len(templates)} templates for {n} latents")
+    if getattr(pipe, "transformer", None) is not None:
+        check_attack_fits(pipeline_class_name(pipe), "inversion")
     unet, scheduler, gen, eval_seed = _prompt_attack_setup(pipe, unet, scheduler, generator)
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
     encoded = [_placeholder_ids(tokenizer, t, placeholder) for t in templates]

@@ -54,7 +54,7 @@ from ..concepts import digit_prompt
 from ..data import load_mnist
 from ..digits import judge_split, mnist_images
 from ..evaluation.judges import make_judge
-from ..families import training_scheduler
+from ..families import FLOW_CLASSES, model_class_name, training_scheduler
 from ..objectives import diffusion_loss
 from ..utils import atomic_path, read_json_or_none, write_json, write_text
 from .core import conditioning_attack, encode_prompt
@@ -477,6 +477,11 @@ def probe_judge(target: ProbeTarget) -> Judge:
 def probe_target(settings: ProbeSettings, target: ProbeTarget) -> dict:
     """Load ``target``'s pipeline (as ``salun-attack`` does), judge and real images; :func:`run_probes` on them. On
     the digit world the default concept prompt becomes the digit's own prompt."""
+    name = model_class_name(target.model)
+    if name in FLOW_CLASSES:
+        raise ValueError(f"salun-probe probes U-Net pipelines (SD 1.x/2.x): its inpainting, SDEdit and relearning "
+                         f"probes run a DDPM/DDIM U-Net loop, and {target.model!r} is a {name} (flow matching); "
+                         "use salun-attack --attack conditioning or token on it")
     pipe = load_attacked_pipeline(target.model, target.erasure, target.mixed_precision)
     judge = probe_judge(target)
     if target.digit is not None:

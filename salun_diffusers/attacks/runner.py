@@ -21,17 +21,21 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..digits import DIGIT_SAMPLING, digit_prompt
-from ..families import encode_images, is_flow_model, training_scheduler
+from ..families import (FLOW_CLASSES, FLUX, PromptCond, denoiser, encode_images, load_base_pipeline,
+                        model_class_name, pipeline_class_name, pipeline_family, training_scheduler)
 from ..evaluation.generate import generate_images, image_path, row_size
 from ..evaluation.judges import make_judge
 from ..evaluation.nudenet import EXPOSED_CLASSES
 from ..evaluation.prompts import PromptRow, read_prompts
 from ..evaluation.reproduce import judge_record, rows_record, run_provenance
+from ..hub import resolve_base_model
+from ..loaders import load_erasure
 from ..pipelines import StableDiffusionErasedPipeline
 from ..runs import check_resume_settings
 from ..utils import atomic_path, resolve_dtype, write_json
 from .config import ATTACKS, AttackConfig, resolve_models
-from .core import InversionResult, conditioning_attack, encode_prompt, evaluate_loss, inversion_attack, token_attack
+from .core import (InversionResult, check_attack_fits, conditioning_attack, encode_prompt, evaluate_loss,
+                   inversion_attack, token_attack)
 from .report import write_attack_report
 
 logger = logging.getLogger(__name__)
@@ -40,12 +44,18 @@ ROWS_DIR, INVERSION_FILE = "rows", "inversion.safetensors"
 
 
 def load_attacked_pipeline(model: str, erasure: Optional[str], mixed_precision: str, device=None):
-    """The pipeline ``model`` (with ``erasure`` loaded) on ``device`` (default: cuda where there is one)."""
+    """The pipeline ``model`` (with ``erasure`` loaded) on ``device`` (default: cuda where there is one). SD3 / FLUX
+    models load as the class their ``model_index.json`` names, the erasure on ``pipe.transformer``."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = StableDiffusionErasedPipeline.from_pretrained(model, erasure=erasure, safety_checker=None,
-                                                             requires_safety_checker=False,
-                                                             torch_dtype=resolve_dtype(mixed_precision))
+        if model_class_name(model) in FLOW_CLASSES:
+            pipe = load_base_pipeline(resolve_base_model(model), torch_dtype=resolve_dtype(mixed_precision))
+            if erasure:
+                load_erasure(pipe, erasure)
+        else:
+            pipe = StableDiffusionErasedPipeline.from_pretrained(model, erasure=erasure, safety_checker=None,
+                                                                 requires_safety_checker=False,
+                                                                 torch_dtype=resolve_dtype(mixed_precision))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -87,12 +97,35 @@ def row_file(out: str, case: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ images
+def sampling_kwargs(pipe) -> dict:
+    """Pipeline-call settings the model must be sampled with besides the row's (the SD3 digit world's T5 length);
+    the row's guidance is the pipeline's ``guidance_scale`` for every family."""
+    return {k: v for k, v in pipeline_family(pipe).sampling_kwargs().items() if k != "guidance_scale"}
+
+
+def conditioning_kwargs(pipe, embeds) -> dict:
+    """The pipeline-call arguments that draw from a conditioning: ``prompt_embeds`` and the empty prompt's
+    ``negative_prompt_embeds`` (SD3: with the pooled embeddings of both; FLUX: no negative, as its pipeline draws a
+    prompt)."""
+    model = denoiser(pipe)
+    if not isinstance(embeds, PromptCond):
+        negative = encode_prompt(pipe, "").to(model.device, model.dtype)
+        return {"prompt_embeds": embeds.to(model.device, model.dtype), "negative_prompt_embeds": negative}
+    embeds = embeds.to(model.device, model.dtype)
+    kwargs = {"prompt_embeds": embeds.embeds, "pooled_prompt_embeds": embeds.added["pooled_projections"]}
+    if pipeline_class_name(pipe) != FLUX:
+        negative = encode_prompt(pipe, "").to(model.device, model.dtype)
+        kwargs.update(negative_prompt_embeds=negative.embeds,
+                      negative_pooled_prompt_embeds=negative.added["pooled_projections"])
+    return kwargs
+
+
 @torch.no_grad()
-def draw_conditioned(pipe, row, embeds: torch.Tensor, path: str, num_inference_steps: int, resolution=None) -> None:
-    """Draw one image of ``row`` (its seed, guidance and size) from a conditioning ``[1, 77, D]``; save atomically."""
+def draw_conditioned(pipe, row, embeds, path: str, num_inference_steps: int, resolution=None) -> None:
+    """Draw one image of ``row`` (its seed, guidance and size) with the pipeline's own sampling from a conditioning
+    ``[1, 77, D]`` (SD3 / FLUX: a batch-1 PromptCond with the pooled embeddings); save atomically."""
     height, width = row_size(pipe, row, resolution)
-    negative = encode_prompt(pipe, "").to(pipe.unet.device, pipe.unet.dtype)
-    image = pipe(prompt_embeds=embeds.to(pipe.unet.device, pipe.unet.dtype), negative_prompt_embeds=negative,
+    image = pipe(**conditioning_kwargs(pipe, embeds), **sampling_kwargs(pipe),
                  generator=torch.Generator("cpu").manual_seed(row.seed), guidance_scale=row.guidance,
                  num_inference_steps=num_inference_steps, height=height, width=width, output_type="pil").images[0]
     with atomic_path(path) as tmp:
@@ -105,7 +138,7 @@ def target_latents(pipe, path: str, row, resolution) -> torch.Tensor:
     if height != width:
         raise ValueError(f"case {row.case_number}: the attack needs square images, got {width}x{height}; "
                          "pass --resolution")
-    return encode_images(pipe.vae, [path], height).to(pipe.unet.device)
+    return encode_images(pipe.vae, [path], height).to(denoiser(pipe).device)
 
 
 # ------------------------------------------------------------------------------------------------------ attacks
@@ -151,13 +184,16 @@ def _run_inversion(pipe, config: AttackConfig, row, target, gen, inversion) -> d
 
 
 def _run_conditioning(pipe, config: AttackConfig, row, target, gen, inversion) -> dict:
-    sched = training_scheduler(pipe)
-    init = encode_prompt(pipe, row.prompt)
-    embeds = conditioning_attack(pipe.unet, sched, target, init, steps=config.attack_steps(), lr=config.attack_lr(),
+    # the family's own loss: a DDPM scheduler for the U-Nets, the FlowFamily (sigmas, velocity, pooled) for SD3/FLUX
+    family = pipeline_family(pipe)
+    sched = family if family.flow else training_scheduler(pipe)
+    model = denoiser(pipe)
+    init = encode_prompt(pipe, row.prompt, sched)
+    embeds = conditioning_attack(model, sched, target, init, steps=config.attack_steps(), lr=config.attack_lr(),
                                  draws=config.draws, min_timestep=config.min_timestep, generator=gen)
     return {"embeds": embeds, "adversarial_prompt": None, "adversarial_tokens": None,
-            "loss_start": evaluate_loss(pipe.unet, sched, target, init),
-            "loss_final": evaluate_loss(pipe.unet, sched, target, embeds)}
+            "loss_start": evaluate_loss(model, sched, target, init),
+            "loss_final": evaluate_loss(model, sched, target, embeds)}
 
 
 # attack name -> (pipe, config, row, target latents, generator, learned inversion or None) -> {"embeds",
@@ -191,10 +227,7 @@ def run_attack(config: AttackConfig, judge=None, base_pipe=None, pipe=None) -> d
     os.makedirs(out, exist_ok=True)
     check_resume_settings(out, config.settings(), holds="an attack run", kept="finished rows are never redone or mixed")
     model, erasure, base_model = resolve_models(config)
-    if pipe is None and is_flow_model(model):
-        raise ValueError(f"salun-attack attacks U-Net pipelines (SD 1.x/2.x): its attacks optimise one CLIP encoder's "
-                         f"hidden states against the U-Net's denoising loss, and {model!r} is an SD3/FLUX transformer "
-                         "pipeline (pooled + T5 conditioning, velocity target), not supported yet")
+    check_attack_fits(model_class_name(model) if pipe is None else pipeline_class_name(pipe), config.attack)
     judge = judge or make_attack_judge(config)
     steps = config.sampling_steps()
     draw = dict(batch_size=config.batch_size, num_inference_steps=steps, resolution=config.resolution)
@@ -206,10 +239,10 @@ def run_attack(config: AttackConfig, judge=None, base_pipe=None, pipe=None) -> d
         need = [t for t in targets if not os.path.exists(image_path(dirs["targets"], t))]
         if need:
             base = base_pipe or load_attacked_pipeline(base_model, None, config.mixed_precision)
-            generate_images(base, need, dirs["targets"], **draw)
+            generate_images(base, need, dirs["targets"], **draw, **sampling_kwargs(base))
             del base
         pipe = pipe or load_attacked_pipeline(model, erasure, config.mixed_precision)
-        generate_images(pipe, todo, dirs["before"], **draw)
+        generate_images(pipe, todo, dirs["before"], **draw, **sampling_kwargs(pipe))
     inversion = None
     if todo and config.attack == "inversion":
         inversion = learn_inversion(pipe, config, rows, targets, dirs["targets"])
