@@ -176,8 +176,6 @@ def test_damaged_sd3_verdict_is_ignored_and_the_base_judged(tmp_path, monkeypatc
     assert json.load(open(tmp_path / "v" / cached))["key"] == entry["key"]  # the fresh scores cached under the key
 
 
-@pytest.mark.xfail(strict=True, reason="needs erasure/data.py to pass the family's sampling settings to ShippedData "
-                                       "(sampling=...); remove this mark with that change")
 def test_sd3_data_at_another_t5_length_is_drawn_not_copied(tmp_path, drawn_counts):
     """--max_sequence_length other than the world's own 8 draws other images: the asset (drawn at 8) must not fill
     them."""

@@ -151,8 +151,10 @@ def prepare_data(pipe, config: EraseConfig, spec: AnySpec, accelerator=None) -> 
         main = accelerator is None or accelerator.is_local_main_process
         if main and not all(os.path.exists(os.path.join(folder, f"{s}.png")) for s in seeds):
             if not shipped:
+                sampling = {k: v for k, v in family.sampling_kwargs().items() if k != "guidance_scale"}
                 shipped.append(ShippedData(pipe, resolve_base_model(model_id), config.data_num_inference_steps,
-                                           config.data_guidance_scale, size, config.variant, precision))
+                                           config.data_guidance_scale, size, config.variant, precision,
+                                           sampling=sampling))
             if shipped[0].fill(prompt, seeds, folder):
                 source = " (copied from the images shipped with the package)"
         if accelerator is not None:  # every process waits, whatever it found on disk
