@@ -164,13 +164,14 @@ class EraseConfig(JsonConfigMixin):
     partial_sampling_steps: Optional[int] = _f(None, "ESD / AdvUnlearn: DDIM steps of the partial sampling (official "
                                                      "50; the digit world: 10).")
     guide_prompt: Optional[str] = _f(None, "UCE: the prompt the erased concept's tokens map onto ('' = the "
-                                           "unconditional, the official default).")
-    preserve_scale: Optional[float] = _f(None, "UCE: weight of keeping the retain prompts' outputs (official 0.1; "
-                                               "the digit world: 1.0).")
+                                           "unconditional, the official default; the digit world: '<next digit>', "
+                                           "each digit onto the next).")
+    preserve_scale: Optional[float] = _f(None, "UCE: weight of keeping the retain prompts' outputs (official 0.1, "
+                                               "also the digit world's).")
     attack_steps: Optional[int] = _f(None, "AdvUnlearn: inner soft-prompt attack steps per outer step (official 30; "
                                            "the digit world: 5).")
     attack_warmup: Optional[int] = _f(None, "AdvUnlearn: plain ESD steps before the first attack (official 200; the "
-                                            "digit world: 20).")
+                                            "digit world: 40).")
     seed: int = _f(0, "Seed for data generation, saliency noise and training noise.")
     mixed_precision: str = _f("no", "Mixed precision: no, fp16 or bf16 (accelerate).", choices=["no", "fp16", "bf16"])
     # output and bookkeeping

@@ -559,6 +559,21 @@ CARD_FAMILIES = {"StableDiffusionPipeline": "U-Net, Stable Diffusion 1.x/2.x", "
             "FluxPipeline": "flow-matching transformer, FLUX"}
 
 
+def card_front_matter(base: str, method_tag: str) -> str:
+    """The model card's YAML header (the Hub reads it): diffusers, the base model, the method's tag."""
+    return f"""---
+library_name: diffusers
+base_model: {base}
+tags:
+- stable-diffusion
+- concept-erasure
+- machine-unlearning
+- {method_tag}
+- salun-diffusers
+---
+"""
+
+
 PEER_NAMES = {"esd-x": ("ESD-x", "https://arxiv.org/abs/2303.07345", "cross-attention weights of the U-Net"),
               "esd-u": ("ESD-u", "https://arxiv.org/abs/2303.07345",
                         "U-Net weights outside cross-attention, the time embedding and the output head"),
@@ -584,17 +599,7 @@ pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")
 ```
 
 """ if config.save_merged_unet and config.save_pipeline != "none" else "")
-    return f"""---
-library_name: diffusers
-base_model: {base}
-tags:
-- stable-diffusion
-- concept-erasure
-- machine-unlearning
-- {config.method}
-- salun-diffusers
----
-
+    return card_front_matter(base, config.method) + f"""
 # {name} erasure of "{spec.name}" from `{base}`
 
 This folder holds a [{name}]({paper}) erasure of {erased} from `{base}`, made with salun-diffusers {__version__}
@@ -640,17 +645,7 @@ def model_card(config: EraseConfig, spec: AnySpec, metrics: dict) -> str:
     base = base_model_id(config)
     pipeline_class = metrics.get("pipeline_class", "StableDiffusionPipeline")
     net = "transformer" if pipeline_class in ("StableDiffusion3Pipeline", "FluxPipeline") else "U-Net"
-    return f"""---
-library_name: diffusers
-base_model: {base}
-tags:
-- stable-diffusion
-- concept-erasure
-- machine-unlearning
-- salun
-- salun-diffusers
----
-
+    return card_front_matter(base, "salun") + f"""
 # SalUn erasure of "{spec.name}" from `{base}`
 
 This folder holds a [SalUn](https://arxiv.org/abs/2310.12508) (saliency unlearning) erasure of the concept{
