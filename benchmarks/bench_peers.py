@@ -448,8 +448,8 @@ def main(argv=None):
             if not args.tune and not args.no_reference and os.path.isfile(
                     os.path.join(reference_dir(REFERENCE_DIR, digit), "reference.json")):
                 todo.append((REFERENCE, {}))
+            scores = base_digit_scores(base, judge, digit, args.n_per_digit)  # the base's, once per digit
             for method, setting in todo:
-                scores = base_digit_scores(base, judge, digit, args.n_per_digit)
                 run_piece(args, method, setting, digit, base, judge, scores)
     report = write_report(args, all_rows(args))
     print(tuning_markdown(report) if args.tune else markdown(report))
