@@ -51,3 +51,42 @@ def test_summary_counts_digits_meeting_both_targets(bench):
     text = bench.markdown({"threads": 1, "jobs": 1, "n_per_digit": 50, "kind": "report", "digits": [0, 1, 2],
                            "rows": rows, "summary": [s]})
     assert "| uce | 3 | 98.0% / 94% | 1.4 / 3.1 | 80% / 90% | — / — | — / — | — / — | 1 of 3 | 1 / 1 |" in text
+
+
+def test_every_grid_setting_is_a_train_erase_flag_set_that_resolves_to_itself(bench):
+    """The bench erases through erase() with train_erase.py's flags: each tuned setting maps onto EraseConfig fields
+    whose resolved method config holds exactly the setting's values (a renamed or dropped flag fails here)."""
+    from salun_diffusers.config import EraseConfig
+    from salun_diffusers.erasure.peers import method_config
+    from salun_diffusers.methods import NEXT_DIGIT
+
+    for method, grid in bench.GRID.items():
+        if method in bench.SALUN_ROWS:
+            continue
+        for setting in grid + [bench.FROZEN[method]]:
+            flags = bench.peer_flags(method, setting)
+            resolved = method_config(EraseConfig(concept="seven", method=method, **flags)).to_dict()
+            for key, value in setting.items():
+                if key == "guide":
+                    assert resolved["guide_prompt"] == (NEXT_DIGIT if value == "next" else value)
+                else:
+                    assert resolved[key] == value, (method, key)
+    with pytest.raises(ValueError, match="has no train_erase.py flag"):
+        bench.peer_flags("esd-x", {"momentum": 0.9})
+
+
+def test_variant_rows_parse_run_by_default_and_sit_before_the_reference(bench, capsys):
+    args = bench.parse_args(["--variant", 'robust={"adversarial": true, "alpha": 6}'])
+    assert args.variants == {"robust": [{"adversarial": True, "alpha": 6}]}
+    assert args.methods[-1] == "robust" and set(bench.METHODS) <= set(args.methods)
+    rows = [_row(m, {}, 0, 1.0, 0.0, 0.1, kind="report") for m in ("never learned", "robust", "uce", "base")]
+    assert bench.row_order(rows) == ["base", "uce", "robust", "never learned"]
+    for bad, message in [('robust={"alpah": 6}', "not EraseConfig fields"), ("robust={alpha", "does not parse"),
+                         ('uce={"alpha": 6}', "with a NAME not in")]:
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--variant", bad])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # several settings of one name are for --tune
+        bench.parse_args(["--variant", 'r={"alpha": 4}', "--variant", 'r={"alpha": 6}'])
+    assert len(bench.parse_args(["--tune", "--variant", 'r={"alpha": 4}', "--variant", 'r={"alpha": 6}'])
+               .variants["r"]) == 2
