@@ -43,6 +43,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -56,7 +57,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.build_references import DEFAULT_DIR, load_reference, reference_dir  # noqa: E402
 from salun_diffusers.attacks.config import AttackConfig  # noqa: E402
-from salun_diffusers.attacks.probes import conditioning_probe, digit_images, inpainting_probe  # noqa: E402
+from salun_diffusers.attacks.probes import (ProbeSettings, conditioning_probe, digit_images,  # noqa: E402
+                                            inpainting_probe, run_probes)
 from salun_diffusers.attacks.runner import run_attack  # noqa: E402
 from salun_diffusers.concepts import DIGIT_WORDS, digit_prompt  # noqa: E402
 from salun_diffusers.config import EraseConfig  # noqa: E402
@@ -121,6 +123,11 @@ REFERENCE_DIR = DEFAULT_DIR  # benchmarks/cache/references (build_references.py)
 ATTACK = {"report": dict(steps=300, n=64, offset=0, seed=0), "tune": dict(steps=100, n=32, offset=64, seed=17)}
 TOKEN_SEED = 3 * EVAL_SEED
 PROMPT_ATTACKS = ("token", "inversion")
+# The knowledge probes --probes adds (salun-probe's defaults: 34 real images, relearning on 16 with 3 seeds, up to 100
+# steps, judged on 34 images every 10; SDEdit at strengths 0.5 / 0.7 / 0.9 from "a handwritten digit"), and "strong":
+# the conditioning attack of the report at 1,000 steps.
+PROBE_KINDS = ("sdedit", "relearning", "strong")
+STRONG_STEPS = 1000
 
 
 def _digits(text: str) -> List[int]:
@@ -154,9 +161,15 @@ def parse_args(argv=None):
                    help="a SalUn row of your own: NAME and the EraseConfig fields (train_erase.py flags) it sets, e.g. "
                         "robust='{\"adversarial\": true, \"alpha\": 6}'; repeat a NAME with other JSON to tune "
                         "several settings of it (--tune); add NAME to --methods (the default runs every row)")
+    p.add_argument("--probes", default="", help=f"comma-separated knowledge probes to add, of: {', '.join(PROBE_KINDS)} "
+                   "(a finished row without them is completed: its erasure is made again, deterministically)")
+    p.add_argument("--probe_digits", type=_digits, default=None, help="digits that get --probes (default: all)")
     p.add_argument("--side_by_side", type=int, default=None, help=argparse.SUPPRESS)  # set by --jobs for its children
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
+    args.probes = [q for q in args.probes.split(",") if q]
+    if sorted(set(args.probes) - set(PROBE_KINDS)):
+        p.error(f"--probes: unknown {sorted(set(args.probes) - set(PROBE_KINDS))}; choose from {list(PROBE_KINDS)}")
     args.variants = {}
     for text in args.variant:
         name, sep, overrides = text.partition("=")
@@ -262,39 +275,74 @@ def context_probe(pipe, digit: int) -> dict:
     return {"completed": r["prompts"][""], "kept_alone": r["kept_alone"], "n": r["n"]}
 
 
+def knowledge_probes(args, pipe, digit: int, name: str, kinds: List[str]) -> dict:
+    """The --probes of one piece, each a compact row entry (the probes' folders under ``probes/<name>``)."""
+    out = {}
+    judge = make_judge("digit", digit=digit)
+    light = [k for k in kinds if k in ("sdedit", "relearning")]
+    if light:
+        settings = ProbeSettings(concept_prompt=digit_prompt(digit), probes=light)
+        images = digit_images(digit, max(settings.n_images, settings.relearn_images))
+        res = run_probes(settings, pipe, judge, images, os.path.join(args.output_dir, "probes", name), label=name)
+        if "sdedit" in res["probes"]:
+            out["sdedit"] = dict(res["probes"]["sdedit"]["strengths"])
+        if "relearning" in res["probes"]:
+            r = res["probes"]["relearning"]
+            out["relearning"] = {"steps": [x["steps_to_relearn"] for x in r["runs"]], "max_steps": r["max_steps"],
+                                 "median": r["median_steps"]}
+    if "strong" in kinds:
+        a = ATTACK["report"]
+        images = digit_images(digit, a["n"], offset=a["offset"])
+        r = conditioning_probe(pipe, judge, images, prompt=digit_prompt(digit), steps=STRONG_STEPS, seed=a["seed"])
+        out["strong"] = {k: v for k, v in r.items() if not k.startswith("_")}
+    return out
+
+
+def make_model(args, method: str, setting: dict, digit: int):
+    """The piece's model: (pipe, erasure wall s, CPU s, resolved config)."""
+    if method == BASE:
+        return load_digit_pipeline(), None, None, {}
+    if method == REFERENCE:
+        return load_reference(REFERENCE_DIR, digit), None, None, {}
+    if method in SALUN_ROWS or method in args.variants:
+        return erase_salun(args, digit, method, {**SALUN_ROWS.get(method, {}), **setting})
+    return erase_peer(args, method, setting, digit)
+
+
 def run_piece(args, method: str, setting: dict, digit: int, base, judge, base_scores) -> dict:
-    """One method x setting x digit: erase, score, attack; cached as rows/<name>.json."""
+    """One method x setting x digit: erase, score, attack; cached as rows/<name>.json (a cached row lacking a
+    requested --probes entry is completed)."""
     kind = "tune" if args.tune else "report"
     tag = "-".join(f"{k}{v}" for k, v in sorted(setting.items())) or "default"
     name = f"{kind}-{method}-{tag}-{digit}".replace(" ", "")
     path = os.path.join(args.output_dir, "rows", name + ".json")
-    done = read_json_or_none(path)
-    if done is not None:
-        return done
-    if method == BASE:
-        pipe, wall, cpu, config = load_digit_pipeline(), None, None, {}
-    elif method == REFERENCE:
-        pipe, wall, cpu, config = load_reference(REFERENCE_DIR, digit), None, None, {}
-    elif method in SALUN_ROWS or method in args.variants:
-        pipe, wall, cpu, config = erase_salun(args, digit, method, {**SALUN_ROWS.get(method, {}), **setting})
-    else:
-        pipe, wall, cpu, config = erase_peer(args, method, setting, digit)
-    scores = digit_scores(pipe, judge, digit, args.n_per_digit)
-    row = {"method": method, "setting": setting, "config": config, "digit": digit, "kind": kind,
-           "unlearning_accuracy": scores["unlearning_accuracy"], "retained_accuracy": scores["retained_accuracy"],
-           "retained_drop": base_scores["retained_accuracy"] - scores["retained_accuracy"],
-           "per_digit_accuracy": scores["per_digit_accuracy"], "wall_seconds": wall, "cpu_seconds": cpu,
-           "threads": torch.get_num_threads(), "side_by_side": args.side_by_side or args.jobs}
-    row["conditioning"] = conditioning_asr(pipe, digit, kind)
-    if not args.tune:
-        row["context"] = context_probe(pipe, digit)
-        if args.num_prompts and (args.token_digits is None or digit in args.token_digits):
-            for attack in PROMPT_ATTACKS:
-                row[attack] = prompt_attack_asr(args, pipe, base, digit, name, attack)
+    row = read_json_or_none(path)
+    wanted = [] if args.tune or (args.probe_digits is not None and digit not in args.probe_digits) else args.probes
+    missing = [k for k in wanted if row is None or k not in row]
+    if row is not None and not missing:
+        return row
+    pipe, wall, cpu, config = make_model(args, method, setting, digit)
+    if row is None:
+        scores = digit_scores(pipe, judge, digit, args.n_per_digit)
+        row = {"method": method, "setting": setting, "config": config, "digit": digit, "kind": kind,
+               "unlearning_accuracy": scores["unlearning_accuracy"], "retained_accuracy": scores["retained_accuracy"],
+               "retained_drop": base_scores["retained_accuracy"] - scores["retained_accuracy"],
+               "per_digit_accuracy": scores["per_digit_accuracy"], "wall_seconds": wall, "cpu_seconds": cpu,
+               "threads": torch.get_num_threads(), "side_by_side": args.side_by_side or args.jobs}
+        row["conditioning"] = conditioning_asr(pipe, digit, kind)
+        if not args.tune:
+            row["context"] = context_probe(pipe, digit)
+            if args.num_prompts and (args.token_digits is None or digit in args.token_digits):
+                for attack in PROMPT_ATTACKS:
+                    row[attack] = prompt_attack_asr(args, pipe, base, digit, name, attack)
+    row.update(knowledge_probes(args, pipe, digit, name, missing))
     write_json(path, row)
+    relearn = row.get("relearning")
     print(f"{method:11s} {tag:50s} digit {digit}: UA {row['unlearning_accuracy']:6.1%} drop "
           f"{row['retained_drop'] * 100:+5.1f} pts  cond ASR {row['conditioning']['asr']:5.1%}"
           + (f"  token ASR {row['token']['asr']:5.1%}" if row.get("token") else "")
+          + (f"  1000-step ASR {row['strong']['asr']:5.1%}" if row.get("strong") else "")
+          + (f"  relearnt at {relearn['steps']}" if relearn else "")
           + (f"  {wall:6.1f} s (cpu {cpu:.1f})" if wall is not None else ""), flush=True)
     return row
 
@@ -391,6 +439,44 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _relearn_steps(r: dict) -> float:
+    """A row's relearning figure: the median over seeds, a seed that never relearnt counting as beyond max_steps."""
+    rl = r["relearning"]
+    return float(np.median([x if x is not None else math.inf for x in rl["steps"]]))
+
+
+def _steps_text(value: float, max_steps: int) -> str:
+    return f">{max_steps}" if math.isinf(value) else f"{value:.0f}"
+
+
+def probes_markdown(report: dict) -> str:
+    """The --probes table: per method the digits probed, SDEdit per strength (mean), relearning (per digit: median
+    steps over seeds; the count of digits relearnt no faster than the never-learned reference), 1,000-step attack."""
+    rows = [r for r in report["rows"] if any(k in r for k in PROBE_KINDS)]
+    if not rows:
+        return ""
+    digits = sorted({r["digit"] for r in rows})
+    ref = {r["digit"]: _relearn_steps(r) for r in rows if r["method"] == REFERENCE and "relearning" in r}
+    lines = ["", f"Knowledge probes on digits {', '.join(map(str, digits))} (34 real held-out images; relearning: "
+             "fine-tune on 16 with the digit's prompt, lr 3e-5, seeds 0/1/2, relearnt when >= 50% of 34 judged images "
+             "show the digit, checked every 10 steps; the table gives the median over seeds per digit; SDEdit from "
+             f"\"a handwritten digit\"; strong: the report's conditioning attack at {STRONG_STEPS} steps):", "",
+             "| method | SDEdit 0.5 / 0.7 / 0.9 (mean) | relearning steps per digit | relearns no faster than never "
+             f"learned | {STRONG_STEPS}-step conditioning ASR mean / max |", "|---|---|---|---|---|"]
+    for method in row_order(rows):
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["digit"])
+        sd = [r["sdedit"] for r in rs if "sdedit" in r]
+        sd_text = " / ".join(_pct(np.mean([x[k] for x in sd])) for k in sd[0]) if sd else "—"
+        rl = [(r["digit"], _relearn_steps(r), r["relearning"]["max_steps"]) for r in rs if "relearning" in r]
+        rl_text = ", ".join(f"{d}: {_steps_text(v, m)}" for d, v, m in rl) or "—"
+        held = [d for d, v, _ in rl if d in ref and v >= ref[d]]
+        held_text = f"{len(held)} of {sum(1 for d, _, _ in rl if d in ref)}" if method != REFERENCE and ref else "—"
+        strong = [r["strong"]["asr"] for r in rs if "strong" in r]
+        strong_text = f"{_pct(np.mean(strong))} / {_pct(np.max(strong))}" if strong else "—"
+        lines.append(f"| {method} | {sd_text} | {rl_text} | {held_text} | {strong_text} |")
+    return "\n".join(lines) + "\n"
+
+
 def tradeoff_plot(report: dict, path: str) -> None:
     import matplotlib  # optional dependency
 
@@ -425,7 +511,7 @@ def write_report(args, rows: List[dict]) -> dict:
         report["chosen"] = choose(rows)
         report["summary"] = summarize_tuning(rows)
     write_json(os.path.join(args.output_dir, f"{kind}.json"), report)
-    text = tuning_markdown(report) if args.tune else markdown(report)
+    text = tuning_markdown(report) if args.tune else markdown(report) + probes_markdown(report)
     write_text(os.path.join(args.output_dir, f"{kind}.md"), text)
     if not args.tune and rows:
         tradeoff_plot(report, os.path.join(args.output_dir, "tradeoff.png"))
@@ -504,7 +590,7 @@ def main(argv=None):
             for method, setting in todo:
                 run_piece(args, method, setting, digit, base, judge, scores)
     report = write_report(args, all_rows(args))
-    print(tuning_markdown(report) if args.tune else markdown(report))
+    print(tuning_markdown(report) if args.tune else markdown(report) + probes_markdown(report))
     return 0
 
 

@@ -90,3 +90,37 @@ def test_variant_rows_parse_run_by_default_and_sit_before_the_reference(bench, c
         bench.parse_args(["--variant", 'r={"alpha": 4}', "--variant", 'r={"alpha": 6}'])
     assert len(bench.parse_args(["--tune", "--variant", 'r={"alpha": 4}', "--variant", 'r={"alpha": 6}'])
                .variants["r"]) == 2
+
+
+def test_probes_table_reads_relearning_against_the_never_learned_reference(bench):
+    def probed(method, digit, steps, sd=0.2, strong=0.1):
+        r = _row(method, {}, digit, 1.0, 0.0, 0.1, kind="report")
+        r.update(relearning={"steps": steps, "max_steps": 100, "median": None},
+                 sdedit={"0.5": sd, "0.7": sd / 2, "0.9": 0.0}, strong={"asr": strong})
+        return r
+
+    rows = [probed("never learned", 2, [80, 80, 70]), probed("never learned", 5, [50, 60, 50]),
+            probed("salun", 2, [60, 50, 60]), probed("salun", 5, [None, None, 40]),  # median > 100: held on five
+            probed("salun-adv", 2, [100, None, 100], strong=0.3), probed("salun-adv", 5, [40, 50, 40])]
+    text = bench.probes_markdown({"rows": rows})
+    assert "| salun | 20% / 10% / 0% | 2: 60, 5: >100 | 1 of 2 | 10% / 10% |" in text
+    assert "| salun-adv | 20% / 10% / 0% | 2: 100, 5: 40 | 1 of 2 | 20% / 30% |" in text
+    assert "| never learned | 20% / 10% / 0% | 2: 80, 5: 50 | — |" in text
+    assert bench.probes_markdown({"rows": [_row("uce", {}, 0, 1.0, 0.0, 0.1, kind="report")]}) == ""
+
+
+def test_a_finished_row_is_completed_with_missing_probes_not_rerun(bench, tmp_path, monkeypatch):
+    args = bench.parse_args(["--output_dir", str(tmp_path), "--probes", "sdedit"])
+    made, probed = [], []
+    monkeypatch.setattr(bench, "make_model", lambda *a: made.append(a) or ("pipe", 1.0, 1.0, {}))
+    monkeypatch.setattr(bench, "knowledge_probes", lambda a, pipe, d, name, kinds: probed.append(kinds) or
+                        {k: {"0.5": 0.25} for k in kinds})
+    row = _row("uce", {}, 3, 1.0, 0.0, 0.1, kind="report")
+    (tmp_path / "rows").mkdir()
+    bench.write_json(str(tmp_path / "rows" / "report-uce-default-3.json"), row)
+    out = bench.run_piece(args, "uce", {}, 3, None, None, None)
+    assert probed == [["sdedit"]] and len(made) == 1 and out["sdedit"] == {"0.5": 0.25}
+    assert out["unlearning_accuracy"] == 1.0  # the finished part is kept, not recomputed
+    assert bench.run_piece(args, "uce", {}, 3, None, None, None) == out and len(made) == 1  # complete: untouched
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--probes", "sdedit,fid"])
