@@ -135,8 +135,8 @@ def test_presets_per_model_and_flags_over_them(dummy_pipeline_dir):
     (["--method", "uce", "--adversarial"], "--adversarial does not apply to --method uce"),
     (["--negative_guidance", "2"], "--negative_guidance does not apply to --method salun"),
     (["--method", "esd-x", "--alpha", "1"], "--alpha does not apply to --method esd-x"),
-    (["--method", "esd-u", "--resume_from_checkpoint", "latest"], "not checkpointed"),
-    (["--method", "advunlearn", "--checkpointing_steps", "5"], "not checkpointed"),
+    (["--method", "uce", "--resume_from_checkpoint", "latest"], "no training steps to checkpoint"),
+    (["--method", "uce", "--checkpointing_steps", "5"], "uce is one closed-form solve"),
     (["--method", "esd-x", "--concept", "one", "two"], "one concept per run"),
     (["--method", "esd-x", "--learning_rate", "0"], "--learning_rate must be > 0"),
 ])
