@@ -180,3 +180,22 @@ def test_the_advunlearn_loop_resumes_inside_an_attack_cycle(tmp_path):
     assert state["prefix"] is not None and state["step"] == 2
     got, resumed_history = run(state=state)
     assert resumed_history == history and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_a_non_finite_state_is_never_checkpointed(dummy_pipeline_dir, tmp_path, monkeypatch):
+    import salun_diffusers.methods.esd as esd
+    from salun_diffusers.erasure.training import TrainingDiverged
+
+    real = esd.loop_state
+
+    def poisoned(*args, **kwargs):  # a trained weight went to NaN in the step just made
+        state = real(*args, **kwargs)
+        if state["step"] == 2:
+            next(iter(state["values"].values()))[0] = float("nan")
+        return state
+    monkeypatch.setattr(esd, "loop_state", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 2: a trained weight is not finite; no "
+                                               r"erasure was written and earlier checkpoints are kept"):
+        erase(_config("esd-x", dummy_pipeline_dir, out, checkpointing_steps=1))
+    assert ckpt.list_checkpoints(str(out)) == ["checkpoint-1"] and not os.path.exists(out / WEIGHTS_NAME)

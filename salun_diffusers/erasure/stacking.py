@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import List
+from typing import List, Optional
 
 import diffusers
 import torch
@@ -22,7 +22,7 @@ import transformers
 
 from ..config import EraseConfig
 from ..delta import WEIGHTS_NAME, erasure_id, parse_delta, read_delta
-from ..families import base_model_id, denoiser_folder
+from ..families import base_model_id, denoiser, denoiser_folder
 from ..hub import resolve_base_model
 
 logger = logging.getLogger(__name__)
@@ -30,10 +30,12 @@ logger = logging.getLogger(__name__)
 _LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
 
 
-def _component_module(model, base_dir: str, component: str) -> torch.nn.Module:
-    """The folder's ``component`` as the run loaded it: the pipeline's (``model`` a pipeline), ``model`` itself when
-    it is that component, else read from the folder (a denoiser passed alone: the erasure changed another component,
-    e.g. AdvUnlearn's text encoder)."""
+def _component_module(model, base_dir: str, component: Optional[str]) -> torch.nn.Module:
+    """The folder's ``component`` (``None``, an older erasure's: the denoiser) as the run loaded it: the pipeline's
+    (``model`` a pipeline), ``model`` itself when it is that component, else read from the folder (a denoiser passed
+    alone: the erasure changed another component, e.g. AdvUnlearn's text encoder)."""
+    if component is None:
+        return model if isinstance(model, torch.nn.Module) else denoiser(model)
     if not isinstance(model, torch.nn.Module):
         module = getattr(model, component, None)
         if isinstance(module, torch.nn.Module):
@@ -57,8 +59,8 @@ def erased_base_lineage(config: EraseConfig, model) -> List[dict]:
     if not os.path.isdir(base_dir) or not os.path.isfile(path):
         return []
     tensors, meta = read_delta(path)  # the seal: a damaged erasure file is refused here
-    component = (meta.get("config") or {}).get("component") or "unet"
-    module = _component_module(model, base_dir, component)
+    module = _component_module(model, base_dir, (meta.get("config") or {}).get("component"))
+    component = (meta.get("config") or {}).get("component") or denoiser_folder(module)
     delta = parse_delta(tensors, meta, module, check_base=False)  # the architecture fingerprint, keys, counts
     params = dict(module.named_parameters())
     for name, mask in delta.mask.items():
