@@ -199,3 +199,24 @@ def test_a_non_finite_state_is_never_checkpointed(dummy_pipeline_dir, tmp_path, 
                                                r"erasure was written and earlier checkpoints are kept"):
         erase(_config("esd-x", dummy_pipeline_dir, out, checkpointing_steps=1))
     assert ckpt.list_checkpoints(str(out)) == ["checkpoint-1"] and not os.path.exists(out / WEIGHTS_NAME)
+
+
+def test_disk_estimate_sizes_the_component_the_method_changes(tmp_path):
+    """AdvUnlearn writes the text encoder (its merged folder, checkpoints, erasure), not the U-Net: the pre-flight disk
+    check sizes that component; a peer's mask is unknown before it runs, so it counts whole."""
+    import json
+
+    from salun_diffusers.erasure.outputs import estimate_output_bytes
+
+    base = tmp_path / "base"
+    for folder, name, size in [("unet", "diffusion_pytorch_model.safetensors", 1000), ("text_encoder",
+                                                                                       "model.safetensors", 100)]:
+        (base / folder).mkdir(parents=True)
+        (base / folder / name).write_bytes(b"\0" * size)
+    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                      "unet": ["diffusers", "UNet2DConditionModel"]}))
+    common = dict(concept="seven", pretrained_model_name_or_path=str(base), save_merged_unet=True)
+    adv = EraseConfig(method="advunlearn", checkpointing_steps=50, max_train_steps=100, **common)
+    assert estimate_output_bytes(adv) == 100 * (3 * 2 + 1 + 1)  # two checkpoints, the merged encoder, the erasure
+    salun = EraseConfig(mask_ratio=0.5, **common)
+    assert estimate_output_bytes(salun) == int(1000 * (1 + 0.5))

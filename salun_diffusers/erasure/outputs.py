@@ -120,9 +120,10 @@ def _check_readable(config: EraseConfig) -> None:
 
 
 def estimate_output_bytes(config: EraseConfig) -> Optional[int]:
-    """Rough disk need of a run (merged U-Net, checkpoints with AdamW state, erasure), from the base U-Net's file
-    size; ``None`` when the base model is not a local folder."""
-    unet_dir = os.path.join(resolve_base_model(base_model_id(config)), _denoiser_name(config))
+    """Rough disk need of a run (merged component, checkpoints with Adam state, erasure), from the file size of the
+    component it changes (the U-Net, or the text encoder for AdvUnlearn); ``None`` when the base model is not a local
+    folder. A peer's mask is not known before it runs: counted whole."""
+    unet_dir = os.path.join(resolve_base_model(base_model_id(config)), component_name(config))
     if not os.path.isdir(unet_dir):
         return None
     weights = [f for f in os.listdir(unet_dir) if f.endswith((".safetensors", ".bin"))
@@ -134,7 +135,8 @@ def estimate_output_bytes(config: EraseConfig) -> Optional[int]:
         kept = config.max_train_steps // config.checkpointing_steps
         if config.checkpoints_total_limit:
             kept = min(kept, config.checkpoints_total_limit + 1)  # the new one is complete before the oldest goes
-    return int(fp32 * (3 * kept + int(config.save_merged_unet) + config.mask_ratio))
+    share = config.mask_ratio if config.method == "salun" else 1.0
+    return int(fp32 * (3 * kept + int(config.save_merged_unet) + share))
 
 
 def _folders_read(config: EraseConfig) -> List[Tuple[str, str]]:
