@@ -26,7 +26,7 @@ from accelerate.utils import ProjectConfiguration
 
 from .config import EraseConfig
 from .delta import base_values_digest
-from .erasure.adversarial import make_adversary
+from .erasure.adversarial import check_adversarial_fits, make_adversary
 from .erasure.checkpoints import resolve_resume
 from .erasure.data import prepare_data, resolve_epoch_steps
 from .erasure.outputs import (check_before_compute, check_output_dir, output_lock, remove_partial_outputs,
@@ -139,9 +139,8 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     check_fits(pipe, spec.pipeline_classes, f"concept {spec.name!r}")
-    if config.adversarial:  # its attacks optimise one text encoder's hidden states, without SDXL's added conditioning
-        check_fits(pipe, [SD], "--adversarial", "drop --adversarial (its attacks optimise one CLIP encoder's hidden "
-                   "states; SDXL, SD3 and FLUX are conditioned on pooled embeddings too)")
+    if config.adversarial:  # before any image is drawn: the inner attack must fit the family
+        check_adversarial_fits(pipe, config)
     # the family (U-Net: SD 1.x/2.x/XL; flow-matching transformer: SD3, FLUX): the denoiser, its noise, target and call
     family = model_family(pipe, config)
     unet = family.denoiser
