@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 
 from .config import EraseConfig
 from .delta import base_values_digest
@@ -63,7 +63,10 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
     method = resolve_method(config)
     resolve_epoch_steps(config)
     check_before_compute(config)
-    main = accelerator.is_main_process if accelerator is not None else PartialState().is_main_process
+    # the process state accelerate's Accelerator will share (`accelerate launch --cpu` sets ACCELERATE_USE_CPU: without
+    # it, this first state would be a one-process one and every CPU process would count as the main one)
+    main = accelerator.is_main_process if accelerator is not None else \
+        PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process
     with output_lock(config.output_dir, enabled=main):
         check_output_dir(config)
         if main:
