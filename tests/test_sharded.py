@@ -5,7 +5,8 @@ Sharding (FSDP) cannot be tested on CPU through accelerate: accelerate 1.16 turn
 with ``use_orig_params``, or FSDP2) into FSDP only for accelerator devices; with CPU processes it makes a multi-CPU
 run and ``prepare`` wraps the model in ``DistributedDataParallel``. The probe test pins that (it fails once accelerate
 shards on CPU, the signal to test FSDP here); the two-process erasure test is the closest run that does run: the
-same saliency all-reduce and the same masked update on gradients reduced across processes."""
+same saliency all-reduce and the same masked update on gradients reduced across processes. An FSDP run (state forced
+on CPU) is refused in one line before any image is drawn."""
 
 import json
 import os
@@ -98,3 +99,20 @@ def test_accelerate_fsdp_plugin_is_not_sharding_on_cpu(tmp_path):
     for version in ("fsdp1", "fsdp2"):
         assert found[version] == {"distributed_type": "DistributedType.MULTI_CPU", "num_processes": 2,
                                   "wrapped": "DistributedDataParallel"}, found
+
+
+def test_an_fsdp_run_is_refused_in_one_line_before_any_image_is_drawn(tmp_path):
+    """Where accelerate does shard (GPUs), the erasure refuses FSDP before drawing anything (the masked update needs
+    whole weights); on CPU the script forces accelerate's state to FSDP to reach that check. Without the refusal,
+    accelerate's prepare fails after data and saliency with "KeyError: A parameter in the optimizer couldn't be
+    switched to its sharded version" (FSDP2) or "Inconsistent compute device and `device_id`" (FSDP1 on CPU)."""
+    base_dir = save_flow_pipeline(str(tmp_path / "base"), "flux")
+    config = tmp_path / "fsdp.json"
+    config.write_text(json.dumps(dict(pretrained_model_name_or_path=base_dir, concept="nudity",
+                                      cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"),
+                                      num_forget_images=4, num_retain_images=4, resolution=16)))
+    proc = _torchrun("29547", "fsdp-forced", str(config), "2")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "Error:" in line and "[rank0]" in line]
+    assert errors and errors[-1].startswith("[rank0]: ValueError: FSDP is not supported yet:"), proc.stderr[-3000:]
+    assert not any(f.endswith(".png") for _, _, files in os.walk(tmp_path / "cache") for f in files)
