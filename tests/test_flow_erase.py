@@ -303,3 +303,21 @@ def test_the_sd3_digit_world_is_a_bundled_model_with_its_own_preset_and_t5_lengt
     assert family.sampling_kwargs() == {"max_sequence_length": 8} and digit_sampling(pipe) == SD3_DIGIT_SAMPLING
     length = pipe.tokenizer.model_max_length + 8  # CLIP tokens, then the T5 length the world was trained with
     assert family.encode_prompts(["a handwritten digit seven"])[""].embeds.shape[0] == length
+
+
+def test_adversarial_fits_sd_sd3_and_flux_not_sdxl_nor_the_token_attack_on_flux():
+    from salun_diffusers.erasure.adversarial import check_adversarial_fits
+    from salun_diffusers.testing import get_dummy_pipeline, get_flow_pipeline
+
+    cond, token = (EraseConfig(output_dir="x", adversarial=True, adversarial_attack=a) for a in ("conditioning", "token"))
+    for pipe in (get_dummy_pipeline(), get_flow_pipeline("sd3")):
+        check_adversarial_fits(pipe, cond)
+        check_adversarial_fits(pipe, token)
+    flux = get_flow_pipeline("flux")
+    check_adversarial_fits(flux, cond)
+    with pytest.raises(ValueError, match="--adversarial_attack token fits StableDiffusionPipeline or "
+                                         "StableDiffusion3Pipeline, not FluxPipeline; use --adversarial_attack "
+                                         "conditioning"):
+        check_adversarial_fits(flux, token)
+    with pytest.raises(ValueError, match="--adversarial fits .* not StableDiffusionXLPipeline; drop --adversarial"):
+        check_adversarial_fits(get_dummy_pipeline(family="sdxl"), cond)
