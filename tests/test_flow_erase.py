@@ -211,10 +211,50 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(flow_dirs, family, 
     assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
 
 
+ADV = dict(adversarial=True, adversarial_every=3, adversarial_steps=2, adversarial_lr=0.05, max_train_steps=4)
+
+
+@pytest.mark.parametrize("family, attack", [("sd3", "conditioning"), ("sd3", "token"), ("flux", "conditioning")])
+def test_adversarial_erasure_of_the_flow_families(flow_dirs, family, attack, tmp_path):
+    """``--adversarial`` end to end: the weights outside the mask stay bit-identical, the inner attack changes the
+    erasure, the checkpoint carries the bank (hidden states and pooled embeddings), a resumed run equals an
+    uninterrupted one bit for bit (attacks on steps 0 and 3; the checkpoint at step 2 holds step 0's bank)."""
+    kw = dict(ADV, adversarial_attack=attack)
+    full = erase(flow_config(flow_dirs[family], tmp_path / "full", tmp_path / "cache", **kw))
+    base = _params(load_base_pipeline(flow_dirs[family]).transformer)
+    mask, _ = load_mask(full.mask_path)
+    changed = 0
+    for name, p in full.unet.named_parameters():
+        m = mask[name]
+        assert torch.equal(p.detach()[~m], base[name][~m]), name
+        changed += int((p.detach()[m] != base[name][m]).sum())
+    assert changed > 0.5 * sum(int(m.sum()) for m in mask.values())
+    plain = erase(flow_config(flow_dirs[family], tmp_path / "plain", tmp_path / "cache", max_train_steps=4))
+    assert any(not torch.equal(p.detach(), q.detach())
+               for p, q in zip(plain.unet.parameters(), full.unet.parameters()))
+
+    cfg = flow_config(flow_dirs[family], tmp_path / "resumed", tmp_path / "cache", checkpointing_steps=2, **kw)
+    erase(cfg)
+    bank = torch.load(os.path.join(cfg.output_dir, "checkpoint-2", "custom_checkpoint_0.pkl"), weights_only=False)
+    assert set(bank) == {"bank", "pooled"} and bank["bank"].shape[0] == bank["pooled"].shape[0] == 4
+    fam = model_family(load_base_pipeline(flow_dirs[family]), cfg)
+    start = fam.encode_prompts([cfg.concept_spec().concepts[0].forget_prompt], 16)
+    start = next(iter(start.values()))
+    if attack == "conditioning":  # step 0 attacked some forget images: their entries moved off the forget prompt's
+        assert not torch.equal(bank["pooled"], start.added["pooled_projections"].float().expand_as(bank["pooled"]))
+    for name in ("erasure.safetensors", "erasure_config.json", "transformer"):  # killed after step 2
+        path = os.path.join(cfg.output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    resumed = erase(flow_config(flow_dirs[family], cfg.output_dir, tmp_path / "cache",
+                                resume_from_checkpoint="latest", **kw))
+    a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
+    assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_guarantees_hold_for_the_flow_families(flow_dirs, family, tmp_path):
-    """An existing erasure is never overwritten, a locked folder is refused, ``--adversarial`` is refused in one line
-    with exit code 2 before any image is drawn."""
+    """An existing erasure is never overwritten, a locked folder is refused; FLUX: ``--adversarial_attack token`` is
+    refused in one line with exit code 2 before any image is drawn."""
     from salun_diffusers.erasure.outputs import output_lock
 
     out = tmp_path / "out"
@@ -227,15 +267,17 @@ def test_guarantees_hold_for_the_flow_families(flow_dirs, family, tmp_path):
         with pytest.raises(Exception, match="in use|lock"):
             erase(flow_config(flow_dirs[family], tmp_path / "locked", tmp_path / "cache", max_train_steps=1))
     env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_erase.py"), "--pretrained_model_name_or_path",
-                           flow_dirs[family], "--concept", "nudity", "--output_dir", str(tmp_path / "adv"),
-                           "--cache_dir", str(tmp_path / "cache2"), "--adversarial", "--resolution", "16"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "--adversarial" in last and "Traceback" not in proc.stderr
-    assert not os.path.exists(tmp_path / "cache2") or not any(
-        f.endswith(".png") for _, _, files in os.walk(tmp_path / "cache2") for f in files)
+    if family == "flux":  # the token attack types CLIP words, and FLUX's prompt hidden states come from T5
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_erase.py"), "--pretrained_model_name_or_path",
+                               flow_dirs[family], "--concept", "nudity", "--output_dir", str(tmp_path / "adv"),
+                               "--cache_dir", str(tmp_path / "cache2"), "--adversarial", "--adversarial_attack",
+                               "token", "--resolution", "16"], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "--adversarial_attack token fits" in last and "--adversarial_attack conditioning" in last \
+            and "T5" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert not os.path.exists(tmp_path / "cache2") or not any(
+            f.endswith(".png") for _, _, files in os.walk(tmp_path / "cache2") for f in files)
     # salun-attack refuses what these families cannot take in one line too (concept inversion learns one CLIP
     # token embedding; tests/test_flow_attacks.py runs the attacks they can)
     proc = subprocess.run([sys.executable, "-m", "salun_diffusers.attacks.cli", "--model", flow_dirs[family],
@@ -261,3 +303,21 @@ def test_the_sd3_digit_world_is_a_bundled_model_with_its_own_preset_and_t5_lengt
     assert family.sampling_kwargs() == {"max_sequence_length": 8} and digit_sampling(pipe) == SD3_DIGIT_SAMPLING
     length = pipe.tokenizer.model_max_length + 8  # CLIP tokens, then the T5 length the world was trained with
     assert family.encode_prompts(["a handwritten digit seven"])[""].embeds.shape[0] == length
+
+
+def test_adversarial_fits_sd_sd3_and_flux_not_sdxl_nor_the_token_attack_on_flux():
+    from salun_diffusers.erasure.adversarial import check_adversarial_fits
+    from salun_diffusers.testing import get_dummy_pipeline, get_flow_pipeline
+
+    cond, token = (EraseConfig(output_dir="x", adversarial=True, adversarial_attack=a) for a in ("conditioning", "token"))
+    for pipe in (get_dummy_pipeline(), get_flow_pipeline("sd3")):
+        check_adversarial_fits(pipe, cond)
+        check_adversarial_fits(pipe, token)
+    flux = get_flow_pipeline("flux")
+    check_adversarial_fits(flux, cond)
+    with pytest.raises(ValueError, match="--adversarial_attack token fits StableDiffusionPipeline or "
+                                         "StableDiffusion3Pipeline, not FluxPipeline; use --adversarial_attack "
+                                         "conditioning"):
+        check_adversarial_fits(flux, token)
+    with pytest.raises(ValueError, match="--adversarial fits .* not StableDiffusionXLPipeline; drop --adversarial"):
+        check_adversarial_fits(get_dummy_pipeline(family="sdxl"), cond)

@@ -15,7 +15,8 @@ uninterrupted one.
 
 SD3 / FLUX (the family object a flow family): the inner attacks go through it (flow-matching loss), and the bank
 holds the pooled embeddings beside the hidden states (both optimised by the conditioning attack); the token attack
-fits SD3 only (:func:`~salun_diffusers.attacks.core.check_attack_fits`).
+fits SD3 only (FLUX's hidden states come from T5, which does not read the CLIP words it types). SDXL is refused
+(:func:`check_adversarial_fits`, before any image is drawn).
 """
 
 from __future__ import annotations
@@ -28,10 +29,20 @@ import torch
 from ..attacks import CONDITIONING_DEFAULTS, conditioning_attack, token_attack
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
-from ..families import PromptCond, map_cond
+from ..families import FLUX, SD, SD3, PromptCond, check_fits, map_cond
 from .data import ConceptData
 
 logger = logging.getLogger(__name__)
+
+
+def check_adversarial_fits(pipe, config: EraseConfig) -> None:
+    """Refuse, in one line saying why, a family the inner attack cannot take: SDXL (two text encoders and time ids
+    the attacks do not optimise), and the token attack on FLUX."""
+    check_fits(pipe, [SD, SD3, FLUX], "--adversarial", "drop --adversarial (its attacks do not optimise SDXL's two "
+               "text encoders' hidden states and added time ids)")
+    if config.adversarial_attack == "token":
+        check_fits(pipe, [SD, SD3], "--adversarial_attack token", "use --adversarial_attack conditioning (FLUX's "
+                   "prompt hidden states come from T5, which does not read the CLIP words the token attack types)")
 
 
 class Adversary:
