@@ -318,6 +318,8 @@ def run_piece(args, method: str, setting: dict, digit: int, base, judge, base_sc
     path = os.path.join(args.output_dir, "rows", name + ".json")
     row = read_json_or_none(path)
     wanted = [] if args.tune or (args.probe_digits is not None and digit not in args.probe_digits) else args.probes
+    if method == BASE:  # the base draws the digit from its prompt: a stronger attack cannot add to that
+        wanted = [k for k in wanted if k != "strong"]
     missing = [k for k in wanted if row is None or k not in row]
     if row is not None and not missing:
         return row
