@@ -5,6 +5,13 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --tune --digits 1,4,7 --output_dir out/peers-tune
     # 2. the benchmark: the frozen settings (FROZEN below) on all ten digits, two processes side by side
     OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --digits 0-9 --jobs 2 --output_dir out/peers
+    # 3. a SalUn row of your own beside them (EraseConfig fields, i.e. train_erase.py flags), into the same folder
+    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --methods robust --variant robust='{"adversarial": true}' \
+        --output_dir out/peers
+
+Every erasure, SalUn's and the peers', is ``erase(EraseConfig(...))``: exactly what ``train_erase.py --concept <digit>
+[--method <peer>] [flags]`` runs (a peer's grid setting becomes its flags, :func:`peer_flags`; the frozen settings are
+the methods' ``"digits"`` presets, :func:`preset_setting`).
 
 Same base model (the bundled digit pipeline, a real model trained on MNIST), same judge (the bundled digit classifier),
 same attacks, same machine, one run. Per method and digit:
@@ -33,14 +40,15 @@ report.md and tradeoff.png (retained accuracy against conditioning ASR, one poin
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -48,9 +56,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.build_references import DEFAULT_DIR, load_reference, reference_dir  # noqa: E402
-from salun_diffusers.attacks import encode_prompt  # noqa: E402
 from salun_diffusers.attacks.config import AttackConfig  # noqa: E402
-from salun_diffusers.attacks.probes import conditioning_probe, digit_images, inpainting_probe  # noqa: E402
+from salun_diffusers.attacks.probes import (ProbeSettings, conditioning_probe, digit_images,  # noqa: E402
+                                            inpainting_probe, run_probes)
 from salun_diffusers.attacks.runner import run_attack  # noqa: E402
 from salun_diffusers.concepts import DIGIT_WORDS, digit_prompt  # noqa: E402
 from salun_diffusers.config import EraseConfig  # noqa: E402
@@ -58,15 +66,13 @@ from salun_diffusers.digits import DigitJudge, load_digit_pipeline  # noqa: E402
 from salun_diffusers.erase import erase  # noqa: E402
 from salun_diffusers.evaluation.judges import make_judge  # noqa: E402
 from salun_diffusers.hub import BUNDLED_DIGIT_MODEL  # noqa: E402
-from salun_diffusers.methods import (AdvUnlearnConfig, EsdConfig, UceConfig, apply_uce, train_advunlearn,  # noqa: E402
-                                     train_esd, uce_edit)
+from salun_diffusers.erasure.peers import PEERS, method_config  # noqa: E402
+from salun_diffusers.methods import NEXT_DIGIT  # noqa: E402
 from salun_diffusers.reporting import EVAL_SEED, base_digit_scores, digit_scores  # noqa: E402
 from salun_diffusers.utils import read_json_or_none, write_json, write_text  # noqa: E402
 
 logger = logging.getLogger("bench_peers")
 
-# Digit-world sampling for the partial DDIM draws of ESD / AdvUnlearn: the digit model's verdict steps (10), not SD's 50.
-DIGIT_SAMPLING_STEPS = 10
 TUNE_DIGITS = (1, 4, 7)
 
 # The tuning grids (4 settings per method; the issue allows 12: a first coarse pass on digit seven, docs/peers.md,
@@ -85,25 +91,43 @@ GRID: Dict[str, List[dict]] = {
                    for lr, it, w, rw in [(1e-3, 100, 20, 0.3), (1e-3, 100, 20, 1.0), (1e-3, 200, 40, 1.0),
                                          (3e-3, 100, 20, 1.0)]],
 }
-# The settings the ten-digit run uses: chosen by `choose` from the tuning report on digits 1, 4, 7 (docs/peers.md).
-FROZEN: Dict[str, dict] = {
-    "salun": {},
-    "salun-adv": {},
-    "esd-x": dict(learning_rate=1e-3, iterations=150, negative_guidance=1.0),
-    "esd-u": dict(learning_rate=1e-4, iterations=300, negative_guidance=1.0),
-    "uce": dict(guide="next", preserve_scale=0.1, lamb=0.5),
-    "advunlearn": dict(learning_rate=1e-3, iterations=200, warmup=40, retain_weight=1.0),
-}
+
+
+def preset_setting(method: str) -> dict:
+    """The method's ``"digits"`` preset (``methods/{esd,uce,advunlearn}.py``), over the keys its grid tunes: the setting
+    ``train_erase.py --method <method>`` runs on the digit world with no flags."""
+    resolved = PEERS[method].make_config("digits").to_dict()
+    guide = lambda g: "next" if g == NEXT_DIGIT else g  # noqa: E731
+    return {k: guide(resolved["guide_prompt"]) if k == "guide" else resolved[k] for k in GRID[method][0]}
+
+
+# The settings the ten-digit run uses: chosen by `choose` from the tuning report on digits 1, 4, 7 (docs/peers.md) and
+# frozen as the methods' "digits" presets, which the run reads (SalUn's rows: the shipped digit preset).
+FROZEN: Dict[str, dict] = {"salun": {}, "salun-adv": {}, **{m: preset_setting(m) for m in GRID if m in PEERS}}
 METHODS = tuple(GRID)
+# The SalUn rows' EraseConfig fields (train_erase.py flags); a --variant row adds its own.
+SALUN_ROWS: Dict[str, dict] = {"salun": {}, "salun-adv": {"adversarial": True}}
 REFERENCE = "never learned"
 BASE = "base"
-ROWS = (BASE,) + METHODS + (REFERENCE,)  # the report's row order
+ROW_NAMES = (BASE,) + METHODS + (REFERENCE,)
+
+
+def row_order(rows: List[dict]) -> List[str]:
+    """The report's row order: the base, the methods, any --variant rows (by name), the never-learned reference."""
+    known = (BASE,) + METHODS
+    extra = sorted({r["method"] for r in rows} - set(known) - {REFERENCE})
+    return [m for m in known + tuple(extra) + (REFERENCE,) if any(r["method"] == m for r in rows)]
 REFERENCE_DIR = DEFAULT_DIR  # benchmarks/cache/references (build_references.py)
 # Attacks: the benchmark's (independent conditioning attack at 300 steps on 64 images) and the tuning's (cheaper, and
 # with other images and seeds than the report, so the report does not judge on what the choice was tuned on).
 ATTACK = {"report": dict(steps=300, n=64, offset=0, seed=0), "tune": dict(steps=100, n=32, offset=64, seed=17)}
 TOKEN_SEED = 3 * EVAL_SEED
 PROMPT_ATTACKS = ("token", "inversion")
+# The knowledge probes --probes adds (salun-probe's defaults: 34 real images, relearning on 16 with 3 seeds, up to 100
+# steps, judged on 34 images every 10; SDEdit at strengths 0.5 / 0.7 / 0.9 from "a handwritten digit"), and "strong":
+# the conditioning attack of the report at 1,000 steps.
+PROBE_KINDS = ("sdedit", "relearning", "strong")
+STRONG_STEPS = 1000
 
 
 def _digits(text: str) -> List[int]:
@@ -133,57 +157,97 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--no_reference", action="store_true", help="skip the never-learned rows")
     p.add_argument("--report_only", action="store_true", help="rebuild the report from rows/ and stop")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                   help="a SalUn row of your own: NAME and the EraseConfig fields (train_erase.py flags) it sets, e.g. "
+                        "robust='{\"adversarial\": true, \"alpha\": 6}'; repeat a NAME with other JSON to tune "
+                        "several settings of it (--tune); add NAME to --methods (the default runs every row)")
+    p.add_argument("--probes", default="", help=f"comma-separated knowledge probes to add, of: {', '.join(PROBE_KINDS)} "
+                   "(a finished row without them is completed: its erasure is made again, deterministically)")
+    p.add_argument("--probe_digits", type=_digits, default=None, help="digits that get --probes (default: all)")
+    p.add_argument("--side_by_side", type=int, default=None, help=argparse.SUPPRESS)  # set by --jobs for its children
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(args.methods) - set(METHODS))
+    args.probes = [q for q in args.probes.split(",") if q]
+    if sorted(set(args.probes) - set(PROBE_KINDS)):
+        p.error(f"--probes: unknown {sorted(set(args.probes) - set(PROBE_KINDS))}; choose from {list(PROBE_KINDS)}")
+    args.variants = {}
+    for text in args.variant:
+        name, sep, overrides = text.partition("=")
+        try:
+            value = json.loads(overrides) if sep else None
+        except json.JSONDecodeError as e:
+            p.error(f"--variant {text!r}: the JSON after '=' does not parse ({e})")
+        if not name or name in ROW_NAMES or not isinstance(value, dict):
+            p.error(f"--variant {text!r}: write NAME='{{EraseConfig fields}}' with a NAME not in {list(ROW_NAMES)}")
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(EraseConfig)})
+        if unknown:
+            p.error(f"--variant {name}: {unknown} are not EraseConfig fields (train_erase.py --help lists them)")
+        args.variants.setdefault(name, []).append(value)
+    if not args.tune and any(len(v) > 1 for v in args.variants.values()):
+        p.error("--variant: one setting per NAME in the report (several are for --tune)")
+    if args.methods == list(METHODS):  # the default: every row, variants included
+        args.methods += list(args.variants)
+    unknown = sorted(set(args.methods) - set(METHODS) - set(args.variants))
     if unknown:
-        p.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        p.error(f"unknown method(s) {unknown}; choose from {list(METHODS) + list(args.variants)}")
     return args
 
 
 # ------------------------------------------------------------------------------------------------------ erasures
-def erase_salun(args, digit: int, adversarial: bool):
-    """SalUn through ``erase()`` exactly as ``train_erase.py --concept <digit>`` runs it (data cached first)."""
-    name = f"{DIGIT_WORDS[digit]}-{'adversarial' if adversarial else 'salun'}"
-    common = dict(concept=DIGIT_WORDS[digit], cache_dir=os.path.join(args.output_dir, "data-cache"), seed=args.seed,
-                  save_merged_unet=False, save_pipeline="none", verdict_images=0, threads=args.threads,
-                  overwrite_output_dir=True)
-    erase(EraseConfig(output_dir=os.path.join(args.output_dir, "runs", f"{name}-data"), save_mask_only=True, **common),
+def _run_options(args) -> dict:
+    """What every benchmark erasure shares: no merged U-Net, pipeline folder or verdict images (only the erasure and
+    its metrics are written), the bench's seed and threads."""
+    return dict(seed=args.seed, save_merged_unet=False, save_pipeline="none", verdict_images=0, threads=args.threads,
+                overwrite_output_dir=True)
+
+
+def erase_salun(args, digit: int, name: str, overrides: dict):
+    """SalUn through ``erase()`` exactly as ``train_erase.py --concept <digit> [flags]`` runs it (``overrides``: the
+    EraseConfig fields of the row, e.g. ``{"adversarial": True}``), the forget / retain data cached first."""
+    run = f"{DIGIT_WORDS[digit]}-{name}"
+    common = dict(concept=DIGIT_WORDS[digit], cache_dir=os.path.join(args.output_dir, "data-cache"), **_run_options(args))
+    erase(EraseConfig(output_dir=os.path.join(args.output_dir, "runs", f"{run}-data"), save_mask_only=True,
+                      **{**common, **overrides}),
           pipe=load_digit_pipeline())  # forget / retain images generated and cached, outside the timing
     pipe = load_digit_pipeline()
     wall, cpu = time.perf_counter(), time.process_time()
-    result = erase(EraseConfig(output_dir=os.path.join(args.output_dir, "runs", name), adversarial=adversarial,
-                               **common), pipe=pipe)
-    return result.pipeline, time.perf_counter() - wall, time.process_time() - cpu, {}
+    result = erase(EraseConfig(output_dir=os.path.join(args.output_dir, "runs", run), **{**common, **overrides}),
+                   pipe=pipe)
+    return result.pipeline, time.perf_counter() - wall, time.process_time() - cpu, dict(overrides)
 
 
-def erase_peer(method: str, setting: dict, digit: int, seed: int):
-    """A peer method on a fresh copy of the bundled digit pipeline; returns (pipe, wall s, CPU s, resolved config)."""
+# A grid setting's keys are the method's own config fields (what the presets and docs/peers.md record); the flag of
+# train_erase.py that sets each (its EraseConfig field) is the method's entry in erasure.peers.PEERS, inverted.
+def peer_flags(method: str, setting: dict) -> dict:
+    """The EraseConfig fields (train_erase.py flags) that run ``method`` with ``setting``; raises when a key has no
+    flag (the setting could not be given on the command line)."""
+    flags = {theirs: ours for ours, theirs in PEERS[method].keys.items()}
+    out = {}
+    for key, value in setting.items():
+        if key == "guide":  # the grid's names for UCE's guide prompt: "next" = the digit preset's NEXT_DIGIT
+            out["guide_prompt"] = NEXT_DIGIT if value == "next" else value
+        elif key in flags:
+            out[flags[key]] = value
+        elif key != "lamb":  # UCE's lamb has no flag; checked against the preset by erase_peer
+            raise ValueError(f"{method}: setting {key!r} has no train_erase.py flag")
+    return out
+
+
+def erase_peer(args, method: str, setting: dict, digit: int):
+    """A peer method through ``erase()`` exactly as ``train_erase.py --concept <digit> --method <method> [flags]``
+    runs it, on a fresh copy of the bundled digit pipeline; returns (pipe, wall s, CPU s, resolved method config)."""
+    config = EraseConfig(concept=DIGIT_WORDS[digit], method=method, **peer_flags(method, setting),
+                         output_dir=os.path.join(args.output_dir, "runs", f"{DIGIT_WORDS[digit]}-{method}"),
+                         **_run_options(args))
+    resolved = method_config(config).to_dict()
+    differ = {k: (v, resolved.get(k)) for k, v in setting.items() if k != "guide" and resolved.get(k) != v}
+    if differ:
+        raise ValueError(f"{method}: the setting and the run differ (setting, run): {differ}")
     pipe = load_digit_pipeline()
-    prompt = digit_prompt(digit)
-    others = [digit_prompt(d) for d in range(10) if d != digit]
-    gen = torch.Generator().manual_seed(seed)
     wall, cpu = time.perf_counter(), time.process_time()
-    if method in ("esd-x", "esd-u"):
-        config = EsdConfig(variant=method, num_inference_steps=DIGIT_SAMPLING_STEPS, **setting)
-        base = copy.deepcopy(pipe.unet).requires_grad_(False)
-        train_esd(pipe.unet, base, pipe.scheduler, encode_prompt(pipe, prompt), encode_prompt(pipe, ""), config,
-                  generator=gen)
-    elif method == "uce":
-        options = dict(setting)
-        guide = digit_prompt((digit + 1) % 10) if options.pop("guide") == "next" else ""
-        config = UceConfig(**options)
-        apply_uce(pipe.unet, uce_edit(pipe.unet, pipe.tokenizer, pipe.text_encoder, [prompt], [guide], others, config))
-    elif method == "advunlearn":
-        config = AdvUnlearnConfig(num_inference_steps=DIGIT_SAMPLING_STEPS, attack_steps=5, **setting)
-        train_advunlearn(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, prompt, others, config,
-                         generator=gen)
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    result = erase(config, pipe=pipe)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
-    return pipe, wall, cpu, config.to_dict()
+    return result.pipeline, wall, cpu, result.metrics["method_config"]
 
 
 # ------------------------------------------------------------------------------------------------------- scoring
@@ -211,39 +275,74 @@ def context_probe(pipe, digit: int) -> dict:
     return {"completed": r["prompts"][""], "kept_alone": r["kept_alone"], "n": r["n"]}
 
 
+def knowledge_probes(args, pipe, digit: int, name: str, kinds: List[str]) -> dict:
+    """The --probes of one piece, each a compact row entry (the probes' folders under ``probes/<name>``)."""
+    out = {}
+    judge = make_judge("digit", digit=digit)
+    light = [k for k in kinds if k in ("sdedit", "relearning")]
+    if light:
+        settings = ProbeSettings(concept_prompt=digit_prompt(digit), probes=light)
+        images = digit_images(digit, max(settings.n_images, settings.relearn_images))
+        res = run_probes(settings, pipe, judge, images, os.path.join(args.output_dir, "probes", name), label=name)
+        if "sdedit" in res["probes"]:
+            out["sdedit"] = dict(res["probes"]["sdedit"]["strengths"])
+        if "relearning" in res["probes"]:
+            r = res["probes"]["relearning"]
+            out["relearning"] = {"steps": [x["steps_to_relearn"] for x in r["runs"]], "max_steps": r["max_steps"],
+                                 "median": r["median_steps"]}
+    if "strong" in kinds:
+        a = ATTACK["report"]
+        images = digit_images(digit, a["n"], offset=a["offset"])
+        r = conditioning_probe(pipe, judge, images, prompt=digit_prompt(digit), steps=STRONG_STEPS, seed=a["seed"])
+        out["strong"] = {k: v for k, v in r.items() if not k.startswith("_")}
+    return out
+
+
+def make_model(args, method: str, setting: dict, digit: int):
+    """The piece's model: (pipe, erasure wall s, CPU s, resolved config)."""
+    if method == BASE:
+        return load_digit_pipeline(), None, None, {}
+    if method == REFERENCE:
+        return load_reference(REFERENCE_DIR, digit), None, None, {}
+    if method in SALUN_ROWS or method in args.variants:
+        return erase_salun(args, digit, method, {**SALUN_ROWS.get(method, {}), **setting})
+    return erase_peer(args, method, setting, digit)
+
+
 def run_piece(args, method: str, setting: dict, digit: int, base, judge, base_scores) -> dict:
-    """One method x setting x digit: erase, score, attack; cached as rows/<name>.json."""
+    """One method x setting x digit: erase, score, attack; cached as rows/<name>.json (a cached row lacking a
+    requested --probes entry is completed)."""
     kind = "tune" if args.tune else "report"
     tag = "-".join(f"{k}{v}" for k, v in sorted(setting.items())) or "default"
     name = f"{kind}-{method}-{tag}-{digit}".replace(" ", "")
     path = os.path.join(args.output_dir, "rows", name + ".json")
-    done = read_json_or_none(path)
-    if done is not None:
-        return done
-    if method == BASE:
-        pipe, wall, cpu, config = load_digit_pipeline(), None, None, {}
-    elif method == REFERENCE:
-        pipe, wall, cpu, config = load_reference(REFERENCE_DIR, digit), None, None, {}
-    elif method.startswith("salun"):
-        pipe, wall, cpu, config = erase_salun(args, digit, method == "salun-adv")
-    else:
-        pipe, wall, cpu, config = erase_peer(method, setting, digit, args.seed)
-    scores = digit_scores(pipe, judge, digit, args.n_per_digit)
-    row = {"method": method, "setting": setting, "config": config, "digit": digit, "kind": kind,
-           "unlearning_accuracy": scores["unlearning_accuracy"], "retained_accuracy": scores["retained_accuracy"],
-           "retained_drop": base_scores["retained_accuracy"] - scores["retained_accuracy"],
-           "per_digit_accuracy": scores["per_digit_accuracy"], "wall_seconds": wall, "cpu_seconds": cpu,
-           "threads": torch.get_num_threads()}
-    row["conditioning"] = conditioning_asr(pipe, digit, kind)
-    if not args.tune:
-        row["context"] = context_probe(pipe, digit)
-        if args.num_prompts and (args.token_digits is None or digit in args.token_digits):
-            for attack in PROMPT_ATTACKS:
-                row[attack] = prompt_attack_asr(args, pipe, base, digit, name, attack)
+    row = read_json_or_none(path)
+    wanted = [] if args.tune or (args.probe_digits is not None and digit not in args.probe_digits) else args.probes
+    missing = [k for k in wanted if row is None or k not in row]
+    if row is not None and not missing:
+        return row
+    pipe, wall, cpu, config = make_model(args, method, setting, digit)
+    if row is None:
+        scores = digit_scores(pipe, judge, digit, args.n_per_digit)
+        row = {"method": method, "setting": setting, "config": config, "digit": digit, "kind": kind,
+               "unlearning_accuracy": scores["unlearning_accuracy"], "retained_accuracy": scores["retained_accuracy"],
+               "retained_drop": base_scores["retained_accuracy"] - scores["retained_accuracy"],
+               "per_digit_accuracy": scores["per_digit_accuracy"], "wall_seconds": wall, "cpu_seconds": cpu,
+               "threads": torch.get_num_threads(), "side_by_side": args.side_by_side or args.jobs}
+        row["conditioning"] = conditioning_asr(pipe, digit, kind)
+        if not args.tune:
+            row["context"] = context_probe(pipe, digit)
+            if args.num_prompts and (args.token_digits is None or digit in args.token_digits):
+                for attack in PROMPT_ATTACKS:
+                    row[attack] = prompt_attack_asr(args, pipe, base, digit, name, attack)
+    row.update(knowledge_probes(args, pipe, digit, name, missing))
     write_json(path, row)
+    relearn = row.get("relearning")
     print(f"{method:11s} {tag:50s} digit {digit}: UA {row['unlearning_accuracy']:6.1%} drop "
           f"{row['retained_drop'] * 100:+5.1f} pts  cond ASR {row['conditioning']['asr']:5.1%}"
           + (f"  token ASR {row['token']['asr']:5.1%}" if row.get("token") else "")
+          + (f"  1000-step ASR {row['strong']['asr']:5.1%}" if row.get("strong") else "")
+          + (f"  relearnt at {relearn['steps']}" if relearn else "")
           + (f"  {wall:6.1f} s (cpu {cpu:.1f})" if wall is not None else ""), flush=True)
     return row
 
@@ -279,10 +378,8 @@ def choose(rows: List[dict]) -> Dict[str, dict]:
 # ------------------------------------------------------------------------------------------------------- reports
 def summarize(rows: List[dict]) -> List[dict]:
     out = []
-    for method in ROWS:
+    for method in row_order(rows):
         rs = [r for r in rows if r["method"] == method]
-        if not rs:
-            continue
         def stat(values):
             return (float(np.mean(values)), float(np.max(values))) if values else (None, None)
 
@@ -327,7 +424,7 @@ def markdown(report: dict) -> str:
     lines += ["", "Per digit: UA / retained drop (points) / conditioning ASR [/ token / inversion ASR]:", "",
               "| method | " + " | ".join(str(d) for d in report["digits"]) + " |",
               "|---|" + "---|" * len(report["digits"])]
-    for method in ROWS:
+    for method in row_order(report["rows"]):
         cells = []
         for d in report["digits"]:
             r = next((r for r in report["rows"] if r["method"] == method and r["digit"] == d), None)
@@ -342,6 +439,44 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _relearn_steps(r: dict) -> float:
+    """A row's relearning figure: the median over seeds, a seed that never relearnt counting as beyond max_steps."""
+    rl = r["relearning"]
+    return float(np.median([x if x is not None else math.inf for x in rl["steps"]]))
+
+
+def _steps_text(value: float, max_steps: int) -> str:
+    return f">{max_steps}" if math.isinf(value) else f"{value:.0f}"
+
+
+def probes_markdown(report: dict) -> str:
+    """The --probes table: per method the digits probed, SDEdit per strength (mean), relearning (per digit: median
+    steps over seeds; the count of digits relearnt no faster than the never-learned reference), 1,000-step attack."""
+    rows = [r for r in report["rows"] if any(k in r for k in PROBE_KINDS)]
+    if not rows:
+        return ""
+    digits = sorted({r["digit"] for r in rows})
+    ref = {r["digit"]: _relearn_steps(r) for r in rows if r["method"] == REFERENCE and "relearning" in r}
+    lines = ["", f"Knowledge probes on digits {', '.join(map(str, digits))} (34 real held-out images; relearning: "
+             "fine-tune on 16 with the digit's prompt, lr 3e-5, seeds 0/1/2, relearnt when >= 50% of 34 judged images "
+             "show the digit, checked every 10 steps; the table gives the median over seeds per digit; SDEdit from "
+             f"\"a handwritten digit\"; strong: the report's conditioning attack at {STRONG_STEPS} steps):", "",
+             "| method | SDEdit 0.5 / 0.7 / 0.9 (mean) | relearning steps per digit | relearns no faster than never "
+             f"learned | {STRONG_STEPS}-step conditioning ASR mean / max |", "|---|---|---|---|---|"]
+    for method in row_order(rows):
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["digit"])
+        sd = [r["sdedit"] for r in rs if "sdedit" in r]
+        sd_text = " / ".join(_pct(np.mean([x[k] for x in sd])) for k in sd[0]) if sd else "—"
+        rl = [(r["digit"], _relearn_steps(r), r["relearning"]["max_steps"]) for r in rs if "relearning" in r]
+        rl_text = ", ".join(f"{d}: {_steps_text(v, m)}" for d, v, m in rl) or "—"
+        held = [d for d, v, _ in rl if d in ref and v >= ref[d]]
+        held_text = f"{len(held)} of {sum(1 for d, _, _ in rl if d in ref)}" if method != REFERENCE and ref else "—"
+        strong = [r["strong"]["asr"] for r in rs if "strong" in r]
+        strong_text = f"{_pct(np.mean(strong))} / {_pct(np.max(strong))}" if strong else "—"
+        lines.append(f"| {method} | {sd_text} | {rl_text} | {held_text} | {strong_text} |")
+    return "\n".join(lines) + "\n"
+
+
 def tradeoff_plot(report: dict, path: str) -> None:
     import matplotlib  # optional dependency
 
@@ -349,7 +484,7 @@ def tradeoff_plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for i, method in enumerate(ROWS):
+    for i, method in enumerate(row_order(report["rows"])):
         rs = [r for r in report["rows"] if r["method"] == method]
         if rs:
             ax.scatter([100 * r["conditioning"]["asr"] for r in rs], [100 * r["retained_accuracy"] for r in rs],
@@ -367,14 +502,16 @@ def tradeoff_plot(report: dict, path: str) -> None:
 def write_report(args, rows: List[dict]) -> dict:
     kind = "tune" if args.tune else "report"
     rows = [r for r in rows if r["kind"] == kind]
-    report = {"world": "digit", "kind": kind, "threads": args.threads, "jobs": args.jobs,
+    side = sorted({r.get("side_by_side") for r in rows} - {None}) or [args.jobs]  # as the rows ran
+    report = {"world": "digit", "kind": kind, "threads": args.threads,
+              "jobs": str(side[0]) if len(side) == 1 else f"{side[0]}-{side[-1]}",
               "n_per_digit": args.n_per_digit, "digits": sorted({r["digit"] for r in rows}), "rows": rows,
               "attack": ATTACK[kind], "frozen": FROZEN, "summary": [] if args.tune else summarize(rows)}
     if args.tune:
         report["chosen"] = choose(rows)
         report["summary"] = summarize_tuning(rows)
     write_json(os.path.join(args.output_dir, f"{kind}.json"), report)
-    text = tuning_markdown(report) if args.tune else markdown(report)
+    text = tuning_markdown(report) if args.tune else markdown(report) + probes_markdown(report)
     write_text(os.path.join(args.output_dir, f"{kind}.md"), text)
     if not args.tune and rows:
         tradeoff_plot(report, os.path.join(args.output_dir, "tradeoff.png"))
@@ -429,7 +566,7 @@ def main(argv=None):
             a for a in (argv if argv is not None else sys.argv[1:])]
         procs = []
         for i, chunk in enumerate(chunks):
-            cmd = base_cmd + ["--jobs", "1", "--digits", ",".join(map(str, chunk))]
+            cmd = base_cmd + ["--jobs", "1", "--side_by_side", str(args.jobs), "--digits", ",".join(map(str, chunk))]
             log = open(os.path.join(args.output_dir, f"job{i}.log"), "a")
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
         codes = [p.wait() for p in procs]
@@ -442,7 +579,8 @@ def main(argv=None):
         base_scores = base_digit_scores(base, judge, 0, args.n_per_digit)
         print(f"digit world; torch threads {torch.get_num_threads()}; {'tuning' if args.tune else 'benchmark'}")
         for digit in args.digits:
-            todo = [(m, s) for m in args.methods for s in (GRID[m] if args.tune else [FROZEN[m]])]
+            grid, frozen = {**GRID, **args.variants}, {**FROZEN, **{k: v[0] for k, v in args.variants.items()}}
+            todo = [(m, s) for m in args.methods for s in (grid[m] if args.tune else [frozen[m]])]
             if not args.tune:
                 todo.insert(0, (BASE, {}))
             if not args.tune and not args.no_reference and os.path.isfile(
@@ -452,7 +590,7 @@ def main(argv=None):
             for method, setting in todo:
                 run_piece(args, method, setting, digit, base, judge, scores)
     report = write_report(args, all_rows(args))
-    print(tuning_markdown(report) if args.tune else markdown(report))
+    print(tuning_markdown(report) if args.tune else markdown(report) + probes_markdown(report))
     return 0
 
 

@@ -34,13 +34,15 @@ SHARED_FIELDS = ("pretrained_model_name_or_path", "revision", "variant", "method
                  "forget_prompt", "pseudo_prompt", "retain_prompt", "seed", "threads", "output_dir",
                  "overwrite_output_dir", "save_merged_unet", "save_pipeline", "push_to_hub", "hub_model_id",
                  "hub_token", "delta_dtype", "verdict_images", "save_single_file", "single_file_dtype", "logging_dir")
+# the training peers checkpoint and resume as SalUn does (checkpoint-N, sealed; erasure.peers); UCE has no steps
+CHECKPOINT_FIELDS = ("checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint")
 _ESD_FIELDS = ("learning_rate", "max_train_steps", "negative_guidance", "start_guidance", "partial_sampling_steps",
-               "export_lora_rank")
+               "export_lora_rank", *CHECKPOINT_FIELDS)
 PEER_METHOD_FIELDS = {
     **{m: _ESD_FIELDS for m in ESD_METHODS},
     "uce": ("guide_prompt", "preserve_scale", "export_lora_rank"),
     "advunlearn": ("learning_rate", "max_train_steps", "alpha", "negative_guidance", "start_guidance",
-                   "partial_sampling_steps", "attack_steps", "attack_warmup"),
+                   "partial_sampling_steps", "attack_steps", "attack_warmup", *CHECKPOINT_FIELDS),
 }
 
 
@@ -202,7 +204,8 @@ class EraseConfig(JsonConfigMixin):
     num_validation_images: int = _f(2, "Images per validation prompt (seeded with --seed).")
     delta_dtype: str = _f("fp32", "dtype of the stored delta values: fp32 (exact), fp16 or bf16 (smaller).",
                           choices=["fp32", "fp16", "bf16"])
-    checkpointing_steps: int = _f(0, "Save an accelerate checkpoint every N steps (0: never).")
+    checkpointing_steps: int = _f(0, "Save a checkpoint every N steps (0: never): SalUn's accelerate state, or "
+                                     "--method esd-* / advunlearn's loop state (not uce: one closed-form solve).")
     checkpoints_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints.")
     resume_from_checkpoint: Optional[str] = _f(None, "A checkpoint folder, or 'latest' in --output_dir.")
     report_to: Optional[str] = _f(None, "Tracker for accelerate (tensorboard, wandb, ...); none by default.")
@@ -280,8 +283,8 @@ class EraseConfig(JsonConfigMixin):
                 continue
             users = ["salun"] * (f.name not in PEER_FIELDS) + [m for m, names in PEER_METHOD_FIELDS.items()
                                                                 if f.name in names]
-            if f.name in ("checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint"):
-                why = "its runs are short and not checkpointed: rerun from the start"
+            if f.name in CHECKPOINT_FIELDS:  # the one peer without them
+                why = "uce is one closed-form solve with no training steps to checkpoint: rerun it from the start"
             else:
                 why = f"it is a setting of --method {' / '.join(users)}"
             raise ValueError(f"--{f.name} does not apply to --method {self.method} ({why}); drop --{f.name}")

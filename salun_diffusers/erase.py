@@ -74,13 +74,14 @@ def erase(config: EraseConfig, pipe=None, accelerator=None) -> EraseResult:
 
 
 def _erase_peer(config: EraseConfig, method: dict, pipe, accelerator) -> EraseResult:
-    """A peer method: load and check the base (SD 1.x/2.x), record the config, run the method on its component,
-    write the outputs as a SalUn run's. No data images, saliency, checkpoints or mixed precision (refused by the
-    config)."""
+    """A peer method: load and check the base (SD 1.x/2.x), record the config, run the method on its component
+    (from a checkpoint with ``--resume_from_checkpoint``; ``checkpoint-N`` every ``--checkpointing_steps``), write
+    the outputs as a SalUn run's. No data images, saliency or mixed precision (refused by the config)."""
     accelerator = accelerator or Accelerator()
     if accelerator.num_processes > 1:
         raise ValueError(f"--method {config.method} runs in one process; start it with python (or accelerate launch "
                          "--num_processes 1)")
+    resume_path = resolve_resume(config)  # before any work: a damaged checkpoint or other settings are refused
     spec = config.concept_spec()
     t0 = time.perf_counter()
     if pipe is None:
@@ -99,9 +100,9 @@ def _erase_peer(config: EraseConfig, method: dict, pipe, accelerator) -> EraseRe
             cast_module(module, torch.float32)
         module.requires_grad_(False)
     configure_threads(sum(p.numel() for p in pipe.unet.parameters()), config.threads)
-    stacked_on = erased_base_lineage(config, pipe.unet)
+    stacked_on = erased_base_lineage(config, pipe)  # an erased model's folder: the component its erasure changed
     t_data = time.perf_counter()
-    run = run_peer(pipe, config, spec)
+    run = run_peer(pipe, config, spec, resume_path)
     t_train = time.perf_counter()
     density = mask_density(run.mask)
     steps = config.max_train_steps or 0

@@ -51,3 +51,76 @@ def test_summary_counts_digits_meeting_both_targets(bench):
     text = bench.markdown({"threads": 1, "jobs": 1, "n_per_digit": 50, "kind": "report", "digits": [0, 1, 2],
                            "rows": rows, "summary": [s]})
     assert "| uce | 3 | 98.0% / 94% | 1.4 / 3.1 | 80% / 90% | — / — | — / — | — / — | 1 of 3 | 1 / 1 |" in text
+
+
+def test_every_grid_setting_is_a_train_erase_flag_set_that_resolves_to_itself(bench):
+    """The bench erases through erase() with train_erase.py's flags: each tuned setting maps onto EraseConfig fields
+    whose resolved method config holds exactly the setting's values (a renamed or dropped flag fails here)."""
+    from salun_diffusers.config import EraseConfig
+    from salun_diffusers.erasure.peers import method_config
+    from salun_diffusers.methods import NEXT_DIGIT
+
+    for method, grid in bench.GRID.items():
+        if method in bench.SALUN_ROWS:
+            continue
+        for setting in grid + [bench.FROZEN[method]]:
+            flags = bench.peer_flags(method, setting)
+            resolved = method_config(EraseConfig(concept="seven", method=method, **flags)).to_dict()
+            for key, value in setting.items():
+                if key == "guide":
+                    assert resolved["guide_prompt"] == (NEXT_DIGIT if value == "next" else value)
+                else:
+                    assert resolved[key] == value, (method, key)
+    with pytest.raises(ValueError, match="has no train_erase.py flag"):
+        bench.peer_flags("esd-x", {"momentum": 0.9})
+
+
+def test_variant_rows_parse_run_by_default_and_sit_before_the_reference(bench, capsys):
+    args = bench.parse_args(["--variant", 'robust={"adversarial": true, "alpha": 6}'])
+    assert args.variants == {"robust": [{"adversarial": True, "alpha": 6}]}
+    assert args.methods[-1] == "robust" and set(bench.METHODS) <= set(args.methods)
+    rows = [_row(m, {}, 0, 1.0, 0.0, 0.1, kind="report") for m in ("never learned", "robust", "uce", "base")]
+    assert bench.row_order(rows) == ["base", "uce", "robust", "never learned"]
+    for bad, message in [('robust={"alpah": 6}', "not EraseConfig fields"), ("robust={alpha", "does not parse"),
+                         ('uce={"alpha": 6}', "with a NAME not in")]:
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--variant", bad])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # several settings of one name are for --tune
+        bench.parse_args(["--variant", 'r={"alpha": 4}', "--variant", 'r={"alpha": 6}'])
+    assert len(bench.parse_args(["--tune", "--variant", 'r={"alpha": 4}', "--variant", 'r={"alpha": 6}'])
+               .variants["r"]) == 2
+
+
+def test_probes_table_reads_relearning_against_the_never_learned_reference(bench):
+    def probed(method, digit, steps, sd=0.2, strong=0.1):
+        r = _row(method, {}, digit, 1.0, 0.0, 0.1, kind="report")
+        r.update(relearning={"steps": steps, "max_steps": 100, "median": None},
+                 sdedit={"0.5": sd, "0.7": sd / 2, "0.9": 0.0}, strong={"asr": strong})
+        return r
+
+    rows = [probed("never learned", 2, [80, 80, 70]), probed("never learned", 5, [50, 60, 50]),
+            probed("salun", 2, [60, 50, 60]), probed("salun", 5, [None, None, 40]),  # median > 100: held on five
+            probed("salun-adv", 2, [100, None, 100], strong=0.3), probed("salun-adv", 5, [40, 50, 40])]
+    text = bench.probes_markdown({"rows": rows})
+    assert "| salun | 20% / 10% / 0% | 2: 60, 5: >100 | 1 of 2 | 10% / 10% |" in text
+    assert "| salun-adv | 20% / 10% / 0% | 2: 100, 5: 40 | 1 of 2 | 20% / 30% |" in text
+    assert "| never learned | 20% / 10% / 0% | 2: 80, 5: 50 | — |" in text
+    assert bench.probes_markdown({"rows": [_row("uce", {}, 0, 1.0, 0.0, 0.1, kind="report")]}) == ""
+
+
+def test_a_finished_row_is_completed_with_missing_probes_not_rerun(bench, tmp_path, monkeypatch):
+    args = bench.parse_args(["--output_dir", str(tmp_path), "--probes", "sdedit"])
+    made, probed = [], []
+    monkeypatch.setattr(bench, "make_model", lambda *a: made.append(a) or ("pipe", 1.0, 1.0, {}))
+    monkeypatch.setattr(bench, "knowledge_probes", lambda a, pipe, d, name, kinds: probed.append(kinds) or
+                        {k: {"0.5": 0.25} for k in kinds})
+    row = _row("uce", {}, 3, 1.0, 0.0, 0.1, kind="report")
+    (tmp_path / "rows").mkdir()
+    bench.write_json(str(tmp_path / "rows" / "report-uce-default-3.json"), row)
+    out = bench.run_piece(args, "uce", {}, 3, None, None, None)
+    assert probed == [["sdedit"]] and len(made) == 1 and out["sdedit"] == {"0.5": 0.25}
+    assert out["unlearning_accuracy"] == 1.0  # the finished part is kept, not recomputed
+    assert bench.run_piece(args, "uce", {}, 3, None, None, None) == out and len(made) == 1  # complete: untouched
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--probes", "sdedit,fid"])

@@ -1,21 +1,25 @@
 """train_erase.py --method: the peer methods (ESD, UCE, AdvUnlearn) run by the same tool on tiny models: the same
-outputs (sealed erasure over the changed component, pipeline folder, records), flag refusals, family refusals."""
+outputs (sealed erasure over the changed component, pipeline folder, records), flag refusals, family refusals, and
+erasing again from an AdvUnlearn (text-encoder) output or from a SalUn output with AdvUnlearn."""
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
 
 import train_erase
 from salun_diffusers.config import EraseConfig
-from salun_diffusers.delta import CONFIG_NAME
+from salun_diffusers.delta import CONFIG_NAME, WEIGHTS_NAME, erasure_id, read_delta
 from salun_diffusers.erase import erase
 from salun_diffusers.erasure.peers import method_config, resolve_method
 from salun_diffusers.loaders import get_loaded_erasures, load_erasure, set_erasure_scale, unload_erasure
 from salun_diffusers.masking import load_mask
 from salun_diffusers.methods import NEXT_DIGIT, esd_mask, text_encoder_mask, uce_mask
+from salun_diffusers.pipelines import StableDiffusionErasedPipeline
 from salun_diffusers.testing import get_flow_pipeline, save_dummy_pipeline
 
 # a few steps each: mechanics, not efficacy (the digit-world presets are the lead's)
@@ -135,8 +139,8 @@ def test_presets_per_model_and_flags_over_them(dummy_pipeline_dir):
     (["--method", "uce", "--adversarial"], "--adversarial does not apply to --method uce"),
     (["--negative_guidance", "2"], "--negative_guidance does not apply to --method salun"),
     (["--method", "esd-x", "--alpha", "1"], "--alpha does not apply to --method esd-x"),
-    (["--method", "esd-u", "--resume_from_checkpoint", "latest"], "not checkpointed"),
-    (["--method", "advunlearn", "--checkpointing_steps", "5"], "not checkpointed"),
+    (["--method", "uce", "--resume_from_checkpoint", "latest"], "no training steps to checkpoint"),
+    (["--method", "uce", "--checkpointing_steps", "5"], "uce is one closed-form solve"),
     (["--method", "esd-x", "--concept", "one", "two"], "one concept per run"),
     (["--method", "esd-x", "--learning_rate", "0"], "--learning_rate must be > 0"),
 ])
@@ -197,3 +201,95 @@ def test_uce_erases_several_concepts_in_one_edit(dummy_pipeline_dir, tmp_path):
     assert [c["name"] for c in meta["erased_concepts"]] == ["nudity", "van_gogh"]
     base = _params(_load(dummy_pipeline_dir).unet)
     assert any(not torch.equal(p.detach(), base[n]) for n, p in result.unet.named_parameters())
+
+
+# ------------------------------------------------------------------------ stacking onto and under a text-encoder erasure
+
+
+def _erasure_meta(path):
+    return read_delta(path)[1]
+
+
+def _same_params(module, params):
+    return all(torch.equal(p.detach(), params[n]) for n, p in module.named_parameters())
+
+
+def _second_run(method, base_folder, out, erase_config):
+    """A run of ``method`` from an erased model's folder (SalUn: a seconds-long run of the tiny pipeline)."""
+    if method == "salun":
+        return erase(erase_config(output_dir=out, pretrained_model_name_or_path=base_folder, max_train_steps=2))
+    return erase(EraseConfig(pretrained_model_name_or_path=base_folder, concept="nudity", method=method,
+                             output_dir=out, **RUNS[method]))
+
+
+@pytest.mark.parametrize("method", ["salun", "esd-x"])
+def test_erasing_again_from_an_advunlearn_output_stacks_exactly(method, runs, erase_config, dummy_pipeline_dir,
+                                                                tmp_path, caplog):
+    first_dir = runs["advunlearn"][0].output_dir
+    first_id = erasure_id(_erasure_meta(os.path.join(first_dir, WEIGHTS_NAME)))
+    second = _second_run(method, first_dir, str(tmp_path / "second"), erase_config)
+    meta = _erasure_meta(second.erasure_path)["config"]
+    assert meta["stacked_on"] == [{"id": first_id, "concept": "nudity", "base_model": dummy_pipeline_dir}]
+    assert meta["component"] == "unet"
+    # the folder: AdvUnlearn's text encoder (its own, linked) and the new U-Net
+    erased_te = _params(_load(first_dir).text_encoder)
+    folder = _load(second.output_dir)
+    assert _same_params(folder.text_encoder, erased_te)
+    merged_unet = _params(folder.unet)
+    assert _same_params(second.unet, merged_unet)
+    # both erasures onto the base, in order: each on its own component, bit for bit; then the base back
+    pipe = _load(dummy_pipeline_dir)
+    base = {c: _params(getattr(pipe, c)) for c in ("unet", "text_encoder")}
+    load_erasure(pipe, first_dir)
+    with caplog.at_level("WARNING"):
+        load_erasure(pipe, second.output_dir)
+    assert "made from an erased model" not in caplog.text  # its parent is loaded (in the text encoder)
+    assert [(e["component"], e["stacked"]) for e in get_loaded_erasures(pipe)] == [("text_encoder", "base"),
+                                                                                   ("unet", "base")]
+    assert _same_params(pipe.text_encoder, erased_te) and _same_params(pipe.unet, merged_unet)
+    unload_erasure(pipe)
+    assert all(_same_params(getattr(pipe, c), base[c]) for c in base)
+    # the second alone: the loader names the erasure it lacks
+    with caplog.at_level("WARNING"):
+        load_erasure(pipe, second.output_dir)
+    assert f"made from an erased model (erasure {first_id})" in caplog.text
+    # the erased pipeline class loads the chain from the folder alone
+    chain = StableDiffusionErasedPipeline.from_pretrained(second.output_dir, safety_checker=None)
+    assert [e["component"] for e in get_loaded_erasures(chain)] == ["text_encoder", "unet"]
+    assert _same_params(chain.text_encoder, erased_te) and _same_params(chain.unet, merged_unet)
+
+
+def test_advunlearn_on_top_of_a_salun_output_stacks_exactly(erase_config, dummy_pipeline_dir, tmp_path):
+    first = erase(erase_config(output_dir=str(tmp_path / "salun"), max_train_steps=2))
+    second = _second_run("advunlearn", first.output_dir, str(tmp_path / "adv"), erase_config)
+    meta = _erasure_meta(second.erasure_path)["config"]
+    assert meta["stacked_on"] == [{"id": erasure_id(_erasure_meta(first.erasure_path)), "concept": "nudity",
+                                   "base_model": dummy_pipeline_dir}]
+    assert meta["component"] == "text_encoder"
+    salun_unet = _params(_load(first.output_dir).unet)
+    folder = _load(second.output_dir)
+    erased_te = _params(second.unet)  # the erased text encoder
+    assert _same_params(folder.unet, salun_unet) and _same_params(folder.text_encoder, erased_te)
+    pipe = _load(dummy_pipeline_dir)
+    base = {c: _params(getattr(pipe, c)) for c in ("unet", "text_encoder")}
+    load_erasure(pipe, first.output_dir)
+    load_erasure(pipe, second.output_dir)
+    assert _same_params(pipe.unet, salun_unet) and _same_params(pipe.text_encoder, erased_te)
+    unload_erasure(pipe)
+    assert all(_same_params(getattr(pipe, c), base[c]) for c in base)
+
+
+@pytest.mark.parametrize("method", ["salun", "esd-x"])
+def test_an_advunlearn_folder_whose_text_encoder_changed_is_refused(method, runs, erase_config, tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(runs["advunlearn"][0].output_dir, changed, symlinks=True)
+    weights = changed / "text_encoder" / "model.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k in state if k.endswith("final_layer_norm.weight"))  # transformers 5 drops "text_model."
+    state[key] = state[key] + 1
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"the text encoder in .* does not hold the erasure beside it "
+                                         r"\(erasure\.safetensors: '(text_model\.)?final_layer_norm\.weight' differs\).*"
+                                         r"erase from its base model"):
+        _second_run(method, str(changed), str(tmp_path / "out"), erase_config)
+    assert not os.path.exists(tmp_path / "out" / WEIGHTS_NAME)

@@ -1,4 +1,7 @@
-"""Erasure checkpoints: ``checkpoint-N`` folders in ``output_dir`` (accelerate's save_state / load_state).
+"""Erasure checkpoints: ``checkpoint-N`` folders in ``output_dir``: SalUn's hold accelerate's save_state (read back
+with load_state); a peer method's (``--method esd-* | advunlearn``) hold its loop state in one file,
+``peer_state.pt`` (:func:`save_peer_checkpoint` / :func:`load_peer_checkpoint`). Both are written, sealed, resumed
+and pruned by the same functions below.
 
 Crash-safe: a checkpoint is written into ``.tmp-checkpoint-N``, its run record (``salun_checkpoint.json``: the run's
 config, and the sha256 of every other file of the checkpoint: its seal) written last, and only then renamed to
@@ -15,10 +18,13 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from dataclasses import fields
-from typing import List, Optional
+from typing import Callable, List, Optional
+
+import torch
 
 from ..config import EraseConfig
 from ..utils import follow_umask, write_json
@@ -26,6 +32,7 @@ from ..utils import follow_umask, write_json
 logger = logging.getLogger(__name__)
 
 RECORD_NAME = "salun_checkpoint.json"
+PEER_STATE_NAME = "peer_state.pt"  # a peer method's loop state (salun_diffusers.methods.esd.loop_state)
 _LEGACY_LAST_FILE = "random_states_0.pkl"  # accelerate writes it last: a complete checkpoint from before the record
 # fields that do not change the erasure: they may differ between a run and its resumption
 BOOKKEEPING_FIELDS = frozenset({
@@ -183,15 +190,14 @@ def prune_checkpoints(output_dir: str, keep: Optional[int]) -> None:
         shutil.rmtree(os.path.join(output_dir, name))
 
 
-def save_checkpoint(accelerator, config: EraseConfig, step: int) -> None:
-    """``accelerator.save_state`` into ``<output_dir>/checkpoint-<step>`` (main process): written to a temporary
-    folder, the run record last, renamed when complete; then at most ``checkpoints_total_limit`` are kept."""
-    if not accelerator.is_main_process:
-        return
+def write_checkpoint(config: EraseConfig, step: int, write: Callable[[str], None]) -> None:
+    """``write(folder)`` fills ``<output_dir>/checkpoint-<step>``: the folder is written under a temporary name, its
+    run record (the seal) last, and renamed when complete; then at most ``checkpoints_total_limit`` are kept."""
     final = os.path.join(config.output_dir, f"checkpoint-{step}")
     tmp = os.path.join(config.output_dir, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(tmp)
+    os.makedirs(tmp)
+    write(tmp)
     write_json(os.path.join(tmp, RECORD_NAME), {"step": step, "config": config.to_dict(),
                                                 "sha256": checkpoint_files(tmp)})
     follow_umask(tmp)
@@ -199,3 +205,32 @@ def save_checkpoint(accelerator, config: EraseConfig, step: int) -> None:
         shutil.rmtree(final)
     os.replace(tmp, final)
     prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
+
+
+def save_checkpoint(accelerator, config: EraseConfig, step: int) -> None:
+    """SalUn: ``accelerator.save_state`` into ``<output_dir>/checkpoint-<step>`` (main process), crash-safe
+    (:func:`write_checkpoint`)."""
+    if accelerator.is_main_process:
+        write_checkpoint(config, step, accelerator.save_state)
+
+
+def save_peer_checkpoint(config: EraseConfig, step: int, state: dict) -> None:
+    """A peer method's loop state after ``step`` steps (tensors, numbers, lists: see
+    :func:`salun_diffusers.methods.esd.loop_state`) as ``checkpoint-<step>/peer_state.pt``, crash-safe
+    (:func:`write_checkpoint`)."""
+    write_checkpoint(config, step, lambda folder: torch.save(state, os.path.join(folder, PEER_STATE_NAME)))
+
+
+def load_peer_checkpoint(path: str) -> dict:
+    """The loop state a peer method saved in checkpoint ``path`` (already checked by :func:`resolve_resume`). Read with
+    ``weights_only``: tensors, numbers and containers only, nothing in the file is executed."""
+    file = os.path.join(path, PEER_STATE_NAME)
+    step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("step") != step:
+            raise ValueError(f"it is not the state after step {step}")
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"checkpoint {path!r} holds no readable {PEER_STATE_NAME} ({str(exc).splitlines()[0]}); "
+                         f"{_damaged_fix(path)}") from None
+    return state

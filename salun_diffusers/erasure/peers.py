@@ -7,6 +7,10 @@ advunlearn``): each name maps to its preset, its knobs and a runner over the loa
 * :func:`run_peer` runs the method on the pipeline in place and returns a :class:`PeerRun`: the module it changed
   (the U-Net, or the text encoder for AdvUnlearn), the mask of the weights the method may change (every weight
   outside it stays bit-identical), the component's name and the base values' fingerprint taken before the change.
+* The training peers (ESD, AdvUnlearn) save ``checkpoint-N`` every ``--checkpointing_steps`` steps and resume from
+  one (``--resume_from_checkpoint``) through SalUn's checkpoint functions (:mod:`.checkpoints`: crash-safe, sealed,
+  checked against the run's settings, pruned); a resumed run ends bit-identical to an uninterrupted one. UCE is one
+  closed-form solve: nothing to checkpoint.
 
 :func:`salun_diffusers.erase.erase` writes the result exactly as a SalUn run's (the sealed erasure file over the
 changed component, the merged component folder, the pipeline folder, metrics and model card).
@@ -30,6 +34,8 @@ from ..hub import BUNDLED_DIGIT_MODEL, resolve_base_model
 from ..masking import Mask
 from ..methods import (NEXT_DIGIT, AdvUnlearnConfig, EsdConfig, UceConfig, apply_uce, esd_mask, text_encoder_mask,
                        train_advunlearn, train_esd, uce_edit, uce_mask)
+from .checkpoints import load_peer_checkpoint, save_peer_checkpoint
+from .training import TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +60,7 @@ class PeerRun:
 class _Peer:
     keys: Mapping[str, str]
     make_config: Callable[..., object]  # (preset name, **overrides) -> the method's config
-    run: Callable[..., PeerRun]  # (pipe, method config, spec, generator) -> PeerRun
+    run: Callable[..., PeerRun]  # (pipe, method config, spec, generator, state=, on_step=) -> PeerRun
 
 
 def preset_name(config: EraseConfig) -> str:
@@ -82,13 +88,13 @@ def resolve_method(config: EraseConfig) -> Optional[dict]:
     return {"method": config.method, "preset": preset_name(config), "config": resolved.to_dict()}
 
 
-def _run_esd(pipe, cfg: EsdConfig, spec: AnySpec, generator: torch.Generator) -> PeerRun:
+def _run_esd(pipe, cfg: EsdConfig, spec: AnySpec, generator: torch.Generator, **resume) -> PeerRun:
     unet = pipe.unet
     mask = esd_mask(unet, cfg.variant)
     digest = base_values_digest(unet, mask)
     base = copy.deepcopy(unet).requires_grad_(False)
     losses = train_esd(unet, base, pipe.scheduler, encode_prompt(pipe, spec.forget_prompt), encode_prompt(pipe, ""),
-                       cfg, mask=mask, generator=generator, show_progress=True)
+                       cfg, mask=mask, generator=generator, show_progress=True, **resume)
     del base
     return PeerRun(unet, mask, "unet", digest, {"loss": losses[-1]}, {"loss": losses})
 
@@ -105,7 +111,8 @@ def _guide(cfg: UceConfig, prompt: str) -> str:
                      "prompt: pass --guide_prompt '' or a prompt of your own")
 
 
-def _run_uce(pipe, cfg: UceConfig, spec: AnySpec, generator: torch.Generator) -> PeerRun:
+def _run_uce(pipe, cfg: UceConfig, spec: AnySpec, generator: torch.Generator, **_) -> PeerRun:
+    """One closed-form solve: no loop to resume or checkpoint (the config refuses those flags)."""
     unet = pipe.unet
     mask = uce_mask(unet, cfg.with_to_k)
     digest = base_values_digest(unet, mask)
@@ -117,13 +124,13 @@ def _run_uce(pipe, cfg: UceConfig, spec: AnySpec, generator: torch.Generator) ->
     return PeerRun(unet, mask, "unet", digest, {"erased_prompts": erased, "preserved_prompts": preserved}, {})
 
 
-def _run_advunlearn(pipe, cfg: AdvUnlearnConfig, spec: AnySpec, generator: torch.Generator) -> PeerRun:
+def _run_advunlearn(pipe, cfg: AdvUnlearnConfig, spec: AnySpec, generator: torch.Generator, **resume) -> PeerRun:
     text_encoder = pipe.text_encoder
     mask = text_encoder_mask(text_encoder)
     digest = base_values_digest(text_encoder, mask)
     retain = [p for p in spec.retain_prompts if p != spec.forget_prompt]
     history = train_advunlearn(pipe.unet, text_encoder, pipe.tokenizer, pipe.scheduler, spec.forget_prompt, retain,
-                               cfg, mask=mask, generator=generator, show_progress=True)
+                               cfg, mask=mask, generator=generator, show_progress=True, **resume)
     text_encoder.eval()
     return PeerRun(text_encoder, mask, "text_encoder", digest, {k: v[-1] for k, v in history.items()}, history)
 
@@ -136,12 +143,36 @@ PEERS: Dict[str, _Peer] = {
 }
 
 
-def run_peer(pipe, config: EraseConfig, spec: AnySpec) -> PeerRun:
-    """Run ``config.method`` on ``pipe`` (an SD 1.x/2.x pipeline, float32) in place, seeded with ``--seed``."""
+def _checkpointer(config: EraseConfig) -> Optional[Callable]:
+    """The loops' ``on_step``: ``checkpoint-N`` every ``--checkpointing_steps`` steps, not after the last (the erasure
+    follows), as SalUn's run; a state holding a non-finite trained value is never saved."""
+    every = config.checkpointing_steps
+    if not every:
+        return None
+
+    def on_step(step: int, state_fn) -> None:
+        if step % every or step >= config.max_train_steps:
+            return
+        state = state_fn()
+        if not all(bool(torch.isfinite(v).all()) for v in state["values"].values()):
+            raise TrainingDiverged(f"training diverged at step {step}: a trained weight is not finite; no erasure was "
+                                   "written and earlier checkpoints are kept. Rerun with a lower --learning_rate "
+                                   f"(now {config.learning_rate:g})")
+        save_peer_checkpoint(config, step, state)
+    return on_step
+
+
+def run_peer(pipe, config: EraseConfig, spec: AnySpec, resume_path: Optional[str] = None) -> PeerRun:
+    """Run ``config.method`` on ``pipe`` (an SD 1.x/2.x pipeline, float32, at the base values) in place, seeded with
+    ``--seed``; from the checkpoint ``resume_path`` (checked by
+    :func:`~salun_diffusers.erasure.checkpoints.resolve_resume`) when given."""
     cfg = method_config(config)
     generator = torch.Generator().manual_seed(config.seed)
     logger.info("%s (%s preset): %s", config.method, preset_name(config), cfg.to_dict())
-    return PEERS[config.method].run(pipe, cfg, spec, generator)
+    state = load_peer_checkpoint(resume_path) if resume_path else None
+    if state is not None:
+        logger.info("resuming from %s (step %d)", resume_path, state["step"])
+    return PEERS[config.method].run(pipe, cfg, spec, generator, state=state, on_step=_checkpointer(config))
 
 
 __all__ = ["PEERS", "PeerRun", "method_config", "preset_name", "resolve_method", "run_peer"]

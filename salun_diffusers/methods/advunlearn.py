@@ -24,6 +24,7 @@ Public: :data:`ADVUNLEARN_PRESETS`, :class:`AdvUnlearnConfig`, :func:`text_encod
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from ..attacks import encode_ids, frozen, token_attack
 from ..utils import flag_field as _f
 from ..masking import Mask, MaskedUpdate
 from ..utils import JsonConfigMixin
-from .esd import EsdSample, ddim_partial_sample, esd_sample
+from .esd import EsdSample, StateFn, ddim_partial_sample, esd_sample, loop_state, resume_loop
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +241,8 @@ class _TokenAttackPipe:
 def train_advunlearn(unet, text_encoder, tokenizer, scheduler, prompt: str, retain_prompts: Sequence[str],
                      config: AdvUnlearnConfig, *, mask: Optional[Mask] = None,
                      generator: Optional[torch.Generator] = None, target_latents: Optional[torch.Tensor] = None,
-                     show_progress: bool = False) -> Dict[str, List[float]]:
+                     show_progress: bool = False, state: Optional[dict] = None,
+                     on_step: Optional[Callable[[int, StateFn], None]] = None) -> Dict[str, List[float]]:
     """Run AdvUnlearn on ``text_encoder`` in place; ``unet`` (the base U-Net) stays frozen and unchanged.
 
     The base text encoder's conditionings (concept, ``""``, retain prompts) are computed once before training: they
@@ -248,6 +250,9 @@ def train_advunlearn(unet, text_encoder, tokenizer, scheduler, prompt: str, reta
     ``mask`` (default :func:`text_encoder_mask`) selects the trained text-encoder weights (entries outside it stay
     bit-identical). ``target_latents``: images of the concept, needed by ``inner_attack="token"`` only.
     Returns ``{"loss", "unlearn", "retain"}`` per step.
+
+    Resumable as :func:`~salun_diffusers.methods.esd.train_esd` (``on_step(step, state_fn)``, ``state``): the loop
+    state carries the last attack too (its prefix embeddings and token ids, used until the next attack).
     """
     if config.inner_attack == "token" and target_latents is None:
         raise ValueError("inner_attack='token' needs target_latents (latents of images of the concept)")
@@ -272,9 +277,15 @@ def train_advunlearn(unet, text_encoder, tokenizer, scheduler, prompt: str, reta
 
     history: Dict[str, List[float]] = {"loss": [], "unlearn": [], "retain": []}
     prefix, ids = None, plain_ids
+    start = 0
+    if state is not None:  # after the base conditionings above: they are the base text encoder's
+        start, history = resume_loop(state, guard, opt, generator), copy.deepcopy(state["history"])
+        prefix, ids = state["prefix"], state["ids"]
+        prefix = prefix.to(text_encoder.device) if prefix is not None else None
     was_training = text_encoder.training
     try:
-        for step in tqdm(range(config.iterations), desc="AdvUnlearn", disable=not show_progress):
+        for step in tqdm(range(start, config.iterations), initial=start, total=config.iterations, desc="AdvUnlearn",
+                         disable=not show_progress):
             if step >= config.warmup and (step - config.warmup) % config.attack_every == 0 and config.attack_steps:
                 text_encoder.eval()
                 if config.inner_attack == "soft":
@@ -308,6 +319,8 @@ def train_advunlearn(unet, text_encoder, tokenizer, scheduler, prompt: str, reta
             history["loss"].append(float(loss.detach()))
             history["unlearn"].append(float(unlearn))
             history["retain"].append(float(kept))
+            if on_step is not None:
+                on_step(step + 1, lambda: loop_state(step + 1, guard, opt, generator, history, prefix=prefix, ids=ids))
     finally:
         guard.remove_hooks()
         text_encoder.train(was_training)

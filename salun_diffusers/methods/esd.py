@@ -19,15 +19,17 @@ Which weights train is a boolean mask in :mod:`salun_diffusers.masking`'s format
 * ``esd-full``: every U-Net weight, official ``full``.
 
 Public: :data:`ESD_VARIANTS`, :data:`ESD_PRESETS`, :class:`EsdConfig`, :func:`is_esd_parameter`, :func:`esd_mask`,
-:class:`EsdSample`, :func:`ddim_partial_sample`, :func:`esd_sample`, :func:`esd_loss`, :func:`train_esd`.
+:class:`EsdSample`, :func:`ddim_partial_sample`, :func:`esd_sample`, :func:`esd_loss`, :func:`loop_state`,
+:func:`resume_loop`, :func:`train_esd`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -201,15 +203,51 @@ def esd_loss(unet, sample: EsdSample, embeds: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.float(), sample.target)
 
 
+# ---------------------------------------------------------------------------------------------- resumable loops
+StateFn = Callable[[], dict]  # the loop state after the step just made (see loop_state)
+
+
+def loop_state(step: int, guard: MaskedUpdate, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+               history, **extra) -> dict:
+    """What a masked training loop needs to continue bit-identically after ``step`` optimizer steps: the trained
+    (masked) values, the optimizer's state, the generator's state (every draw of the loop comes from it), the history
+    so far and a method's ``extra`` (tensors, numbers, lists or ``None``: what ``torch.load(weights_only=True)`` reads
+    back). The tensors are the loop's own: save the state before the next step."""
+    return {"step": step, "values": {n: v.detach() for n, v in guard.values.items()},
+            "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "history": copy.deepcopy(history),
+            **extra}
+
+
+@torch.no_grad()
+def resume_loop(state: dict, guard: MaskedUpdate, optimizer: torch.optim.Optimizer,
+                generator: torch.Generator) -> int:
+    """Load a :func:`loop_state` into a new loop (its module still at the base values): the trained values are
+    written into the masked weights, the optimizer and generator continue where they were. Returns the step."""
+    if set(state["values"]) != set(guard.values):
+        raise ValueError("the saved loop state trains other weights than this run (another method or model); resume "
+                         "it with the run that wrote it")
+    for name, value in guard.values.items():
+        value.copy_(state["values"][name])
+    guard.restore()
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return int(state["step"])
+
+
 # ------------------------------------------------------------------------------------------------------ training
 def train_esd(unet, base_unet, scheduler, concept_embeds: torch.Tensor, null_embeds: torch.Tensor,
               config: EsdConfig, *, mask: Optional[Mask] = None, generator: Optional[torch.Generator] = None,
-              show_progress: bool = False, check_finite: bool = True) -> List[float]:
+              show_progress: bool = False, check_finite: bool = True, state: Optional[dict] = None,
+              on_step: Optional[Callable[[int, StateFn], None]] = None) -> List[float]:
     """Run ESD on ``unet`` in place (``base_unet``: a frozen copy of the base U-Net). Returns the loss per step.
 
     ``mask`` (default :func:`esd_mask` of ``config.variant``) selects the weights that train, through
     :class:`~salun_diffusers.masking.MaskedUpdate`: every entry outside it stays bit-identical. Adam (the official
     optimizer: no weight decay, no clipping) over the masked values.
+
+    Resumable: ``on_step(step, state_fn)`` runs after every step (``state_fn()``: the :func:`loop_state`, e.g. to
+    save a checkpoint); ``state`` (such a state, ``unet`` at the base values) continues from it, and the run ends
+    bit-identical to an uninterrupted one.
     """
     mask = mask if mask is not None else esd_mask(unet, config.variant)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -217,8 +255,12 @@ def train_esd(unet, base_unet, scheduler, concept_embeds: torch.Tensor, null_emb
     guard = MaskedUpdate(unet, mask)
     opt = torch.optim.Adam(guard.trainable_parameters(), lr=config.learning_rate)
     losses: List[float] = []
+    start = 0
+    if state is not None:
+        start, losses = resume_loop(state, guard, opt, generator), list(state["history"])
     try:
-        for step in tqdm(range(config.iterations), desc=f"ESD ({config.variant})", disable=not show_progress):
+        for step in tqdm(range(start, config.iterations), initial=start, total=config.iterations,
+                         desc=f"ESD ({config.variant})", disable=not show_progress):
             sample = esd_sample(base_unet, scheduler, concept_embeds, null_embeds,
                                 negative_guidance=config.negative_guidance, start_guidance=config.start_guidance,
                                 num_inference_steps=config.num_inference_steps, batch_size=config.batch_size,
@@ -232,6 +274,8 @@ def train_esd(unet, base_unet, scheduler, concept_embeds: torch.Tensor, null_emb
             opt.step()
             guard.restore()
             losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step + 1, lambda: loop_state(step + 1, guard, opt, generator, losses))
     finally:
         guard.remove_hooks()
     return losses
