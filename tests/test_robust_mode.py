@@ -1,11 +1,13 @@
-"""Retain-aware saliency (``--saliency_retain_weight``, issue 17's robust mode): the mask, the guarantee outside it,
-resume, and the checks. Tiny config-built pipeline on CPU (mechanics, seconds)."""
+"""Issue 17's robust mode (the digit preset's ``--adversarial`` at alpha 8) and the retain-aware mask
+(``--saliency_retain_weight``): the mask, the guarantee outside it, resume, and the checks. Tiny config-built pipeline
+on CPU (mechanics, seconds)."""
 
 import os
 import shutil
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 
 from salun_diffusers import load_mask
 from salun_diffusers.config import EraseConfig
@@ -13,7 +15,9 @@ from salun_diffusers.erase import erase
 from salun_diffusers.masking import mask_from_saliency
 from salun_diffusers.saliency import retain_aware_saliency
 
-ROBUST = dict(adversarial=True, adversarial_steps=2, adversarial_lr=0.05, saliency_retain_weight=4.0)
+# the frozen mode (the digit preset's --adversarial: alpha 8) and the retain-aware mask, with a tiny inner attack
+FROZEN = dict(adversarial=True, alpha=8.0, adversarial_steps=2, adversarial_lr=0.05)
+ROBUST = dict(FROZEN, saliency_retain_weight=4.0)
 
 
 def test_a_weight_the_retain_loss_relies_on_leaves_the_mask():
@@ -42,17 +46,19 @@ def test_weight_zero_is_salun_and_zero_forget_saliency_is_never_preferred():
         retain_aware_saliency(forget, retain, -1.0)
 
 
-def test_robust_mode_changes_the_mask_and_keeps_every_weight_outside_it(erase_config, dummy_pipeline_dir, tmp_path):
+@pytest.mark.parametrize("mode", [FROZEN, ROBUST], ids=["adversarial-alpha8", "retain-aware-mask"])
+def test_robust_modes_keep_every_weight_outside_the_mask(mode, erase_config, dummy_pipeline_dir, tmp_path):
     plain = erase(erase_config(output_dir=str(tmp_path / "plain"), save_mask_only=True))
-    robust = erase(erase_config(output_dir=str(tmp_path / "robust"), max_train_steps=2, **ROBUST))
+    robust = erase(erase_config(output_dir=str(tmp_path / "robust"), max_train_steps=2, **mode))
     m_plain, _ = load_mask(plain.mask_path)
     mask, meta = load_mask(robust.mask_path)
-    assert meta["saliency_retain_weight"] == "4.0"
     selected = sum(int(m.sum()) for m in mask.values())
-    assert selected == sum(int(m.sum()) for m in m_plain.values())  # same ratio, other weights
-    assert sum(int((mask[n] ^ m_plain[n]).sum()) for n in mask) > 0.05 * selected
-    from diffusers import UNet2DConditionModel
-
+    assert selected == sum(int(m.sum()) for m in m_plain.values())  # same ratio
+    differ = sum(int((mask[n] ^ m_plain[n]).sum()) for n in mask)
+    if mode.get("saliency_retain_weight"):  # other weights
+        assert meta["saliency_retain_weight"] == "4.0" and differ > 0.05 * selected
+    else:  # SalUn's mask exactly
+        assert differ == 0 and "saliency_retain_weight" not in meta
     base = dict(UNet2DConditionModel.from_pretrained(dummy_pipeline_dir, subfolder="unet").named_parameters())
     changed = 0
     for name, p in robust.unet.named_parameters():
@@ -77,6 +83,8 @@ def test_resumed_robust_run_equals_an_uninterrupted_one(erase_config, tmp_path):
 
 def test_checks(erase_config):
     assert EraseConfig(concept="seven").saliency_retain_weight == 0.0  # SalUn's mask unless asked
+    assert EraseConfig(concept="seven", adversarial=True).saliency_retain_weight == 0.0
+    assert EraseConfig(concept="seven", adversarial=True).alpha == 8.0  # the frozen robust mode
     with pytest.raises(ValueError, match="saliency_retain_weight must be >= 0"):
         EraseConfig(concept="seven", saliency_retain_weight=-1.0)
     with pytest.raises(ValueError, match="--saliency_combine sum"):
