@@ -114,6 +114,13 @@ class EraseConfig(JsonConfigMixin):
                                       "w*eps(x_t,'')) as the official SalUn code, 'conditional' = MSE(noise, "
                                       "eps(x_t,c)).", choices=["conditional", "guided"])
     saliency_guidance_scale: float = _f(7.5, "w of the guided saliency loss (official: 7.5).")
+    # issue 17: a mask that leaves the retained concepts' weights alone (docs/robustness.md, "A robust mode at no cost
+    # to the other digits")
+    saliency_retain_weight: Optional[float] = _f(
+        None, "Retain-aware mask: the same saliency loss on the retain images gives a retain saliency r, and the mask "
+              "ranks weights by f / (1 + w * r / f) (f: the forget saliency; each divided by its mean) instead of f, "
+              "so training cannot move the weights the retained concepts rely on most. 0: SalUn's mask (the "
+              "default); one extra gradient pass over the retain images.")
     # training
     max_train_steps: Optional[int] = _f(None, "Optimizer steps (preset default; wins over --num_train_epochs).")
     num_train_epochs: Optional[int] = _f(None, "Passes over the forget images; sets max_train_steps = epochs x "
@@ -233,6 +240,9 @@ class EraseConfig(JsonConfigMixin):
                                  or self.adversarial_lr <= 0 or self.adversarial_weight < 0):
             raise ValueError("--adversarial needs --adversarial_every >= 1, --adversarial_steps >= 1, "
                              "--adversarial_lr > 0 and --adversarial_weight >= 0")
+        if self.saliency_retain_weight and len(spec.concepts) > 1 and self.saliency_combine != "sum":
+            raise ValueError("--saliency_retain_weight discounts one forget saliency: use it with --saliency_combine "
+                             f"sum (got {self.saliency_combine}), or drop --saliency_retain_weight")
         if self.single_file_dtype not in ("float16", "float32"):
             raise ValueError(f"--single_file_dtype must be float16 or float32, got {self.single_file_dtype!r}")
         if self.save_pipeline not in ("link", "copy", "none"):
@@ -259,6 +269,8 @@ class EraseConfig(JsonConfigMixin):
         # else: epochs over a forget folder; erasure.data.resolve_epoch_steps counts its images before the run
         if self.saliency_batch_size is None:
             self.saliency_batch_size = self.train_batch_size
+        if self.saliency_retain_weight is None:
+            self.saliency_retain_weight = 0.0
 
     def _check_method_flags(self) -> None:
         """Refuse a flag the chosen ``--method`` does not read (one given away from its default), naming the fix."""
@@ -319,7 +331,8 @@ RANGES = {
     "verdict_images": (0, None), "seed": (0, 2 ** 31), "num_retain_images": (0, None),
     "checkpoints_total_limit": (1, None), "max_sequence_length": (1, None), "flux_guidance_scale": (0.0, None),
     "resolution": (8, None), "mask_ratio": (0.0, 1.0),
-    "saliency_guidance_scale": (0.0, None), "export_lora_rank": (0, None), "validation_steps": (0, None),
+    "saliency_guidance_scale": (0.0, None), "saliency_retain_weight": (0.0, None), "export_lora_rank": (0, None),
+    "validation_steps": (0, None),
     "negative_guidance": (0.0, None), "start_guidance": (0.0, None), "preserve_scale": (0.0, None),
     "attack_steps": (0, None), "attack_warmup": (0, None), "partial_sampling_steps": (1, None),
     **{name: (1, None) for name in ("num_forget_images", "max_train_steps", "train_batch_size", "num_train_epochs",

@@ -1,7 +1,8 @@
 """Gradient saliency: accumulate the gradient of a forget loss over a forget set, for any ``torch.nn.Module``.
 
 The same function serves the U-Net (diffusion forget loss) and image classifiers (cross-entropy forget loss);
-:mod:`salun_diffusers.masking` turns the result into a mask.
+:mod:`salun_diffusers.masking` turns the result into a mask. :func:`retain_aware_saliency` discounts it by a retain
+loss's saliency, so the mask leaves out the weights the retained data rely on.
 
 Multi-process runs (``accelerate launch --num_processes N``): batch ``i`` is handled by process ``i % N`` and its
 randomness comes from a generator seeded with ``seed + i``, so the all-reduced sum equals the single-process sum
@@ -79,3 +80,31 @@ def compute_saliency(model, batches, loss_fn, *, seed: int = 0, accelerator=None
                                  "tensor(s) is not finite; check the forget data, or use --mixed_precision bf16 or no "
                                  "instead of fp16")
     return saliency
+
+
+def retain_aware_saliency(forget: Dict[str, torch.Tensor], retain: Dict[str, torch.Tensor],
+                          weight: float) -> Dict[str, torch.Tensor]:
+    """Forget saliency discounted where the retain saliency is high: ``f / (1 + weight * r / f)`` per weight, with
+    ``f`` and ``r`` the forget and retain saliencies (``|gradient|``, e.g. from :func:`compute_saliency`) each divided
+    by its mean over all weights. ``weight`` 0 returns ``forget`` itself (SalUn's saliency); a weight whose retain
+    saliency is ``weight`` times its forget saliency counts half as much as one the retain loss does not touch, so a
+    top-k mask of the result leaves out the weights the retained data rely on. Non-negative, as masks need."""
+    if weight < 0:
+        raise ValueError(f"the retain saliency weight must be >= 0, got {weight}")
+    if weight == 0:
+        return forget
+    if set(forget) != set(retain):
+        raise ValueError("forget and retain saliencies must cover the same parameters")
+
+    def mean(s):
+        return sum(float(t.double().sum()) for t in s.values()) / max(1, sum(t.numel() for t in s.values())) or 1.0
+
+    f_mean, r_mean = mean(forget), mean(retain)
+    out = {}
+    for n, f in forget.items():
+        f = f.float() / f_mean
+        r = retain[n].float() / r_mean
+        # f * f / (f + w r) == f / (1 + w r / f); 0 where f is 0 (no forget saliency, never preferred)
+        out[n] = torch.where(f > 0, f * f / (f + weight * r),
+                             torch.zeros_like(f))
+    return out

@@ -86,17 +86,17 @@ def test_bad_adversarial_config_is_rejected_with_the_fix(erase_config, overrides
         erase_config(adversarial=True, **overrides)
 
 
-def test_adversarial_digit_preset_doubles_the_retain_weight_unless_alpha_is_given():
-    """Issue 17: --adversarial takes the digit preset's alpha 4 (plain SalUn keeps 2); an explicit --alpha wins, also
+def test_adversarial_digit_preset_raises_the_retain_weight_unless_alpha_is_given():
+    """Issue 17: --adversarial takes the digit preset's alpha 8 (plain SalUn keeps 2); an explicit --alpha wins, also
     in a joint run (the first concept's preset) and with the preset's prompts overridden; presets without it (nudity)
     and concepts of your own keep their alpha."""
     from salun_diffusers.config import EraseConfig
 
     assert EraseConfig(concept="seven").alpha == 2.0
-    assert EraseConfig(concept="seven", adversarial=True).alpha == 4.0
+    assert EraseConfig(concept="seven", adversarial=True).alpha == 8.0
     assert EraseConfig(concept="seven", adversarial=True, alpha=2.0).alpha == 2.0
-    assert EraseConfig(concept=["two", "seven"], adversarial=True).alpha == 4.0
-    assert EraseConfig(concept="seven", forget_prompt="a handwritten digit seven", adversarial=True).alpha == 4.0
+    assert EraseConfig(concept=["two", "seven"], adversarial=True).alpha == 8.0
+    assert EraseConfig(concept="seven", forget_prompt="a handwritten digit seven", adversarial=True).alpha == 8.0
     sd = dict(pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4")
     assert EraseConfig(concept="nudity", adversarial=True, **sd).alpha == 0.1
     own = EraseConfig(concept="cat", forget_prompt="a cat", pseudo_prompt=["a dog"], adversarial=True, **sd)

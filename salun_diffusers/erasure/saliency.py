@@ -5,6 +5,11 @@ The loss is the official SalUn one by default (``--saliency_loss guided``; OPTML
 SD/train-scripts/generate_mask.py:57-62): ``MSE(noise, (1+w) eps(x_t, c) - w eps(x_t, ""))`` with w = 7.5, the
 classifier-free-guided prediction the sampler actually uses, gradients through both branches.
 ``--saliency_loss conditional`` takes the plain ``MSE(noise, eps(x_t, c))``.
+
+``--saliency_retain_weight w`` (> 0) makes the mask retain-aware: the same loss on the retain images with their own
+prompts gives a retain saliency, and the mask ranks weights by the forget saliency discounted where the retain one is
+high (:func:`salun_diffusers.saliency.retain_aware_saliency`), so training cannot move the weights the retained
+concepts rely on most.
 """
 
 from __future__ import annotations
@@ -19,16 +24,17 @@ import torch.nn.functional as F
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..delta import MASK_NAME, model_fingerprint
-from ..families import as_family, base_model_id, cat_conds
+from ..families import PromptCond, as_family, base_model_id, cat_conds
 from ..masking import load_mask, mask_from_saliency, save_mask
 from ..objectives import diffusion_loss
-from ..saliency import compute_saliency
+from ..saliency import compute_saliency, retain_aware_saliency
 from .data import ConceptData
 
 logger = logging.getLogger(__name__)
 
 
 UNCOND_PROMPT = ""
+RETAIN_SEED_OFFSET = 1_000_000  # the retain saliency pass's noise seeds: seed + offset + batch, apart from the forget's
 
 
 def guided_diffusion_loss(unet, scheduler, latents, embeds, uncond_embeds, guidance_scale: float,
@@ -81,19 +87,23 @@ def saliency_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config:
     batches = concept_batches(data, config.saliency_batch_size)
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
 
-    def loss_fn(model, batch, generator):
-        k, idx = batch
-        latents = data.forget_latents[idx]
-        c = conds[k].expand(len(idx))
+    def loss(model, latents, c, generator):
         with autocast():
             if guided:
-                uncond = data.embeds[UNCOND_PROMPT].expand(len(idx))
+                uncond = data.embeds[UNCOND_PROMPT].expand(len(latents))
                 return guided_diffusion_loss(model, scheduler, latents, c, uncond, config.saliency_guidance_scale,
                                              generator)
             return diffusion_loss(model, scheduler, latents, c, generator)
 
+    def loss_fn(model, batch, generator):
+        k, idx = batch
+        return loss(model, data.forget_latents[idx], conds[k].expand(len(idx)), generator)
+
     if len(spec.concepts) == 1 or config.saliency_combine == "sum":
         saliency = compute_saliency(unet, batches, loss_fn, seed=config.seed, accelerator=accelerator)
+        if config.saliency_retain_weight:
+            saliency = retain_aware_saliency(saliency, retain_saliency(unet, data, loss, config, accelerator),
+                                             config.saliency_retain_weight)
         return mask_from_saliency(saliency, config.mask_ratio, config.mask_scope)
     per_concept = []
     for k in range(len(spec.concepts)):  # the same batches and noise seeds as the summed pass, one concept at a time
@@ -102,6 +112,23 @@ def saliency_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config:
         per_concept.append(compute_saliency(unet, mine, loss_fn, seed=config.seed + first, accelerator=accelerator,
                                             desc=f"saliency {spec.concepts[k].name}"))
     return combine_saliencies(per_concept, config.saliency_combine, config.mask_ratio, config.mask_scope)
+
+
+def retain_saliency(unet, data: ConceptData, loss, config: EraseConfig, accelerator=None):
+    """|gradient| of the saliency loss on the retain images, each with its own prompt (one pass, batches of
+    ``saliency_batch_size``; noise seeds apart from the forget pass's)."""
+    if data.retain_latents is None:
+        raise ValueError("--saliency_retain_weight needs retain images: set --num_retain_images > 0 or "
+                         "--retain_data_dir, or drop --saliency_retain_weight")
+    table = PromptCond.stack(list(data.embeds.values()))
+    n, bs = data.retain_latents.shape[0], config.saliency_batch_size
+    batches = [torch.arange(i, min(i + bs, n)) for i in range(0, n, bs)]
+
+    def loss_fn(model, idx, generator):
+        return loss(model, data.retain_latents[idx], table[data.retain_prompt_ids[idx]], generator)
+
+    return compute_saliency(unet, batches, loss_fn, seed=config.seed + RETAIN_SEED_OFFSET, accelerator=accelerator,
+                            desc="retain saliency")
 
 
 def compute_or_load_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig, accelerator,
@@ -123,5 +150,7 @@ def compute_or_load_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, 
                                     **({"saliency_combine": config.saliency_combine} if len(spec.concepts) > 1 else {}),
                                     "saliency_loss": config.saliency_loss,
                                     "saliency_guidance_scale": config.saliency_guidance_scale,
+                                    **({"saliency_retain_weight": config.saliency_retain_weight}
+                                       if config.saliency_retain_weight else {}),
                                     "base_model": base_model_id(config)})
     return mask, mask_file
