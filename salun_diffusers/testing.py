@@ -8,6 +8,7 @@ Nothing is downloaded: the tokenizer is written by :func:`salun_diffusers.tokeni
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Optional
 
@@ -220,3 +221,11 @@ def save_flow_pipeline(path: str, family: str = "sd3", seed: int = 0, guidance_e
     """Write a tiny SD3/FLUX pipeline in diffusers' folder layout."""
     get_flow_pipeline(family, seed, guidance_embeds).save_pretrained(path, safe_serialization=True)
     return os.path.abspath(path)
+
+
+def drop_final_outputs(output_dir: str, denoiser: str = "unet") -> None:
+    """Leave ``output_dir`` as a run killed after its last checkpoint would: its erasure file, erasure config and
+    merged denoiser folder removed (the checkpoints kept), for the resume-equals-uninterrupted tests."""
+    for name in ("erasure.safetensors", "erasure_config.json", denoiser):
+        path = os.path.join(output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

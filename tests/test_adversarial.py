@@ -1,7 +1,6 @@
 """``train_erase.py --adversarial`` (AdvUnlearn-style robust SalUn) on the tiny config-built pipeline (CPU, seconds)."""
 
 import os
-import shutil
 import sys
 
 import pytest
@@ -10,6 +9,7 @@ from diffusers import StableDiffusionPipeline
 
 from salun_diffusers import load_mask
 from salun_diffusers.erase import erase
+from salun_diffusers.testing import drop_final_outputs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_erase  # noqa: E402
@@ -69,9 +69,7 @@ def test_resumed_adversarial_run_equals_an_uninterrupted_one(erase_config, tmp_p
     full = erase(erase_config(output_dir=str(tmp_path / "full"), **ADV))
     cfg = erase_config(output_dir=str(tmp_path / "resumed"), checkpointing_steps=2, **ADV)
     erase(cfg)
-    for name in ("erasure.safetensors", "erasure_config.json", "unet"):
-        path = os.path.join(cfg.output_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    drop_final_outputs(cfg.output_dir)
     resumed = erase(erase_config(output_dir=cfg.output_dir, resume_from_checkpoint="latest", **ADV))
     assert _same(full.unet, resumed.unet)
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from salun_diffusers.delta import WEIGHTS_NAME
 from salun_diffusers.erase import erase
 from salun_diffusers.loaders import fuse_erasure, load_erasure, set_erasure_scale, unload_erasure
 from salun_diffusers.pipelines import StableDiffusionErasedPipeline
+from salun_diffusers.testing import drop_final_outputs
 
 
 def _load(path):
@@ -159,9 +159,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(erase_config, tmp_p
     erase(cfg)
     assert sorted(d for d in os.listdir(cfg.output_dir) if d.startswith("checkpoint-")) == ["checkpoint-2"]
     # simulate a run killed after step 2: drop its outputs, resume from the latest checkpoint
-    for name in ("erasure.safetensors", "erasure_config.json", "unet"):
-        path = os.path.join(cfg.output_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    drop_final_outputs(cfg.output_dir)
     resumed = erase(erase_config(output_dir=cfg.output_dir, max_train_steps=4, resume_from_checkpoint="latest"))
     a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
     assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
@@ -193,9 +191,7 @@ def test_optimizer_in_backward_matches_masked_adamw_and_resumes_exactly(erase_co
     assert moved > 0.5 * sum(int(m.sum()) for m in mask.values())
     cfg = erase_config(output_dir=str(tmp_path / "resumed"), optimizer_in_backward=True, checkpointing_steps=2, **kw)
     erase(cfg)
-    for name in ("erasure.safetensors", "erasure_config.json", "unet"):  # killed after step 2: resume from there
-        path = os.path.join(cfg.output_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    drop_final_outputs(cfg.output_dir)  # killed after step 2: resume from there
     resumed = erase(erase_config(output_dir=cfg.output_dir, optimizer_in_backward=True,
                                  resume_from_checkpoint=os.path.join(cfg.output_dir, "checkpoint-2"), **kw))
     c = dict(resumed.unet.named_parameters())

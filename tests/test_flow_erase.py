@@ -5,7 +5,6 @@ end to end with the weights outside the mask bit-identical, the sealed erasure l
 resume exactness, the model card, and the guarantees the U-Net families have (seal, lock, one-line refusals)."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -21,7 +20,7 @@ from salun_diffusers.families import FlowFamily, PromptCond, denoiser, load_base
 from salun_diffusers.flow_matching import velocity_target
 from salun_diffusers.loaders import load_erasure, unload_erasure
 from salun_diffusers.objectives import diffusion_loss
-from salun_diffusers.testing import save_flow_pipeline
+from salun_diffusers.testing import drop_final_outputs, save_flow_pipeline
 
 PIPELINE = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "flux-dev": FluxPipeline}
 PROMPT = "a photo of a nude person"
@@ -202,9 +201,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(flow_dirs, family, 
     full = erase(flow_config(flow_dirs[family], tmp_path / "full", tmp_path / "cache", **kw))
     cfg = flow_config(flow_dirs[family], tmp_path / "resumed", tmp_path / "cache", checkpointing_steps=2, **kw)
     erase(cfg)
-    for name in ("erasure.safetensors", "erasure_config.json", "transformer"):  # killed after step 2
-        path = os.path.join(cfg.output_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    drop_final_outputs(cfg.output_dir, "transformer")  # killed after step 2
     resumed = erase(flow_config(flow_dirs[family], cfg.output_dir, tmp_path / "cache",
                                 resume_from_checkpoint="latest", **kw))
     a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
@@ -242,9 +239,7 @@ def test_adversarial_erasure_of_the_flow_families(flow_dirs, family, attack, tmp
     start = next(iter(start.values()))
     if attack == "conditioning":  # step 0 attacked some forget images: their entries moved off the forget prompt's
         assert not torch.equal(bank["pooled"], start.added["pooled_projections"].float().expand_as(bank["pooled"]))
-    for name in ("erasure.safetensors", "erasure_config.json", "transformer"):  # killed after step 2
-        path = os.path.join(cfg.output_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    drop_final_outputs(cfg.output_dir, "transformer")  # killed after step 2
     resumed = erase(flow_config(flow_dirs[family], cfg.output_dir, tmp_path / "cache",
                                 resume_from_checkpoint="latest", **kw))
     a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())

@@ -3,7 +3,6 @@
 on CPU (mechanics, seconds)."""
 
 import os
-import shutil
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from salun_diffusers.config import EraseConfig
 from salun_diffusers.erase import erase
 from salun_diffusers.masking import mask_from_saliency
 from salun_diffusers.saliency import retain_aware_saliency
+from salun_diffusers.testing import drop_final_outputs
 
 # the frozen mode (the digit preset's --adversarial: alpha 8) and the retain-aware mask, with a tiny inner attack
 FROZEN = dict(adversarial=True, alpha=8.0, adversarial_steps=2, adversarial_lr=0.05)
@@ -73,9 +73,7 @@ def test_resumed_robust_run_equals_an_uninterrupted_one(erase_config, tmp_path):
     full = erase(erase_config(output_dir=str(tmp_path / "full"), **kw))
     cfg = erase_config(output_dir=str(tmp_path / "resumed"), checkpointing_steps=2, **kw)
     erase(cfg)
-    for name in ("erasure.safetensors", "erasure_config.json", "unet"):
-        path = os.path.join(cfg.output_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    drop_final_outputs(cfg.output_dir)
     resumed = erase(erase_config(output_dir=cfg.output_dir, resume_from_checkpoint="latest", **kw))
     a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
     assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
