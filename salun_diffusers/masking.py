@@ -222,9 +222,23 @@ def load_mask(path: str) -> tuple:
 # ----------------------------------------------------------------------------------------------- training
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (``DTensor``) weight's or gradient's local shard, in place; any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_mask(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The part of ``p``'s whole-weight ``mask`` that matches ``p``'s local shard: the same slicing as the weight's
+    (FSDP2: dim 0, ceil(rows / N) rows per process, the last ones fewer or none); each process slices its own copy
+    (``src_data_rank=None``: no communication)."""
+    if not isinstance(p, DTensor):
+        return mask
+    return distribute_tensor(mask, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
 def _masked_parameters(model: torch.nn.Module, mask: Mapping[str, torch.Tensor]):
     """The model's weights that ``mask`` selects entries of (made trainable) and their bool masks on the weights'
-    devices; every other parameter is frozen."""
+    devices (a sharded weight's: the part of its local shard); every other parameter is frozen."""
     params = dict(model.named_parameters())
     unknown = sorted(set(mask) - set(params))
     if unknown:
@@ -241,22 +255,8 @@ def _masked_parameters(model: torch.nn.Module, mask: Mapping[str, torch.Tensor])
             raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, parameter has {tuple(p.shape)}")
         p.requires_grad_(True)
         selected[name] = p
-        masks[name] = m.to(device=p.device, dtype=torch.bool)
+        masks[name] = _local_mask(p, m.to(device=p.device, dtype=torch.bool))  # sharded: this process's part only
     return selected, masks
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A sharded (``DTensor``) weight's or gradient's local shard, in place; any other tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _local_mask(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The part of ``p``'s whole-weight ``mask`` that matches ``p``'s local shard: the same slicing as the weight's
-    (FSDP2: dim 0, ceil(rows / N) rows per process, the last ones fewer or none); each process slices its own copy
-    (``src_data_rank=None``: no communication)."""
-    if not isinstance(p, DTensor):
-        return mask
-    return distribute_tensor(mask, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 INDEX_MAX_ENTRIES = 8_000_000  # MaskedUpdate keeps index positions (64 MB of int64 at most) up to this many entries
@@ -289,7 +289,6 @@ class MaskedUpdate:
 
     def __init__(self, model: torch.nn.Module, mask: Mapping[str, torch.Tensor], hooks: bool = True):
         self.params, masks = _masked_parameters(model, mask)
-        masks = {name: _local_mask(self.params[name], m) for name, m in masks.items()}
         # flat masks over flat views of the weights: the same row-major entries as N-d boolean indexing, without the
         # N int64 index columns that indexing an N-d weight builds (as MaskedAdamW does)
         self.masks = {name: m.reshape(-1) for name, m in masks.items()}

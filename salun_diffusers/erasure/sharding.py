@@ -20,6 +20,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from ..config import EraseConfig
 
@@ -48,9 +51,6 @@ def check_sharding(config: EraseConfig, accelerator) -> None:
 
 def shard_denoiser(model: torch.nn.Module, accelerator) -> torch.nn.Module:
     """``fully_shard`` each block of the model's top-level block lists, then the model (in place; returned)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
     for child in model.children():
         if isinstance(child, torch.nn.ModuleList):
@@ -72,8 +72,6 @@ def global_grad_norm(params) -> torch.Tensor:
 def gather_full(model: torch.nn.Module, cls: type, accelerator) -> Optional[torch.nn.Module]:
     """The sharded ``model``'s full weights in a plain ``cls`` module on the CPU of the main process (None elsewhere);
     every process must call it (the gather is collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not accelerator.is_main_process:
         return None

@@ -186,8 +186,10 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                     pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight)
                 check_finite(loss, "loss", global_step + 1, config)
                 accelerator.backward(loss)
-                guard.mask_gradients()
                 if accelerator.sync_gradients:
+                    # several processes: the gradients are gathered once reduced over them (DDP reduces the ones
+                    # accumulated since the last sync; with hooks, one process, they were gathered in backward)
+                    guard.mask_gradients()
                     clip_and_check_gradients(accelerator, guard.trainable_parameters(), config, global_step + 1,
                                              sharded)
                 if accelerator.sync_gradients or not sharded:  # prepared: accelerate skips them between syncs
