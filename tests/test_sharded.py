@@ -126,6 +126,38 @@ def test_two_process_erasure_equals_one_process(family, port, mode, tmp_path, re
     print(f"{family} {mode}: max |two processes - one| = {largest:.3g}")
 
 
+def test_two_processes_accumulating_equal_one_process(tmp_path):
+    """Two processes with 2 accumulated micro-batches each (DDP, and sharded), clipping and gradient checkpointing,
+    against one process accumulating 4 micro-batches that draw what they draw (micro-batch m = process m % 2's
+    micro-batch m // 2): the same trained weights up to float rounding. DDP used to differ here by up to lr x steps
+    on most entries (the first micro-batch's gradients were taken before DDP reduced them)."""
+    base_dir = _base("flux", str(tmp_path / "base"))
+    kw = dict(pretrained_model_name_or_path=base_dir, concept="nudity", cache_dir=str(tmp_path / "cache"),
+              num_forget_images=4, num_retain_images=4, data_num_inference_steps=2, max_train_steps=STEPS,
+              train_batch_size=2, learning_rate=LR, adam_weight_decay=0.1, mask_ratio=0.3, resolution=16, seed=0,
+              save_pipeline="none", max_grad_norm=0.01, gradient_checkpointing=True)
+    draw = training._step_generators
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "_step_generators",
+                   lambda seed, step, micro, rank, device: draw(seed, step, micro // 2, micro % 2, device))
+        one = _params(erase(EraseConfig(output_dir=str(tmp_path / "one"), gradient_accumulation_steps=4, **kw)).unet)
+    mask, _ = load_mask(str(tmp_path / "one" / "mask.safetensors"))
+    for mode, port in (("ddp", "29561"), ("sharded", "29563")):
+        config = tmp_path / f"{mode}.json"
+        config.write_text(json.dumps(dict(kw, output_dir=str(tmp_path / mode), gradient_accumulation_steps=2,
+                                          shard_weights=mode == "sharded")))
+        proc = _torchrun(port, "erase", str(config))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        pipe = load_base_pipeline(base_dir)
+        load_erasure(pipe, str(tmp_path / mode))
+        two = _params(denoiser(pipe))
+        # float rounding only (measured 6e-7 both ways, margin kept for Adam's sensitivity to near-zero gradients);
+        # a wrong reduction puts most entries ~lr apart (measured 0.056)
+        largest = max(float((two[n] - one[n]).abs().max()) for n in mask)
+        assert largest < 1e-2 * LR, (mode, largest)
+        print(f"accumulating, {mode}: max |two processes - one| = {largest:.3g}")
+
+
 def test_accelerate_fsdp_plugin_is_not_sharding_on_cpu(tmp_path):
     """accelerate's FSDP plugin (FSDP1 FULL_SHARD with use_orig_params, and FSDP2) on two CPU processes gives a
     multi-CPU run with the module wrapped in DistributedDataParallel: no sharding to test on CPU (docs/flow-models.md,
