@@ -20,9 +20,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+
+try:  # torch >= 2.7 (FSDP2's public API, distribute_tensor(src_data_rank=None) in masking.py)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # pragma: no cover
+    fully_shard = None
 
 from ..config import EraseConfig
 
@@ -34,6 +38,9 @@ def sharding_requested(config: EraseConfig, accelerator) -> bool:
 def check_sharding(config: EraseConfig, accelerator) -> None:
     """Refuse, before any image is drawn, what the sharded training loop does not do (one line each)."""
     how = "--shard_weights" if config.shard_weights else "an FSDP accelerate config"
+    if fully_shard is None or tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 7):
+        raise ValueError(f"{how} needs torch >= 2.7 (FSDP2's fully_shard), this is {torch.__version__}: "
+                         "pip install -U torch, or run without sharding")
     if accelerator.num_processes < 2:
         raise ValueError(f"{how} shards the weights over processes but this run has one: start several "
                          "(accelerate launch --num_processes N, or torchrun --nproc_per_node N), or drop --shard_weights")
