@@ -160,8 +160,9 @@ def test_two_processes_accumulating_equal_one_process(tmp_path):
 
 def test_accelerate_fsdp_plugin_is_not_sharding_on_cpu(tmp_path):
     """accelerate's FSDP plugin (FSDP1 FULL_SHARD with use_orig_params, and FSDP2) on two CPU processes gives a
-    multi-CPU run with the module wrapped in DistributedDataParallel: no sharding to test on CPU (docs/flow-models.md,
-    "When one GPU is not enough"). Fails once accelerate shards on CPU: then test the FSDP run here."""
+    multi-CPU run with the module wrapped in DistributedDataParallel: on CPU an FSDP config alone does not shard, hence
+    --shard_weights and the forced state below (docs/flow-models.md, "When one GPU is not enough"). Fails once
+    accelerate sets FSDP on CPU: then launch the FSDP test with the plugin instead of forcing the state."""
     out = tmp_path / "probe.json"
     proc = _torchrun("29545", "fsdp-probe", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
