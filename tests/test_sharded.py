@@ -6,7 +6,7 @@ the masked entries of its own shard of every weight).
 accelerate 1.16 turns its FSDP plugin into FSDP only for accelerator devices; with CPU processes it makes a multi-CPU
 run and ``prepare`` wraps the model in ``DistributedDataParallel`` (the probe test pins that). So on CPU the sharded
 path is asked for with ``--shard_weights``; a run with accelerate's state forced to FSDP (what an FSDP config gives
-on GPUs) must take the same path."""
+on GPUs) must take the same path, and does."""
 
 import json
 import os
@@ -127,10 +127,14 @@ def test_two_process_erasure_equals_one_process(family, port, mode, tmp_path, re
 
 
 def test_two_processes_accumulating_equal_one_process(tmp_path):
-    """Two processes with 2 accumulated micro-batches each (DDP, and sharded), clipping and gradient checkpointing,
-    against one process accumulating 4 micro-batches that draw what they draw (micro-batch m = process m % 2's
-    micro-batch m // 2): the same trained weights up to float rounding. DDP used to differ here by up to lr x steps
-    on most entries (the first micro-batch's gradients were taken before DDP reduced them)."""
+    """Two processes with 2 accumulated micro-batches each, clipping and gradient checkpointing, against one process
+    accumulating 4 micro-batches that draw what they draw (micro-batch m = process m % 2's micro-batch m // 2): the
+    same trained weights up to float rounding, whole model per process (DDP), sharded with --shard_weights, and
+    sharded by an FSDP accelerate config (accelerate's state forced to FSDP on CPU, FSDP2 plugin: what a config gives
+    on GPUs; its accumulation skips the gradient reduce-scatter until the last micro-batch) without --shard_weights;
+    sharded, each process trained its own shard and every weight outside the mask is bit-identical to the base.
+    DDP used to differ here by up to lr x steps on most entries (the first micro-batch's gradients were taken before
+    DDP reduced them)."""
     base_dir = _base("flux", str(tmp_path / "base"))
     kw = dict(pretrained_model_name_or_path=base_dir, concept="nudity", cache_dir=str(tmp_path / "cache"),
               num_forget_images=4, num_retain_images=4, data_num_inference_steps=2, max_train_steps=STEPS,
@@ -142,15 +146,20 @@ def test_two_processes_accumulating_equal_one_process(tmp_path):
                    lambda seed, step, micro, rank, device: draw(seed, step, micro // 2, micro % 2, device))
         one = _params(erase(EraseConfig(output_dir=str(tmp_path / "one"), gradient_accumulation_steps=4, **kw)).unet)
     mask, _ = load_mask(str(tmp_path / "one" / "mask.safetensors"))
-    for mode, port in (("ddp", "29561"), ("sharded", "29563")):
+    base = _params(denoiser(load_base_pipeline(base_dir)))
+    for mode, port in (("ddp", "29561"), ("sharded", "29563"), ("fsdp-forced", "29565")):
         config = tmp_path / f"{mode}.json"
         config.write_text(json.dumps(dict(kw, output_dir=str(tmp_path / mode), gradient_accumulation_steps=2,
                                           shard_weights=mode == "sharded")))
-        proc = _torchrun(port, "erase", str(config))
+        how = ["fsdp-forced", str(config), "2"] if mode == "fsdp-forced" else ["erase", str(config)]
+        proc = _torchrun(port, *how, str(tmp_path / f"{mode}-shards"))
         assert proc.returncode == 0, proc.stderr[-3000:]
+        if mode != "ddp":
+            _check_shards(str(tmp_path / f"{mode}-shards"))
         pipe = load_base_pipeline(base_dir)
         load_erasure(pipe, str(tmp_path / mode))
         two = _params(denoiser(pipe))
+        assert all(torch.equal(two[n][~m], base[n][~m]) for n, m in mask.items()), mode
         # float rounding only (measured 6e-7 both ways, margin kept for Adam's sensitivity to near-zero gradients);
         # a wrong reduction puts most entries ~lr apart (measured 0.056)
         largest = max(float((two[n] - one[n]).abs().max()) for n in mask)
@@ -170,29 +179,6 @@ def test_accelerate_fsdp_plugin_is_not_sharding_on_cpu(tmp_path):
     for version in ("fsdp1", "fsdp2"):
         assert found[version] == {"distributed_type": "DistributedType.MULTI_CPU", "num_processes": 2,
                                   "wrapped": "DistributedDataParallel"}, found
-
-
-def test_an_fsdp_accelerate_run_takes_the_sharded_path(tmp_path):
-    """Where accelerate shards (GPUs with an FSDP config; forced here on CPU, FSDP2 plugin) the erasure shards the
-    denoiser itself without --shard_weights: each process trains its own shard, the weights outside the mask stay
-    bit-identical to the base, and the erasure loads."""
-    base_dir = save_flow_pipeline(str(tmp_path / "base"), "flux")
-    config = tmp_path / "fsdp.json"
-    config.write_text(json.dumps(dict(pretrained_model_name_or_path=base_dir, concept="nudity",
-                                      cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"),
-                                      num_forget_images=2, num_retain_images=2, data_num_inference_steps=2,
-                                      max_train_steps=2, train_batch_size=1, learning_rate=LR, resolution=16,
-                                      save_pipeline="none")))
-    proc = _torchrun("29547", "fsdp-forced", str(config), "2", str(tmp_path / "shards"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _check_shards(str(tmp_path / "shards"))
-    mask, _ = load_mask(str(tmp_path / "out" / "mask.safetensors"))
-    pipe = load_base_pipeline(base_dir)
-    base = _params(denoiser(pipe))
-    load_erasure(pipe, str(tmp_path / "out"))
-    erased = _params(denoiser(pipe))
-    assert all(torch.equal(erased[n][~m], base[n][~m]) for n, m in mask.items())
-    assert any(not torch.equal(erased[n][m], base[n][m]) for n, m in mask.items())
 
 
 @pytest.mark.parametrize("change,flag", [

@@ -84,14 +84,16 @@ def fsdp_forced(config_json: str, version: str, record: str = None) -> None:
     kw = dict(reshard_after_forward=True) if version == "2" else dict(reshard_after_forward="FULL_SHARD",
                                                                        use_orig_params=True)
     plugin = FullyShardedDataParallelPlugin(fsdp_version=int(version), **kw)
-    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    with open(config_json) as f:
+        config = EraseConfig(**json.load(f))
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin, mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
     for state in (AcceleratorState._shared_state, PartialState._shared_state):  # what accelerate refuses on CPU
         state["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
     if record:
         record_shards(record)
-    with open(config_json) as f:
-        erase(EraseConfig(**json.load(f)), accelerator=accelerator)
+    erase(config, accelerator=accelerator)
 
 
 if __name__ == "__main__":
