@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 
 from .config import EraseConfig
 from .delta import base_values_digest
@@ -33,10 +33,12 @@ from .erasure.outputs import (check_before_compute, check_output_dir, output_loc
                                save_peer_mask, write_outputs)
 from .erasure.peers import resolve_method, run_peer
 from .erasure.saliency import compute_or_load_mask
+from .erasure.sharding import check_sharding, sharding_requested
 from .erasure.stacking import erased_base_lineage
 from .erasure.training import train
 from .erasure.validation import validation_hook
-from .families import SD, check_fits, load_erasure_base, model_family, pipeline_class_name, text_encoders, vae_dtype
+from .families import (SD, check_fits, denoiser_folder, load_erasure_base, model_family, pipeline_class_name,
+                       text_encoders, vae_dtype)
 from .masking import mask_density
 from .utils import DTYPES, cast_module, configure_threads
 
@@ -131,11 +133,9 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
             log_with=config.report_to,
             project_config=ProjectConfiguration(project_dir=config.output_dir,
                                                 logging_dir=os.path.join(config.output_dir, config.logging_dir)))
-    if accelerator.distributed_type == DistributedType.FSDP:  # before any image is drawn (tests/test_sharded.py)
-        raise ValueError("FSDP is not supported yet: the masked update trains flat copies of the masked entries of whole "
-                         "weights, which FSDP's sharded parameters do not give; run several processes with the whole "
-                         "model each (accelerate launch --multi_gpu) or one with --optimizer_in_backward "
-                         "(docs/flow-models.md)")
+    sharded = sharding_requested(config, accelerator)  # --shard_weights, or an FSDP accelerate config
+    if sharded:  # before any image is drawn (tests/test_sharded.py)
+        check_sharding(config, accelerator)
     spec = config.concept_spec()
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     if accelerator.is_main_process:
@@ -191,6 +191,8 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
                     on_step=validation_hook(pipe, config, accelerator),
                     adversary=make_adversary(pipe, scheduler, data, spec, config))
     unet = trained.unet
+    if sharded and accelerator.is_main_process:  # the gathered weights (on the CPU) replace the sharded module
+        setattr(pipe, denoiser_folder(unet), unet)
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     t_train = time.perf_counter()

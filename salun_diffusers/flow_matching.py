@@ -37,7 +37,7 @@ SIGMA_SCHEMES = ("logit_normal", "uniform")
 
 def flow_family(pipe) -> str:
     """``"sd3"`` or ``"flux"`` from the pipeline's transformer class; ValueError for anything else."""
-    name = type(getattr(pipe, "transformer", None)).__name__
+    name = type(getattr(pipe, "transformer", None)).__name__.removeprefix("FSDP")  # sharded: FSDP2 prefixes it
     if name.startswith("SD3Transformer"):
         return "sd3"
     if name.startswith("FluxTransformer"):

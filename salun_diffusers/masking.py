@@ -13,6 +13,7 @@ One implementation serves the diffusion path (U-Net) and the classifier path (an
 * :class:`MaskedUpdate` trains flat tensors of the masked values only (optimizer state sized by the mask) and writes
   them into the masked entries after every step; the weights outside the mask are never written, so they stay
   bit-identical to the base even with weight decay or momentum, and no copy of them is kept.
+  Sharded weights (FSDP2 ``DTensor`` s): the same on each process's local shard.
 * :class:`MaskedAdamW` (``--optimizer_in_backward``) is the same AdamW stepped inside backward, weight by weight, on
   the masked entries in place: no flat copy of the masked values nor of their gradients (SD1.4: 3.4 GB less).
 """
@@ -29,6 +30,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+try:  # sharded weights (FSDP2); torch builds without torch.distributed have none
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = ()
 
 from .utils import SEAL_KEY, atomic_path, check_seal, seal_header
 
@@ -216,9 +222,23 @@ def load_mask(path: str) -> tuple:
 # ----------------------------------------------------------------------------------------------- training
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (``DTensor``) weight's or gradient's local shard, in place; any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_mask(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The part of ``p``'s whole-weight ``mask`` that matches ``p``'s local shard: the same slicing as the weight's
+    (FSDP2: dim 0, ceil(rows / N) rows per process, the last ones fewer or none); each process slices its own copy
+    (``src_data_rank=None``: no communication)."""
+    if not isinstance(p, DTensor):
+        return mask
+    return distribute_tensor(mask, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
 def _masked_parameters(model: torch.nn.Module, mask: Mapping[str, torch.Tensor]):
     """The model's weights that ``mask`` selects entries of (made trainable) and their bool masks on the weights'
-    devices; every other parameter is frozen."""
+    devices (a sharded weight's: the part of its local shard); every other parameter is frozen."""
     params = dict(model.named_parameters())
     unknown = sorted(set(mask) - set(params))
     if unknown:
@@ -235,7 +255,7 @@ def _masked_parameters(model: torch.nn.Module, mask: Mapping[str, torch.Tensor])
             raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, parameter has {tuple(p.shape)}")
         p.requires_grad_(True)
         selected[name] = p
-        masks[name] = m.to(device=p.device, dtype=torch.bool)
+        masks[name] = _local_mask(p, m.to(device=p.device, dtype=torch.bool))  # sharded: this process's part only
     return selected, masks
 
 
@@ -258,6 +278,10 @@ class MaskedUpdate:
     gathers in :meth:`mask_gradients` instead. :meth:`restore` writes the flat values into the masked entries.
     No copy of the weights outside the mask is kept: they are never written, so they stay bit-identical to their
     values at construction time whatever the optimizer does (weight decay, momentum).
+
+    Sharded weights (FSDP2 ``DTensor`` s, :mod:`salun_diffusers.erasure.sharding`): everything above applies to
+    each process's local shard, with the mask sliced as the weight is; the flat values, their (reduce-scattered)
+    gradients and the optimizer state cover this process's masked entries only. Use ``hooks=False`` there.
 
     Parameters not named in ``mask``, or with an all-False mask, are frozen (``requires_grad=False``).
     After loading weights into the model (a resumed checkpoint), call :meth:`reload` to refresh the flat values.
@@ -301,7 +325,7 @@ class MaskedUpdate:
 
     def _take(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """The masked entries of a weight-shaped tensor, flat (a copy)."""
-        flat = t.reshape(-1)
+        flat = _local(t).reshape(-1)
         return flat.index_select(0, self.index[name]) if self.index is not None else flat[self.masks[name]]
 
     def trainable_parameters(self):
@@ -319,9 +343,9 @@ class MaskedUpdate:
         for name, p in self.params.items():
             value = self.values[name].detach().to(p.dtype)
             if self.index is not None:
-                p.data.view(-1).index_copy_(0, self.index[name], value)
+                _local(p.data).view(-1).index_copy_(0, self.index[name], value)
             else:
-                p.data.view(-1).masked_scatter_(self.masks[name], value)
+                _local(p.data).view(-1).masked_scatter_(self.masks[name], value)
 
     @torch.no_grad()
     def reload(self) -> None:

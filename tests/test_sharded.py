@@ -1,17 +1,19 @@
 """Issue 20, several processes: saliency and masked training of the whole erasure in two CPU processes (torchrun, the
-launcher ``accelerate launch`` uses; gloo) on the tiny FLUX transformer and the tiny U-Net, against one process.
+launcher ``accelerate launch`` uses; gloo) on the tiny FLUX transformer and the tiny U-Net, against one process: each
+process with the whole model (DDP), and sharded (``--shard_weights``: FSDP2 ``fully_shard``, each process training
+the masked entries of its own shard of every weight).
 
-Sharding (FSDP) cannot be tested on CPU through accelerate: accelerate 1.16 turns its FSDP plugin (FSDP1 FULL_SHARD
-with ``use_orig_params``, or FSDP2) into FSDP only for accelerator devices; with CPU processes it makes a multi-CPU
-run and ``prepare`` wraps the model in ``DistributedDataParallel``. The probe test pins that (it fails once accelerate
-shards on CPU, the signal to test FSDP here); the two-process erasure test is the closest run that does run: the
-same saliency all-reduce and the same masked update on gradients reduced across processes. An FSDP run (state forced
-on CPU) is refused in one line before any image is drawn."""
+accelerate 1.16 turns its FSDP plugin into FSDP only for accelerator devices; with CPU processes it makes a multi-CPU
+run and ``prepare`` wraps the model in ``DistributedDataParallel`` (the probe test pins that). So on CPU the sharded
+path is asked for with ``--shard_weights``; a run with accelerate's state forced to FSDP (what an FSDP config gives
+on GPUs) must take the same path, and does."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -40,31 +42,65 @@ def _params(module):
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-@pytest.mark.parametrize("family,port", [("flux", "29541"), ("unet", "29543")])
-def test_two_process_erasure_equals_one_process(family, port, tmp_path, monkeypatch):
-    """Two processes, batch 2 each, against one process with batch 2 and 2 accumulated micro-batches that draw
-    exactly what each process draws (micro-batch m = process m): the same saliency mask, the same trained weights up
-    to float summation order, every weight outside the mask bit-identical to the base, and the erasure written by
-    process 0 loads with load_erasure."""
+def _base(family: str, folder: str) -> str:
     if family == "flux":
-        base_dir = save_flow_pipeline(str(tmp_path / "base"), "flux", guidance_embeds=True)
-    else:
-        base_dir = save_dummy_pipeline(str(tmp_path / "base"))
-    kw = dict(pretrained_model_name_or_path=base_dir, concept="nudity", cache_dir=str(tmp_path / "cache"),
-              num_forget_images=4, num_retain_images=4, data_num_inference_steps=2, max_train_steps=STEPS,
-              train_batch_size=2, learning_rate=LR, adam_weight_decay=0.1, mask_ratio=0.3, resolution=16, seed=0,
-              save_pipeline="none")
-    # one process: micro-batch m draws with the generators of process m (the real run's micro 0 of each process)
-    draw = training._step_generators
-    monkeypatch.setattr(training, "_step_generators",
-                        lambda seed, step, micro, rank, device: draw(seed, step, 0, micro, device))
-    one = erase(EraseConfig(output_dir=str(tmp_path / "one"), gradient_accumulation_steps=2, **kw))
-    monkeypatch.undo()
+        return save_flow_pipeline(folder, "flux", guidance_embeds=True)
+    return save_dummy_pipeline(folder)
 
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """family -> (base folder, run settings, the one-process run): batch 2 and 2 accumulated micro-batches, micro-batch
+    m drawn with the generators of process m (what process m draws as its micro-batch 0 in a two-process run)."""
+    runs = {}
+
+    def get(family):
+        if family not in runs:
+            tmp = tmp_path_factory.mktemp(f"one-{family}")
+            base_dir = _base(family, str(tmp / "base"))
+            kw = dict(pretrained_model_name_or_path=base_dir, concept="nudity", cache_dir=str(tmp / "cache"),
+                      num_forget_images=4, num_retain_images=4, data_num_inference_steps=2, max_train_steps=STEPS,
+                      train_batch_size=2, learning_rate=LR, adam_weight_decay=0.1, mask_ratio=0.3, resolution=16,
+                      seed=0, save_pipeline="none")
+            draw = training._step_generators
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(training, "_step_generators",
+                           lambda seed, step, micro, rank, device: draw(seed, step, 0, micro, device))
+                one = erase(EraseConfig(output_dir=str(tmp / "one"), gradient_accumulation_steps=2, **kw))
+            runs[family] = base_dir, kw, one
+        return runs[family]
+
+    return get
+
+
+def _check_shards(prefix: str) -> None:
+    """Each process trained its own shard: the largest weight's local shard is smaller than the weight, the shards
+    and their masked entries add up to the weight's, and each process holds the flat values of its masked entries only."""
+    found = [json.loads(open(f"{prefix}.{rank}.json").read()) for rank in (0, 1)]
+    assert all(f["sharded"] and f["local_numel"] < f["numel"] for f in found), found
+    assert sum(f["local_numel"] for f in found) == found[0]["numel"], found
+    assert sum(f["local_masked"] for f in found) == found[0]["masked"], found
+    assert sum(f["values"] for f in found) == found[0]["mask_total"], found
+    assert all(0 < f["values"] < f["mask_total"] for f in found), found
+
+
+@pytest.mark.parametrize("mode", ["ddp", "sharded"])
+@pytest.mark.parametrize("family,port", [("flux", "29541"), ("unet", "29543")])
+def test_two_process_erasure_equals_one_process(family, port, mode, tmp_path, reference):
+    """Two processes, batch 2 each (each with the whole model, or ``--shard_weights``), against one process with
+    batch 2 and 2 accumulated micro-batches that draw exactly what each process draws: the same saliency mask, the
+    same trained weights up to float summation order, every weight outside the mask bit-identical to the base, and
+    the erasure written by process 0 loads with load_erasure; sharded, each process trained only its shard."""
+    base_dir, kw, one = reference(family)
     config = tmp_path / "two.json"
-    config.write_text(json.dumps(dict(kw, output_dir=str(tmp_path / "two"))))
-    proc = _torchrun(port, "erase", str(config))
+    config.write_text(json.dumps(dict(kw, output_dir=str(tmp_path / "two"), shard_weights=mode == "sharded")))
+    port = str(int(port) + 10 * (mode == "sharded"))
+    proc = _torchrun(port, "erase", str(config), str(tmp_path / "shards"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if mode == "sharded":
+        _check_shards(str(tmp_path / "shards"))
+    else:
+        assert not json.loads((tmp_path / "shards.0.json").read_text())["sharded"]
 
     mask_one, _ = load_mask(one.mask_path)
     mask_two, _ = load_mask(str(tmp_path / "two" / "mask.safetensors"))
@@ -75,7 +111,7 @@ def test_two_process_erasure_equals_one_process(family, port, tmp_path, monkeypa
     load_erasure(pipe, str(tmp_path / "two"))
     two = _params(denoiser(pipe))
     trained = _params(one.unet)
-    moved = 0
+    moved, largest = 0, 0.0
     for name, m in mask_one.items():
         assert torch.equal(two[name][~m], base[name][~m]), name  # outside the mask: bit-identical to the base
         moved += int((two[name][m] != base[name][m]).sum())
@@ -83,15 +119,59 @@ def test_two_process_erasure_equals_one_process(family, port, tmp_path, monkeypa
         # to summation order, can put it at most LR * STEPS apart where Adam's m / sqrt(v) flips sign on a
         # near-zero gradient; elsewhere they agree to float rounding. Both bounds are checked.
         diff = (two[name] - trained[name]).abs()
+        largest = max(largest, float(diff.max()))
         assert float(diff.max()) <= LR * STEPS * (1 + 0.1 * float(base[name].abs().max())), name
         assert int((diff > 1e-4 * LR).sum()) <= max(1, int(1e-3 * m.sum())), name
     assert moved > 0.5 * sum(int(m.sum()) for m in mask_one.values())
+    print(f"{family} {mode}: max |two processes - one| = {largest:.3g}")
+
+
+def test_two_processes_accumulating_equal_one_process(tmp_path):
+    """Two processes with 2 accumulated micro-batches each, clipping and gradient checkpointing, against one process
+    accumulating 4 micro-batches that draw what they draw (micro-batch m = process m % 2's micro-batch m // 2): the
+    same trained weights up to float rounding, whole model per process (DDP), sharded with --shard_weights, and
+    sharded by an FSDP accelerate config (accelerate's state forced to FSDP on CPU, FSDP2 plugin: what a config gives
+    on GPUs; its accumulation skips the gradient reduce-scatter until the last micro-batch) without --shard_weights;
+    sharded, each process trained its own shard and every weight outside the mask is bit-identical to the base.
+    DDP used to differ here by up to lr x steps on most entries (the first micro-batch's gradients were taken before
+    DDP reduced them)."""
+    base_dir = _base("flux", str(tmp_path / "base"))
+    kw = dict(pretrained_model_name_or_path=base_dir, concept="nudity", cache_dir=str(tmp_path / "cache"),
+              num_forget_images=4, num_retain_images=4, data_num_inference_steps=2, max_train_steps=STEPS,
+              train_batch_size=2, learning_rate=LR, adam_weight_decay=0.1, mask_ratio=0.3, resolution=16, seed=0,
+              save_pipeline="none", max_grad_norm=0.01, gradient_checkpointing=True)
+    draw = training._step_generators
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "_step_generators",
+                   lambda seed, step, micro, rank, device: draw(seed, step, micro // 2, micro % 2, device))
+        one = _params(erase(EraseConfig(output_dir=str(tmp_path / "one"), gradient_accumulation_steps=4, **kw)).unet)
+    mask, _ = load_mask(str(tmp_path / "one" / "mask.safetensors"))
+    base = _params(denoiser(load_base_pipeline(base_dir)))
+    for mode, port in (("ddp", "29561"), ("sharded", "29563"), ("fsdp-forced", "29565")):
+        config = tmp_path / f"{mode}.json"
+        config.write_text(json.dumps(dict(kw, output_dir=str(tmp_path / mode), gradient_accumulation_steps=2,
+                                          shard_weights=mode == "sharded")))
+        how = ["fsdp-forced", str(config), "2"] if mode == "fsdp-forced" else ["erase", str(config)]
+        proc = _torchrun(port, *how, str(tmp_path / f"{mode}-shards"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if mode != "ddp":
+            _check_shards(str(tmp_path / f"{mode}-shards"))
+        pipe = load_base_pipeline(base_dir)
+        load_erasure(pipe, str(tmp_path / mode))
+        two = _params(denoiser(pipe))
+        assert all(torch.equal(two[n][~m], base[n][~m]) for n, m in mask.items()), mode
+        # float rounding only (measured 6e-7 both ways, margin kept for Adam's sensitivity to near-zero gradients);
+        # a wrong reduction puts most entries ~lr apart (measured 0.056)
+        largest = max(float((two[n] - one[n]).abs().max()) for n in mask)
+        assert largest < 1e-2 * LR, (mode, largest)
+        print(f"accumulating, {mode}: max |two processes - one| = {largest:.3g}")
 
 
 def test_accelerate_fsdp_plugin_is_not_sharding_on_cpu(tmp_path):
     """accelerate's FSDP plugin (FSDP1 FULL_SHARD with use_orig_params, and FSDP2) on two CPU processes gives a
-    multi-CPU run with the module wrapped in DistributedDataParallel: no sharding to test on CPU (docs/flow-models.md,
-    "When one GPU is not enough"). Fails once accelerate shards on CPU: then test the FSDP run here."""
+    multi-CPU run with the module wrapped in DistributedDataParallel: on CPU an FSDP config alone does not shard, hence
+    --shard_weights and the forced state below (docs/flow-models.md, "When one GPU is not enough"). Fails once
+    accelerate sets FSDP on CPU: then launch the FSDP test with the plugin instead of forcing the state."""
     out = tmp_path / "probe.json"
     proc = _torchrun("29545", "fsdp-probe", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,18 +181,38 @@ def test_accelerate_fsdp_plugin_is_not_sharding_on_cpu(tmp_path):
                                   "wrapped": "DistributedDataParallel"}, found
 
 
-def test_an_fsdp_run_is_refused_in_one_line_before_any_image_is_drawn(tmp_path):
-    """Where accelerate does shard (GPUs), the erasure refuses FSDP before drawing anything (the masked update needs
-    whole weights); on CPU the script forces accelerate's state to FSDP to reach that check. Without the refusal,
-    accelerate's prepare fails after data and saliency with "KeyError: A parameter in the optimizer couldn't be
-    switched to its sharded version" (FSDP2) or "Inconsistent compute device and `device_id`" (FSDP1 on CPU)."""
+@pytest.mark.parametrize("change,flag", [
+    ({"checkpointing_steps": 2}, "--checkpointing_steps / --resume_from_checkpoint"),
+    ({"optimizer_in_backward": True}, "--optimizer_in_backward"),
+    ({"adversarial": True}, "--adversarial"),
+    ({"validation_prompts": ["a cat"]}, "--validation_prompts"),
+    ({"mixed_precision": "fp16"}, "--mixed_precision fp16"),
+])
+def test_sharding_refuses_what_it_does_not_do(change, flag):
+    """Each setting the sharded loop does not handle is refused in one line naming the flag to drop, by
+    --shard_weights and by an FSDP accelerate config alike."""
+    from accelerate.utils import DistributedType
+
+    from salun_diffusers.erasure.sharding import check_sharding
+
+    for shard, kind in ((True, DistributedType.MULTI_CPU), (False, DistributedType.FSDP)):
+        config = EraseConfig(output_dir="out", shard_weights=shard, **change)
+        with pytest.raises(ValueError, match=f"^{re.escape(flag)} does not work with .*drop {re.escape(flag)}, or"):
+            check_sharding(config, SimpleNamespace(num_processes=2, distributed_type=kind))
+    check_sharding(EraseConfig(output_dir="out", shard_weights=True),
+                   SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))  # the rest runs
+
+
+def test_shard_weights_in_one_process_is_refused_in_one_line(tmp_path, capsys):
+    """--shard_weights with one process: exit 2, one line naming the fix, before any image is drawn."""
+    from train_erase import main
+
     base_dir = save_flow_pipeline(str(tmp_path / "base"), "flux")
-    config = tmp_path / "fsdp.json"
-    config.write_text(json.dumps(dict(pretrained_model_name_or_path=base_dir, concept="nudity",
-                                      cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"),
-                                      num_forget_images=4, num_retain_images=4, resolution=16)))
-    proc = _torchrun("29547", "fsdp-forced", str(config), "2")
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if "Error:" in line and "[rank0]" in line]
-    assert errors and errors[-1].startswith("[rank0]: ValueError: FSDP is not supported yet:"), proc.stderr[-3000:]
+    capsys.readouterr()
+    code = main(["--pretrained_model_name_or_path", base_dir, "--concept", "nudity", "--cache_dir",
+                 str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), "--shard_weights",
+                 "--num_forget_images", "2", "--resolution", "16"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert "--shard_weights shards the weights over processes but this run has one" in err
     assert not any(f.endswith(".png") for _, _, files in os.walk(tmp_path / "cache") for f in files)

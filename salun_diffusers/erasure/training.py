@@ -23,6 +23,7 @@ from ..masking import MaskedAdamW, MaskedUpdate
 from ..objectives import salun_loss
 from .checkpoints import save_checkpoint
 from .data import ConceptData
+from .sharding import gather_full, global_grad_norm, shard_denoiser, sharding_requested
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +73,15 @@ def diverged(what: str, step: int, config: EraseConfig) -> TrainingDiverged:
                             f"checkpoints are kept. Rerun with {fixes}")
 
 
-def clip_and_check_gradients(accelerator, params, config: EraseConfig, step: int) -> None:
+def clip_and_check_gradients(accelerator, params, config: EraseConfig, step: int, sharded: bool = False) -> None:
     """Clip to ``max_grad_norm`` (if > 0) and stop on a non-finite gradient norm. Under fp16 the gradient scaler
-    skips steps with overflowing gradients by design, so only the loss and the weights are checked there."""
-    if config.max_grad_norm > 0:
+    skips steps with overflowing gradients by design, so only the loss and the weights are checked there.
+    ``sharded``: each process holds a part of the gradients; the norm is over all of them (all-reduced)."""
+    if sharded:
+        norm = global_grad_norm(params)
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, config.max_grad_norm, norm)
+    elif config.max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -100,8 +106,15 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
           on_step: Optional[Callable[[int], None]] = None, adversary=None) -> TrainResult:
     """Run ``config.max_train_steps`` SalUn steps on the masked weights of ``unet`` (resuming from ``resume_path``);
     ``on_step(step)`` runs after each optimizer step (e.g. validation images). ``adversary`` (``--adversarial``,
-    :mod:`.adversarial`) adds the forget objective on adversarial conditionings."""
+    :mod:`.adversarial`) adds the forget objective on adversarial conditionings. Sharded
+    (:mod:`.sharding`: ``--shard_weights`` or an FSDP accelerate config): ``unet`` is sharded here, the optimizer and
+    scheduler are stepped here rather than by accelerate, and the returned module is the gathered one on the main
+    process (the sharded one elsewhere)."""
     device = accelerator.device
+    sharded = sharding_requested(config, accelerator)
+    plain_cls = type(unet)
+    if sharded:
+        unet = shard_denoiser(unet, accelerator)
     # one process: gradients gathered into the masked values during backward (one full-size gradient at a time);
     # under DDP the full gradients are reduced first, then gathered
     if config.optimizer_in_backward:  # AdamW steps each weight in backward: no flat values nor gradients kept
@@ -115,10 +128,15 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     else:
         guard = MaskedUpdate(unet, mask, hooks=accelerator.num_processes == 1)
         optimizer = make_optimizer(guard.trainable_parameters(), config)
+    # accelerate's prepared scheduler steps once per process at each optimizer step; the sharded loop steps it once
+    per_step = 1 if sharded else accelerator.num_processes
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=config.max_train_steps * accelerator.num_processes)
-    unet_prepared, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+                                 num_warmup_steps=config.lr_warmup_steps * per_step,
+                                 num_training_steps=config.max_train_steps * per_step)
+    if sharded:  # accelerate's FSDP2 prepare would shard again (and refuses an optimizer without its model)
+        unet_prepared = unet
+    else:
+        unet_prepared, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     global_step = 0
     if adversary is not None:
         accelerator.register_for_checkpointing(adversary)  # its bank of adversarial conditionings
@@ -168,12 +186,16 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                     pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight)
                 check_finite(loss, "loss", global_step + 1, config)
                 accelerator.backward(loss)
-                guard.mask_gradients()
                 if accelerator.sync_gradients:
-                    clip_and_check_gradients(accelerator, guard.trainable_parameters(), config, global_step + 1)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                    # several processes: the gradients are gathered once reduced over them (DDP reduces the ones
+                    # accumulated since the last sync; with hooks, one process, they were gathered in backward)
+                    guard.mask_gradients()
+                    clip_and_check_gradients(accelerator, guard.trainable_parameters(), config, global_step + 1,
+                                             sharded)
+                if accelerator.sync_gradients or not sharded:  # prepared: accelerate skips them between syncs
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
         guard.restore()
         global_step += 1
         bar.update(1)
@@ -191,4 +213,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     check_finite_weights(unet, global_step, config)  # nor an erasure
     guard.remove_hooks()
     accelerator.wait_for_everyone()
+    if sharded:  # the gather is collective: every process takes part, the main one gets the module
+        full = gather_full(unet, plain_cls, accelerator)
+        return TrainResult(full if full is not None else unet, logs)
     return TrainResult(accelerator.unwrap_model(unet_prepared), logs)

@@ -1,14 +1,17 @@
 """Multi-process erasure on a tiny pipeline, for tests/test_sharded.py (run with ``torch.distributed.run``).
 
-``dist_erase.py erase CONFIG_JSON``: ``erase(EraseConfig(**json))`` in every process (start it with
+``dist_erase.py erase CONFIG_JSON [RECORD_PREFIX]``: ``erase(EraseConfig(**json))`` in every process (start it with
 ``ACCELERATE_USE_CPU=true`` so accelerate makes a multi-CPU, gloo run of it: saliency batches split over the processes
-and all-reduced, training under DDP, the outputs written by process 0).
+and all-reduced, training under DDP, or sharded with ``"shard_weights": true``, the outputs written by process 0).
+With RECORD_PREFIX each process writes ``RECORD_PREFIX.<rank>.json``: what its masked update trains (the largest
+weight's global and local sizes, its masked entries in all and on this process, the flat values it holds).
 
 ``dist_erase.py fsdp-probe OUT_JSON``: what accelerate makes of its FSDP plugin (FULL_SHARD, ``use_orig_params``; and
 FSDP2) on CPU processes: the distributed type and the class ``prepare`` wraps a module in, written by process 0.
 
-``dist_erase.py fsdp-forced CONFIG_JSON 1|2`` (a diagnostic, not a test): the erasure with accelerate's state forced
-to FSDP on CPU, to see where the erasure itself stops (docs/flow-models.md, "When one GPU is not enough")."""
+``dist_erase.py fsdp-forced CONFIG_JSON 1|2 [RECORD_PREFIX]``: the erasure with accelerate's state forced to FSDP on
+CPU (what an FSDP accelerate config gives on GPUs), which must take the sharded path (docs/flow-models.md, "When one
+GPU is not enough")."""
 
 import json
 import sys
@@ -16,10 +19,36 @@ import sys
 import torch
 
 
-def erase_run(config_json: str) -> None:
+def record_shards(prefix: str) -> None:
+    """Make every MaskedUpdate of this process write what it trains to ``prefix.<rank>.json``."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from salun_diffusers.erasure import training
+
+    class Recording(training.MaskedUpdate):
+        def __init__(self, model, mask, hooks=True):
+            super().__init__(model, mask, hooks)
+            name = max(self.params, key=lambda n: self.params[n].numel())
+            p = self.params[name]
+            local = p.to_local() if isinstance(p, DTensor) else p
+            found = {"sharded": isinstance(p, DTensor), "name": name, "numel": p.numel(),
+                     "local_numel": local.numel(), "local_shape": list(local.shape),
+                     "masked": int(mask[name].sum()), "local_masked": self.values[name].numel(),
+                     "values": sum(v.numel() for v in self.values.values()),
+                     "mask_total": sum(int(m.sum()) for m in mask.values())}
+            with open(f"{prefix}.{dist.get_rank()}.json", "w") as f:
+                json.dump(found, f)
+
+    training.MaskedUpdate = Recording
+
+
+def erase_run(config_json: str, record: str = None) -> None:
     from salun_diffusers.config import EraseConfig
     from salun_diffusers.erase import erase
 
+    if record:
+        record_shards(record)
     with open(config_json) as f:
         erase(EraseConfig(**json.load(f)))
 
@@ -44,7 +73,7 @@ def fsdp_probe(out_json: str) -> None:
     accelerator.wait_for_everyone()
 
 
-def fsdp_forced(config_json: str, version: str) -> None:
+def fsdp_forced(config_json: str, version: str, record: str = None) -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -55,12 +84,16 @@ def fsdp_forced(config_json: str, version: str) -> None:
     kw = dict(reshard_after_forward=True) if version == "2" else dict(reshard_after_forward="FULL_SHARD",
                                                                        use_orig_params=True)
     plugin = FullyShardedDataParallelPlugin(fsdp_version=int(version), **kw)
-    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    with open(config_json) as f:
+        config = EraseConfig(**json.load(f))
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin, mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
     for state in (AcceleratorState._shared_state, PartialState._shared_state):  # what accelerate refuses on CPU
         state["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
-    with open(config_json) as f:
-        erase(EraseConfig(**json.load(f)), accelerator=accelerator)
+    if record:
+        record_shards(record)
+    erase(config, accelerator=accelerator)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,91 @@
+"""Sharded masked training (``--shard_weights``, or an ``accelerate launch`` FSDP config): each process holds 1/N of
+every denoiser weight, of its gradient and of the masked optimizer state (FSDP2, ``torch.distributed.fsdp.fully_shard``).
+
+* :func:`sharding_requested`: accelerate set ``DistributedType.FSDP`` (GPUs with an FSDP config), or
+  ``--shard_weights`` (CPU processes, where accelerate turns an FSDP config into a plain multi-CPU run); both take
+  this path. :func:`check_sharding` refuses, in one line each, what the sharded loop does not do.
+* :func:`shard_denoiser`: ``fully_shard`` on every block of the denoiser's block lists (the U-Net's down/up blocks,
+  the transformers' blocks), then on the root: weights become ``DTensor`` s sharded on dim 0, gathered block by block
+  in forward and backward; gradients are reduce-scattered (averaged over processes, as DDP does).
+* :class:`~salun_diffusers.masking.MaskedUpdate` trains each process's local shard (the mask sliced as the weight is).
+* :func:`gather_full`: the trained weights gathered into a plain module on the main process, which writes the outputs.
+
+The saliency pass is not sharded: it runs before, with the whole model in every process (docs/flow-models.md).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import DistributedType
+
+try:  # torch >= 2.7 (FSDP2's public API, distribute_tensor(src_data_rank=None) in masking.py)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # pragma: no cover
+    fully_shard = None
+
+from ..config import EraseConfig
+
+
+def sharding_requested(config: EraseConfig, accelerator) -> bool:
+    return bool(config.shard_weights) or accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_sharding(config: EraseConfig, accelerator) -> None:
+    """Refuse, before any image is drawn, what the sharded training loop does not do (one line each)."""
+    how = "--shard_weights" if config.shard_weights else "an FSDP accelerate config"
+    if fully_shard is None or tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 7):
+        raise ValueError(f"{how} needs torch >= 2.7 (FSDP2's fully_shard), this is {torch.__version__}: "
+                         "pip install -U torch, or run without sharding")
+    if accelerator.num_processes < 2:
+        raise ValueError(f"{how} shards the weights over processes but this run has one: start several "
+                         "(accelerate launch --num_processes N, or torchrun --nproc_per_node N), or drop --shard_weights")
+    refused = [(config.checkpointing_steps or config.resume_from_checkpoint,
+                "--checkpointing_steps / --resume_from_checkpoint", "sharded runs do not checkpoint yet"),
+               (config.optimizer_in_backward, "--optimizer_in_backward", "it needs one process"),
+               (config.adversarial, "--adversarial", "its inner attack is not written for sharded weights"),
+               (config.validation_prompts, "--validation_prompts", "the main process would draw alone"),
+               (config.mixed_precision == "fp16", "--mixed_precision fp16", "use bf16: no gradient scaler here")]
+    for bad, flag, why in refused:
+        if bad:
+            raise ValueError(f"{flag} does not work with {how} ({why}): drop {flag}, or "
+                             "run without sharding (each process with the whole model)")
+
+
+def shard_denoiser(model: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """``fully_shard`` each block of the model's top-level block lists, then the model (in place; returned)."""
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    for child in model.children():
+        if isinstance(child, torch.nn.ModuleList):
+            for block in child:
+                fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def global_grad_norm(params) -> torch.Tensor:
+    """The 2-norm of the gradients of every process's ``params`` (each process holds a disjoint part)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=params[0].device)
+    square = local.float().square()
+    dist.all_reduce(square)
+    return square.sqrt()
+
+
+def gather_full(model: torch.nn.Module, cls: type, accelerator) -> Optional[torch.nn.Module]:
+    """The sharded ``model``'s full weights in a plain ``cls`` module on the CPU of the main process (None elsewhere);
+    every process must call it (the gather is collective)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    with torch.device("meta"):
+        plain = cls.from_config(model.config)
+    for name, buffer in model.named_buffers():  # buffers are not sharded; non-persistent ones are not in the state
+        owner, _, attr = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[attr] = buffer.detach().to("cpu", copy=True)
+    plain.load_state_dict(state, assign=True)
+    return plain.requires_grad_(False)
