@@ -205,5 +205,8 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     if accelerator.is_main_process:
         metrics["total_seconds"] = time.perf_counter() - t0
         erasure_path, unet_dir = write_outputs(config, spec, unet, mask, metrics, base_digest, stacked_on)
+    # every process leaves the group together: one that tore gloo down while the main one was still writing aborted
+    # at exit now and then (1 of 4 two-process sharded runs, SIGABRT after a complete erasure)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return EraseResult(config.output_dir, erasure_path, mask_file, unet_dir, metrics, unet, pipe)
