@@ -33,13 +33,13 @@ from .erasure.outputs import (check_before_compute, check_output_dir, output_loc
                                save_peer_mask, write_outputs)
 from .erasure.peers import resolve_method, run_peer
 from .erasure.saliency import compute_or_load_mask
-from .erasure.sharding import check_sharding, sharding_requested
+from .erasure.sharding import base_digest, check_sharding, shard_denoiser, sharding_requested
 from .erasure.stacking import erased_base_lineage
 from .erasure.training import train
 from .erasure.validation import validation_hook
 from .families import (SD, check_fits, denoiser_folder, load_erasure_base, model_family, pipeline_class_name,
                        text_encoders, vae_dtype)
-from .masking import mask_density
+from .masking import load_mask, mask_density
 from .utils import DTYPES, cast_module, configure_threads
 
 logger = logging.getLogger(__name__)
@@ -170,10 +170,14 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
         data = prepare_data(pipe, config, spec, accelerator)
     t_data = time.perf_counter()
 
-    # 2. saliency mask
+    # 2. saliency mask (sharded: the denoiser is sharded from here on, the computed mask too)
+    if sharded:
+        unet = shard_denoiser(unet, accelerator)
     mask, mask_file = compute_or_load_mask(unet, scheduler, data, spec, config, accelerator,
                                            reuse_saved=resume_path is not None)
     accelerator.wait_for_everyone()
+    # the whole mask where the outputs are written (sharded: the main process reads back the file it wrote)
+    whole_mask = mask if not sharded else load_mask(mask_file)[0] if accelerator.is_main_process else None
     t_saliency = time.perf_counter()
     density = mask_density(mask)
     logger.info("mask: %.4f of %d U-Net weights selected", density, sum(m.numel() for m in mask.values()))
@@ -184,7 +188,8 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
             unet.disable_gradient_checkpointing()
         return EraseResult(config.output_dir, None, mask_file, None, metrics, unet, pipe)
     # fingerprint of the base values the erasure applies to (taken before training): loaders refuse another base
-    base_digest = base_values_digest(unet, mask) if accelerator.is_main_process else None
+    digest = base_digest(unet, mask, whole_mask, accelerator) if sharded else \
+        base_values_digest(unet, mask) if accelerator.is_main_process else None
 
     # 3. masked fine-tuning
     trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
@@ -204,7 +209,7 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     erasure_path = unet_dir = None
     if accelerator.is_main_process:
         metrics["total_seconds"] = time.perf_counter() - t0
-        erasure_path, unet_dir = write_outputs(config, spec, unet, mask, metrics, base_digest, stacked_on)
+        erasure_path, unet_dir = write_outputs(config, spec, unet, whole_mask, metrics, digest, stacked_on)
     # every process leaves the group together: one that tore gloo down while the main one was still writing aborted
     # at exit now and then (1 of 4 two-process sharded runs, SIGABRT after a complete erasure)
     accelerator.wait_for_everyone()

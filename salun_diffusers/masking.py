@@ -8,6 +8,8 @@ One implementation serves the diffusion path (U-Net) and the classifier path (an
   ``torch.kthvalue`` on the few values inside finds it; it works for SD1.4's ~860M weights in seconds
   (``torch.quantile`` refuses more than 2**24 elements) and streams tensor by tensor.
   Ties at the threshold are broken deterministically (parameter-name order, then flat index).
+  Sharded saliencies (FSDP2 ``DTensor`` s, each process holding its shard): the same selection without gathering
+  them, a distributed search for the threshold (:func:`_top_k_shards`); the masks come back sharded as the saliency.
 * :func:`save_mask` / :func:`load_mask` store masks as packed bits in a safetensors file (1 bit per weight), sealed with
   sha256 digests of the bits and the header that are verified on load (docs/erasure-format.md).
 * :class:`MaskedUpdate` trains flat tensors of the masked values only (optimizer state sized by the mask) and writes
@@ -32,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 try:  # sharded weights (FSDP2); torch builds without torch.distributed have none
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # pragma: no cover
     DTensor = ()
@@ -107,6 +110,8 @@ def _select_top_k(named: Mapping[str, torch.Tensor], k: int) -> Mask:
     total = sum(named[n].numel() for n in names)
     if k >= total:
         return {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}
+    if any(isinstance(named[n], DTensor) for n in names):
+        return _select_top_k_sharded(named, k)
     flats = [_flat_values(named[n]) for n in names]
     threshold = _kth_largest(flats, k)
     masks: Mask = {n: (f > threshold).view(named[n].shape) for n, f in zip(names, flats)}
@@ -118,6 +123,67 @@ def _select_top_k(named: Mapping[str, torch.Tensor], k: int) -> Mask:
         masks[n].view(-1)[take] = True
         need -= take.numel()
     return masks
+
+
+FLOAT32_INF_BITS = 0x7F800000  # float32 +inf's bit pattern; non-negative float32s order as their int32 bit patterns
+
+
+def _top_k_shards(flats, k: int, rank: int, world: int, all_reduce) -> list:
+    """This process's part of exactly k largest entries over every process's ``flats``, without gathering them.
+
+    ``flats``: this process's shard of each tensor, flat float32, in the tie order (name order; a tensor's shards in
+    rank order make it, row-major, as FSDP2's dim-0 shards do); ``all_reduce(t)`` sums an int64 tensor over the
+    processes in place. The threshold, the k-th largest value, is found by bisection over the int32 bit patterns of
+    the (non-negative) values, 31 rounds of one all-reduce of a count; ties at it are taken in tensor order, then rank
+    order, then flat index: the entries the one-process :func:`_select_top_k` takes. Returns bool flats."""
+    device = flats[0].device
+
+    def total(counts) -> int:
+        counts = torch.stack(counts).to(torch.int64)
+        all_reduce(counts)
+        return int(counts.sum())
+
+    if total([torch.count_nonzero((f < 0) | f.isnan()) for f in flats]):  # global: every process raises alike
+        raise ValueError("saliency must be non-negative and not NaN (pass |gradient|, e.g. from compute_saliency)")
+    bits = [f.view(torch.int32) for f in flats]
+    lo, hi = 0, FLOAT32_INF_BITS + 1  # count(bits >= lo) >= k > count(bits >= hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if total([torch.count_nonzero(b >= mid) for b in bits]) >= k:
+            lo = mid
+        else:
+            hi = mid
+    # per process (a row each) and tensor, the entries equal to the threshold; last column: those above it
+    table = torch.zeros(world, len(bits) + 1, dtype=torch.int64, device=device)
+    table[rank, :-1] = torch.stack([torch.count_nonzero(b == lo) for b in bits])
+    table[rank, -1] = sum(torch.count_nonzero(b > lo) for b in bits)
+    all_reduce(table)
+    need = k - int(table[:, -1].sum())  # ties to take, in tensor order, then rank order
+    ties = table[:, :-1].t().reshape(-1).tolist()  # tensor-major
+    masks = [b > lo for b in bits]
+    before = 0
+    for j, b in enumerate(bits):
+        for r in range(world):
+            if r == rank and need - before > 0:
+                take = torch.nonzero(b == lo).flatten()[:need - before]
+                masks[j][take] = True
+            before += ties[j * world + r]
+    return masks
+
+
+def _select_top_k_sharded(named: Mapping[str, torch.Tensor], k: int) -> Mask:
+    """:func:`_select_top_k` over sharded (``DTensor``) saliencies: each process selects in its own shards
+    (:func:`_top_k_shards`); the masks are ``DTensor`` s sharded as the saliencies (collective: every process calls
+    it with the same names)."""
+    names = sorted(named)
+    first = named[names[0]]
+    mesh = first.device_mesh
+    flats = [_local(named[n]).detach().reshape(-1).float() for n in names]
+    picked = _top_k_shards(flats, k, mesh.get_local_rank(), mesh.size(),
+                           lambda t: dist.all_reduce(t, group=mesh.get_group()))
+    return {n: DTensor.from_local(m.view(_local(named[n]).shape), mesh, named[n].placements, shape=named[n].shape,
+                                  stride=named[n].stride())
+            for n, m in zip(names, picked)}
 
 
 def mask_from_saliency(saliency: Mapping[str, torch.Tensor], ratio: float = 0.5, scope: str = "global") -> Mask:
@@ -146,10 +212,21 @@ def mask_from_saliency(saliency: Mapping[str, torch.Tensor], ratio: float = 0.5,
     return {n: masks[n] for n in saliency}
 
 
+def selected_counts(mask: Mapping[str, torch.Tensor]) -> Dict[str, int]:
+    """name -> selected entries; sharded (``DTensor``) masks: over every process's shard (one all-reduce, collective)."""
+    counts = {n: int(torch.count_nonzero(_local(m))) for n, m in mask.items()}
+    sharded = [m for m in mask.values() if isinstance(m, DTensor)]
+    if sharded:
+        total = torch.tensor(list(counts.values()), dtype=torch.int64, device=_local(sharded[0]).device)
+        dist.all_reduce(total, group=sharded[0].device_mesh.get_group())
+        counts = dict(zip(counts, total.tolist()))
+    return counts
+
+
 def mask_density(mask: Mapping[str, torch.Tensor]) -> float:
-    """Share of selected weights over all masked tensors."""
+    """Share of selected weights over all masked tensors (sharded masks: collective)."""
     total = sum(m.numel() for m in mask.values())
-    return sum(int(m.sum()) for m in mask.values()) / max(total, 1)
+    return sum(selected_counts(mask).values()) / max(total, 1)
 
 
 # ----------------------------------------------------------------------------------------------- storage
@@ -230,7 +307,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _local_mask(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The part of ``p``'s whole-weight ``mask`` that matches ``p``'s local shard: the same slicing as the weight's
     (FSDP2: dim 0, ceil(rows / N) rows per process, the last ones fewer or none); each process slices its own copy
-    (``src_data_rank=None``: no communication)."""
+    (``src_data_rank=None``: no communication). A sharded mask (a ``DTensor``, from a sharded saliency pass) is
+    this process's part already."""
+    if isinstance(mask, DTensor):
+        if mask.placements != p.placements or mask.device_mesh != p.device_mesh:
+            raise ValueError(f"a sharded mask must be sharded as its weight: {mask.placements} vs {p.placements}")
+        return mask.to_local()
     if not isinstance(p, DTensor):
         return mask
     return distribute_tensor(mask, p.device_mesh, p.placements, src_data_rank=None).to_local()
@@ -246,9 +328,10 @@ def _masked_parameters(model: torch.nn.Module, mask: Mapping[str, torch.Tensor])
                          "the mask was computed for a different model")
     selected: Dict[str, torch.nn.Parameter] = {}
     masks: Mask = {}
+    counts = selected_counts(mask)  # sharded masks: over every process (a weight is trained by all or none)
     for name, p in params.items():
         m = mask.get(name)
-        if m is None or not bool(m.any()):
+        if m is None or not counts[name]:
             p.requires_grad_(False)
             continue
         if tuple(m.shape) != tuple(p.shape):

@@ -6,7 +6,9 @@ loss's saliency, so the mask leaves out the weights the retained data rely on.
 
 Multi-process runs (``accelerate launch --num_processes N``): batch ``i`` is handled by process ``i % N`` and its
 randomness comes from a generator seeded with ``seed + i``, so the all-reduced sum equals the single-process sum
-(up to floating-point summation order).
+(up to floating-point summation order). Sharded (FSDP2, :mod:`salun_diffusers.erasure.sharding`): the same split,
+but every backward is collective, so a process with fewer batches runs zero-weighted backwards to match the others,
+and the gradients stay as each process's shard (``DTensor`` s; the reduce-scatter's mean times N is the sum).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Callable, Dict, Sequence
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
+
+from .masking import DTensor, _local
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +39,8 @@ def accumulate_gradients(
     """Sum over ``batches`` of d loss_fn(model, batch, generator) / d theta, for every parameter with requires_grad.
 
     ``model`` must be the plain (unwrapped) module: gradients are reduced here, once, not by DDP at every backward.
-    Returns name -> float32 tensor on the model's device, identical on every process.
+    Returns name -> float32 tensor on the model's device, identical on every process; a sharded model (FSDP2
+    ``fully_shard``, weights ``DTensor`` s): name -> float32 ``DTensor``, each process holding its shard of the sum.
     """
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
@@ -50,19 +55,26 @@ def accumulate_gradients(
     model.train()
     for p in params.values():
         p.grad = None
-    mine = [i for i in range(len(batches)) if i % world == rank]
-    for i in tqdm(mine, desc=desc, disable=not main):
+    sharded = any(isinstance(p, DTensor) for p in params.values())
+    mine = [(i, 1.0) for i in range(len(batches)) if i % world == rank]
+    if sharded:  # every backward is collective: as many as the process with the most batches, the extra ones weigh 0
+        mine += [(0, 0.0)] * (-(-len(batches) // world) - len(mine))
+    for i, weight in tqdm(mine, desc=desc, disable=not main):
         generator = torch.Generator(device=device).manual_seed(seed + i)
         loss = loss_fn(model, batches[i], generator)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"forget loss is {loss.item()} on batch {i}; check the forget data / precision")
-        loss.backward()
+        bad = torch.tensor(-1.0 if torch.isfinite(loss) else float(i), device=device)
+        if world > 1:  # every process stops on a non-finite loss, none waits on the others
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad >= 0:
+            raise FloatingPointError(f"forget loss is not finite on batch {int(bad)}; check the forget data / "
+                                     "precision")
+        (loss * weight if weight != 1.0 else loss).backward()
     grads = {}
     for n, p in params.items():
         g = p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-        grads[n] = g
+        grads[n] = g.mul_(world) if sharded else g  # the reduce-scatter averaged over the processes
         p.grad = None
-    if world > 1:
+    if world > 1 and not sharded:
         for g in grads.values():
             dist.all_reduce(g, op=dist.ReduceOp.SUM)
     model.train(was_training)
@@ -74,7 +86,13 @@ def compute_saliency(model, batches, loss_fn, *, seed: int = 0, accelerator=None
     its top-k would be meaningless (NaN sorts above every number)."""
     saliency = {n: g.abs_() for n, g in accumulate_gradients(model, batches, loss_fn, seed=seed,
                                                                accelerator=accelerator, desc=desc).items()}
-    bad = [n for n, s in saliency.items() if not bool(torch.isfinite(s).all())]
+    flags = [int(not bool(torch.isfinite(_local(s)).all())) for s in saliency.values()]
+    sharded = [s for s in saliency.values() if isinstance(s, DTensor)]
+    if sharded:  # each process checked its shards: every process raises alike
+        total = torch.tensor(flags, device=_local(sharded[0]).device)
+        dist.all_reduce(total)
+        flags = total.tolist()
+    bad = [n for n, flag in zip(saliency, flags) if flag]
     if bad:
         raise FloatingPointError(f"the saliency (forget-loss gradient) of {bad[0]!r} and {len(bad) - 1} other "
                                  "tensor(s) is not finite; check the forget data, or use --mixed_precision bf16 or no "

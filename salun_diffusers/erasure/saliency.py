@@ -29,6 +29,7 @@ from ..masking import load_mask, mask_from_saliency, save_mask
 from ..objectives import diffusion_loss
 from ..saliency import compute_saliency, retain_aware_saliency
 from .data import ConceptData
+from .sharding import gather_mask
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ def retain_saliency(unet, data: ConceptData, loss, config: EraseConfig, accelera
 def compute_or_load_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig, accelerator,
                          reuse_saved: bool):
     """The mask: from ``--mask_path``, from ``<output_dir>/mask.safetensors`` when ``reuse_saved`` (a resumed run), or
-    computed from saliency and saved. Returns ``(mask, path of the mask file)``."""
+    computed from saliency and saved. Returns ``(mask, path of the mask file)``; a sharded ``unet``'s computed mask is
+    sharded too (``DTensor`` s, each process its part; the main process gathers it to write it)."""
     mask_file = os.path.join(config.output_dir, MASK_NAME)
     if config.mask_path or (reuse_saved and os.path.isfile(mask_file)):
         mask, meta = load_mask(config.mask_path or mask_file)
@@ -144,8 +146,9 @@ def compute_or_load_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, 
         return mask, config.mask_path or mask_file
     unet.requires_grad_(True)
     mask = saliency_mask(unet, scheduler, data, spec, config, accelerator)
+    whole = gather_mask(mask, accelerator)  # collective when sharded; None except on the main process
     if accelerator.is_main_process:
-        save_mask(mask, mask_file, {"fingerprint": model_fingerprint(unet), "ratio": config.mask_ratio,
+        save_mask(whole, mask_file, {"fingerprint": model_fingerprint(unet), "ratio": config.mask_ratio,
                                     "scope": config.mask_scope, "concept": spec.name,
                                     **({"saliency_combine": config.saliency_combine} if len(spec.concepts) > 1 else {}),
                                     "saliency_loss": config.saliency_loss,

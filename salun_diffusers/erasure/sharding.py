@@ -1,21 +1,26 @@
-"""Sharded masked training (``--shard_weights``, or an ``accelerate launch`` FSDP config): each process holds 1/N of
-every denoiser weight, of its gradient and of the masked optimizer state (FSDP2, ``torch.distributed.fsdp.fully_shard``).
+"""Sharded saliency and masked training (``--shard_weights``, or an ``accelerate launch`` FSDP config): each process
+holds 1/N of every denoiser weight, of its gradient, of its saliency and mask, and of the masked optimizer state
+(FSDP2, ``torch.distributed.fsdp.fully_shard``).
 
 * :func:`sharding_requested`: accelerate set ``DistributedType.FSDP`` (GPUs with an FSDP config), or
   ``--shard_weights`` (CPU processes, where accelerate turns an FSDP config into a plain multi-CPU run); both take
   this path. :func:`check_sharding` refuses, in one line each, what the sharded loop does not do.
 * :func:`shard_denoiser`: ``fully_shard`` on every block of the denoiser's block lists (the U-Net's down/up blocks,
   the transformers' blocks), then on the root: weights become ``DTensor`` s sharded on dim 0, gathered block by block
-  in forward and backward; gradients are reduce-scattered (averaged over processes, as DDP does).
-* :class:`~salun_diffusers.masking.MaskedUpdate` trains each process's local shard (the mask sliced as the weight is).
+  in forward and backward; gradients are reduce-scattered (averaged over processes, as DDP does). Done once, after
+  the data and before the saliency pass (``erase.py``); training reuses the sharded module.
+* The saliency pass (:func:`~salun_diffusers.saliency.accumulate_gradients`) keeps each process's gradient shards,
+  and :func:`~salun_diffusers.masking.mask_from_saliency` selects the global top-k over them without gathering them:
+  the mask comes out sharded (``DTensor`` s); :func:`gather_mask` gathers it on the main process, to write it.
+* :class:`~salun_diffusers.masking.MaskedUpdate` trains each process's local shard (its part of a sharded mask, or a
+  loaded whole mask sliced as the weight is).
+* :func:`base_digest`: the base values' fingerprint, the masked entries gathered weight by weight on the main process.
 * :func:`gather_full`: the trained weights gathered into a plain module on the main process, which writes the outputs.
-
-The saliency pass is not sharded: it runs before, with the whole model in every process (docs/flow-models.md).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,11 +29,13 @@ from accelerate.utils import DistributedType
 try:  # torch >= 2.7 (FSDP2's public API, distribute_tensor(src_data_rank=None) in masking.py)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
     fully_shard = None
 
 from ..config import EraseConfig
+from ..delta import base_values_digest
 
 
 def sharding_requested(config: EraseConfig, accelerator) -> bool:
@@ -49,7 +56,13 @@ def check_sharding(config: EraseConfig, accelerator) -> None:
                (config.optimizer_in_backward, "--optimizer_in_backward", "it needs one process"),
                (config.adversarial, "--adversarial", "its inner attack is not written for sharded weights"),
                (config.validation_prompts, "--validation_prompts", "the main process would draw alone"),
-               (config.mixed_precision == "fp16", "--mixed_precision fp16", "use bf16: no gradient scaler here")]
+               (config.mixed_precision == "fp16", "--mixed_precision fp16", "use bf16: no gradient scaler here"),
+               (config.saliency_retain_weight and not config.mask_path, "--saliency_retain_weight",
+                "the sharded saliency pass does not discount a retain saliency yet; or compute the mask unsharded "
+                "with --save_mask_only and pass it with --mask_path"),
+               (config.saliency_combine != "sum" and not config.mask_path, "--saliency_combine",
+                "the sharded saliency pass sums the concepts' gradients; or compute the mask unsharded with "
+                "--save_mask_only and pass it with --mask_path")]
     for bad, flag, why in refused:
         if bad:
             raise ValueError(f"{flag} does not work with {how} ({why}): drop {flag}, or "
@@ -57,7 +70,10 @@ def check_sharding(config: EraseConfig, accelerator) -> None:
 
 
 def shard_denoiser(model: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """``fully_shard`` each block of the model's top-level block lists, then the model (in place; returned)."""
+    """``fully_shard`` each block of the model's top-level block lists, then the model (in place; returned; a model
+    sharded already is returned as it is)."""
+    if isinstance(model, FSDPModule):
+        return model
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
     for child in model.children():
         if isinstance(child, torch.nn.ModuleList):
@@ -76,12 +92,40 @@ def global_grad_norm(params) -> torch.Tensor:
     return square.sqrt()
 
 
-def gather_full(model: torch.nn.Module, cls: type, accelerator) -> Optional[torch.nn.Module]:
-    """The sharded ``model``'s full weights in a plain ``cls`` module on the CPU of the main process (None elsewhere);
-    every process must call it (the gather is collective)."""
+def gather_mask(mask: Mapping[str, torch.Tensor], accelerator) -> Optional[Dict[str, torch.Tensor]]:
+    """The whole mask on the CPU of the main process (None elsewhere), e.g. to write it: each sharded (``DTensor``)
+    mask is gathered in turn (collective: every process calls it), a whole one taken as it is."""
+    full = {}
+    for name, m in mask.items():
+        if isinstance(m, DTensor):
+            m = m.to(torch.uint8).full_tensor().bool()  # one weight's mask at a time, in every process
+        if accelerator.is_main_process:
+            full[name] = m.cpu()
+    return full if accelerator.is_main_process else None
+
+
+def base_digest(model: torch.nn.Module, mask: Mapping[str, torch.Tensor], full_mask: Optional[Mapping[str, torch.Tensor]],
+                accelerator) -> Optional[Dict[str, str]]:
+    """:func:`~salun_diffusers.delta.base_values_digest` of the sharded ``model`` on the main process (None
+    elsewhere; ``full_mask``: the whole mask there). Every process calls it: each masked weight is gathered in turn
+    and the main process keeps its masked entries (on the CPU: 4 bytes per masked weight)."""
+    params = dict(model.named_parameters())
+    values = {}
+    for name in sorted(mask):
+        p = params[name].detach()
+        p = p.full_tensor() if isinstance(p, DTensor) else p
+        if accelerator.is_main_process:
+            values[name] = p[full_mask[name].to(p.device)].cpu()
+    return base_values_digest(model, full_mask, values=values) if accelerator.is_main_process else None
+
+
+def gather_full(model: torch.nn.Module, accelerator) -> Optional[torch.nn.Module]:
+    """The sharded ``model``'s full weights in a plain module of its class on the CPU of the main process (None
+    elsewhere); every process must call it (the gather is collective)."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not accelerator.is_main_process:
         return None
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclassed it
     with torch.device("meta"):
         plain = cls.from_config(model.config)
     for name, buffer in model.named_buffers():  # buffers are not sharded; non-persistent ones are not in the state

@@ -107,13 +107,12 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     """Run ``config.max_train_steps`` SalUn steps on the masked weights of ``unet`` (resuming from ``resume_path``);
     ``on_step(step)`` runs after each optimizer step (e.g. validation images). ``adversary`` (``--adversarial``,
     :mod:`.adversarial`) adds the forget objective on adversarial conditionings. Sharded
-    (:mod:`.sharding`: ``--shard_weights`` or an FSDP accelerate config): ``unet`` is sharded here, the optimizer and
+    (:mod:`.sharding`: ``--shard_weights`` or an FSDP accelerate config): ``unet`` is sharded (erase.py did it before the saliency pass), the optimizer and
     scheduler are stepped here rather than by accelerate, and the returned module is the gathered one on the main
     process (the sharded one elsewhere)."""
     device = accelerator.device
     sharded = sharding_requested(config, accelerator)
-    plain_cls = type(unet)
-    if sharded:
+    if sharded:  # erase.py shards it before the saliency pass (a no-op then)
         unet = shard_denoiser(unet, accelerator)
     # one process: gradients gathered into the masked values during backward (one full-size gradient at a time);
     # under DDP the full gradients are reduced first, then gathered
@@ -214,6 +213,6 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     guard.remove_hooks()
     accelerator.wait_for_everyone()
     if sharded:  # the gather is collective: every process takes part, the main one gets the module
-        full = gather_full(unet, plain_cls, accelerator)
+        full = gather_full(unet, accelerator)
         return TrainResult(full if full is not None else unet, logs)
     return TrainResult(accelerator.unwrap_model(unet_prepared), logs)

@@ -4,7 +4,8 @@
 ``ACCELERATE_USE_CPU=true`` so accelerate makes a multi-CPU, gloo run of it: saliency batches split over the processes
 and all-reduced, training under DDP, or sharded with ``"shard_weights": true``, the outputs written by process 0).
 With RECORD_PREFIX each process writes ``RECORD_PREFIX.<rank>.json``: what its masked update trains (the largest
-weight's global and local sizes, its masked entries in all and on this process, the flat values it holds).
+weight's global and local sizes, its masked entries in all and on this process, the flat values it holds), and
+``RECORD_PREFIX.saliency.<rank>.pt``: the saliency it computed (its shard of each weight's, when sharded).
 
 ``dist_erase.py fsdp-probe OUT_JSON``: what accelerate makes of its FSDP plugin (FULL_SHARD, ``use_orig_params``; and
 FSDP2) on CPU processes: the distributed type and the class ``prepare`` wraps a module in, written by process 0.
@@ -24,7 +25,8 @@ def record_shards(prefix: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from salun_diffusers.erasure import training
+    from salun_diffusers.erasure import saliency, training
+    from salun_diffusers.masking import selected_counts
 
     class Recording(training.MaskedUpdate):
         def __init__(self, model, mask, hooks=True):
@@ -32,15 +34,27 @@ def record_shards(prefix: str) -> None:
             name = max(self.params, key=lambda n: self.params[n].numel())
             p = self.params[name]
             local = p.to_local() if isinstance(p, DTensor) else p
+            counts = selected_counts(mask)  # a sharded mask's: over all processes
             found = {"sharded": isinstance(p, DTensor), "name": name, "numel": p.numel(),
                      "local_numel": local.numel(), "local_shape": list(local.shape),
-                     "masked": int(mask[name].sum()), "local_masked": self.values[name].numel(),
+                     "mask_sharded": isinstance(mask[name], DTensor),
+                     "masked": counts[name], "local_masked": self.values[name].numel(),
                      "values": sum(v.numel() for v in self.values.values()),
-                     "mask_total": sum(int(m.sum()) for m in mask.values())}
+                     "mask_total": sum(counts.values())}
             with open(f"{prefix}.{dist.get_rank()}.json", "w") as f:
                 json.dump(found, f)
 
     training.MaskedUpdate = Recording
+
+    compute = saliency.compute_saliency
+
+    def recording(*args, **kw):  # the saliency this process holds: its shards when sharded
+        out = compute(*args, **kw)
+        torch.save({n: s.to_local() if isinstance(s, DTensor) else s for n, s in out.items()},
+                   f"{prefix}.saliency.{dist.get_rank()}.pt")
+        return out
+
+    saliency.compute_saliency = recording
 
 
 def erase_run(config_json: str, record: str = None) -> None:
