@@ -100,11 +100,23 @@ def compute_saliency(model, batches, loss_fn, *, seed: int = 0, accelerator=None
     return saliency
 
 
+def saliency_total(saliency: Dict[str, torch.Tensor]) -> float:
+    """The sum of every entry (float64, tensor by tensor); sharded (``DTensor``) saliencies: of every process's
+    shards (an all-reduce: collective)."""
+    total = sum(float(_local(t).double().sum()) for t in saliency.values())
+    sharded = [t for t in saliency.values() if isinstance(t, DTensor)]
+    if sharded:
+        total = torch.tensor(total, dtype=torch.float64, device=_local(sharded[0]).device)
+        dist.all_reduce(total, group=sharded[0].device_mesh.get_group())
+        total = float(total)
+    return total
+
+
 def retain_aware_saliency(forget: Dict[str, torch.Tensor], retain: Dict[str, torch.Tensor],
                           weight: float) -> Dict[str, torch.Tensor]:
     """Forget saliency discounted where the retain saliency is high: ``f / (1 + weight * r / f)`` per weight, with
     ``f`` and ``r`` the forget and retain saliencies (``|gradient|``, e.g. from :func:`compute_saliency`) each divided
-    by its mean over all weights. ``weight`` 0 returns ``forget`` itself (SalUn's saliency); a weight whose retain
+    by its mean over all weights (sharded saliencies: over every process's shards). ``weight`` 0 returns ``forget`` itself (SalUn's saliency); a weight whose retain
     saliency is ``weight`` times its forget saliency counts half as much as one the retain loss does not touch, so a
     top-k mask of the result leaves out the weights the retained data rely on. Non-negative, as masks need."""
     if weight < 0:
@@ -115,7 +127,7 @@ def retain_aware_saliency(forget: Dict[str, torch.Tensor], retain: Dict[str, tor
         raise ValueError("forget and retain saliencies must cover the same parameters")
 
     def mean(s):
-        return sum(float(t.double().sum()) for t in s.values()) / max(1, sum(t.numel() for t in s.values())) or 1.0
+        return saliency_total(s) / max(1, sum(t.numel() for t in s.values())) or 1.0
 
     f_mean, r_mean = mean(forget), mean(retain)
     out = {}

@@ -24,6 +24,74 @@ def test_global_mask_selects_exactly_the_top_k(ratio):
     assert abs(mask_density(mask) - k / flat.numel()) < 1e-12
 
 
+def _sharded_top_k(named, k, world):
+    """``_top_k_shards`` run by ``world`` threads standing for processes, each with its dim-0 shard of every tensor
+    (FSDP2's: ceil(rows / world) rows each, the last ones fewer or none) and an all-reduce that sums over the threads;
+    returns the whole masks (each tensor's shards concatenated in rank order) and the all-reduce count per process."""
+    import threading
+
+    from salun_diffusers.masking import _top_k_shards
+
+    names = sorted(named)
+    barrier, parts, calls = threading.Barrier(world), [None] * world, [0] * world
+    out, errors = [None] * world, []
+
+    def shard(t, rank):
+        rows = -(-t.shape[0] // world)
+        return t[rank * rows:(rank + 1) * rows].reshape(-1)
+
+    def run(rank):
+        def all_reduce(t):
+            calls[rank] += 1
+            parts[rank] = t.clone()
+            barrier.wait()
+            total = sum(parts)
+            barrier.wait()  # every thread has summed before any writes its next part
+            t.copy_(total)
+        try:
+            out[rank] = _top_k_shards([shard(named[n], rank) for n in names], k, rank, world, all_reduce)
+        except Exception as exc:  # noqa: BLE001 (re-raised below)
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:  # every process raises alike, none left waiting
+        assert len(errors) == world and len({type(e) for e in errors}) == 1, errors
+        raise errors[0]
+    return {n: torch.cat([out[r][j] for r in range(world)]).view(named[n].shape) for j, n in enumerate(names)}, calls
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("ratio", [0.01, 0.3, 0.5, 0.99])
+def test_sharded_top_k_selects_what_one_process_selects(world, ratio):
+    """The distributed top-k (a bisection over the float32 bit patterns, counts all-reduced; ties taken in name, rank,
+    then flat order) selects exactly the entries the one-process selection does, ties included: a tensor of a few
+    repeated values, one of zeros, one with fewer rows than processes (an empty shard), and a tie mass at the
+    threshold spread over several tensors and processes. 33 all-reduces per process whatever the values."""
+    from salun_diffusers.masking import _select_top_k
+
+    sal = dict(_saliency(), one_row=torch.tensor([[2.0, 1.0, 2.0]]), more_ties=torch.full((7, 3), 1.0))
+    k = round(ratio * sum(t.numel() for t in sal.values()))
+    want = _select_top_k(sal, k)
+    got, calls = _sharded_top_k(sal, k, world)
+    assert all(torch.equal(got[n], want[n]) for n in sal), [n for n in sal if not torch.equal(got[n], want[n])]
+    assert sum(int(m.sum()) for m in got.values()) == k
+    assert calls == [33] * world
+
+
+def test_sharded_top_k_refuses_a_negative_saliency_in_every_process():
+    """A negative entry in one process's shard is refused by all of them (the check's count is all-reduced), so no
+    process waits on the others."""
+    sal = {"a": torch.rand(4, 3), "b": torch.rand(6)}
+    sal["b"][5] = -1.0  # in the last process's shard
+    with pytest.raises(ValueError, match="non-negative"):
+        _sharded_top_k(sal, 3, 2)
+
+
 def test_layer_scope_selects_the_ratio_in_every_tensor():
     sal = _saliency()
     mask = mask_from_saliency(sal, 0.25, scope="layer")

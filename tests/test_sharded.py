@@ -168,24 +168,30 @@ def test_two_processes_accumulating_equal_one_process(tmp_path):
         print(f"accumulating, {mode}: max |two processes - one| = {largest:.3g}")
 
 
-@pytest.mark.parametrize("family,scope,port", [("flux", "global", "29581"), ("unet", "layer", "29583")])
-def test_sharded_saliency_equals_one_process(family, scope, port, tmp_path):
-    """The sharded saliency pass (``--shard_weights --save_mask_only``), 3 saliency batches over two processes (an odd
-    count: process 1 runs a zero-weighted backward to match process 0's two, and nothing hangs), against one process:
-    each process's saliency is its shard (dim 0, rank order) of the one-process saliency up to float32 summation
-    order, and the mask, selected by the distributed top-k and gathered by process 0, selects exactly
-    round(ratio x numel) entries (globally, or per tensor) and equals the one-process mask except at entries whose
-    saliency is within that rounding of the threshold."""
+@pytest.mark.parametrize("family,scope,port,change", [
+    ("flux", "global", "29581", dict(saliency_retain_weight=0.5, num_retain_images=2)),
+    ("unet", "layer", "29583", dict(saliency_combine="normalized", concepts=[{"forget_prompt": "a dragon",
+                                                                              "pseudo_prompt": "a lizard"}])),
+])
+def test_sharded_saliency_equals_one_process(family, scope, port, change, tmp_path):
+    """The sharded saliency pass (``--shard_weights --save_mask_only``), 3 saliency batches (per concept) over two
+    processes (an odd count: process 1 runs a zero-weighted backward to match process 0's two, and nothing hangs),
+    against one process: the saliency each process selects from is its shard (dim 0, rank order) of the one-process
+    saliency up to float32 summation order, and the mask, selected by the distributed top-k and gathered by process
+    0, selects exactly round(ratio x numel) entries (globally, or per tensor) and equals the one-process mask except
+    at entries whose saliency is within that rounding of the threshold. FLUX with a retain-aware saliency, the U-Net
+    with two concepts' saliencies normalized and summed (both use totals over all weights: all-reduced)."""
     from salun_diffusers.erasure import saliency as phase
 
     base_dir = _base(family, str(tmp_path / "base"))
-    kw = dict(pretrained_model_name_or_path=base_dir, concept="nudity", cache_dir=str(tmp_path / "cache"),
-              num_forget_images=3, num_retain_images=0, saliency_batch_size=1, data_num_inference_steps=2,
-              mask_ratio=0.3, mask_scope=scope, resolution=16, seed=0, save_pipeline="none", save_mask_only=True)
+    kw = dict(dict(pretrained_model_name_or_path=base_dir, concept="nudity", cache_dir=str(tmp_path / "cache"),
+                   num_forget_images=3, num_retain_images=0, saliency_batch_size=1, data_num_inference_steps=2,
+                   mask_ratio=0.3, mask_scope=scope, resolution=16, seed=0, save_pipeline="none",
+                   save_mask_only=True), **change)
     found = {}
     with pytest.MonkeyPatch.context() as mp:
-        compute = phase.compute_saliency
-        mp.setattr(phase, "compute_saliency", lambda *a, **k: found.setdefault("one", compute(*a, **k)))
+        select = phase.mask_from_saliency
+        mp.setattr(phase, "mask_from_saliency", lambda s, *a, **k: select(found.setdefault("one", s), *a, **k))
         erase(EraseConfig(output_dir=str(tmp_path / "one"), **kw))
     one = found["one"]
     config = tmp_path / "two.json"
@@ -195,8 +201,8 @@ def test_sharded_saliency_equals_one_process(family, scope, port, tmp_path):
     shards = [torch.load(tmp_path / f"rec.saliency.{rank}.pt") for rank in (0, 1)]
     assert sum(s.numel() for s in shards[0].values()) < sum(s.numel() for s in one.values())  # shards, not copies
 
-    # float32 sums of 3 per-batch gradients in another order: rounding of ~1e-7 of their magnitude per addition,
-    # bounded here by 1e-5 of the tensor's largest saliency
+    # float32 sums of 3 per-batch gradients in another order (and float64 totals over all weights): rounding of
+    # ~1e-7 of their magnitude per addition, bounded here by 1e-5 of the tensor's largest saliency
     tol = {n: 1e-5 * float(s.max()) for n, s in one.items()}
     worst = 0.0
     for n, s in one.items():

@@ -27,7 +27,7 @@ from ..delta import MASK_NAME, model_fingerprint
 from ..families import PromptCond, as_family, base_model_id, cat_conds
 from ..masking import load_mask, mask_from_saliency, save_mask
 from ..objectives import diffusion_loss
-from ..saliency import compute_saliency, retain_aware_saliency
+from ..saliency import compute_saliency, retain_aware_saliency, saliency_total
 from .data import ConceptData
 from .sharding import gather_mask
 
@@ -65,13 +65,14 @@ def concept_batches(data: ConceptData, batch_size: int):
 def combine_saliencies(per_concept, how: str, ratio: float, scope: str):
     """One mask from several concepts' saliencies (name -> |gradient| each): ``normalized`` divides each concept's
     saliency by its total (so a concept with small gradients counts as much as one with large) and sums them before
-    the top-``ratio``; ``union`` takes each concept's top ``ratio / k`` and their union (at most ``ratio``)."""
+    the top-``ratio``; ``union`` takes each concept's top ``ratio / k`` and their union (at most ``ratio``).
+    Sharded saliencies (``DTensor`` s): the totals and the top-k are over every process's shards, the masks sharded."""
     if how == "union":
         masks = [mask_from_saliency(s, ratio / len(per_concept), scope) for s in per_concept]
         return {n: torch.stack([m[n] for m in masks]).any(0) for n in masks[0]}
     total = {n: torch.zeros_like(t) for n, t in per_concept[0].items()}
     for s in per_concept:
-        norm = sum(float(t.double().sum()) for t in s.values()) or 1.0
+        norm = saliency_total(s) or 1.0
         for n, t in s.items():
             total[n].add_(t, alpha=1.0 / norm)
     return mask_from_saliency(total, ratio, scope)

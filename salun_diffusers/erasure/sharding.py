@@ -56,13 +56,7 @@ def check_sharding(config: EraseConfig, accelerator) -> None:
                (config.optimizer_in_backward, "--optimizer_in_backward", "it needs one process"),
                (config.adversarial, "--adversarial", "its inner attack is not written for sharded weights"),
                (config.validation_prompts, "--validation_prompts", "the main process would draw alone"),
-               (config.mixed_precision == "fp16", "--mixed_precision fp16", "use bf16: no gradient scaler here"),
-               (config.saliency_retain_weight and not config.mask_path, "--saliency_retain_weight",
-                "the sharded saliency pass does not discount a retain saliency yet; or compute the mask unsharded "
-                "with --save_mask_only and pass it with --mask_path"),
-               (config.saliency_combine != "sum" and not config.mask_path, "--saliency_combine",
-                "the sharded saliency pass sums the concepts' gradients; or compute the mask unsharded with "
-                "--save_mask_only and pass it with --mask_path")]
+               (config.mixed_precision == "fp16", "--mixed_precision fp16", "use bf16: no gradient scaler here")]
     for bad, flag, why in refused:
         if bad:
             raise ValueError(f"{flag} does not work with {how} ({why}): drop {flag}, or "

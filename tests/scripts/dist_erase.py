@@ -5,7 +5,8 @@
 and all-reduced, training under DDP, or sharded with ``"shard_weights": true``, the outputs written by process 0).
 With RECORD_PREFIX each process writes ``RECORD_PREFIX.<rank>.json``: what its masked update trains (the largest
 weight's global and local sizes, its masked entries in all and on this process, the flat values it holds), and
-``RECORD_PREFIX.saliency.<rank>.pt``: the saliency it computed (its shard of each weight's, when sharded).
+``RECORD_PREFIX.saliency.<rank>.pt``: the saliency the mask was selected from (its shard of each weight's, when
+sharded; the last one, if several were).
 
 ``dist_erase.py fsdp-probe OUT_JSON``: what accelerate makes of its FSDP plugin (FULL_SHARD, ``use_orig_params``; and
 FSDP2) on CPU processes: the distributed type and the class ``prepare`` wraps a module in, written by process 0.
@@ -46,15 +47,14 @@ def record_shards(prefix: str) -> None:
 
     training.MaskedUpdate = Recording
 
-    compute = saliency.compute_saliency
+    select = saliency.mask_from_saliency
 
-    def recording(*args, **kw):  # the saliency this process holds: its shards when sharded
-        out = compute(*args, **kw)
-        torch.save({n: s.to_local() if isinstance(s, DTensor) else s for n, s in out.items()},
+    def recording(values, *args, **kw):  # the saliency the mask is selected from: this process's shards when sharded
+        torch.save({n: s.to_local() if isinstance(s, DTensor) else s for n, s in values.items()},
                    f"{prefix}.saliency.{dist.get_rank()}.pt")
-        return out
+        return select(values, *args, **kw)
 
-    saliency.compute_saliency = recording
+    saliency.mask_from_saliency = recording
 
 
 def erase_run(config_json: str, record: str = None) -> None:
