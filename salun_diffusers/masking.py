@@ -134,7 +134,7 @@ def _top_k_shards(flats, k: int, rank: int, world: int, all_reduce) -> list:
     ``flats``: this process's shard of each tensor, flat float32, in the tie order (name order; a tensor's shards in
     rank order make it, row-major, as FSDP2's dim-0 shards do); ``all_reduce(t)`` sums an int64 tensor over the
     processes in place. The threshold, the k-th largest value, is found by bisection over the int32 bit patterns of
-    the (non-negative) values, 31 rounds of one all-reduce of a count; ties at it are taken in tensor order, then rank
+    the (non-negative) values, 31 or 32 rounds of one all-reduce of a count; ties at it are taken in tensor order, then rank
     order, then flat index: the entries the one-process :func:`_select_top_k` takes. Returns bool flats."""
     device = flats[0].device
 

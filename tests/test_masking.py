@@ -71,7 +71,8 @@ def test_sharded_top_k_selects_what_one_process_selects(world, ratio):
     """The distributed top-k (a bisection over the float32 bit patterns, counts all-reduced; ties taken in name, rank,
     then flat order) selects exactly the entries the one-process selection does, ties included: a tensor of a few
     repeated values, one of zeros, one with fewer rows than processes (an empty shard), and a tie mass at the
-    threshold spread over several tensors and processes. 33 all-reduces per process whatever the values."""
+    threshold spread over several tensors and processes, and a threshold of 0. At most 34 all-reduces per process
+    (the check, 31 or 32 bisection rounds, the tie table), the same in every process."""
     from salun_diffusers.masking import _select_top_k
 
     sal = dict(_saliency(), one_row=torch.tensor([[2.0, 1.0, 2.0]]), more_ties=torch.full((7, 3), 1.0))
@@ -80,7 +81,7 @@ def test_sharded_top_k_selects_what_one_process_selects(world, ratio):
     got, calls = _sharded_top_k(sal, k, world)
     assert all(torch.equal(got[n], want[n]) for n in sal), [n for n in sal if not torch.equal(got[n], want[n])]
     assert sum(int(m.sum()) for m in got.values()) == k
-    assert calls == [33] * world
+    assert len(set(calls)) == 1 and calls[0] <= 34, calls  # the same collectives in every process, a fixed few
 
 
 def test_sharded_top_k_refuses_a_negative_saliency_in_every_process():
