@@ -139,8 +139,9 @@ class EraseConfig(JsonConfigMixin):
     shard_weights: bool = _f(False, "Memory, several processes: shard the denoiser's weights, gradients and masked "
                                     "optimizer state over the processes (FSDP2 fully_shard; each holds 1/N). An "
                                     "accelerate FSDP config turns it on by itself (GPUs); on CPU processes, where "
-                                    "accelerate does not shard, pass it. The saliency pass still holds the whole "
-                                    "model per process (docs/flow-models.md).")
+                                    "accelerate does not shard, pass it. The saliency pass is sharded too (gradient "
+                                    "shards, a global top-k over them); only the data phase holds the whole model "
+                                    "per process (docs/flow-models.md).")
     use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes (pip install salun-diffusers[8bit]): a quarter "
                                     "of the optimizer-state memory.")
     max_grad_norm: Optional[float] = _f(None, "Gradient clipping norm (default 0 = none, as the official code).")
