@@ -63,7 +63,7 @@ def accumulate_gradients(
         generator = torch.Generator(device=device).manual_seed(seed + i)
         loss = loss_fn(model, batches[i], generator)
         bad = torch.tensor(-1.0 if torch.isfinite(loss) else float(i), device=device)
-        if world > 1:  # every process stops on a non-finite loss, none waits on the others
+        if sharded:  # every process stops on a non-finite loss, none waits in the next (collective) backward
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad >= 0:
             raise FloatingPointError(f"forget loss is not finite on batch {int(bad)}; check the forget data / "
