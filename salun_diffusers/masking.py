@@ -134,8 +134,8 @@ def _top_k_shards(flats, k: int, rank: int, world: int, all_reduce) -> list:
     ``flats``: this process's shard of each tensor, flat float32, in the tie order (name order; a tensor's shards in
     rank order make it, row-major, as FSDP2's dim-0 shards do); ``all_reduce(t)`` sums an int64 tensor over the
     processes in place. The threshold, the k-th largest value, is found by bisection over the int32 bit patterns of
-    the (non-negative) values, 31 or 32 rounds of one all-reduce of a count; ties at it are taken in tensor order, then rank
-    order, then flat index: the entries the one-process :func:`_select_top_k` takes. Returns bool flats."""
+    the (non-negative) values, 31 or 32 rounds of one all-reduce of a count; ties at it are taken in tensor order,
+    then rank order, then flat index: the entries the one-process :func:`_select_top_k` takes. Returns bool flats."""
     device = flats[0].device
 
     def total(counts) -> int:
@@ -196,7 +196,8 @@ def mask_from_saliency(saliency: Mapping[str, torch.Tensor], ratio: float = 0.5,
 
     Returns:
         parameter name -> bool tensor on the saliency's device; exactly ``round(ratio * numel)`` True entries
-        (globally or per tensor).
+        (globally or per tensor). Sharded (``DTensor``) saliencies give ``DTensor`` masks sharded alike (collective:
+        every process calls it).
     """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"mask ratio must be in (0, 1], got {ratio}; e.g. --mask_ratio 0.5")
@@ -213,7 +214,8 @@ def mask_from_saliency(saliency: Mapping[str, torch.Tensor], ratio: float = 0.5,
 
 
 def selected_counts(mask: Mapping[str, torch.Tensor]) -> Dict[str, int]:
-    """name -> selected entries; sharded (``DTensor``) masks: over every process's shard (one all-reduce, collective)."""
+    """name -> selected entries; sharded (``DTensor``) masks: over every process's shard (one all-reduce:
+    collective)."""
     counts = {n: int(torch.count_nonzero(_local(m))) for n, m in mask.items()}
     sharded = [m for m in mask.values() if isinstance(m, DTensor)]
     if sharded:

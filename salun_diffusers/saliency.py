@@ -116,9 +116,10 @@ def retain_aware_saliency(forget: Dict[str, torch.Tensor], retain: Dict[str, tor
                           weight: float) -> Dict[str, torch.Tensor]:
     """Forget saliency discounted where the retain saliency is high: ``f / (1 + weight * r / f)`` per weight, with
     ``f`` and ``r`` the forget and retain saliencies (``|gradient|``, e.g. from :func:`compute_saliency`) each divided
-    by its mean over all weights (sharded saliencies: over every process's shards). ``weight`` 0 returns ``forget`` itself (SalUn's saliency); a weight whose retain
-    saliency is ``weight`` times its forget saliency counts half as much as one the retain loss does not touch, so a
-    top-k mask of the result leaves out the weights the retained data rely on. Non-negative, as masks need."""
+    by its mean over all weights (sharded saliencies: over every process's shards). ``weight`` 0 returns ``forget``
+    itself (SalUn's saliency); a weight whose retain saliency is ``weight`` times its forget saliency counts half as
+    much as one the retain loss does not touch, so a top-k mask of the result leaves out the weights the retained data
+    rely on. Non-negative, as masks need."""
     if weight < 0:
         raise ValueError(f"the retain saliency weight must be >= 0, got {weight}")
     if weight == 0:

@@ -73,12 +73,13 @@ def reference(tmp_path_factory):
     return get
 
 
-def _check_shards(prefix: str) -> None:
+def _check_shards(prefix: str, computed: bool = True) -> None:
     """Each process trained its own shard: the largest weight's local shard is smaller than the weight, the shards
     and their masked entries add up to the weight's, and each process holds the flat values of its masked entries only."""
     found = [json.loads(open(f"{prefix}.{rank}.json").read()) for rank in (0, 1)]
     assert all(f["sharded"] and f["local_numel"] < f["numel"] for f in found), found
-    assert all(f["mask_sharded"] for f in found), found  # the sharded saliency pass's mask: each process its part
+    # the sharded saliency pass's mask: each process its part; a loaded (--mask_path) one: whole, sliced by each
+    assert all(f["mask_sharded"] == computed for f in found), found
     assert sum(f["local_numel"] for f in found) == found[0]["numel"], found
     assert sum(f["local_masked"] for f in found) == found[0]["masked"], found
     assert sum(f["values"] for f in found) == found[0]["mask_total"], found
@@ -132,7 +133,8 @@ def test_two_processes_accumulating_equal_one_process(tmp_path):
     accumulating 4 micro-batches that draw what they draw (micro-batch m = process m % 2's micro-batch m // 2): the
     same trained weights up to float rounding, whole model per process (DDP), sharded with --shard_weights, and
     sharded by an FSDP accelerate config (accelerate's state forced to FSDP on CPU, FSDP2 plugin: what a config gives
-    on GPUs; its accumulation skips the gradient reduce-scatter until the last micro-batch) without --shard_weights;
+    on GPUs; its accumulation skips the gradient reduce-scatter until the last micro-batch) without --shard_weights,
+    training the one-process mask given with --mask_path (read whole, sliced by each process);
     sharded, each process trained its own shard and every weight outside the mask is bit-identical to the base.
     DDP used to differ here by up to lr x steps on most entries (the first micro-batch's gradients were taken before
     DDP reduced them)."""
@@ -151,12 +153,14 @@ def test_two_processes_accumulating_equal_one_process(tmp_path):
     for mode, port in (("ddp", "29561"), ("sharded", "29563"), ("fsdp-forced", "29565")):
         config = tmp_path / f"{mode}.json"
         config.write_text(json.dumps(dict(kw, output_dir=str(tmp_path / mode), gradient_accumulation_steps=2,
-                                          shard_weights=mode == "sharded")))
+                                          shard_weights=mode == "sharded",
+                                          mask_path=str(tmp_path / "one" / "mask.safetensors")
+                                          if mode == "fsdp-forced" else None)))
         how = ["fsdp-forced", str(config), "2"] if mode == "fsdp-forced" else ["erase", str(config)]
         proc = _torchrun(port, *how, str(tmp_path / f"{mode}-shards"))
         assert proc.returncode == 0, proc.stderr[-3000:]
         if mode != "ddp":
-            _check_shards(str(tmp_path / f"{mode}-shards"))
+            _check_shards(str(tmp_path / f"{mode}-shards"), computed=mode == "sharded")
         pipe = load_base_pipeline(base_dir)
         load_erasure(pipe, str(tmp_path / mode))
         two = _params(denoiser(pipe))
@@ -169,9 +173,9 @@ def test_two_processes_accumulating_equal_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("family,scope,port,change", [
-    ("flux", "global", "29581", dict(saliency_retain_weight=0.5, num_retain_images=2)),
-    ("unet", "layer", "29583", dict(saliency_combine="normalized", concepts=[{"forget_prompt": "a dragon",
-                                                                              "pseudo_prompt": "a lizard"}])),
+    ("flux", "layer", "29581", dict(saliency_retain_weight=0.5, num_retain_images=2)),
+    ("unet", "global", "29583", dict(saliency_combine="normalized", concepts=[{"forget_prompt": "a dragon",
+                                                                               "pseudo_prompt": "a lizard"}])),
 ])
 def test_sharded_saliency_equals_one_process(family, scope, port, change, tmp_path):
     """The sharded saliency pass (``--shard_weights --save_mask_only``), 3 saliency batches (per concept) over two
@@ -179,8 +183,9 @@ def test_sharded_saliency_equals_one_process(family, scope, port, change, tmp_pa
     against one process: the saliency each process selects from is its shard (dim 0, rank order) of the one-process
     saliency up to float32 summation order, and the mask, selected by the distributed top-k and gathered by process
     0, selects exactly round(ratio x numel) entries (globally, or per tensor) and equals the one-process mask except
-    at entries whose saliency is within that rounding of the threshold. FLUX with a retain-aware saliency, the U-Net
-    with two concepts' saliencies normalized and summed (both use totals over all weights: all-reduced)."""
+    at entries whose saliency is within that rounding of the threshold. FLUX with a retain-aware saliency and a mask
+    per tensor, the U-Net with two concepts' saliencies normalized and summed (both use totals over all weights:
+    all-reduced) and a global mask."""
     from salun_diffusers.erasure import saliency as phase
 
     base_dir = _base(family, str(tmp_path / "base"))

@@ -30,12 +30,12 @@ try:  # torch >= 2.7 (FSDP2's public API, distribute_tensor(src_data_rank=None) 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
-    from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
-    fully_shard = None
+    fully_shard, FSDPModule = None, ()
 
 from ..config import EraseConfig
 from ..delta import base_values_digest
+from ..masking import DTensor
 
 
 def sharding_requested(config: EraseConfig, accelerator) -> bool:
@@ -87,19 +87,19 @@ def global_grad_norm(params) -> torch.Tensor:
 
 
 def gather_mask(mask: Mapping[str, torch.Tensor], accelerator) -> Optional[Dict[str, torch.Tensor]]:
-    """The whole mask on the CPU of the main process (None elsewhere), e.g. to write it: each sharded (``DTensor``)
-    mask is gathered in turn (collective: every process calls it), a whole one taken as it is."""
+    """The whole mask on the main process (None elsewhere), e.g. to write it: each sharded (``DTensor``) mask
+    gathered in turn onto its CPU (collective: every process calls it), a whole one taken as it is."""
     full = {}
     for name, m in mask.items():
-        if isinstance(m, DTensor):
-            m = m.to(torch.uint8).full_tensor().bool()  # one weight's mask at a time, in every process
+        if isinstance(m, DTensor):  # one weight's mask at a time, in every process
+            m = m.to(torch.uint8).full_tensor().bool().cpu()
         if accelerator.is_main_process:
-            full[name] = m.cpu()
+            full[name] = m
     return full if accelerator.is_main_process else None
 
 
-def base_digest(model: torch.nn.Module, mask: Mapping[str, torch.Tensor], full_mask: Optional[Mapping[str, torch.Tensor]],
-                accelerator) -> Optional[Dict[str, str]]:
+def base_digest(model: torch.nn.Module, mask: Mapping[str, torch.Tensor],
+                full_mask: Optional[Mapping[str, torch.Tensor]], accelerator) -> Optional[Dict[str, str]]:
     """:func:`~salun_diffusers.delta.base_values_digest` of the sharded ``model`` on the main process (None
     elsewhere; ``full_mask``: the whole mask there). Every process calls it: each masked weight is gathered in turn
     and the main process keeps its masked entries (on the CPU: 4 bytes per masked weight)."""

@@ -107,9 +107,9 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     """Run ``config.max_train_steps`` SalUn steps on the masked weights of ``unet`` (resuming from ``resume_path``);
     ``on_step(step)`` runs after each optimizer step (e.g. validation images). ``adversary`` (``--adversarial``,
     :mod:`.adversarial`) adds the forget objective on adversarial conditionings. Sharded
-    (:mod:`.sharding`: ``--shard_weights`` or an FSDP accelerate config): ``unet`` is sharded (erase.py did it before the saliency pass), the optimizer and
-    scheduler are stepped here rather than by accelerate, and the returned module is the gathered one on the main
-    process (the sharded one elsewhere)."""
+    (:mod:`.sharding`: ``--shard_weights`` or an FSDP accelerate config): ``unet`` is sharded (erase.py did it before
+    the saliency pass), the optimizer and scheduler are stepped here rather than by accelerate, and the returned
+    module is the gathered one on the main process (the sharded one elsewhere)."""
     device = accelerator.device
     sharded = sharding_requested(config, accelerator)
     if sharded:  # erase.py shards it before the saliency pass (a no-op then)
