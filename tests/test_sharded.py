@@ -1,7 +1,8 @@
 """Issue 20, several processes: saliency and masked training of the whole erasure in two CPU processes (torchrun, the
 launcher ``accelerate launch`` uses; gloo) on the tiny FLUX transformer and the tiny U-Net, against one process: each
-process with the whole model (DDP), and sharded (``--shard_weights``: FSDP2 ``fully_shard``, each process training
-the masked entries of its own shard of every weight).
+process with the whole model (DDP), and sharded (``--shard_weights``: FSDP2 ``fully_shard``, each process computing
+the saliency of its own shard of every weight, the global top-k over the shards, and training the masked entries of
+its shard).
 
 accelerate 1.16 turns its FSDP plugin into FSDP only for accelerator devices; with CPU processes it makes a multi-CPU
 run and ``prepare`` wraps the model in ``DistributedDataParallel`` (the probe test pins that). So on CPU the sharded
