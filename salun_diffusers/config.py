@@ -170,6 +170,15 @@ class EraseConfig(JsonConfigMixin):
     adversarial_steps: int = _f(5, "Inner attack budget per attack (optimizer steps of the fast inner attack).")
     adversarial_lr: float = _f(1e-2, "Step size of the inner conditioning attack.")
     adversarial_weight: float = _f(4.0, "Weight of the forget objective on the adversarial conditionings.")
+    # issue 17: relearning resistance (docs/robustness.md, "Relearning: a sharpness-aware forget step")
+    relearn_rho: float = _f(0.0, "Sharpness-aware forget step against relearning (Fan et al., ICML 2025): each step "
+                                 "evaluates the forget term at the weights moved by one relearning step of norm rho "
+                                 "(-rho * g / ||g||, g the gradient of the forget images' diffusion loss with the "
+                                 "forget prompt) and applies its gradient to the unmoved weights; the move is undone "
+                                 "exactly. 0: off (SalUn's step). About one more forward-backward per step; one "
+                                 "process, no --optimizer_in_backward.")
+    relearn_scope: str = _f("all", "Weights the --relearn_rho move spans: 'all' (every U-Net weight, as a relearning "
+                                   "fine-tune) or 'mask' (the masked ones only).", choices=["all", "mask"])
     # the peer methods' knobs (--method esd-*, uce, advunlearn); None: the method's preset. Shared ones reuse
     # --learning_rate, --max_train_steps (their iterations), --alpha (AdvUnlearn's retain weight) and --seed
     negative_guidance: Optional[float] = _f(None, "ESD / AdvUnlearn: eta of the target eps0 - eta (eps_c - eps0) "
@@ -246,6 +255,11 @@ class EraseConfig(JsonConfigMixin):
                                  or self.adversarial_lr <= 0 or self.adversarial_weight < 0):
             raise ValueError("--adversarial needs --adversarial_every >= 1, --adversarial_steps >= 1, "
                              "--adversarial_lr > 0 and --adversarial_weight >= 0")
+        if self.relearn_rho and self.optimizer_in_backward:
+            raise ValueError("--relearn_rho moves the weights and back around the forget term, which "
+                             "--optimizer_in_backward would step in the moved state: drop one of them")
+        if self.relearn_scope not in ("all", "mask"):
+            raise ValueError(f"--relearn_scope must be all or mask, got {self.relearn_scope!r}")
         if self.saliency_retain_weight and len(spec.concepts) > 1 and self.saliency_combine != "sum":
             raise ValueError("--saliency_retain_weight discounts one forget saliency: use it with --saliency_combine "
                              f"sum (got {self.saliency_combine}), or drop --saliency_retain_weight")
@@ -338,7 +352,7 @@ RANGES = {
     "checkpoints_total_limit": (1, None), "max_sequence_length": (1, None), "flux_guidance_scale": (0.0, None),
     "resolution": (8, None), "mask_ratio": (0.0, 1.0),
     "saliency_guidance_scale": (0.0, None), "saliency_retain_weight": (0.0, None), "export_lora_rank": (0, None),
-    "validation_steps": (0, None),
+    "validation_steps": (0, None), "relearn_rho": (0.0, None),
     "negative_guidance": (0.0, None), "start_guidance": (0.0, None), "preserve_scale": (0.0, None),
     "attack_steps": (0, None), "attack_warmup": (0, None), "partial_sampling_steps": (1, None),
     **{name: (1, None) for name in ("num_forget_images", "max_train_steps", "train_batch_size", "num_train_epochs",

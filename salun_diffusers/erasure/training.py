@@ -20,9 +20,10 @@ from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..families import PromptCond
 from ..masking import MaskedAdamW, MaskedUpdate
-from ..objectives import salun_loss
+from ..objectives import diffusion_loss, salun_loss
 from .checkpoints import save_checkpoint
 from .data import ConceptData
+from .sharpness import check_relearn_fits, make_perturbation
 from .sharding import gather_full, global_grad_norm, shard_denoiser, sharding_requested
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,28 @@ def check_finite_weights(unet, step: int, config: EraseConfig) -> None:
         raise diverged(f"weight {bad[0]!r} (and {len(bad) - 1} more) is not finite", step, config)
 
 
+def sharpness_aware_backward(accelerator, unet, scheduler, perturbation, latents, f_emb, pseudo_emb, r_lat, r_emb,
+                             config: EraseConfig, noise_gen, adv_emb, seed: int, step: int):
+    """``--relearn_rho`` (:mod:`.sharpness`): backward of SalUn's forget term at the weights moved one relearning step
+    (the move drawn with ``seed``, undone exactly after), then of ``alpha *`` the retain term at the weights."""
+    relearn_gen = torch.Generator(device=latents.device).manual_seed(seed)
+    perturbation.apply(unet, scheduler, latents, f_emb, relearn_gen,
+                       check=lambda norm: check_finite(norm, "relearning gradient norm", step, config))
+    try:
+        forget, _, _ = salun_loss(unet, scheduler, latents, f_emb, pseudo_emb, None, None, config.alpha, noise_gen,
+                                  adv_emb, config.adversarial_weight)
+        check_finite(forget, "loss", step, config)
+        accelerator.backward(forget)
+    finally:
+        perturbation.undo()
+    retain = torch.zeros((), device=forget.device)
+    if r_lat is not None and config.alpha != 0:
+        retain = diffusion_loss(unet, scheduler, r_lat, r_emb, noise_gen)
+        check_finite(retain, "loss", step, config)
+        accelerator.backward(config.alpha * retain)
+    return forget.detach() + config.alpha * retain.detach(), forget.detach(), retain.detach()
+
+
 @dataclass
 class TrainResult:
     unet: torch.nn.Module  # unwrapped
@@ -112,6 +135,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     module is the gathered one on the main process (the sharded one elsewhere)."""
     device = accelerator.device
     sharded = sharding_requested(config, accelerator)
+    check_relearn_fits(config, accelerator.num_processes, sharded)
     if sharded:  # erase.py shards it before the saliency pass (a no-op then)
         unet = shard_denoiser(unet, accelerator)
     # one process: gradients gathered into the masked values during backward (one full-size gradient at a time);
@@ -136,6 +160,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
         unet_prepared = unet
     else:
         unet_prepared, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    perturbation = make_perturbation(unet, mask, config)
     global_step = 0
     if adversary is not None:
         accelerator.register_for_checkpointing(adversary)  # its bank of adversarial conditionings
@@ -180,11 +205,17 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                 accelerator.unwrap_model(unet_prepared), global_step, f_idx, data.forget_latents[f_idx],
                 seed=idx_gen.initial_seed() + 2)
             with accelerator.accumulate(unet_prepared), accelerator.autocast():
-                loss, forget_term, retain_term = salun_loss(
-                    unet_prepared, scheduler, data.forget_latents[f_idx], f_emb,
-                    pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight)
-                check_finite(loss, "loss", global_step + 1, config)
-                accelerator.backward(loss)
+                if perturbation is None:
+                    loss, forget_term, retain_term = salun_loss(
+                        unet_prepared, scheduler, data.forget_latents[f_idx], f_emb,
+                        pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight)
+                    check_finite(loss, "loss", global_step + 1, config)
+                    accelerator.backward(loss)
+                else:  # --relearn_rho: the forget term one relearning step away, the retain term at the weights
+                    loss, forget_term, retain_term = sharpness_aware_backward(
+                        accelerator, unet_prepared, scheduler, perturbation, data.forget_latents[f_idx], f_emb,
+                        pseudo[p_idx], r_lat, r_emb, config, noise_gen, adv_emb, idx_gen.initial_seed() + 3,
+                        global_step + 1)
                 if accelerator.sync_gradients:
                     # several processes: the gradients are gathered once reduced over them (DDP reduces the ones
                     # accumulated since the last sync; with hooks, one process, they were gathered in backward)

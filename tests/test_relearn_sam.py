@@ -1,0 +1,139 @@
+"""Issue 17, ``--relearn_rho``: the sharpness-aware forget step (erasure/sharpness.py). Off it is SalUn's step; on, the
+move is undone bit for bit, only masked weights train, resume equals an uninterrupted run, and what it cannot run is
+refused. Tiny config-built pipeline on CPU (mechanics, seconds)."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from salun_diffusers import load_mask
+from salun_diffusers.config import EraseConfig
+from salun_diffusers.erase import erase
+from salun_diffusers.erasure import training
+from salun_diffusers.erasure.sharpness import RelearnPerturbation, check_relearn_fits
+from salun_diffusers.families import model_family
+from salun_diffusers.masking import mask_from_saliency
+from salun_diffusers.objectives import salun_loss
+from salun_diffusers.testing import drop_final_outputs, get_dummy_pipeline
+
+ROBUST = dict(adversarial=True, alpha=8.0, adversarial_steps=2, adversarial_lr=0.05)
+
+
+def _weights(unet):
+    return {n: p.detach().clone() for n, p in unet.named_parameters()}
+
+
+def test_the_move_is_one_normalised_relearning_step_and_is_undone_bit_for_bit():
+    pipe = get_dummy_pipeline(0)
+    unet, family = pipe.unet, model_family(pipe)
+    names = [n for n, _ in unet.named_parameters()]
+    mask = mask_from_saliency({n: torch.rand(p.shape, generator=torch.Generator().manual_seed(i))
+                               for i, (n, p) in enumerate(unet.named_parameters())}, 0.5)
+    for n in names[:3]:  # tensors with no masked entry are frozen by the training loop: relearning moves them too
+        mask[n].zero_()
+        dict(unet.named_parameters())[n].requires_grad_(False)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    embeds = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    for scope in ("all", "mask"):
+        before = _weights(unet)
+        config = EraseConfig(pretrained_model_name_or_path="x", concept="nudity", relearn_rho=0.3, relearn_scope=scope)
+        move = RelearnPerturbation(unet, mask, config)
+        move.apply(unet, family, latents, embeds, torch.Generator().manual_seed(3), check=lambda norm: None)
+        moved = _weights(unet)
+        step = torch.linalg.vector_norm(torch.cat([(moved[n] - before[n]).flatten() for n in names]))
+        torch.testing.assert_close(step, torch.tensor(0.3), rtol=1e-4, atol=0)  # ||delta|| = rho
+        for n in names:
+            outside = moved[n][~mask[n]] != before[n][~mask[n]]
+            assert bool(outside.any()) == (scope == "all") or before[n][~mask[n]].numel() == 0, (scope, n)
+        assert all(torch.equal(moved[n], before[n]) for n in names[:3]) == (scope == "mask")
+        move.undo()
+        assert all(torch.equal(p.detach(), before[n]) for n, p in unet.named_parameters())  # bit for bit
+        assert not any(dict(unet.named_parameters())[n].requires_grad for n in names[:3])  # flags restored
+        assert all(p.grad is None for p in unet.parameters())  # autograd.grad: nothing accumulated
+
+
+def test_rho_zero_is_salun(erase_config, tmp_path):
+    plain = erase(erase_config(output_dir=str(tmp_path / "plain"), **ROBUST))
+    off = erase(erase_config(output_dir=str(tmp_path / "off"), relearn_rho=0.0, relearn_scope="mask", **ROBUST))
+    a, b = dict(plain.unet.named_parameters()), dict(off.unet.named_parameters())
+    assert all(torch.equal(a[n], b[n]) for n in a)  # 0 = off: the loop is main's, bit for bit
+
+
+class _Backward:  # what the step needs of accelerate: backward
+    @staticmethod
+    def backward(loss):
+        loss.backward()
+
+
+def test_the_two_pass_step_with_a_zero_move_has_salun_gradient():
+    """The sharpness-aware step with rho 0 computes the forget term (with the adversarial one) and alpha x the retain
+    term in two passes; SalUn's in one batched pass: the same gradients up to float32 summation order."""
+    pipe = get_dummy_pipeline(0)
+    unet, family = pipe.unet, model_family(pipe)
+    g = torch.Generator().manual_seed(0)
+    lat, r_lat = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    f_emb, pseudo, r_emb, adv = (torch.randn(2, 77, unet.config.cross_attention_dim, generator=g) for _ in range(4))
+    config = EraseConfig(pretrained_model_name_or_path="x", concept="nudity", alpha=3.0, relearn_rho=1.0,
+                         adversarial_weight=2.0)
+    loss, _, _ = salun_loss(unet, family, lat, f_emb, pseudo, r_lat, r_emb, 3.0, torch.Generator().manual_seed(5),
+                            adv, 2.0)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in unet.named_parameters()}
+    unet.zero_grad(set_to_none=True)
+    move = RelearnPerturbation(unet, {}, config)
+    move.rho = 0.0
+    total, forget, retain = training.sharpness_aware_backward(
+        _Backward, unet, family, move, lat, f_emb, pseudo, r_lat, r_emb, config, torch.Generator().manual_seed(5),
+        adv, seed=7, step=1)
+    torch.testing.assert_close(total, loss.detach(), rtol=1e-5, atol=0)
+    assert move.last_norm > 0 and move.saved is None
+    for n, p in unet.named_parameters():
+        scale = float(want[n].abs().max())
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-5 * scale, msg=n)
+
+
+@pytest.mark.parametrize("scope", ["all", "mask"])
+def test_robust_mode_with_the_move_keeps_every_weight_outside_the_mask(scope, erase_config, dummy_pipeline_dir,
+                                                                       tmp_path):
+    off = erase(erase_config(output_dir=str(tmp_path / "off"), max_train_steps=2, **ROBUST))
+    on = erase(erase_config(output_dir=str(tmp_path / "on"), max_train_steps=2, relearn_rho=0.5, relearn_scope=scope,
+                            **ROBUST))
+    mask, _ = load_mask(on.mask_path)
+    base = dict(UNet2DConditionModel.from_pretrained(dummy_pipeline_dir, subfolder="unet").named_parameters())
+    off_w = dict(off.unet.named_parameters())
+    changed = differs = 0
+    for name, p in on.unet.named_parameters():
+        m = mask[name]
+        assert torch.equal(p.detach()[~m], base[name].detach()[~m]), name  # bit-identical outside the mask
+        changed += int((p.detach()[m] != base[name].detach()[m]).sum())
+        differs += int((p.detach() != off_w[name].detach()).sum())
+    assert changed > 0 and differs > 0  # it trained, and the move changed the step
+
+
+def test_resumed_run_with_the_move_equals_an_uninterrupted_one(erase_config, tmp_path):
+    kw = dict(max_train_steps=4, adversarial_every=3, relearn_rho=0.5, **ROBUST)
+    full = erase(erase_config(output_dir=str(tmp_path / "full"), **kw))
+    cfg = erase_config(output_dir=str(tmp_path / "resumed"), checkpointing_steps=2, **kw)
+    erase(cfg)
+    drop_final_outputs(cfg.output_dir)
+    resumed = erase(erase_config(output_dir=cfg.output_dir, resume_from_checkpoint="latest", **kw))
+    a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
+    assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
+
+
+def test_what_the_move_cannot_run_is_refused_in_one_line(erase_config):
+    with pytest.raises(ValueError, match="--relearn_rho .*--optimizer_in_backward"):
+        erase_config(relearn_rho=0.5, optimizer_in_backward=True)
+    with pytest.raises(ValueError, match="--relearn_rho must be >= 0"):
+        erase_config(relearn_rho=-1.0)
+    with pytest.raises(ValueError, match="--relearn_scope"):
+        erase_config(relearn_rho=0.5, relearn_scope="layer")
+    with pytest.raises(ValueError, match="does not apply to --method esd-x"):
+        erase_config(method="esd-x", relearn_rho=0.5, learning_rate=None, max_train_steps=None,
+                     adam_weight_decay=None, num_forget_images=None, num_retain_images=None,
+                     data_num_inference_steps=None, train_batch_size=None)
+    config = erase_config(relearn_rho=0.5)
+    for processes, sharded in ((2, False), (1, True)):
+        with pytest.raises(ValueError, match="--relearn_rho runs in one process"):
+            check_relearn_fits(config, processes, sharded)
+    check_relearn_fits(erase_config(), 2, True)  # off: nothing to refuse
