@@ -179,6 +179,9 @@ class EraseConfig(JsonConfigMixin):
                                  "process, no --optimizer_in_backward.")
     relearn_scope: str = _f("all", "Weights the --relearn_rho move spans: 'all' (every U-Net weight, as a relearning "
                                    "fine-tune) or 'mask' (the masked ones only).", choices=["all", "mask"])
+    relearn_direction: str = _f("gradient", "Direction of the --relearn_rho move: 'gradient' (-g / ||g||, SAM's) or "
+                                            "'sign' (-sign(g) / ||sign(g)||: Adam's first step, what a relearning "
+                                            "fine-tune with Adam moves).", choices=["gradient", "sign"])
     # the peer methods' knobs (--method esd-*, uce, advunlearn); None: the method's preset. Shared ones reuse
     # --learning_rate, --max_train_steps (their iterations), --alpha (AdvUnlearn's retain weight) and --seed
     negative_guidance: Optional[float] = _f(None, "ESD / AdvUnlearn: eta of the target eps0 - eta (eps_c - eps0) "
@@ -258,8 +261,9 @@ class EraseConfig(JsonConfigMixin):
         if self.relearn_rho and self.optimizer_in_backward:
             raise ValueError("--relearn_rho moves the weights and back around the forget term, which "
                              "--optimizer_in_backward would step in the moved state: drop one of them")
-        if self.relearn_scope not in ("all", "mask"):
-            raise ValueError(f"--relearn_scope must be all or mask, got {self.relearn_scope!r}")
+        if self.relearn_scope not in ("all", "mask") or self.relearn_direction not in ("gradient", "sign"):
+            raise ValueError(f"--relearn_scope must be all or mask (got {self.relearn_scope!r}) and "
+                             f"--relearn_direction gradient or sign (got {self.relearn_direction!r})")
         if self.saliency_retain_weight and len(spec.concepts) > 1 and self.saliency_combine != "sum":
             raise ValueError("--saliency_retain_weight discounts one forget saliency: use it with --saliency_combine "
                              f"sum (got {self.saliency_combine}), or drop --saliency_retain_weight")

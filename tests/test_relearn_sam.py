@@ -34,9 +34,10 @@ def test_the_move_is_one_normalised_relearning_step_and_is_undone_bit_for_bit():
         dict(unet.named_parameters())[n].requires_grad_(False)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     embeds = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
-    for scope in ("all", "mask"):
+    for scope, direction in (("all", "gradient"), ("mask", "gradient"), ("all", "sign"), ("mask", "sign")):
         before = _weights(unet)
-        config = EraseConfig(pretrained_model_name_or_path="x", concept="nudity", relearn_rho=0.3, relearn_scope=scope)
+        config = EraseConfig(pretrained_model_name_or_path="x", concept="nudity", relearn_rho=0.3, relearn_scope=scope,
+                             relearn_direction=direction)
         move = RelearnPerturbation(unet, mask, config)
         move.apply(unet, family, latents, embeds, torch.Generator().manual_seed(3), check=lambda norm: None)
         moved = _weights(unet)
@@ -46,6 +47,9 @@ def test_the_move_is_one_normalised_relearning_step_and_is_undone_bit_for_bit():
             outside = moved[n][~mask[n]] != before[n][~mask[n]]
             assert bool(outside.any()) == (scope == "all") or before[n][~mask[n]].numel() == 0, (scope, n)
         assert all(torch.equal(moved[n], before[n]) for n in names[:3]) == (scope == "mask")
+        if direction == "sign":  # every moved entry by the same amount
+            steps = torch.cat([(moved[n] - before[n])[mask[n] | (scope == "all")].abs() for n in names])
+            assert float(steps.max() - steps.min()) < 1e-6 * 0.3
         move.undo()
         assert all(torch.equal(p.detach(), before[n]) for n, p in unet.named_parameters())  # bit for bit
         assert not any(dict(unet.named_parameters())[n].requires_grad for n in names[:3])  # flags restored
@@ -128,6 +132,8 @@ def test_what_the_move_cannot_run_is_refused_in_one_line(erase_config):
         erase_config(relearn_rho=-1.0)
     with pytest.raises(ValueError, match="--relearn_scope"):
         erase_config(relearn_rho=0.5, relearn_scope="layer")
+    with pytest.raises(ValueError, match="--relearn_direction"):
+        erase_config(relearn_rho=0.5, relearn_direction="adam")
     with pytest.raises(ValueError, match="does not apply to --method esd-x"):
         erase_config(method="esd-x", relearn_rho=0.5, learning_rate=None, max_train_steps=None,
                      adam_weight_decay=None, num_forget_images=None, num_retain_images=None,

@@ -7,8 +7,11 @@ under such a fine-tune, each step evaluates SalUn's forget term not at the weigh
 
     delta = -rho * g / ||g||,   g = grad of the diffusion loss of the step's forget latents with the forget prompt
 
-(the loss a relearning fine-tune lowers; ``||g||`` over the weights ``delta`` spans). The forget term's gradient at
-``theta + delta`` is applied to ``theta``, beside the retain term's gradient at ``theta`` (alpha-weighted, as usual).
+(the loss a relearning fine-tune lowers; ``||g||`` over the weights ``delta`` spans), or with
+``--relearn_direction sign`` ``delta = -rho * sign(g) / ||sign(g)||``: the direction of Adam's first step, which a
+relearning fine-tune with Adam takes (on the digit world one normalised gradient step of any size lowers the
+relearning loss far less than a sign step of the same norm: the gradient direction is sharp).
+The forget term's gradient at ``theta + delta`` is applied to ``theta``, beside the retain term's gradient at ``theta`` (alpha-weighted, as usual).
 ``delta`` spans every U-Net weight (``--relearn_scope all``, what relearning moves) or only the masked ones
 (``mask``). The perturbation is undone by copying back the saved weights (bit-exact), before the retain term and the
 optimizer step, so the weights outside the mask stay bit-identical to the base and only the masked ones are trained.
@@ -40,7 +43,8 @@ class RelearnPerturbation:
     """Moves the U-Net's weights one normalised relearning step (:meth:`apply`) and back exactly (:meth:`undo`)."""
 
     def __init__(self, unet: torch.nn.Module, mask: Mapping[str, torch.Tensor], config: EraseConfig):
-        self.rho, self.scope = float(config.relearn_rho), config.relearn_scope
+        self.rho, self.scope, self.sign = float(config.relearn_rho), config.relearn_scope, \
+            config.relearn_direction == "sign"
         named = dict(unet.named_parameters())
         if self.scope == "mask":
             self.params = {n: named[n] for n in mask if bool(mask[n].any())}
@@ -68,6 +72,8 @@ class RelearnPerturbation:
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
         grads = [torch.zeros_like(p) if g is None else g.float() for p, g in zip(params, grads)]
+        if self.sign:  # Adam's first step: every weight moves by the same amount, against its gradient's sign
+            grads = [g.sign() for g in grads]
         if self.masks:
             grads = [g * m for g, m in zip(grads, self.masks.values())]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
