@@ -10,11 +10,11 @@ under such a fine-tune, each step evaluates SalUn's forget term not at the weigh
 (the loss a relearning fine-tune lowers; ``||g||`` over the weights ``delta`` spans), or with
 ``--relearn_direction sign`` ``delta = -rho * sign(g) / ||sign(g)||``: the direction of Adam's first step, which a
 relearning fine-tune with Adam takes (on the digit world one normalised gradient step of any size lowers the
-relearning loss far less than a sign step of the same norm: the gradient direction is sharp).
-The forget term's gradient at ``theta + delta`` is applied to ``theta``, beside the retain term's gradient at ``theta`` (alpha-weighted, as usual).
-``delta`` spans every U-Net weight (``--relearn_scope all``, what relearning moves) or only the masked ones
-(``mask``). The perturbation is undone by copying back the saved weights (bit-exact), before the retain term and the
-optimizer step, so the weights outside the mask stay bit-identical to the base and only the masked ones are trained.
+relearning loss far less than a sign step of the same norm: the gradient direction is sharp). The forget term's
+gradient at ``theta + delta`` is applied to ``theta``, beside the retain term's gradient at ``theta`` (alpha-weighted,
+as usual). ``delta`` spans every U-Net weight (``--relearn_scope all``, what relearning moves) or only the masked
+ones (``mask``). The perturbation is undone by copying back the saved weights (bit-exact), before the retain term and
+the optimizer step, so the weights outside the mask stay bit-identical to the base and only the masked ones are trained.
 Cost: one more forward-backward per micro-batch (the relearning gradient), and the forget and retain terms in two
 passes instead of one. The relearning gradient is taken with ``torch.autograd.grad``, which never writes ``.grad`` (the
 masked-gradient hooks do not see it). Its noise comes from the step's own seed, so a resumed run equals an
