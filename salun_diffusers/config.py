@@ -173,10 +173,11 @@ class EraseConfig(JsonConfigMixin):
     # issue 17: relearning resistance (docs/robustness.md, "Relearning: a sharpness-aware forget step")
     relearn_rho: float = _f(0.0, "Sharpness-aware forget step against relearning (Fan et al., ICML 2025): each step "
                                  "evaluates the forget term at the weights moved by one relearning step of norm rho "
-                                 "(-rho * g / ||g||, g the gradient of the forget images' diffusion loss with the "
-                                 "forget prompt) and applies its gradient to the unmoved weights; the move is undone "
-                                 "exactly. 0: off (SalUn's step). About one more forward-backward per step; one "
-                                 "process, no --optimizer_in_backward.")
+                                 "(along -g or -sign(g), --relearn_direction; g the gradient of the forget images' "
+                                 "diffusion loss with the forget prompt) and applies its gradient to the unmoved "
+                                 "weights; the move is undone exactly. 0: off (SalUn's step). Digit world, with "
+                                 "--adversarial: 0.6 with --relearn_direction sign (docs/robustness.md). About one "
+                                 "more forward-backward per step; one process, no --optimizer_in_backward.")
     relearn_scope: str = _f("all", "Weights the --relearn_rho move spans: 'all' (every U-Net weight, as a relearning "
                                    "fine-tune) or 'mask' (the masked ones only).", choices=["all", "mask"])
     relearn_direction: str = _f("gradient", "Direction of the --relearn_rho move: 'gradient' (-g / ||g||, SAM's) or "
