@@ -11,10 +11,10 @@ from salun_diffusers.config import EraseConfig
 from salun_diffusers.erase import erase
 from salun_diffusers.erasure import training
 from salun_diffusers.erasure.sharpness import RelearnPerturbation, check_relearn_fits
-from salun_diffusers.families import model_family
+from salun_diffusers.families import denoiser, load_base_pipeline, model_family
 from salun_diffusers.masking import mask_from_saliency
 from salun_diffusers.objectives import salun_loss
-from salun_diffusers.testing import drop_final_outputs, get_dummy_pipeline
+from salun_diffusers.testing import drop_final_outputs, get_dummy_pipeline, save_dummy_pipeline, save_flow_pipeline
 
 ROBUST = dict(adversarial=True, alpha=8.0, adversarial_steps=2, adversarial_lr=0.05)
 
@@ -143,3 +143,25 @@ def test_what_the_move_cannot_run_is_refused_in_one_line(erase_config):
         with pytest.raises(ValueError, match="--relearn_rho runs in one process"):
             check_relearn_fits(config, processes, sharded)
     check_relearn_fits(erase_config(), 2, True)  # off: nothing to refuse
+
+
+@pytest.mark.parametrize("family", ["sd3", "sdxl"])
+def test_the_move_on_other_families_keeps_every_weight_outside_the_mask(family, data_cache, tmp_path):
+    """SD3 (flow matching, with --adversarial) and SDXL (added conditioning; --adversarial does not fit it): the
+    relearning gradient goes through the family's own loss, and only masked weights change."""
+    if family == "sd3":
+        path, extra = save_flow_pipeline(str(tmp_path / "pipe"), "sd3"), dict(ROBUST, resolution=16)
+    else:
+        path, extra = save_dummy_pipeline(str(tmp_path / "pipe"), family="sdxl"), {}
+    config = EraseConfig(pretrained_model_name_or_path=path, concept="nudity", output_dir=str(tmp_path / "out"),
+                         cache_dir=data_cache, num_forget_images=4, num_retain_images=4, data_num_inference_steps=2,
+                         max_train_steps=2, train_batch_size=2, learning_rate=1e-2, seed=0, relearn_rho=0.5,
+                         relearn_direction="sign", **extra)
+    result = erase(config)
+    mask, _ = load_mask(result.mask_path)
+    base = {n: p.detach().clone() for n, p in denoiser(load_base_pipeline(path)).named_parameters()}
+    changed = 0
+    for name, p in result.unet.named_parameters():
+        assert torch.equal(p.detach()[~mask[name]], base[name][~mask[name]]), name
+        changed += int((p.detach()[mask[name]] != base[name][mask[name]]).sum())
+    assert changed > 0
