@@ -33,6 +33,7 @@ from .erasure.outputs import (check_before_compute, check_output_dir, output_loc
                                save_peer_mask, write_outputs)
 from .erasure.peers import resolve_method, run_peer
 from .erasure.saliency import compute_or_load_mask
+from .erasure.sharpness import check_relearn_fits
 from .erasure.sharding import base_digest, check_sharding, shard_denoiser, sharding_requested
 from .erasure.stacking import erased_base_lineage
 from .erasure.training import train
@@ -136,6 +137,7 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     sharded = sharding_requested(config, accelerator)  # --shard_weights, or an FSDP accelerate config
     if sharded:  # before any image is drawn (tests/test_sharded.py)
         check_sharding(config, accelerator)
+    check_relearn_fits(config, accelerator.num_processes, sharded)  # --relearn_rho: one process, before any image
     spec = config.concept_spec()
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     if accelerator.is_main_process:

@@ -165,3 +165,18 @@ def test_the_move_on_other_families_keeps_every_weight_outside_the_mask(family, 
         assert torch.equal(p.detach()[~mask[name]], base[name][~mask[name]]), name
         changed += int((p.detach()[mask[name]] != base[name][mask[name]]).sum())
     assert changed > 0
+
+
+def test_several_processes_are_refused_before_any_image_is_drawn(tmp_path):
+    """The erasure refuses --relearn_rho with several processes at its start, before data or saliency."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    base_dir = save_dummy_pipeline(str(tmp_path / "base"))
+    config = EraseConfig(pretrained_model_name_or_path=base_dir, concept="nudity", output_dir=str(tmp_path / "out"),
+                         cache_dir=str(tmp_path / "cache"), relearn_rho=0.5, num_forget_images=2, resolution=16)
+    two = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU, is_main_process=True)
+    with pytest.raises(ValueError, match="--relearn_rho runs in one process"):
+        erase(config, accelerator=two)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.png"))
