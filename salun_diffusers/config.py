@@ -178,6 +178,9 @@ class EraseConfig(JsonConfigMixin):
                                  "weights; the move is undone exactly. 0: off (SalUn's step). Digit world, with "
                                  "--adversarial: 0.6 with --relearn_direction sign (docs/robustness.md). About one "
                                  "more forward-backward per step; one process, no --optimizer_in_backward.")
+    relearn_steps: int = _f(1, "Inner relearning steps of the --relearn_rho move: k normalised steps of rho / k each "
+                                "(path length rho), each direction recomputed at the moved weights on fresh noise; 1: "
+                                "one straight step. k forward-backwards per step instead of one.")
     relearn_scope: str = _f("all", "Weights the --relearn_rho move spans: 'all' (every U-Net weight, as a relearning "
                                    "fine-tune) or 'mask' (the masked ones only).", choices=["all", "mask"])
     relearn_direction: str = _f("gradient", "Direction of the --relearn_rho move: 'gradient' (-g / ||g||, SAM's) or "
@@ -357,7 +360,7 @@ RANGES = {
     "checkpoints_total_limit": (1, None), "max_sequence_length": (1, None), "flux_guidance_scale": (0.0, None),
     "resolution": (8, None), "mask_ratio": (0.0, 1.0),
     "saliency_guidance_scale": (0.0, None), "saliency_retain_weight": (0.0, None), "export_lora_rank": (0, None),
-    "validation_steps": (0, None), "relearn_rho": (0.0, None),
+    "validation_steps": (0, None), "relearn_rho": (0.0, None), "relearn_steps": (1, None),
     "negative_guidance": (0.0, None), "start_guidance": (0.0, None), "preserve_scale": (0.0, None),
     "attack_steps": (0, None), "attack_warmup": (0, None), "partial_sampling_steps": (1, None),
     **{name: (1, None) for name in ("num_forget_images", "max_train_steps", "train_batch_size", "num_train_epochs",

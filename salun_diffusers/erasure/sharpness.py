@@ -15,8 +15,8 @@ gradient at ``theta + delta`` is applied to ``theta``, beside the retain term's 
 as usual). ``delta`` spans every U-Net weight (``--relearn_scope all``, what relearning moves) or only the masked
 ones (``mask``). The perturbation is undone by copying back the saved weights (bit-exact), before the retain term and
 the optimizer step, so the weights outside the mask stay bit-identical to the base and only the masked ones are trained.
-Cost: one more forward-backward per micro-batch (the relearning gradient), and the forget and retain terms in two
-passes instead of one. The relearning gradient is taken with ``torch.autograd.grad``, which never writes ``.grad`` (the
+Cost: one more forward-backward per micro-batch (the relearning gradient; ``k`` with ``--relearn_steps k``), and the forget and retain terms
+in two passes instead of one. The relearning gradient is taken with ``torch.autograd.grad``, which never writes ``.grad`` (the
 masked-gradient hooks do not see it). Its noise comes from the step's own seed, so a resumed run equals an
 uninterrupted one.
 """
@@ -40,11 +40,12 @@ def check_relearn_fits(config: EraseConfig, num_processes: int, sharded: bool) -
 
 
 class RelearnPerturbation:
-    """Moves the U-Net's weights one normalised relearning step (:meth:`apply`) and back exactly (:meth:`undo`)."""
+    """Moves the U-Net's weights ``--relearn_steps`` normalised relearning steps (:meth:`apply`) and back exactly
+    (:meth:`undo`)."""
 
     def __init__(self, unet: torch.nn.Module, mask: Mapping[str, torch.Tensor], config: EraseConfig):
-        self.rho, self.scope, self.sign = float(config.relearn_rho), config.relearn_scope, \
-            config.relearn_direction == "sign"
+        self.rho, self.steps, self.scope, self.sign = float(config.relearn_rho), int(config.relearn_steps), \
+            config.relearn_scope, config.relearn_direction == "sign"
         named = dict(unet.named_parameters())
         if self.scope == "mask":
             self.params = {n: named[n] for n in mask if bool(mask[n].any())}
@@ -52,15 +53,21 @@ class RelearnPerturbation:
         else:
             self.params, self.masks = named, {}
         self.saved: Optional[dict] = None
-        self.last_norm: Optional[float] = None  # ||g|| of the last step (logged)
+        self.last_norm: Optional[float] = None  # ||d|| of the last inner step
 
     def apply(self, unet, scheduler, latents: torch.Tensor, embeds, generator: torch.Generator,
               check: Callable[[torch.Tensor], None]) -> None:
-        """``theta <- theta - rho * g / ||g||`` on the spanned weights, ``g`` the relearning gradient at ``theta``;
-        ``check(norm)`` sees ``||g||`` first (e.g. to stop on a non-finite one)."""
+        """``k`` times (``--relearn_steps``): ``theta <- theta - (rho / k) * d / ||d||`` on the spanned weights, ``d``
+        the relearning gradient (or its sign) at the current, moved weights on fresh noise from ``generator``;
+        ``check(norm)`` sees each ``||d||`` first (e.g. to stop on a non-finite one)."""
         if self.saved is not None:
             raise RuntimeError("RelearnPerturbation.apply twice without undo")
         params = list(self.params.values())
+        self.saved = {n: p.detach().clone() for n, p in self.params.items()}
+        for _ in range(self.steps):
+            self._step(unet, scheduler, latents, embeds, generator, check, params)
+
+    def _step(self, unet, scheduler, latents, embeds, generator, check, params) -> None:
         flags = [p.requires_grad for p in params]
         for p in params:  # frozen tensors (no masked entry) are moved by relearning too
             p.requires_grad_(True)
@@ -79,8 +86,7 @@ class RelearnPerturbation:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         check(norm)
         self.last_norm = float(norm)
-        scale = -self.rho / max(self.last_norm, 1e-12)
-        self.saved = {n: p.detach().clone() for n, p in self.params.items()}
+        scale = -(self.rho / self.steps) / max(self.last_norm, 1e-12)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.add_(g.to(p.dtype), alpha=scale)
