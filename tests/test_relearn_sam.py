@@ -1,5 +1,5 @@
 """Issue 17, ``--relearn_rho``: the sharpness-aware forget step (erasure/sharpness.py). Off it is SalUn's step; on, the
-move is undone bit for bit, only masked weights train, resume equals an uninterrupted run, and what it cannot run is
+move (one step or ``--relearn_steps k``) is undone bit for bit, only masked weights train, resume equals an uninterrupted run, and what it cannot run is
 refused. Tiny config-built pipeline on CPU (mechanics, seconds)."""
 
 import pytest
@@ -54,6 +54,76 @@ def test_the_move_is_one_normalised_relearning_step_and_is_undone_bit_for_bit():
         assert all(torch.equal(p.detach(), before[n]) for n, p in unet.named_parameters())  # bit for bit
         assert not any(dict(unet.named_parameters())[n].requires_grad for n in names[:3])  # flags restored
         assert all(p.grad is None for p in unet.parameters())  # autograd.grad: nothing accumulated
+
+
+def test_k_inner_steps_are_k_one_step_moves_of_rho_over_k_each_recomputed_at_the_moved_weights():
+    """``--relearn_steps k``: the move is k successive normalised steps of rho / k, each direction taken at the weights
+    the previous steps reached, on the generator's next noise (so bit for bit k one-step moves of rho / k chained on
+    one generator); it spans what its scope says, differs from the one straight step, and is undone bit for bit."""
+    pipe = get_dummy_pipeline(0)
+    unet, family = pipe.unet, model_family(pipe)
+    names = [n for n, _ in unet.named_parameters()]
+    mask = mask_from_saliency({n: torch.rand(p.shape, generator=torch.Generator().manual_seed(i))
+                               for i, (n, p) in enumerate(unet.named_parameters())}, 0.5)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    embeds = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+
+    def move(rho, steps, scope, direction, gen=None):
+        config = EraseConfig(pretrained_model_name_or_path="x", concept="nudity", relearn_rho=rho,
+                             relearn_steps=steps, relearn_scope=scope, relearn_direction=direction)
+        m = RelearnPerturbation(unet, mask, config)
+        m.apply(unet, family, latents, embeds, gen or torch.Generator().manual_seed(3), check=lambda norm: None)
+        return m
+
+    for scope, direction in (("mask", "sign"), ("all", "sign"), ("mask", "gradient")):
+        before = _weights(unet)
+        one = move(0.6, 1, scope, direction)
+        straight = _weights(unet)
+        one.undo()
+        three = move(0.6, 3, scope, direction)
+        moved = _weights(unet)
+        three.undo()
+        assert all(torch.equal(p.detach(), before[n]) for n, p in unet.named_parameters())  # undone bit for bit
+        assert all(p.grad is None for p in unet.parameters())
+        gen, chain = torch.Generator().manual_seed(3), []
+        for _ in range(3):  # the same move by hand: three one-step moves of 0.6 / 3 on one generator
+            chain.append(move(0.6 / 3, 1, scope, direction, gen))
+        assert all(torch.equal(p.detach(), moved[n]) for n, p in unet.named_parameters()), (scope, direction)
+        for m in reversed(chain):
+            m.undo()
+        assert all(torch.equal(p.detach(), before[n]) for n, p in unet.named_parameters())
+        delta = {n: moved[n] - before[n] for n in names}
+        if scope == "mask":  # only masked entries move
+            assert all(not bool(delta[n][~mask[n]].any()) for n in names)
+        assert any(bool(delta[n][~mask[n]].any()) for n in names) == (scope == "all")
+        net = float(torch.linalg.vector_norm(torch.cat([d.flatten() for d in delta.values()])))
+        assert 0 < net <= 0.6 * (1 + 1e-4)  # path length 0.6; the net move no longer
+        assert any(not torch.equal(moved[n], straight[n]) for n in names)  # not the straight step
+
+
+def test_one_inner_step_is_the_default_bit_for_bit(erase_config, tmp_path):
+    kw = dict(max_train_steps=2, relearn_rho=0.5, relearn_direction="sign", **ROBUST)
+    default = erase(erase_config(output_dir=str(tmp_path / "default"), **kw))
+    one = erase(erase_config(output_dir=str(tmp_path / "one"), relearn_steps=1, **kw))
+    a, b = dict(default.unet.named_parameters()), dict(one.unet.named_parameters())
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_several_inner_steps_train_only_masked_weights_and_change_the_step(erase_config, dummy_pipeline_dir,
+                                                                             tmp_path):
+    kw = dict(max_train_steps=2, relearn_rho=0.5, relearn_direction="sign", **ROBUST)
+    one = erase(erase_config(output_dir=str(tmp_path / "one"), **kw))
+    three = erase(erase_config(output_dir=str(tmp_path / "three"), relearn_steps=3, **kw))
+    mask, _ = load_mask(three.mask_path)
+    base = dict(UNet2DConditionModel.from_pretrained(dummy_pipeline_dir, subfolder="unet").named_parameters())
+    one_w = dict(one.unet.named_parameters())
+    changed = differs = 0
+    for name, p in three.unet.named_parameters():
+        m = mask[name]
+        assert torch.equal(p.detach()[~m], base[name].detach()[~m]), name  # bit-identical outside the mask
+        changed += int((p.detach()[m] != base[name].detach()[m]).sum())
+        differs += int((p.detach() != one_w[name].detach()).sum())
+    assert changed > 0 and differs > 0  # it trained, and the inner steps changed the step
 
 
 def test_rho_zero_is_salun(erase_config, tmp_path):
@@ -130,6 +200,8 @@ def test_what_the_move_cannot_run_is_refused_in_one_line(erase_config):
         erase_config(relearn_rho=0.5, optimizer_in_backward=True)
     with pytest.raises(ValueError, match="--relearn_rho must be >= 0"):
         erase_config(relearn_rho=-1.0)
+    with pytest.raises(ValueError, match="--relearn_steps must be >= 1"):
+        erase_config(relearn_rho=0.5, relearn_steps=0)
     with pytest.raises(ValueError, match="--relearn_scope"):
         erase_config(relearn_rho=0.5, relearn_scope="layer")
     with pytest.raises(ValueError, match="--relearn_direction"):
