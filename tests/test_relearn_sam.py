@@ -1,6 +1,6 @@
 """Issue 17, ``--relearn_rho``: the sharpness-aware forget step (erasure/sharpness.py). Off it is SalUn's step; on, the
-move (one step or ``--relearn_steps k``) is undone bit for bit, only masked weights train, resume equals an uninterrupted run, and what it cannot run is
-refused. Tiny config-built pipeline on CPU (mechanics, seconds)."""
+move (one step or ``--relearn_steps k``) is undone bit for bit, only masked weights train, resume equals an
+uninterrupted run, and what it cannot run is refused. Tiny config-built pipeline on CPU (mechanics, seconds)."""
 
 import pytest
 import torch

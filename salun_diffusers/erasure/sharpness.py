@@ -15,10 +15,10 @@ gradient at ``theta + delta`` is applied to ``theta``, beside the retain term's 
 as usual). ``delta`` spans every U-Net weight (``--relearn_scope all``, what relearning moves) or only the masked
 ones (``mask``). The perturbation is undone by copying back the saved weights (bit-exact), before the retain term and
 the optimizer step, so the weights outside the mask stay bit-identical to the base and only the masked ones are trained.
-Cost: one more forward-backward per micro-batch (the relearning gradient; ``k`` with ``--relearn_steps k``), and the forget and retain terms
-in two passes instead of one. The relearning gradient is taken with ``torch.autograd.grad``, which never writes ``.grad`` (the
-masked-gradient hooks do not see it). Its noise comes from the step's own seed, so a resumed run equals an
-uninterrupted one.
+Cost: one more forward-backward per micro-batch (the relearning gradient; ``k`` with ``--relearn_steps k``), and the
+forget and retain terms in two passes instead of one. The relearning gradient is taken with ``torch.autograd.grad``,
+which never writes ``.grad`` (the masked-gradient hooks do not see it). Its noise comes from the step's own seed, so a
+resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations

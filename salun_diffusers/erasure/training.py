@@ -98,8 +98,8 @@ def check_finite_weights(unet, step: int, config: EraseConfig) -> None:
 
 def sharpness_aware_backward(accelerator, unet, scheduler, perturbation, latents, f_emb, pseudo_emb, r_lat, r_emb,
                              config: EraseConfig, noise_gen, adv_emb, seed: int, step: int):
-    """``--relearn_rho`` (:mod:`.sharpness`): backward of SalUn's forget term at the weights moved one relearning step
-    (the move drawn with ``seed``, undone exactly after), then of ``alpha *`` the retain term at the weights."""
+    """``--relearn_rho`` (:mod:`.sharpness`): backward of SalUn's forget term at the weights moved by the relearning
+    move (drawn with ``seed``, undone exactly after), then of ``alpha *`` the retain term at the weights."""
     relearn_gen = torch.Generator(device=latents.device).manual_seed(seed)
     perturbation.apply(unet, scheduler, latents, f_emb, relearn_gen,
                        check=lambda norm: check_finite(norm, "relearning gradient norm", step, config))
