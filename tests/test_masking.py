@@ -33,7 +33,9 @@ def _sharded_top_k(named, k, world):
     from salun_diffusers.masking import _top_k_shards
 
     names = sorted(named)
-    barrier, parts, calls = threading.Barrier(world), [None] * world, [0] * world
+    # no abort on an error: a thread that raises after the last collective must not break the others' release from
+    # it (Barrier.abort races with their wake-up); one left waiting for a peer that raised times out instead
+    barrier, parts, calls = threading.Barrier(world, timeout=60), [None] * world, [0] * world
     out, errors = [None] * world, []
 
     def shard(t, rank):
@@ -52,7 +54,6 @@ def _sharded_top_k(named, k, world):
             out[rank] = _top_k_shards([shard(named[n], rank) for n in names], k, rank, world, all_reduce)
         except Exception as exc:  # noqa: BLE001 (re-raised below)
             errors.append(exc)
-            barrier.abort()
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
     for t in threads:
