@@ -213,16 +213,22 @@ def mask_from_saliency(saliency: Mapping[str, torch.Tensor], ratio: float = 0.5,
     return {n: masks[n] for n in saliency}
 
 
+def sum_over_shards(values: list, tensors, dtype=torch.int64) -> list:
+    """``values`` (numbers computed on this process's local parts of ``tensors``) summed over every process when
+    ``tensors`` holds sharded (``DTensor``) ones (one all-reduce over their mesh: collective); as they are otherwise."""
+    sharded = next((t for t in tensors if isinstance(t, DTensor)), None)
+    if sharded is None:
+        return list(values)
+    total = torch.tensor(list(values), dtype=dtype, device=_local(sharded).device)
+    dist.all_reduce(total, group=sharded.device_mesh.get_group())
+    return total.tolist()
+
+
 def selected_counts(mask: Mapping[str, torch.Tensor]) -> Dict[str, int]:
     """name -> selected entries; sharded (``DTensor``) masks: over every process's shard (one all-reduce:
     collective)."""
-    counts = {n: int(torch.count_nonzero(_local(m))) for n, m in mask.items()}
-    sharded = [m for m in mask.values() if isinstance(m, DTensor)]
-    if sharded:
-        total = torch.tensor(list(counts.values()), dtype=torch.int64, device=_local(sharded[0]).device)
-        dist.all_reduce(total, group=sharded[0].device_mesh.get_group())
-        counts = dict(zip(counts, total.tolist()))
-    return counts
+    counts = [int(torch.count_nonzero(_local(m))) for m in mask.values()]
+    return dict(zip(mask, sum_over_shards(counts, mask.values())))
 
 
 def mask_density(mask: Mapping[str, torch.Tensor]) -> float:

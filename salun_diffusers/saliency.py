@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .masking import DTensor, _local
+from .masking import DTensor, _local, sum_over_shards
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +87,7 @@ def compute_saliency(model, batches, loss_fn, *, seed: int = 0, accelerator=None
     saliency = {n: g.abs_() for n, g in accumulate_gradients(model, batches, loss_fn, seed=seed,
                                                                accelerator=accelerator, desc=desc).items()}
     flags = [int(not bool(torch.isfinite(_local(s)).all())) for s in saliency.values()]
-    sharded = [s for s in saliency.values() if isinstance(s, DTensor)]
-    if sharded:  # each process checked its shards: every process raises alike
-        total = torch.tensor(flags, device=_local(sharded[0]).device)
-        dist.all_reduce(total)
-        flags = total.tolist()
+    flags = sum_over_shards(flags, saliency.values())  # each process checked its shards: every process raises alike
     bad = [n for n, flag in zip(saliency, flags) if flag]
     if bad:
         raise FloatingPointError(f"the saliency (forget-loss gradient) of {bad[0]!r} and {len(bad) - 1} other "
@@ -104,12 +100,7 @@ def saliency_total(saliency: Dict[str, torch.Tensor]) -> float:
     """The sum of every entry (float64, tensor by tensor); sharded (``DTensor``) saliencies: of every process's
     shards (an all-reduce: collective)."""
     total = sum(float(_local(t).double().sum()) for t in saliency.values())
-    sharded = [t for t in saliency.values() if isinstance(t, DTensor)]
-    if sharded:
-        total = torch.tensor(total, dtype=torch.float64, device=_local(sharded[0]).device)
-        dist.all_reduce(total, group=sharded[0].device_mesh.get_group())
-        total = float(total)
-    return total
+    return float(sum_over_shards([total], saliency.values(), torch.float64)[0])
 
 
 def retain_aware_saliency(forget: Dict[str, torch.Tensor], retain: Dict[str, torch.Tensor],
