@@ -54,3 +54,19 @@ def erase_config(dummy_pipeline_dir, data_cache, tmp_path):
         return EraseConfig(**kw)
 
     return make
+
+
+@pytest.fixture
+def killed_and_resumed(erase_config, tmp_path):
+    """``run(**kw)``: an erasure checkpointing every 2 steps, killed after its last checkpoint (its final outputs
+    dropped) and resumed from the latest one; returns the resumed run's EraseResult."""
+    from salun_diffusers.erase import erase
+    from salun_diffusers.testing import drop_final_outputs
+
+    def run(**kw):
+        cfg = erase_config(output_dir=str(tmp_path / "resumed"), checkpointing_steps=2, **kw)
+        erase(cfg)
+        drop_final_outputs(cfg.output_dir)
+        return erase(erase_config(output_dir=cfg.output_dir, resume_from_checkpoint="latest", **kw))
+
+    return run

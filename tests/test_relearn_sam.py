@@ -14,13 +14,28 @@ from salun_diffusers.erasure.sharpness import RelearnPerturbation, check_relearn
 from salun_diffusers.families import denoiser, load_base_pipeline, model_family
 from salun_diffusers.masking import mask_from_saliency
 from salun_diffusers.objectives import salun_loss
-from salun_diffusers.testing import drop_final_outputs, get_dummy_pipeline, save_dummy_pipeline, save_flow_pipeline
+from salun_diffusers.testing import get_dummy_pipeline, save_dummy_pipeline, save_flow_pipeline
 
 ROBUST = dict(adversarial=True, alpha=8.0, adversarial_steps=2, adversarial_lr=0.05)
 
 
 def _weights(unet):
     return {n: p.detach().clone() for n, p in unet.named_parameters()}
+
+
+def _masked_change(run, other, base_dir):
+    """Asserts ``run``'s weights outside its mask are bit-identical to the base's; returns (entries it changed inside
+    the mask, entries where it differs from ``other``'s weights)."""
+    mask, _ = load_mask(run.mask_path)
+    base = dict(UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet").named_parameters())
+    other_w = dict(other.unet.named_parameters())
+    changed = differs = 0
+    for name, p in run.unet.named_parameters():
+        m = mask[name]
+        assert torch.equal(p.detach()[~m], base[name].detach()[~m]), name  # bit-identical outside the mask
+        changed += int((p.detach()[m] != base[name].detach()[m]).sum())
+        differs += int((p.detach() != other_w[name].detach()).sum())
+    return changed, differs
 
 
 def test_the_move_is_one_normalised_relearning_step_and_is_undone_bit_for_bit():
@@ -114,15 +129,7 @@ def test_several_inner_steps_train_only_masked_weights_and_change_the_step(erase
     kw = dict(max_train_steps=2, relearn_rho=0.5, relearn_direction="sign", **ROBUST)
     one = erase(erase_config(output_dir=str(tmp_path / "one"), **kw))
     three = erase(erase_config(output_dir=str(tmp_path / "three"), relearn_steps=3, **kw))
-    mask, _ = load_mask(three.mask_path)
-    base = dict(UNet2DConditionModel.from_pretrained(dummy_pipeline_dir, subfolder="unet").named_parameters())
-    one_w = dict(one.unet.named_parameters())
-    changed = differs = 0
-    for name, p in three.unet.named_parameters():
-        m = mask[name]
-        assert torch.equal(p.detach()[~m], base[name].detach()[~m]), name  # bit-identical outside the mask
-        changed += int((p.detach()[m] != base[name].detach()[m]).sum())
-        differs += int((p.detach() != one_w[name].detach()).sum())
+    changed, differs = _masked_change(three, one, dummy_pipeline_dir)
     assert changed > 0 and differs > 0  # it trained, and the inner steps changed the step
 
 
@@ -172,25 +179,14 @@ def test_robust_mode_with_the_move_keeps_every_weight_outside_the_mask(scope, er
     off = erase(erase_config(output_dir=str(tmp_path / "off"), max_train_steps=2, **ROBUST))
     on = erase(erase_config(output_dir=str(tmp_path / "on"), max_train_steps=2, relearn_rho=0.5, relearn_scope=scope,
                             **ROBUST))
-    mask, _ = load_mask(on.mask_path)
-    base = dict(UNet2DConditionModel.from_pretrained(dummy_pipeline_dir, subfolder="unet").named_parameters())
-    off_w = dict(off.unet.named_parameters())
-    changed = differs = 0
-    for name, p in on.unet.named_parameters():
-        m = mask[name]
-        assert torch.equal(p.detach()[~m], base[name].detach()[~m]), name  # bit-identical outside the mask
-        changed += int((p.detach()[m] != base[name].detach()[m]).sum())
-        differs += int((p.detach() != off_w[name].detach()).sum())
+    changed, differs = _masked_change(on, off, dummy_pipeline_dir)
     assert changed > 0 and differs > 0  # it trained, and the move changed the step
 
 
-def test_resumed_run_with_the_move_equals_an_uninterrupted_one(erase_config, tmp_path):
+def test_resumed_run_with_the_move_equals_an_uninterrupted_one(erase_config, killed_and_resumed, tmp_path):
     kw = dict(max_train_steps=4, adversarial_every=3, relearn_rho=0.5, **ROBUST)
     full = erase(erase_config(output_dir=str(tmp_path / "full"), **kw))
-    cfg = erase_config(output_dir=str(tmp_path / "resumed"), checkpointing_steps=2, **kw)
-    erase(cfg)
-    drop_final_outputs(cfg.output_dir)
-    resumed = erase(erase_config(output_dir=cfg.output_dir, resume_from_checkpoint="latest", **kw))
+    resumed = killed_and_resumed(**kw)
     a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
     assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
 

@@ -13,7 +13,6 @@ from salun_diffusers.config import EraseConfig
 from salun_diffusers.erase import erase
 from salun_diffusers.masking import mask_from_saliency
 from salun_diffusers.saliency import retain_aware_saliency
-from salun_diffusers.testing import drop_final_outputs
 
 # the frozen mode (the digit preset's --adversarial: alpha 8) and the retain-aware mask, with a tiny inner attack
 FROZEN = dict(adversarial=True, alpha=8.0, adversarial_steps=2, adversarial_lr=0.05)
@@ -68,13 +67,10 @@ def test_robust_modes_keep_every_weight_outside_the_mask(mode, erase_config, dum
     assert changed > 0.5 * selected
 
 
-def test_resumed_robust_run_equals_an_uninterrupted_one(erase_config, tmp_path):
+def test_resumed_robust_run_equals_an_uninterrupted_one(erase_config, killed_and_resumed, tmp_path):
     kw = dict(max_train_steps=4, adversarial_every=3, **ROBUST)
     full = erase(erase_config(output_dir=str(tmp_path / "full"), **kw))
-    cfg = erase_config(output_dir=str(tmp_path / "resumed"), checkpointing_steps=2, **kw)
-    erase(cfg)
-    drop_final_outputs(cfg.output_dir)
-    resumed = erase(erase_config(output_dir=cfg.output_dir, resume_from_checkpoint="latest", **kw))
+    resumed = killed_and_resumed(**kw)
     a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
     assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
 
