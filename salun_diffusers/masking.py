@@ -128,57 +128,71 @@ def _select_top_k(named: Mapping[str, torch.Tensor], k: int) -> Mask:
 FLOAT32_INF_BITS = 0x7F800000  # float32 +inf's bit pattern; non-negative float32s order as their int32 bit patterns
 
 
-def _top_k_shards(flats, k: int, rank: int, world: int, all_reduce) -> list:
+def _top_k_shards(flats, k, rank: int, world: int, all_reduce) -> list:
     """This process's part of exactly k largest entries over every process's ``flats``, without gathering them.
 
     ``flats``: this process's shard of each tensor, flat float32, in the tie order (name order; a tensor's shards in
     rank order make it, row-major, as FSDP2's dim-0 shards do); ``all_reduce(t)`` sums an int64 tensor over the
-    processes in place. The threshold, the k-th largest value, is found by bisection over the int32 bit patterns of
-    the (non-negative) values, 31 or 32 rounds of one all-reduce of a count; ties at it are taken in tensor order,
-    then rank order, then flat index: the entries the one-process :func:`_select_top_k` takes. Returns bool flats."""
+    processes in place. ``k``: an int, the k largest over all tensors; or a list, one k per tensor, the k largest of
+    each (``--mask_scope layer``), every tensor's searched at once. Each threshold, the k-th largest value, is found
+    by bisection over the int32 bit patterns of the (non-negative) values, 31 or 32 rounds of one all-reduce of the
+    counts (one per tensor, whatever the number of thresholds); ties at it are taken in tensor order, then rank order,
+    then flat index: the entries the one-process :func:`_select_top_k` takes (of each tensor alone, with a list).
+    Returns bool flats. All-reduces per process: at most 34 (the check, the rounds, the tie table)."""
     device = flats[0].device
+    per_tensor = not isinstance(k, int)
+    group = list(range(len(flats))) if per_tensor else [0] * len(flats)  # tensor j's threshold (and k)
+    ks = torch.tensor(list(k) if per_tensor else [k], dtype=torch.int64)
+    index = torch.tensor(group)
 
-    def total(counts) -> int:
+    def totals(counts):  # counts per tensor, summed over the processes, then over each threshold's tensors
         counts = torch.stack(counts).to(torch.int64)
         all_reduce(counts)
-        return int(counts.sum())
+        return torch.zeros_like(ks).index_add_(0, index, counts.cpu())
 
-    if total([torch.count_nonzero((f < 0) | f.isnan()) for f in flats]):  # global: every process raises alike
+    if int(totals([torch.count_nonzero((f < 0) | f.isnan()) for f in flats]).sum()):  # every process raises alike
         raise ValueError("saliency must be non-negative and not NaN (pass |gradient|, e.g. from compute_saliency)")
     bits = [f.view(torch.int32) for f in flats]
-    lo, hi = 0, FLOAT32_INF_BITS + 1  # count(bits >= lo) >= k > count(bits >= hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if total([torch.count_nonzero(b >= mid) for b in bits]) >= k:
-            lo = mid
-        else:
-            hi = mid
-    # per process (a row each) and tensor, the entries equal to the threshold; last column: those above it
-    table = torch.zeros(world, len(bits) + 1, dtype=torch.int64, device=device)
-    table[rank, :-1] = torch.stack([torch.count_nonzero(b == lo) for b in bits])
-    table[rank, -1] = sum(torch.count_nonzero(b > lo) for b in bits)
+    lo = torch.zeros_like(ks)  # per threshold: count(bits >= lo) >= k > count(bits >= hi)
+    hi = torch.full_like(ks, FLOAT32_INF_BITS + 1)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    while bool((hi - lo > 1).any()):
+        active, mid = hi - lo > 1, (lo + hi) // 2  # a threshold found already counts nothing more
+        mids, counted = mid.tolist(), active.tolist()
+        enough = totals([torch.count_nonzero(b >= mids[g]) if counted[g] else zero
+                         for b, g in zip(bits, group)]) >= ks
+        lo = torch.where(active & enough, mid, lo)
+        hi = torch.where(active & ~enough, mid, hi)
+    lo = lo.tolist()
+    # per process (a row each) and tensor, the entries equal to its threshold and (second half) those above it
+    table = torch.zeros(world, 2 * len(bits), dtype=torch.int64, device=device)
+    table[rank] = torch.stack([torch.count_nonzero(b == lo[g]) for b, g in zip(bits, group)]
+                              + [torch.count_nonzero(b > lo[g]) for b, g in zip(bits, group)])
     all_reduce(table)
-    need = k - int(table[:, -1].sum())  # ties to take, in tensor order, then rank order
-    ties = table[:, :-1].t().reshape(-1).tolist()  # tensor-major
-    masks = [b > lo for b in bits]
-    before = 0
-    for j, b in enumerate(bits):
-        for r in range(world):
-            if r == rank and need - before > 0:
-                take = torch.nonzero(b == lo).flatten()[:need - before]
-                masks[j][take] = True
-            before += ties[j * world + r]
+    table = table.cpu()
+    # ties to take per threshold, in its tensors' order, then rank order
+    need = (ks - torch.zeros_like(ks).index_add_(0, index, table[:, len(bits):].sum(0))).tolist()
+    masks = [b > lo[g] for b, g in zip(bits, group)]
+    for j, (b, g) in enumerate(zip(bits, group)):
+        before = int(table[:rank, j].sum())  # this tensor's ties on the processes before this one
+        if need[g] - before > 0:
+            take = torch.nonzero(b == lo[g]).flatten()[:need[g] - before]
+            masks[j][take] = True
+        need[g] -= int(table[:, j].sum())
     return masks
 
 
-def _select_top_k_sharded(named: Mapping[str, torch.Tensor], k: int) -> Mask:
+def _select_top_k_sharded(named: Mapping[str, torch.Tensor], k) -> Mask:
     """:func:`_select_top_k` over sharded (``DTensor``) saliencies: each process selects in its own shards
-    (:func:`_top_k_shards`); the masks are ``DTensor`` s sharded as the saliencies (collective: every process calls
-    it with the same names)."""
+    (:func:`_top_k_shards`); ``k``: an int (over all tensors) or name -> k (each tensor's own top-k, all found in
+    one search). The masks are ``DTensor`` s sharded as the saliencies (collective: every process calls it with the
+    same names)."""
     names = sorted(named)
     first = named[names[0]]
     mesh = first.device_mesh
     flats = [_local(named[n]).detach().reshape(-1).float() for n in names]
+    if not isinstance(k, int):  # each tensor's k, at most its size (all of it, as _select_top_k takes then)
+        k = [min(k[n], named[n].numel()) for n in names]
     picked = _top_k_shards(flats, k, mesh.get_local_rank(), mesh.size(),
                            lambda t: dist.all_reduce(t, group=mesh.get_group()))
     return {n: DTensor.from_local(m.view(_local(named[n]).shape), mesh, named[n].placements, shape=named[n].shape,
@@ -206,7 +220,11 @@ def mask_from_saliency(saliency: Mapping[str, torch.Tensor], ratio: float = 0.5,
     if not saliency:
         raise ValueError("saliency is empty: no trainable parameters received gradients")
     if scope == "layer":
-        return {n: _select_top_k({n: s}, max(1, round(ratio * s.numel())))[n] for n, s in saliency.items()}
+        ks = {n: max(1, round(ratio * s.numel())) for n, s in saliency.items()}
+        if any(isinstance(s, DTensor) for s in saliency.values()):  # one distributed search for every tensor's
+            masks = _select_top_k_sharded(saliency, ks)
+            return {n: masks[n] for n in saliency}
+        return {n: _select_top_k({n: s}, ks[n])[n] for n, s in saliency.items()}
     total = sum(s.numel() for s in saliency.values())
     k = max(1, round(ratio * total))
     masks = _select_top_k(saliency, k)

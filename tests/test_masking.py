@@ -27,12 +27,14 @@ def test_global_mask_selects_exactly_the_top_k(ratio):
 def _sharded_top_k(named, k, world):
     """``_top_k_shards`` run by ``world`` threads standing for processes, each with its dim-0 shard of every tensor
     (FSDP2's: ceil(rows / world) rows each, the last ones fewer or none) and an all-reduce that sums over the threads;
-    returns the whole masks (each tensor's shards concatenated in rank order) and the all-reduce count per process."""
+    ``k``: an int (over all tensors) or name -> k (per tensor). Returns the whole masks (each tensor's shards
+    concatenated in rank order) and the all-reduce count per process."""
     import threading
 
     from salun_diffusers.masking import _top_k_shards
 
     names = sorted(named)
+    ks = k if isinstance(k, int) else [k[n] for n in names]
     # no abort on an error: a thread that raises after the last collective must not break the others' release from
     # it (Barrier.abort races with their wake-up); one left waiting for a peer that raised times out instead
     barrier, parts, calls = threading.Barrier(world, timeout=60), [None] * world, [0] * world
@@ -51,7 +53,7 @@ def _sharded_top_k(named, k, world):
             barrier.wait()  # every thread has summed before any writes its next part
             t.copy_(total)
         try:
-            out[rank] = _top_k_shards([shard(named[n], rank) for n in names], k, rank, world, all_reduce)
+            out[rank] = _top_k_shards([shard(named[n], rank) for n in names], ks, rank, world, all_reduce)
         except Exception as exc:  # noqa: BLE001 (re-raised below)
             errors.append(exc)
 
@@ -83,6 +85,43 @@ def test_sharded_top_k_selects_what_one_process_selects(world, ratio):
     assert all(torch.equal(got[n], want[n]) for n in sal), [n for n in sal if not torch.equal(got[n], want[n])]
     assert sum(int(m.sum()) for m in got.values()) == k
     assert len(set(calls)) == 1 and calls[0] <= 34, calls  # the same collectives in every process, a fixed few
+
+
+def _many_ties(count=20, seed=1):
+    """``count`` tensors of few distinct values (many equal, zeros among them), of 1 to 9 rows (fewer rows than
+    processes: empty shards) and a few shapes."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(count):
+        shape = (1 + i % 9,) + ((3,) if i % 3 else (2, 2)) if i % 4 else (1 + i % 9,)
+        out[f"t{i:02d}"] = torch.randint(0, 1 + i % 4, shape, generator=g).float() * 0.5
+    out["t00"] = torch.zeros(5, 3)  # all zeros: a threshold of 0
+    out["t01"] = torch.full((4, 3), 2.0)  # all one value
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_top_k_per_tensor_selects_what_one_process_selects(world):
+    """Each tensor's own top-k (``--mask_scope layer``), every tensor searched at once: exactly the entries the
+    one-process ``_select_top_k`` of that tensor alone selects, ties (rank order, then flat index) included, with k
+    of 1, of its size, and in between, on 20 tensors of few values and zeros, some with fewer rows than processes.
+    The all-reduces per process do not grow with the number of tensors: at most 34 for 20 tensors, as for one."""
+    from salun_diffusers.masking import _select_top_k
+
+    sal = dict(_many_ties(), w=torch.rand(7, 5, generator=torch.Generator().manual_seed(2)))
+    sizes = [1, None, 0.3, 0.5, 0.9]  # 1, the whole tensor, a share of it
+    k = {}
+    for i, n in enumerate(sorted(sal)):
+        size = sizes[i % len(sizes)]
+        k[n] = 1 if size == 1 else sal[n].numel() if size is None else max(1, round(size * sal[n].numel()))
+    got, calls = _sharded_top_k(sal, k, world)
+    for n, s in sal.items():
+        assert torch.equal(got[n], _select_top_k({n: s}, k[n])[n]), (n, k[n])
+        assert int(got[n].sum()) == k[n], n
+    assert len(set(calls)) == 1 and calls[0] <= 34, calls
+    _, one = _sharded_top_k({"w": sal["w"]}, {"w": k["w"]}, world)
+    assert one[0] <= 34, one
+    print(f"{world} process(es): {calls[0]} all-reduces for {len(sal)} tensors' top-k, {one[0]} for one")
 
 
 def test_sharded_top_k_refuses_a_negative_saliency_in_every_process():

@@ -238,6 +238,44 @@ def test_sharded_saliency_equals_one_process(family, scope, port, change, tmp_pa
     print(f"sharded saliency {family} {scope}: max |two - one| / max = {worst:.3g}, mask entries differing: {differ}")
 
 
+@pytest.mark.parametrize("nan_rank,port,extra", [
+    ("-", "29591", ["--alpha", "1e300"]),  # the loss is inf at step 1 in both processes
+    ("1", "29593", []),  # process 1's loss is NaN at step 2, process 0's finite
+])
+def test_sharded_divergence_stops_every_process_in_one_line(nan_rank, port, extra, tmp_path):
+    """A non-finite loss in a sharded run (train_erase.py --shard_weights, two processes started without torchrun,
+    which would end the others when one fails): every process ends by itself with exit code 1 (a diverged run) and
+    one line "training diverged at step N: the loss is ... in process R" on stderr, no traceback, and no erasure is
+    written; also when only one process's loss is non-finite (the decision is all-reduced: a process stopping alone
+    left the other waiting in backward's reduce-scatter). (Sharding refuses --checkpointing_steps: no checkpoint.)"""
+    from salun_diffusers.delta import WEIGHTS_NAME
+
+    base_dir = _base("flux", str(tmp_path / "base"))
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", base_dir, "--concept", "nudity", "--cache_dir", str(tmp_path / "cache"),
+            "--output_dir", str(out), "--num_forget_images", "4", "--num_retain_images", "4",
+            "--data_num_inference_steps", "2", "--max_train_steps", "3", "--train_batch_size", "2",
+            "--resolution", "16", "--seed", "0", "--save_pipeline", "none", "--shard_weights", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", PYTHONPATH=ROOT, WORLD_SIZE="2",
+               LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    procs = [subprocess.Popen([sys.executable, SCRIPT, "cli", nan_rank, *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in (0, 1)]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]  # a process left waiting times out here
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    step, bad, bad_rank = ("1", "inf", "0") if nan_rank == "-" else ("2", "nan", "1")
+    for rank, (p, err) in enumerate(zip(procs, errs)):
+        lines = [line for line in re.split(r"[\r\n]", err) if line.startswith("train_erase.py: error:")]
+        assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in err, (rank, p.returncode, err[-3000:])
+        assert lines[0].startswith(f"train_erase.py: error: training diverged at step {step}: the loss is {bad} "
+                                   f"in process {bad_rank}; no erasure was written"), lines[0]
+    assert not os.path.exists(out / WEIGHTS_NAME)
+
+
 def test_accelerate_fsdp_plugin_is_not_sharding_on_cpu(tmp_path):
     """accelerate's FSDP plugin (FSDP1 FULL_SHARD with use_orig_params, and FSDP2) on two CPU processes gives a
     multi-CPU run with the module wrapped in DistributedDataParallel: on CPU an FSDP config alone does not shard, hence

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..families import PromptCond
-from ..masking import MaskedAdamW, MaskedUpdate
+from ..masking import MaskedAdamW, MaskedUpdate, _local, sum_over_shards
 from ..objectives import diffusion_loss, salun_loss
 from .checkpoints import save_checkpoint
 from .data import ConceptData
@@ -90,8 +91,28 @@ def clip_and_check_gradients(accelerator, params, config: EraseConfig, step: int
         check_finite(torch.as_tensor(norm), "gradient norm", step, config)
 
 
+def check_finite_loss(loss: torch.Tensor, step: int, config: EraseConfig, accelerator) -> None:
+    """Stop on a non-finite loss. Several processes (each its own batch's loss): in every process when it is
+    non-finite in any (one all-reduce of the losses), as one stopping alone would leave the others waiting in the
+    next collective (the gradient reduction)."""
+    if accelerator.num_processes == 1:
+        check_finite(loss, "loss", step, config)
+        return
+    losses = torch.zeros(accelerator.num_processes, device=loss.device)
+    losses[accelerator.process_index] = loss.detach().float()
+    dist.all_reduce(losses)  # a sum of one loss and zeros: each process's loss, inf and nan included
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    if bad:
+        raise diverged(f"the loss is {losses[bad[0]].item()} in process {bad[0]}", step, config)
+
+
 def check_finite_weights(unet, step: int, config: EraseConfig) -> None:
-    bad = [n for n, p in unet.named_parameters() if not bool(torch.isfinite(p).all())]
+    """Stop on a non-finite weight; sharded weights: each process checks its shards, the flags are summed over the
+    processes (one all-reduce), so every process stops alike."""
+    params = dict(unet.named_parameters())
+    flags = sum_over_shards([int(not bool(torch.isfinite(_local(p)).all())) for p in params.values()],
+                            params.values())
+    bad = [n for n, flag in zip(params, flags) if flag]
     if bad:
         raise diverged(f"weight {bad[0]!r} (and {len(bad) - 1} more) is not finite", step, config)
 
@@ -209,7 +230,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                     loss, forget_term, retain_term = salun_loss(
                         unet_prepared, scheduler, data.forget_latents[f_idx], f_emb,
                         pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight)
-                    check_finite(loss, "loss", global_step + 1, config)
+                    check_finite_loss(loss, global_step + 1, config, accelerator)
                     accelerator.backward(loss)
                 else:  # --relearn_rho: the forget term one relearning step away, the retain term at the weights
                     loss, forget_term, retain_term = sharpness_aware_backward(

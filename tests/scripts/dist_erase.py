@@ -13,9 +13,15 @@ FSDP2) on CPU processes: the distributed type and the class ``prepare`` wraps a 
 
 ``dist_erase.py fsdp-forced CONFIG_JSON 1|2 [RECORD_PREFIX]``: the erasure with accelerate's state forced to FSDP on
 CPU (what an FSDP accelerate config gives on GPUs), which must take the sharded path (docs/flow-models.md, "When one
-GPU is not enough")."""
+GPU is not enough").
+
+``dist_erase.py cli NAN_RANK ARGS...``: ``train_erase.main(ARGS)``, the process's exit code its; with NAN_RANK a process
+index (``-``: none), that process's training loss at step 2 is NaN, the other's finite (a divergence one process
+sees). Start it without torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment), so that each
+process ends by itself, and a hang shows, rather than torchrun ending the others when one fails."""
 
 import json
+import math
 import sys
 
 import torch
@@ -110,5 +116,23 @@ def fsdp_forced(config_json: str, version: str, record: str = None) -> None:
     erase(config, accelerator=accelerator)
 
 
+def cli(nan_rank: str, *argv) -> None:
+    import torch.distributed as dist
+
+    import train_erase
+    from salun_diffusers.erasure import training
+
+    if nan_rank != "-":
+        loss_of, calls = training.salun_loss, []
+
+        def salun_loss(*args, **kw):
+            loss, forget, retain = loss_of(*args, **kw)
+            calls.append(1)
+            return (loss * math.nan if len(calls) == 2 and dist.get_rank() == int(nan_rank) else loss), forget, retain
+
+        training.salun_loss = salun_loss
+    sys.exit(train_erase.main(list(argv)))
+
+
 if __name__ == "__main__":
-    {"erase": erase_run, "fsdp-probe": fsdp_probe, "fsdp-forced": fsdp_forced}[sys.argv[1]](*sys.argv[2:])
+    {"erase": erase_run, "fsdp-probe": fsdp_probe, "fsdp-forced": fsdp_forced, "cli": cli}[sys.argv[1]](*sys.argv[2:])
