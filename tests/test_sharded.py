@@ -297,8 +297,8 @@ def _error_lines(codes: list, errs: list, code: int) -> list:
 
 
 def test_sharded_run_resumes_bit_identical(tmp_path):
-    """Issue 20: a two-process sharded run (train_erase.py --shard_weights, tiny FLUX, 4 steps, a warmed-up cosine
-    lr, weight decay) checkpointing every 2 steps writes checkpoint-2 as one sealed folder holding each process's
+    """Issue 20: a two-process sharded run (train_erase.py --shard_weights, tiny FLUX, 4 steps of 2 accumulated
+    micro-batches, a warmed-up cosine lr, weight decay) checkpointing every 2 steps writes checkpoint-2 as one sealed folder holding each process's
     part (rank-0.pt, rank-1.pt); killed after it (its final outputs dropped) and resumed with
     --resume_from_checkpoint latest, it ends bit-identical to the uninterrupted run (torch.equal on every weight: the
     same masked values, Adam moments, lr schedule and per-step draws), every weight outside the mask bit-identical to
@@ -310,7 +310,8 @@ def test_sharded_run_resumes_bit_identical(tmp_path):
     base_dir = _base("flux", str(tmp_path / "base"))
     out = tmp_path / "out"
     argv = _cli_args(base_dir, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate",
-                     str(LR), "--adam_weight_decay", "0.1", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1")
+                     str(LR), "--adam_weight_decay", "0.1", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
+                     "--gradient_accumulation_steps", "2")
     codes, errs = _cli("29601", argv)
     assert codes == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     assert sorted(os.listdir(out / "checkpoint-2")) == ["rank-0.pt", "rank-1.pt", RECORD_NAME]
