@@ -298,12 +298,12 @@ def _error_lines(codes: list, errs: list, code: int) -> list:
 
 def test_sharded_run_resumes_bit_identical(tmp_path):
     """Issue 20: a two-process sharded run (train_erase.py --shard_weights, tiny FLUX, 4 steps of 2 accumulated
-    micro-batches, a warmed-up cosine lr, weight decay) checkpointing every 2 steps writes checkpoint-2 as one sealed folder holding each process's
-    part (rank-0.pt, rank-1.pt); killed after it (its final outputs dropped) and resumed with
-    --resume_from_checkpoint latest, it ends bit-identical to the uninterrupted run (torch.equal on every weight: the
-    same masked values, Adam moments, lr schedule and per-step draws), every weight outside the mask bit-identical to
-    the base. Resuming with 3 processes, or from a checkpoint whose rank-1.pt lost a byte, is refused by every process
-    in one line (exit 2) naming the fix, and nothing is written."""
+    micro-batches, a warmed-up cosine lr, weight decay) checkpointing every 2 steps writes checkpoint-2 as one sealed
+    folder holding each process's part (rank-0.pt, rank-1.pt); killed after it (its final outputs dropped) and
+    resumed with --resume_from_checkpoint latest, it ends bit-identical to the uninterrupted run (torch.equal on every
+    weight: the same masked values, Adam moments, lr schedule and per-step draws), every weight outside the mask
+    bit-identical to the base. Resuming with 3 processes, or from a checkpoint whose rank-1.pt lost a byte, is
+    refused by every process in one line (exit 2) naming the fix, and nothing is written."""
     from salun_diffusers.delta import WEIGHTS_NAME
     from salun_diffusers.erasure.checkpoints import RECORD_NAME
 
