@@ -351,6 +351,28 @@ def test_sharded_run_resumes_bit_identical(tmp_path):
     assert sum(int((resumed[n][m] != base[n][m]).sum()) for n, m in mask.items()) > 0
 
 
+def test_a_sharded_checkpoint_failing_in_one_process_stops_both(tmp_path):
+    """A sharded checkpoint write that fails in process 1 only (its state cannot be pickled) stops both processes,
+    none left waiting: process 1 with its own error, process 0 naming process 1; the failed checkpoint-4 is never
+    renamed into place (only its .tmp- folder, cleared by the next run, is left) and checkpoint-2 is kept although
+    --checkpoints_total_limit is 1. A restore that fails in process 1 only stops both alike, each in one line naming
+    rank-1.pt and the folder to delete."""
+    out = tmp_path / "out"
+    proc = _torchrun("29609", "checkpoint-faults", str(out), str(tmp_path / "rec"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = [json.loads((tmp_path / f"rec.{rank}.json").read_text()) for rank in (0, 1)]
+    assert found[0]["save"] == ("OSError: checkpoint-4 was not written: process 1 failed writing it (its error is in "
+                                "its output); earlier checkpoints are kept"), found
+    assert "pickle" in found[1]["save"] and "OSError" not in found[1]["save"], found
+    assert sorted(os.listdir(out)) == [".tmp-checkpoint-4", "checkpoint-2"]
+    assert sorted(os.listdir(out / "checkpoint-2")) == ["rank-0.pt", "rank-1.pt", "salun_checkpoint.json"]
+    where = f"checkpoint '{out / 'checkpoint-2'}': rank-1.pt cannot be resumed from"
+    assert found[0]["load"].startswith(f"ValueError: {where} (process 1 says why); delete the folder"), found
+    assert found[1]["load"].startswith(f"ValueError: {where} (the saved masked values are not this mask's); "
+                                       "delete the folder"), found
+    assert all("\n" not in f["load"] for f in found) and found[0]["restored"] == [0.0, 0.0, 0.0]
+
+
 def test_accelerate_fsdp_plugin_is_not_sharding_on_cpu(tmp_path):
     """accelerate's FSDP plugin (FSDP1 FULL_SHARD with use_orig_params, and FSDP2) on two CPU processes gives a
     multi-CPU run with the module wrapped in DistributedDataParallel: on CPU an FSDP config alone does not shard, hence
