@@ -226,7 +226,8 @@ class EraseConfig(JsonConfigMixin):
     num_validation_images: int = _f(2, "Images per validation prompt (seeded with --seed).")
     delta_dtype: str = _f("fp32", "dtype of the stored delta values: fp32 (exact), fp16 or bf16 (smaller).",
                           choices=["fp32", "fp16", "bf16"])
-    checkpointing_steps: int = _f(0, "Save a checkpoint every N steps (0: never): SalUn's accelerate state, or "
+    checkpointing_steps: int = _f(0, "Save a checkpoint every N steps (0: never): SalUn's accelerate state (with "
+                                     "--shard_weights each process's part, resumed by as many processes), or "
                                      "--method esd-* / advunlearn's loop state (not uce: one closed-form solve).")
     checkpoints_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints.")
     resume_from_checkpoint: Optional[str] = _f(None, "A checkpoint folder, or 'latest' in --output_dir.")

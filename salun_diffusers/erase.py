@@ -27,7 +27,7 @@ from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 from .config import EraseConfig
 from .delta import base_values_digest
 from .erasure.adversarial import check_adversarial_fits, make_adversary
-from .erasure.checkpoints import resolve_resume
+from .erasure.checkpoints import check_resume_layout, resolve_resume
 from .erasure.data import prepare_data, resolve_epoch_steps
 from .erasure.outputs import (check_before_compute, check_output_dir, output_lock, remove_partial_outputs,
                                save_peer_mask, write_outputs)
@@ -137,6 +137,7 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     sharded = sharding_requested(config, accelerator)  # --shard_weights, or an FSDP accelerate config
     if sharded:  # before any image is drawn (tests/test_sharded.py)
         check_sharding(config, accelerator)
+    check_resume_layout(resume_path, sharded, accelerator.num_processes)  # a sharded checkpoint: as many processes
     check_relearn_fits(config, accelerator.num_processes, sharded)  # --relearn_rho: one process, before any image
     spec = config.concept_spec()
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)

@@ -462,6 +462,16 @@ class MaskedUpdate:
         for name, p in self.params.items():
             self.values[name].data.copy_(self._take(name, p.detach()))
 
+    @torch.no_grad()
+    def load_values(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Set the flat masked values (as :meth:`trainable_parameters` holds them, e.g. saved by a sharded
+        checkpoint) and write them into the weights. ``ValueError`` if they are not this mask's."""
+        if sorted(values) != sorted(self.values) or any(values[n].shape != v.shape for n, v in self.values.items()):
+            raise ValueError("the saved masked values are not this mask's")
+        for name, v in self.values.items():
+            v.data.copy_(values[name])
+        self.restore()
+
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()

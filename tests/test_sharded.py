@@ -247,33 +247,130 @@ def test_sharded_divergence_stops_every_process_in_one_line(nan_rank, port, extr
     which would end the others when one fails): every process ends by itself with exit code 1 (a diverged run) and
     one line "training diverged at step N: the loss is ... in process R" on stderr, no traceback, and no erasure is
     written; also when only one process's loss is non-finite (the decision is all-reduced: a process stopping alone
-    left the other waiting in backward's reduce-scatter). (Sharding refuses --checkpointing_steps: no checkpoint.)"""
+    left the other waiting in backward's reduce-scatter)."""
     from salun_diffusers.delta import WEIGHTS_NAME
 
     base_dir = _base("flux", str(tmp_path / "base"))
     out = tmp_path / "out"
-    argv = ["--pretrained_model_name_or_path", base_dir, "--concept", "nudity", "--cache_dir", str(tmp_path / "cache"),
-            "--output_dir", str(out), "--num_forget_images", "4", "--num_retain_images", "4",
-            "--data_num_inference_steps", "2", "--max_train_steps", "3", "--train_batch_size", "2",
-            "--resolution", "16", "--seed", "0", "--save_pipeline", "none", "--shard_weights", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", PYTHONPATH=ROOT, WORLD_SIZE="2",
-               LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    codes, errs = _cli(port, _cli_args(base_dir, tmp_path, "--max_train_steps", "3", *extra), nan_rank=nan_rank)
+    step, bad, bad_rank = ("1", "inf", "0") if nan_rank == "-" else ("2", "nan", "1")
+    for line in _error_lines(codes, errs, 1):
+        assert line.startswith(f"training diverged at step {step}: the loss is {bad} in process {bad_rank}; no "
+                               "erasure was written"), line
+    assert not os.path.exists(out / WEIGHTS_NAME)
+
+
+def _cli_args(base_dir: str, tmp_path, *extra) -> list:
+    """train_erase.py arguments of a sharded run on the tiny pipeline ``base_dir`` into ``tmp_path / "out"``."""
+    return ["--pretrained_model_name_or_path", base_dir, "--concept", "nudity", "--cache_dir", str(tmp_path / "cache"),
+            "--output_dir", str(tmp_path / "out"), "--num_forget_images", "4", "--num_retain_images", "4",
+            "--data_num_inference_steps", "2", "--train_batch_size", "2", "--resolution", "16", "--seed", "0",
+            "--save_pipeline", "none", "--shard_weights", *extra]
+
+
+def _cli(port: str, argv: list, processes: int = 2, nan_rank: str = "-"):
+    """``train_erase.main(argv)`` in ``processes`` processes started without torchrun (which would end the others
+    when one fails), each ending by itself (a process left waiting times out here): their exit codes and stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", PYTHONPATH=ROOT,
+               WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     procs = [subprocess.Popen([sys.executable, SCRIPT, "cli", nan_rank, *argv], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in (0, 1)]
+             for r in range(processes)]
     try:
-        errs = [p.communicate(timeout=300)[1] for p in procs]  # a process left waiting times out here
+        errs = [p.communicate(timeout=300)[1] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    step, bad, bad_rank = ("1", "inf", "0") if nan_rank == "-" else ("2", "nan", "1")
-    for rank, (p, err) in enumerate(zip(procs, errs)):
-        lines = [line for line in re.split(r"[\r\n]", err) if line.startswith("train_erase.py: error:")]
-        assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in err, (rank, p.returncode, err[-3000:])
-        assert lines[0].startswith(f"train_erase.py: error: training diverged at step {step}: the loss is {bad} "
-                                   f"in process {bad_rank}; no erasure was written"), lines[0]
+    return [p.returncode for p in procs], errs
+
+
+def _error_lines(codes: list, errs: list, code: int) -> list:
+    """Each process's one error line (without the program's prefix), after checking it exited with ``code``, wrote
+    exactly one such line and no traceback."""
+    out = []
+    for rank, (returncode, err) in enumerate(zip(codes, errs)):
+        lines = [line for line in re.split(r"[\r\n]", err) if line.startswith("train_erase.py: error: ")]
+        assert returncode == code and len(lines) == 1 and "Traceback" not in err, (rank, returncode, err[-3000:])
+        out.append(lines[0][len("train_erase.py: error: "):])
+    return out
+
+
+def test_sharded_run_resumes_bit_identical(tmp_path):
+    """Issue 20: a two-process sharded run (train_erase.py --shard_weights, tiny FLUX, 4 steps of 2 accumulated
+    micro-batches, a warmed-up cosine lr, weight decay) checkpointing every 2 steps writes checkpoint-2 as one sealed
+    folder holding each process's part (rank-0.pt, rank-1.pt); killed after it (its final outputs dropped) and
+    resumed with --resume_from_checkpoint latest, it ends bit-identical to the uninterrupted run (torch.equal on every
+    weight: the same masked values, Adam moments, lr schedule and per-step draws), every weight outside the mask
+    bit-identical to the base. Resuming with 3 processes, or from a checkpoint whose rank-1.pt lost a byte, is
+    refused by every process in one line (exit 2) naming the fix, and nothing is written."""
+    from salun_diffusers.delta import WEIGHTS_NAME
+    from salun_diffusers.erasure.checkpoints import RECORD_NAME
+
+    base_dir = _base("flux", str(tmp_path / "base"))
+    out = tmp_path / "out"
+    argv = _cli_args(base_dir, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate",
+                     str(LR), "--adam_weight_decay", "0.1", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
+                     "--gradient_accumulation_steps", "2")
+    codes, errs = _cli("29601", argv)
+    assert codes == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert sorted(os.listdir(out / "checkpoint-2")) == ["rank-0.pt", "rank-1.pt", RECORD_NAME]
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    pipe = load_base_pipeline(base_dir)
+    base = _params(denoiser(pipe))
+    load_erasure(pipe, str(out))
+    whole = _params(denoiser(pipe))
+    mask, _ = load_mask(str(out / "mask.safetensors"))
+    for name in ("erasure.safetensors", "erasure_config.json"):  # a run killed after its last checkpoint
+        os.remove(out / name)
+
+    resume = [*argv, "--resume_from_checkpoint", "latest"]
+    codes, errs = _cli("29603", resume, processes=3)
+    for line in _error_lines(codes, errs, 2):
+        assert line.startswith(f"checkpoint '{out / 'checkpoint-2'}' was written by 2 sharded processes and this "
+                               "run has 3: resume it with 2 (accelerate launch --num_processes 2"), line
+    rank_1 = out / "checkpoint-2" / "rank-1.pt"
+    good = rank_1.read_bytes()
+    rank_1.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    codes, errs = _cli("29605", resume)
+    for line in _error_lines(codes, errs, 2):
+        assert line.startswith(f"checkpoint '{out / 'checkpoint-2'}' is damaged: rank-1.pt changed since it was "
+                               "written (sha256 mismatch); delete the folder"), line
     assert not os.path.exists(out / WEIGHTS_NAME)
+    rank_1.write_bytes(good)
+
+    codes, errs = _cli("29607", resume)
+    assert codes == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert all(f"resuming from {out / 'checkpoint-2'}" in err for err in errs)  # not started afresh
+    pipe = load_base_pipeline(base_dir)
+    load_erasure(pipe, str(out))
+    resumed = _params(denoiser(pipe))
+    differ = [n for n in whole if not torch.equal(resumed[n], whole[n])]
+    assert not differ, differ
+    assert all(torch.equal(resumed[n][~m], base[n][~m]) for n, m in mask.items())
+    assert sum(int((resumed[n][m] != base[n][m]).sum()) for n, m in mask.items()) > 0
+
+
+def test_a_sharded_checkpoint_failing_in_one_process_stops_both(tmp_path):
+    """A sharded checkpoint write that fails in process 1 only (its state cannot be pickled) stops both processes,
+    none left waiting: process 1 with its own error, process 0 naming process 1; the failed checkpoint-4 is never
+    renamed into place (only its .tmp- folder, cleared by the next run, is left) and checkpoint-2 is kept although
+    --checkpoints_total_limit is 1. A restore that fails in process 1 only stops both alike, each in one line naming
+    rank-1.pt and the folder to delete."""
+    out = tmp_path / "out"
+    proc = _torchrun("29609", "checkpoint-faults", str(out), str(tmp_path / "rec"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = [json.loads((tmp_path / f"rec.{rank}.json").read_text()) for rank in (0, 1)]
+    assert found[0]["save"] == ("OSError: checkpoint-4 was not written: process 1 failed writing it (its error is in "
+                                "its output); earlier checkpoints are kept"), found
+    assert "pickle" in found[1]["save"] and "OSError" not in found[1]["save"], found
+    assert sorted(os.listdir(out)) == [".tmp-checkpoint-4", "checkpoint-2"]
+    assert sorted(os.listdir(out / "checkpoint-2")) == ["rank-0.pt", "rank-1.pt", "salun_checkpoint.json"]
+    where = f"checkpoint '{out / 'checkpoint-2'}': rank-1.pt cannot be resumed from"
+    assert found[0]["load"].startswith(f"ValueError: {where} (process 1 says why); delete the folder"), found
+    assert found[1]["load"].startswith(f"ValueError: {where} (the saved masked values are not this mask's); "
+                                       "delete the folder"), found
+    assert all("\n" not in f["load"] for f in found) and found[0]["restored"] == [0.0, 0.0, 0.0]
 
 
 def test_accelerate_fsdp_plugin_is_not_sharding_on_cpu(tmp_path):
@@ -291,7 +388,6 @@ def test_accelerate_fsdp_plugin_is_not_sharding_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("change,flag", [
-    ({"checkpointing_steps": 2}, "--checkpointing_steps / --resume_from_checkpoint"),
     ({"optimizer_in_backward": True}, "--optimizer_in_backward"),
     ({"adversarial": True}, "--adversarial"),
     ({"validation_prompts": ["a cat"]}, "--validation_prompts"),

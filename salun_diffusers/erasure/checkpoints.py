@@ -1,7 +1,9 @@
 """Erasure checkpoints: ``checkpoint-N`` folders in ``output_dir``: SalUn's hold accelerate's save_state (read back
 with load_state); a peer method's (``--method esd-* | advunlearn``) hold its loop state in one file,
-``peer_state.pt`` (:func:`save_peer_checkpoint` / :func:`load_peer_checkpoint`). Both are written, sealed, resumed
-and pruned by the same functions below.
+``peer_state.pt`` (:func:`save_peer_checkpoint` / :func:`load_peer_checkpoint`); a sharded SalUn run's
+(``--shard_weights``, an FSDP config) one ``rank-R.pt`` per process: its part of the masked values and of the optimizer
+state (:func:`save_sharded_checkpoint` / :func:`load_sharded_checkpoint`; resumed by as many processes). All are
+written, sealed, resumed and pruned by the same functions below.
 
 Crash-safe: a checkpoint is written into ``.tmp-checkpoint-N``, its run record (``salun_checkpoint.json``: the run's
 config, and the sha256 of every other file of the checkpoint: its seal) written last, and only then renamed to
@@ -25,6 +27,7 @@ from dataclasses import fields
 from typing import Callable, List, Optional
 
 import torch
+import torch.distributed as dist
 
 from ..config import EraseConfig
 from ..utils import follow_umask, write_json
@@ -190,14 +193,18 @@ def prune_checkpoints(output_dir: str, keep: Optional[int]) -> None:
         shutil.rmtree(os.path.join(output_dir, name))
 
 
-def write_checkpoint(config: EraseConfig, step: int, write: Callable[[str], None]) -> None:
-    """``write(folder)`` fills ``<output_dir>/checkpoint-<step>``: the folder is written under a temporary name, its
-    run record (the seal) last, and renamed when complete; then at most ``checkpoints_total_limit`` are kept."""
-    final = os.path.join(config.output_dir, f"checkpoint-{step}")
+def _begin(config: EraseConfig, step: int) -> str:
+    """An empty ``.tmp-checkpoint-<step>`` folder in ``output_dir`` (one a killed run left is cleared)."""
     tmp = os.path.join(config.output_dir, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write(tmp)
+    return tmp
+
+
+def _seal(config: EraseConfig, step: int, tmp: str) -> None:
+    """Write the run record (the seal: every file's sha256) into the filled ``tmp``, rename it ``checkpoint-<step>``,
+    then prune to ``checkpoints_total_limit``."""
+    final = os.path.join(config.output_dir, f"checkpoint-{step}")
     write_json(os.path.join(tmp, RECORD_NAME), {"step": step, "config": config.to_dict(),
                                                 "sha256": checkpoint_files(tmp)})
     follow_umask(tmp)
@@ -205,6 +212,14 @@ def write_checkpoint(config: EraseConfig, step: int, write: Callable[[str], None
         shutil.rmtree(final)
     os.replace(tmp, final)
     prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
+
+
+def write_checkpoint(config: EraseConfig, step: int, write: Callable[[str], None]) -> None:
+    """``write(folder)`` fills ``<output_dir>/checkpoint-<step>``: the folder is written under a temporary name, its
+    run record (the seal) last, and renamed when complete; then at most ``checkpoints_total_limit`` are kept."""
+    tmp = _begin(config, step)
+    write(tmp)
+    _seal(config, step, tmp)
 
 
 def save_checkpoint(accelerator, config: EraseConfig, step: int) -> None:
@@ -234,3 +249,90 @@ def load_peer_checkpoint(path: str) -> dict:
         raise ValueError(f"checkpoint {path!r} holds no readable {PEER_STATE_NAME} ({str(exc).splitlines()[0]}); "
                          f"{_damaged_fix(path)}") from None
     return state
+
+
+def rank_file(rank: int) -> str:
+    """A sharded run's checkpoint file of process ``rank``."""
+    return f"rank-{rank}.pt"
+
+
+def _rank_files(path: str) -> List[str]:
+    return [f for f in os.listdir(path) if re.fullmatch(r"rank-\d+\.pt", f)]
+
+
+def check_resume_layout(path: Optional[str], sharded: bool, num_processes: int) -> None:
+    """Refuse (in one line, alike in every process: each reads the same folder) a checkpoint this run cannot
+    continue: a sharded run's (``rank-R.pt`` files) without sharding or the other way round, or a sharded run's
+    written by another number of processes (each holds its part of the masked values and optimizer state)."""
+    if path is None:
+        return
+    found = len(_rank_files(path))
+    how = "--shard_weights (or an FSDP accelerate config)"
+    if sharded and not found:
+        raise ValueError(f"checkpoint {path!r} was written by a run without sharding: resume it without {how}, or "
+                         "start afresh in another --output_dir")
+    if not sharded and found:
+        raise ValueError(f"checkpoint {path!r} was written by a sharded run: resume it with {how}, or start afresh "
+                         "in another --output_dir")
+    if sharded and found != num_processes:
+        raise ValueError(f"checkpoint {path!r} was written by {found} sharded processes and this run has "
+                         f"{num_processes}: resume it with {found} (accelerate launch --num_processes {found}, or "
+                         f"torchrun --nproc_per_node {found}), or start afresh in another --output_dir")
+
+
+def _together(accelerator, work: Callable[[], None], others: Callable[[int], Exception]) -> None:
+    """Run ``work`` in every process, then all learn whether it failed in any (one all-reduce, also a barrier): the
+    process it failed in raises its error, every other one ``others(first failing process)``, so none is left
+    waiting in a collective."""
+    error = None
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 (any failure: the other processes must learn of it)
+        error = exc
+    failed = torch.zeros(accelerator.num_processes, device=accelerator.device)
+    failed[accelerator.process_index] = float(error is not None)
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    if bool(failed.any()):
+        raise others(int(failed.nonzero()[0, 0]))
+
+
+def save_sharded_checkpoint(accelerator, config: EraseConfig, step: int, state: dict) -> None:
+    """A sharded run's checkpoint after ``step`` steps: each process writes its ``state`` (tensors and plain data:
+    its masked values, optimizer and lr scheduler state) as ``rank-<R>.pt`` into the same temporary folder, then the
+    main process seals and renames it, with :func:`write_checkpoint`'s guarantees. Every process calls it; a failure
+    in any stops all of them, earlier checkpoints kept."""
+    tmp = os.path.join(config.output_dir, f".tmp-checkpoint-{step}")
+    main, rank = accelerator.is_main_process, accelerator.process_index
+
+    def failed(k: int) -> Exception:
+        return OSError(f"checkpoint-{step} was not written: process {k} failed writing it (its error is in its "
+                       "output); earlier checkpoints are kept")
+
+    _together(accelerator, lambda: main and _begin(config, step), failed)
+    state = dict(state, step=step, rank=rank, world_size=accelerator.num_processes)
+    _together(accelerator, lambda: torch.save(state, os.path.join(tmp, rank_file(rank))), failed)
+    _together(accelerator, lambda: main and _seal(config, step, tmp), failed)
+
+
+def load_sharded_checkpoint(accelerator, path: str, restore: Callable[[dict], None]) -> None:
+    """``restore(state)`` with this process's state in sharded checkpoint ``path`` (already verified by
+    :func:`resolve_resume` and :func:`check_resume_layout`), read with ``weights_only``. Every process calls it; one
+    that cannot read or restore its state stops all of them, each in one line."""
+    rank = accelerator.process_index
+    step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+
+    def load():
+        try:
+            state = torch.load(os.path.join(path, rank_file(rank)), map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or (state.get("step"), state.get("rank"), state.get("world_size")) != \
+                    (step, rank, accelerator.num_processes):
+                raise ValueError(f"it is not process {rank}'s state after step {step}")
+            restore(state)
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+            raise ValueError(f"checkpoint {path!r}: {rank_file(rank)} cannot be resumed from "
+                             f"({str(exc).splitlines()[0]}); {_damaged_fix(path)}") from None
+
+    _together(accelerator, load, lambda k: ValueError(
+        f"checkpoint {path!r}: {rank_file(k)} cannot be resumed from (process {k} says why); {_damaged_fix(path)}"))

@@ -16,6 +16,9 @@ holds 1/N of every denoiser weight, of its gradient, of its saliency and mask, a
   loaded whole mask sliced as the weight is).
 * :func:`base_digest`: the base values' fingerprint, the masked entries gathered weight by weight on the main process.
 * :func:`gather_full`: the trained weights gathered into a plain module on the main process, which writes the outputs.
+* Checkpoints (``--checkpointing_steps``): each process writes its part (its masked values, optimizer and lr scheduler
+  state) as ``rank-R.pt`` into one sealed folder, resumed by as many processes
+  (:func:`~salun_diffusers.erasure.checkpoints.save_sharded_checkpoint`).
 """
 
 from __future__ import annotations
@@ -51,9 +54,7 @@ def check_sharding(config: EraseConfig, accelerator) -> None:
     if accelerator.num_processes < 2:
         raise ValueError(f"{how} shards the weights over processes but this run has one: start several "
                          "(accelerate launch --num_processes N, or torchrun --nproc_per_node N), or drop --shard_weights")
-    refused = [(config.checkpointing_steps or config.resume_from_checkpoint,
-                "--checkpointing_steps / --resume_from_checkpoint", "sharded runs do not checkpoint yet"),
-               (config.optimizer_in_backward, "--optimizer_in_backward", "it needs one process"),
+    refused = [(config.optimizer_in_backward, "--optimizer_in_backward", "it needs one process"),
                (config.adversarial, "--adversarial", "its inner attack is not written for sharded weights"),
                (config.validation_prompts, "--validation_prompts", "the main process would draw alone"),
                (config.mixed_precision == "fp16", "--mixed_precision fp16", "use bf16: no gradient scaler here")]

@@ -22,7 +22,7 @@ from ..config import EraseConfig
 from ..families import PromptCond
 from ..masking import MaskedAdamW, MaskedUpdate, _local, sum_over_shards
 from ..objectives import diffusion_loss, salun_loss
-from .checkpoints import save_checkpoint
+from .checkpoints import load_sharded_checkpoint, save_checkpoint, save_sharded_checkpoint
 from .data import ConceptData
 from .sharpness import check_relearn_fits, make_perturbation
 from .sharding import gather_full, global_grad_norm, shard_denoiser, sharding_requested
@@ -187,8 +187,19 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
         accelerator.register_for_checkpointing(adversary)  # its bank of adversarial conditionings
     if resume_path:
         logger.info("resuming from %s", resume_path)
-        accelerator.load_state(resume_path)
-        guard.reload()  # the masked values the optimizer trains, from the loaded weights
+        if sharded:  # this process's part: its masked values (written into its shards), optimizer, scheduler
+            def restore(state):
+                guard.load_values(state["values"])
+                optimizer.load_state_dict(state["optimizer"])
+                lr_scheduler.load_state_dict(state["lr_scheduler"])
+                torch.set_rng_state(state["rng"])
+                if "device_rng" in state:
+                    torch.cuda.set_rng_state(state["device_rng"], device)
+
+            load_sharded_checkpoint(accelerator, resume_path, restore)
+        else:
+            accelerator.load_state(resume_path)
+            guard.reload()  # the masked values the optimizer trains, from the loaded weights
         global_step = int(os.path.basename(resume_path.rstrip("/")).split("-")[1])
     if accelerator.is_main_process and config.report_to:
         accelerator.init_trackers("salun-erase", config={k: v for k, v in config.to_dict().items()
@@ -259,7 +270,14 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
         if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 \
                 and global_step < config.max_train_steps:
             check_finite_weights(unet, global_step, config)  # a checkpoint is never saved from a non-finite state
-            save_checkpoint(accelerator, config, global_step)
+            if sharded:  # each process its part; the randomness is drawn per step (_step_generators), the global
+                # generator's state is kept for modules that draw from it (dropout)
+                save_sharded_checkpoint(accelerator, config, global_step, {
+                    "values": {n: v.detach() for n, v in guard.values.items()}, "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(), "rng": torch.get_rng_state(),
+                    **({"device_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})})
+            else:
+                save_checkpoint(accelerator, config, global_step)
     bar.close()
     check_finite_weights(unet, global_step, config)  # nor an erasure
     guard.remove_hooks()

@@ -15,6 +15,9 @@ FSDP2) on CPU processes: the distributed type and the class ``prepare`` wraps a 
 CPU (what an FSDP accelerate config gives on GPUs), which must take the sharded path (docs/flow-models.md, "When one
 GPU is not enough").
 
+``dist_erase.py checkpoint-faults OUT_DIR RECORD_PREFIX``: sharded checkpoint writes and loads that fail in one
+process only (:func:`checkpoint_faults`).
+
 ``dist_erase.py cli NAN_RANK ARGS...``: ``train_erase.main(ARGS)``, the process's exit code its; with NAN_RANK a process
 index (``-``: none), that process's training loss at step 2 is NaN, the other's finite (a divergence one process
 sees). Start it without torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment), so that each
@@ -134,5 +137,45 @@ def cli(nan_rank: str, *argv) -> None:
     sys.exit(train_erase.main(list(argv)))
 
 
+def checkpoint_faults(out_dir: str, record: str) -> None:
+    """A sharded checkpoint written after step 2, then one after step 4 whose write fails in process 1 only, then
+    checkpoint-2 resumed with a restore that fails in process 1 only: each process writes what each call raised in it
+    to ``record.<rank>.json`` (a process left waiting in a collective would hang here)."""
+    import os
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from salun_diffusers.config import EraseConfig
+    from salun_diffusers.erasure.checkpoints import load_sharded_checkpoint, save_sharded_checkpoint
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    accelerator = SimpleNamespace(num_processes=2, process_index=rank, is_main_process=rank == 0,
+                                  device=torch.device("cpu"))
+    config = EraseConfig(output_dir=out_dir, checkpoints_total_limit=1)
+    os.makedirs(out_dir, exist_ok=True)
+    save_sharded_checkpoint(accelerator, config, 2, {"values": torch.full((3,), float(rank))})
+    found = {}
+    try:  # a lambda cannot be pickled: process 1's write fails half-way
+        save_sharded_checkpoint(accelerator, config, 4, {"values": (lambda: 0) if rank == 1 else torch.zeros(3)})
+    except Exception as exc:  # noqa: BLE001
+        found["save"] = f"{type(exc).__name__}: {exc}"
+
+    def restore(state):
+        if rank == 1:
+            raise ValueError("the saved masked values are not this mask's")
+        found["restored"] = state["values"].tolist()
+
+    try:
+        load_sharded_checkpoint(accelerator, os.path.join(out_dir, "checkpoint-2"), restore)
+    except Exception as exc:  # noqa: BLE001
+        found["load"] = f"{type(exc).__name__}: {exc}"
+    with open(f"{record}.{rank}.json", "w") as f:
+        json.dump(found, f)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    {"erase": erase_run, "fsdp-probe": fsdp_probe, "fsdp-forced": fsdp_forced, "cli": cli}[sys.argv[1]](*sys.argv[2:])
+    {"erase": erase_run, "fsdp-probe": fsdp_probe, "fsdp-forced": fsdp_forced, "cli": cli,
+     "checkpoint-faults": checkpoint_faults}[sys.argv[1]](*sys.argv[2:])
