@@ -270,11 +270,13 @@ def prompt_attack_asr(args, pipe, base, digit: int, name: str, attack: str) -> d
     return {k: r[k] for k in ("asr", "after_rate", "before_rate", "num_prompts", "mean_attack_seconds")}
 
 
-def context_probe(pipe, digit: int) -> dict:
-    """Issue 17's context probe: the top half of 64 real images of the digit kept, completed from the empty prompt;
-    share judged the digit, beside the share for the kept half alone."""
-    images = digit_images(digit, ATTACK["report"]["n"], offset=ATTACK["report"]["offset"])
-    r = inpainting_probe(pipe, make_judge("digit", digit=digit), images, prompts=("",), seed=ATTACK["report"]["seed"])
+def context_probe(pipe, digit: int, kind: str = "report") -> dict:
+    """Issue 17's context probe: the top half of real images of the digit kept (the attack's images of ``kind``: 64
+    for the report, 32 others for tuning), completed from the empty prompt; share judged the digit, beside the share
+    for the kept half alone."""
+    a = ATTACK[kind]
+    images = digit_images(digit, a["n"], offset=a["offset"])
+    r = inpainting_probe(pipe, make_judge("digit", digit=digit), images, prompts=("",), seed=a["seed"])
     return {"completed": r["prompts"][""], "kept_alone": r["kept_alone"], "n": r["n"]}
 
 
@@ -335,8 +337,8 @@ def run_piece(args, method: str, setting: dict, digit: int, base, judge, base_sc
                "per_digit_accuracy": scores["per_digit_accuracy"], "wall_seconds": wall, "cpu_seconds": cpu,
                "threads": torch.get_num_threads(), "side_by_side": args.side_by_side or args.jobs}
         row["conditioning"] = conditioning_asr(pipe, digit, kind)
+        row["context"] = context_probe(pipe, digit, kind)
         if not args.tune:
-            row["context"] = context_probe(pipe, digit)
             if args.num_prompts and (args.token_digits is None or digit in args.token_digits):
                 for attack in PROMPT_ATTACKS:
                     row[attack] = prompt_attack_asr(args, pipe, base, digit, name, attack)
