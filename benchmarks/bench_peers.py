@@ -506,6 +506,35 @@ def tradeoff_plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def context_plot(report: dict, path: str) -> None:
+    """Issue 17's context probe per digit: one bar per method (the never-learned reference among them), the kept half
+    alone as a line."""
+    import matplotlib  # optional dependency
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if r.get("context")]
+    methods, digits = row_order(rows), sorted({r["digit"] for r in rows})
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, method in enumerate(methods):
+        by_digit = {r["digit"]: r for r in rows if r["method"] == method}
+        xs = [d + (i - (len(methods) - 1) / 2) * width for d in digits if d in by_digit]
+        ax.bar(xs, [100 * by_digit[d]["context"]["completed"] for d in digits if d in by_digit], width, label=method)
+    alone = {r["digit"]: r["context"]["kept_alone"] for r in rows}
+    ax.plot(digits, [100 * alone[d] for d in digits], "k_", markersize=18, mew=2, label="the kept half alone")
+    ax.set_xticks(digits)
+    ax.set_xlabel("erased digit")
+    ax.set_ylabel("completed as the digit (%), lower is better")
+    ax.set_title("Digit world: top half of real images kept, the rest completed from the empty prompt")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(args, rows: List[dict]) -> dict:
     kind = "tune" if args.tune else "report"
     rows = [r for r in rows if r["kind"] == kind]
@@ -522,6 +551,8 @@ def write_report(args, rows: List[dict]) -> dict:
     write_text(os.path.join(args.output_dir, f"{kind}.md"), text)
     if not args.tune and rows:
         tradeoff_plot(report, os.path.join(args.output_dir, "tradeoff.png"))
+        if any(r.get("context") for r in rows):
+            context_plot(report, os.path.join(args.output_dir, "context.png"))
     return report
 
 
