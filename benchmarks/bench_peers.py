@@ -270,11 +270,13 @@ def prompt_attack_asr(args, pipe, base, digit: int, name: str, attack: str) -> d
     return {k: r[k] for k in ("asr", "after_rate", "before_rate", "num_prompts", "mean_attack_seconds")}
 
 
-def context_probe(pipe, digit: int) -> dict:
-    """Issue 17's context probe: the top half of 64 real images of the digit kept, completed from the empty prompt;
-    share judged the digit, beside the share for the kept half alone."""
-    images = digit_images(digit, ATTACK["report"]["n"], offset=ATTACK["report"]["offset"])
-    r = inpainting_probe(pipe, make_judge("digit", digit=digit), images, prompts=("",), seed=ATTACK["report"]["seed"])
+def context_probe(pipe, digit: int, kind: str = "report") -> dict:
+    """Issue 17's context probe: the top half of real images of the digit kept (the attack's images of ``kind``: 64
+    for the report, 32 others for tuning), completed from the empty prompt; share judged the digit, beside the share
+    for the kept half alone."""
+    a = ATTACK[kind]
+    images = digit_images(digit, a["n"], offset=a["offset"])
+    r = inpainting_probe(pipe, make_judge("digit", digit=digit), images, prompts=("",), seed=a["seed"])
     return {"completed": r["prompts"][""], "kept_alone": r["kept_alone"], "n": r["n"]}
 
 
@@ -335,8 +337,8 @@ def run_piece(args, method: str, setting: dict, digit: int, base, judge, base_sc
                "per_digit_accuracy": scores["per_digit_accuracy"], "wall_seconds": wall, "cpu_seconds": cpu,
                "threads": torch.get_num_threads(), "side_by_side": args.side_by_side or args.jobs}
         row["conditioning"] = conditioning_asr(pipe, digit, kind)
+        row["context"] = context_probe(pipe, digit, kind)
         if not args.tune:
-            row["context"] = context_probe(pipe, digit)
             if args.num_prompts and (args.token_digits is None or digit in args.token_digits):
                 for attack in PROMPT_ATTACKS:
                     row[attack] = prompt_attack_asr(args, pipe, base, digit, name, attack)
@@ -504,6 +506,35 @@ def tradeoff_plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def context_plot(report: dict, path: str) -> None:
+    """Issue 17's context probe per digit: one bar per method (the never-learned reference among them), the kept half
+    alone as a line."""
+    import matplotlib  # optional dependency
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if r.get("context")]
+    methods, digits = row_order(rows), sorted({r["digit"] for r in rows})
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, method in enumerate(methods):
+        by_digit = {r["digit"]: r for r in rows if r["method"] == method}
+        xs = [d + (i - (len(methods) - 1) / 2) * width for d in digits if d in by_digit]
+        ax.bar(xs, [100 * by_digit[d]["context"]["completed"] for d in digits if d in by_digit], width, label=method)
+    alone = {r["digit"]: r["context"]["kept_alone"] for r in rows}
+    ax.plot(digits, [100 * alone[d] for d in digits], "k_", markersize=18, mew=2, label="the kept half alone")
+    ax.set_xticks(digits)
+    ax.set_xlabel("erased digit")
+    ax.set_ylabel("completed as the digit (%), lower is better")
+    ax.set_title("Digit world: top half of real images kept, the rest completed from the empty prompt")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(args, rows: List[dict]) -> dict:
     kind = "tune" if args.tune else "report"
     rows = [r for r in rows if r["kind"] == kind]
@@ -520,6 +551,8 @@ def write_report(args, rows: List[dict]) -> dict:
     write_text(os.path.join(args.output_dir, f"{kind}.md"), text)
     if not args.tune and rows:
         tradeoff_plot(report, os.path.join(args.output_dir, "tradeoff.png"))
+        if any(r.get("context") for r in rows):
+            context_plot(report, os.path.join(args.output_dir, "context.png"))
     return report
 
 

@@ -170,6 +170,12 @@ class EraseConfig(JsonConfigMixin):
     adversarial_steps: int = _f(5, "Inner attack budget per attack (optimizer steps of the fast inner attack).")
     adversarial_lr: float = _f(1e-2, "Step size of the inner conditioning attack.")
     adversarial_weight: float = _f(4.0, "Weight of the forget objective on the adversarial conditionings.")
+    # issue 17: the context probe (docs/robustness.md, "Context-aware forget term")
+    forget_uncond_weight: float = _f(0.0, "Weight of SalUn's forget objective on the unconditional (empty-prompt) "
+                                          "branch too: eps(x_t | '') on the forget images is mapped onto the pseudo "
+                                          "prompt's prediction, so that inpainting from context and the unguided "
+                                          "half of classifier-free guidance do not complete the concept. 0: off. "
+                                          "One more forward-backward of the forget batch per step.")
     # issue 17: relearning resistance (docs/robustness.md, "Relearning: a sharpness-aware forget step")
     relearn_rho: float = _f(0.0, "Sharpness-aware forget step against relearning (Fan et al., ICML 2025): each step "
                                  "evaluates the forget term at the weights moved by one relearning step of norm rho "
@@ -361,7 +367,7 @@ RANGES = {
     "checkpoints_total_limit": (1, None), "max_sequence_length": (1, None), "flux_guidance_scale": (0.0, None),
     "resolution": (8, None), "mask_ratio": (0.0, 1.0),
     "saliency_guidance_scale": (0.0, None), "saliency_retain_weight": (0.0, None), "export_lora_rank": (0, None),
-    "validation_steps": (0, None), "relearn_rho": (0.0, None), "relearn_steps": (1, None),
+    "validation_steps": (0, None), "relearn_rho": (0.0, None), "forget_uncond_weight": (0.0, None), "relearn_steps": (1, None),
     "negative_guidance": (0.0, None), "start_guidance": (0.0, None), "preserve_scale": (0.0, None),
     "attack_steps": (0, None), "attack_warmup": (0, None), "partial_sampling_steps": (1, None),
     **{name: (1, None) for name in ("num_forget_images", "max_train_steps", "train_batch_size", "num_train_epochs",

@@ -118,7 +118,7 @@ def check_finite_weights(unet, step: int, config: EraseConfig) -> None:
 
 
 def sharpness_aware_backward(accelerator, unet, scheduler, perturbation, latents, f_emb, pseudo_emb, r_lat, r_emb,
-                             config: EraseConfig, noise_gen, adv_emb, seed: int, step: int):
+                             config: EraseConfig, noise_gen, adv_emb, seed: int, step: int, uncond_emb=None):
     """``--relearn_rho`` (:mod:`.sharpness`): backward of SalUn's forget term at the weights moved by the relearning
     move (drawn with ``seed``, undone exactly after), then of ``alpha *`` the retain term at the weights."""
     relearn_gen = torch.Generator(device=latents.device).manual_seed(seed)
@@ -126,7 +126,7 @@ def sharpness_aware_backward(accelerator, unet, scheduler, perturbation, latents
                        check=lambda norm: check_finite(norm, "relearning gradient norm", step, config))
     try:
         forget, _, _ = salun_loss(unet, scheduler, latents, f_emb, pseudo_emb, None, None, config.alpha, noise_gen,
-                                  adv_emb, config.adversarial_weight)
+                                  adv_emb, config.adversarial_weight, uncond_emb, config.forget_uncond_weight)
         check_finite(forget, "loss", step, config)
         accelerator.backward(forget)
     finally:
@@ -134,6 +134,8 @@ def sharpness_aware_backward(accelerator, unet, scheduler, perturbation, latents
     retain = torch.zeros((), device=forget.device)
     if r_lat is not None and config.alpha != 0:
         retain = diffusion_loss(unet, scheduler, r_lat, r_emb, noise_gen)
+        if uncond_emb is not None:  # --forget_uncond_weight: the unconditional branch on the retain images too
+            retain = retain + diffusion_loss(unet, scheduler, r_lat, uncond_emb.expand(len(r_lat)), noise_gen)
         check_finite(retain, "loss", step, config)
         accelerator.backward(config.alpha * retain)
     return forget.detach() + config.alpha * retain.detach(), forget.detach(), retain.detach()
@@ -215,6 +217,8 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     draws = math.lcm(*counts.tolist())
     concept_ids = data.concept_ids()
     retain_table = PromptCond.stack(list(data.embeds.values()))
+    # --forget_uncond_weight: the forget objective (and the retain term) on the unconditional branch too
+    u_emb = data.embeds[""] if config.forget_uncond_weight else None
     bs = config.train_batch_size
     bar = tqdm(range(config.max_train_steps), initial=global_step, desc="erase",
                disable=not accelerator.is_local_main_process)
@@ -240,14 +244,15 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                 if perturbation is None:
                     loss, forget_term, retain_term = salun_loss(
                         unet_prepared, scheduler, data.forget_latents[f_idx], f_emb,
-                        pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight)
+                        pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight,
+                        u_emb, config.forget_uncond_weight)
                     check_finite_loss(loss, global_step + 1, config, accelerator)
                     accelerator.backward(loss)
                 else:  # --relearn_rho: the forget term one relearning step away, the retain term at the weights
                     loss, forget_term, retain_term = sharpness_aware_backward(
                         accelerator, unet_prepared, scheduler, perturbation, data.forget_latents[f_idx], f_emb,
                         pseudo[p_idx], r_lat, r_emb, config, noise_gen, adv_emb, idx_gen.initial_seed() + 3,
-                        global_step + 1)
+                        global_step + 1, u_emb)
                 if accelerator.sync_gradients:
                     # several processes: the gradients are gathered once reduced over them (DDP reduces the ones
                     # accumulated since the last sync; with hooks, one process, they were gathered in backward)

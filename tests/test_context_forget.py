@@ -1,0 +1,105 @@
+"""Issue 17, ``--forget_uncond_weight``: SalUn's forget objective on the unconditional (empty-prompt) branch too, with
+the unconditional branch's ordinary loss on the retain images. The loss is what it says, only masked weights train
+(SD, SD3), resume equals an uninterrupted run, it composes with ``--relearn_rho``, and bad values are refused. Tiny
+config-built pipelines on CPU (mechanics, seconds)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from salun_diffusers import load_mask
+from salun_diffusers.config import EraseConfig
+from salun_diffusers.erase import erase
+from salun_diffusers.families import PromptCond, denoiser, load_base_pipeline, model_family
+from salun_diffusers.objectives import salun_loss
+from salun_diffusers.testing import get_dummy_pipeline, save_flow_pipeline
+
+ROBUST = dict(adversarial=True, alpha=8.0, adversarial_steps=2, adversarial_lr=0.05)
+
+
+def _outside_mask_kept(result, base_dir) -> int:
+    """Asserts the weights outside the run's mask are bit-identical to the base's; returns the entries it changed."""
+    mask, _ = load_mask(result.mask_path)
+    base = {n: p.detach() for n, p in denoiser(load_base_pipeline(base_dir)).named_parameters()}
+    changed = 0
+    for name, p in result.unet.named_parameters():
+        m = mask[name]
+        assert torch.equal(p.detach()[~m], base[name][~m]), name
+        changed += int((p.detach()[m] != base[name][m]).sum())
+    return changed
+
+
+def _differs(a, b) -> int:
+    wb = dict(b.unet.named_parameters())
+    return sum(int((p.detach() != wb[n].detach()).sum()) for n, p in a.unet.named_parameters())
+
+
+def test_the_loss_adds_the_unconditional_forget_and_retain_terms():
+    """``salun_loss`` with the empty prompt's conditioning and weight w: the forget term gains w x the MSE of the
+    unconditional prediction on the forget x_t against the pseudo prompt's (detached) prediction, the retain term
+    gains the unconditional prediction's MSE against the retain images' own target, on the same x_t and t."""
+    pipe = get_dummy_pipeline(0)
+    unet, family = pipe.unet, model_family(pipe)
+    g = torch.Generator().manual_seed(0)
+    lat, r_lat = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    f_emb, pseudo, r_emb = (torch.randn(2, 77, unet.config.cross_attention_dim, generator=g) for _ in range(3))
+    empty = PromptCond(torch.randn(77, unet.config.cross_attention_dim, generator=g))
+    alpha, w = 3.0, 0.7
+    with torch.no_grad():
+        plain, plain_f, plain_r = salun_loss(unet, family, lat, f_emb, pseudo, r_lat, r_emb, alpha,
+                                             torch.Generator().manual_seed(5))
+        total, forget, retain = salun_loss(unet, family, lat, f_emb, pseudo, r_lat, r_emb, alpha,
+                                           torch.Generator().manual_seed(5), uncond_embeds=empty, uncond_weight=w)
+        # the same draws by hand: forget noise and t first, then the retain images'
+        gen = torch.Generator().manual_seed(5)
+        noisy, t, _ = family.noised(lat, gen)
+        r_noisy, r_t, r_target = family.noised(r_lat, gen)
+        target = family.predict(unet, noisy, t, pseudo)
+        unc = F.mse_loss(family.predict(unet, noisy, t, empty.expand(2)), target)
+        r_unc = F.mse_loss(family.predict(unet, r_noisy, r_t, empty.expand(2)), r_target)
+    assert float(unc) > 0 and float(r_unc) > 0
+    torch.testing.assert_close(forget, plain_f + w * unc, rtol=1e-5, atol=0)
+    torch.testing.assert_close(retain, plain_r + r_unc, rtol=1e-5, atol=0)
+    torch.testing.assert_close(total, forget + alpha * retain, rtol=1e-5, atol=0)
+    assert not torch.equal(total, plain)
+
+
+def test_only_masked_weights_train_and_the_term_changes_the_step(erase_config, dummy_pipeline_dir, tmp_path):
+    off = erase(erase_config(output_dir=str(tmp_path / "off"), max_train_steps=2, **ROBUST))
+    on = erase(erase_config(output_dir=str(tmp_path / "on"), max_train_steps=2, forget_uncond_weight=1.0, **ROBUST))
+    assert _outside_mask_kept(on, dummy_pipeline_dir) > 0  # it trained, on the mask only
+    assert _differs(on, off) > 0  # and the unconditional terms changed what it learned
+
+
+def test_with_the_relearning_move_only_masked_weights_train(erase_config, dummy_pipeline_dir, tmp_path):
+    """``--relearn_rho`` computes the retain term in its own pass: the unconditional retain term is added there."""
+    kw = dict(max_train_steps=2, relearn_rho=0.5, relearn_direction="sign", **ROBUST)
+    off = erase(erase_config(output_dir=str(tmp_path / "off"), **kw))
+    on = erase(erase_config(output_dir=str(tmp_path / "on"), forget_uncond_weight=1.0, **kw))
+    assert _outside_mask_kept(on, dummy_pipeline_dir) > 0
+    assert _differs(on, off) > 0
+
+
+def test_resumed_run_equals_an_uninterrupted_one(erase_config, killed_and_resumed, tmp_path):
+    kw = dict(max_train_steps=4, forget_uncond_weight=2.0)
+    full = erase(erase_config(output_dir=str(tmp_path / "full"), **kw))
+    resumed = killed_and_resumed(**kw)
+    a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
+    assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
+
+
+def test_flow_matching_transformer_keeps_every_weight_outside_the_mask(data_cache, tmp_path):
+    """SD3 (flow matching; the empty prompt's conditioning carries the pooled projection too)."""
+    path = save_flow_pipeline(str(tmp_path / "pipe"), "sd3")
+    common = dict(pretrained_model_name_or_path=path, concept="nudity", cache_dir=data_cache, num_forget_images=4,
+                  num_retain_images=4, data_num_inference_steps=2, max_train_steps=2, train_batch_size=2,
+                  learning_rate=1e-2, seed=0, resolution=16)
+    off = erase(EraseConfig(output_dir=str(tmp_path / "off"), **common))
+    on = erase(EraseConfig(output_dir=str(tmp_path / "on"), forget_uncond_weight=1.0, **common))
+    assert _outside_mask_kept(on, path) > 0
+    assert _differs(on, off) > 0
+
+
+def test_a_negative_weight_is_refused_in_one_line(erase_config):
+    with pytest.raises(ValueError, match="--forget_uncond_weight must be >= 0"):
+        erase_config(forget_uncond_weight=-1.0)
