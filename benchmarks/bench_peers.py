@@ -525,11 +525,10 @@ def context_plot(report: dict, path: str) -> None:
     alone = {r["digit"]: r["context"]["kept_alone"] for r in rows}
     ax.plot(digits, [100 * alone[d] for d in digits], "k_", markersize=18, mew=2, label="the kept half alone")
     ax.set_xticks(digits)
-    ax.set_xlabel("erased digit")
     ax.set_ylabel("completed as the digit (%), lower is better")
     ax.set_title("Digit world: top half of real images kept, the rest completed from the empty prompt")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=len(methods) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

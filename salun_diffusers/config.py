@@ -174,8 +174,11 @@ class EraseConfig(JsonConfigMixin):
     forget_uncond_weight: float = _f(0.0, "Weight of SalUn's forget objective on the unconditional (empty-prompt) "
                                           "branch too: eps(x_t | '') on the forget images is mapped onto the pseudo "
                                           "prompt's prediction, so that inpainting from context and the unguided "
-                                          "half of classifier-free guidance do not complete the concept. 0: off. "
-                                          "One more forward-backward of the forget batch per step.")
+                                          "half of classifier-free guidance do not complete the concept; the retain "
+                                          "images are trained unconditionally too. 0: off. Digit world, with "
+                                          "--adversarial: 2 meets the context target on all ten digits "
+                                          "(docs/robustness.md). One more forward-backward of the forget and retain "
+                                          "batches per step.")
     # issue 17: relearning resistance (docs/robustness.md, "Relearning: a sharpness-aware forget step")
     relearn_rho: float = _f(0.0, "Sharpness-aware forget step against relearning (Fan et al., ICML 2025): each step "
                                  "evaluates the forget term at the weights moved by one relearning step of norm rho "
