@@ -4,9 +4,9 @@
 * :func:`build_parser`: an argparse parser whose flags come from dataclass configs (flag names = field names, help
   from field metadata), with ``--debug``, and argparse errors on one line naming ``--help``.
 * :func:`run_main`: runs the tool; a user mistake (:data:`USER_ERRORS`) becomes ``prog: error: <message> (--debug
-  shows the traceback)`` on one line of stderr and exit code 2; a diverged run (``FloatingPointError``) or running out
-  of memory exit 1 with one line; Ctrl-C exits 130 (with how to resume, where the tool resumes). ``--debug`` re-raises
-  errors (not Ctrl-C).
+  shows the traceback)`` on one line of stderr and exit code 2, as does a diverged run (``FloatingPointError``: a
+  non-finite loss, gradient or weight); running out of memory exits 1 with one line; Ctrl-C exits 130 (with how to
+  resume, where the tool resumes). ``--debug`` re-raises errors (not Ctrl-C).
 """
 
 from __future__ import annotations
@@ -134,8 +134,9 @@ def _one_line(prog: str, exc: BaseException, tail: str = "(--debug shows the tra
 
 def run_main(prog: str, fn: Callable[[], int], debug: bool = False, resume_hint: Optional[str] = None,
              oom_advice: str = OOM_ADVICE) -> int:
-    """``fn()``'s exit code. One line on stderr and: 2 for a user mistake (:data:`USER_ERRORS`); 1 for a diverged run
-    (``FloatingPointError``) or ``torch.OutOfMemoryError`` (with ``oom_advice``); 130 on Ctrl-C (with
+    """``fn()``'s exit code. One line on stderr and: 2 for a user mistake (:data:`USER_ERRORS`) or a diverged run
+    (``FloatingPointError``: the fix is a setting, named in the message); 1 for ``torch.OutOfMemoryError`` (with
+    ``oom_advice``); 130 on Ctrl-C (with
     ``resume_hint``, how to continue, where the tool resumes). With ``debug`` an error is re-raised (traceback)."""
     try:
         return fn()
@@ -143,7 +144,7 @@ def run_main(prog: str, fn: Callable[[], int], debug: bool = False, resume_hint:
         if debug:
             raise
         _one_line(prog, exc)
-        return 1
+        return 2
     except OutOfMemoryError as exc:  # a setting to change, not a bug (a RuntimeError, not an OSError)
         if debug:
             raise

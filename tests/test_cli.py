@@ -57,7 +57,7 @@ def test_run_main_exit_codes_and_messages(capsys):
     assert cli_args.run_main("tool", lambda: 0) == 0
     assert cli_args.run_main("tool", raising(FileNotFoundError("no file\n  'x'"))) == 2
     assert capsys.readouterr().err == "tool: error: no file 'x' (--debug shows the traceback)\n"
-    assert cli_args.run_main("tool", raising(FloatingPointError("diverged at step 3"))) == 1
+    assert cli_args.run_main("tool", raising(FloatingPointError("diverged at step 3"))) == 2
     assert capsys.readouterr().err == "tool: error: diverged at step 3 (--debug shows the traceback)\n"
     oom = cli_args.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore text")
     assert cli_args.run_main("tool", raising(oom), oom_advice="Lower --batch_size.") == 1

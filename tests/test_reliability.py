@@ -159,10 +159,10 @@ def test_a_non_finite_saliency_is_refused():
         compute_saliency(model, [0], loss_fn)
 
 
-def test_train_erase_exits_1_on_divergence_with_one_line(dummy_pipeline_dir, data_cache, tmp_path, capsys):
+def test_train_erase_exits_2_on_divergence_with_one_line(dummy_pipeline_dir, data_cache, tmp_path, capsys):
     out = tmp_path / "out"
     argv = _tiny_argv(dummy_pipeline_dir, data_cache, out, "--max_train_steps", "2", "--alpha", "1e300")
-    assert train_erase.main(argv) == 1
+    assert train_erase.main(argv) == 2
     err = capsys.readouterr().err
     assert len(_error_lines(err)) == 1 and "diverged at step 1" in err and "Traceback" not in err
     assert not os.path.exists(out / WEIGHTS_NAME)

@@ -244,7 +244,7 @@ def test_sharded_saliency_equals_one_process(family, scope, port, change, tmp_pa
 ])
 def test_sharded_divergence_stops_every_process_in_one_line(nan_rank, port, extra, tmp_path):
     """A non-finite loss in a sharded run (train_erase.py --shard_weights, two processes started without torchrun,
-    which would end the others when one fails): every process ends by itself with exit code 1 (a diverged run) and
+    which would end the others when one fails): every process ends by itself with exit code 2 (a diverged run) and
     one line "training diverged at step N: the loss is ... in process R" on stderr, no traceback, and no erasure is
     written; also when only one process's loss is non-finite (the decision is all-reduced: a process stopping alone
     left the other waiting in backward's reduce-scatter)."""
@@ -254,7 +254,7 @@ def test_sharded_divergence_stops_every_process_in_one_line(nan_rank, port, extr
     out = tmp_path / "out"
     codes, errs = _cli(port, _cli_args(base_dir, tmp_path, "--max_train_steps", "3", *extra), nan_rank=nan_rank)
     step, bad, bad_rank = ("1", "inf", "0") if nan_rank == "-" else ("2", "nan", "1")
-    for line in _error_lines(codes, errs, 1):
+    for line in _error_lines(codes, errs, 2):
         assert line.startswith(f"training diverged at step {step}: the loss is {bad} in process {bad_rank}; no "
                                "erasure was written"), line
     assert not os.path.exists(out / WEIGHTS_NAME)
