@@ -152,7 +152,7 @@ def _top_k_shards(flats, k, rank: int, world: int, all_reduce) -> list:
 
     if int(totals([torch.count_nonzero((f < 0) | f.isnan()) for f in flats]).sum()):  # every process raises alike
         raise ValueError("saliency must be non-negative and not NaN (pass |gradient|, e.g. from compute_saliency)")
-    bits = [f.view(torch.int32) for f in flats]
+    bits = [f.abs().view(torch.int32) for f in flats]  # -0.0 (bit pattern 0x80000000) as 0.0, as _select_top_k does
     lo = torch.zeros_like(ks)  # per threshold: count(bits >= lo) >= k > count(bits >= hi)
     hi = torch.full_like(ks, FLOAT32_INF_BITS + 1)
     zero = torch.zeros((), dtype=torch.int64, device=device)

@@ -51,6 +51,19 @@ def diffusion_loss(unet, scheduler, latents, embeds: Cond, generator, added_cond
     return F.mse_loss(pred.float(), target.float())
 
 
+def retain_loss(unet, scheduler, latents, embeds: Cond, generator, uncond_embeds=None) -> torch.Tensor:
+    """The retain term alone (:func:`salun_loss`'s, in its own pass): the ordinary denoising MSE of the retain
+    images; with ``uncond_embeds`` (one prompt's conditioning, ``--forget_uncond_weight``) plus the unconditional
+    prediction's MSE on the same ``x_t``."""
+    family = as_family(scheduler)
+    noisy, t, target = family.noised(latents, generator)
+    loss = F.mse_loss(family.predict(unet, noisy, t, embeds).float(), target.float())
+    if uncond_embeds is not None:
+        loss = loss + F.mse_loss(family.predict(unet, noisy, t, uncond_embeds.expand(len(latents))).float(),
+                                 target.float())
+    return loss
+
+
 def salun_loss(unet, scheduler, forget_latents, forget_embeds: Cond, pseudo_embeds: Cond, retain_latents,
                retain_embeds: Cond, alpha: float, generator: torch.Generator, adversarial_embeds=None,
                adversarial_weight: float = 1.0, uncond_embeds=None, uncond_weight: float = 0.0):

@@ -103,3 +103,41 @@ def test_flow_matching_transformer_keeps_every_weight_outside_the_mask(data_cach
 def test_a_negative_weight_is_refused_in_one_line(erase_config):
     with pytest.raises(ValueError, match="--forget_uncond_weight must be >= 0"):
         erase_config(forget_uncond_weight=-1.0)
+
+
+class _Backward:  # what the step needs of accelerate: backward
+    @staticmethod
+    def backward(loss):
+        loss.backward()
+
+
+def test_the_relearning_step_has_the_same_unconditional_terms():
+    """``--relearn_rho`` computes the forget and the retain term in two passes: with a zero move and the unconditional
+    terms on, its loss and gradients are SalUn's one-pass ones (the same draws: the unconditional retain term on the
+    retain images' own x_t), up to float32 summation order."""
+    from salun_diffusers.erasure import training
+    from salun_diffusers.erasure.sharpness import RelearnPerturbation
+
+    pipe = get_dummy_pipeline(0)
+    unet, family = pipe.unet, model_family(pipe)
+    g = torch.Generator().manual_seed(0)
+    lat, r_lat = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    f_emb, pseudo, r_emb = (torch.randn(2, 77, unet.config.cross_attention_dim, generator=g) for _ in range(3))
+    empty = PromptCond(torch.randn(77, unet.config.cross_attention_dim, generator=g))
+    config = EraseConfig(pretrained_model_name_or_path="x", concept="nudity", alpha=3.0, relearn_rho=1.0,
+                         forget_uncond_weight=0.7)
+    loss, _, retain = salun_loss(unet, family, lat, f_emb, pseudo, r_lat, r_emb, 3.0, torch.Generator().manual_seed(5),
+                                 uncond_embeds=empty, uncond_weight=0.7)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in unet.named_parameters()}
+    unet.zero_grad(set_to_none=True)
+    move = RelearnPerturbation(unet, {}, config)
+    move.rho = 0.0
+    total, _, two_pass_retain = training.sharpness_aware_backward(
+        _Backward, unet, family, move, lat, f_emb, pseudo, r_lat, r_emb, config, torch.Generator().manual_seed(5),
+        None, seed=7, step=1, uncond_emb=empty)
+    torch.testing.assert_close(two_pass_retain, retain, rtol=1e-5, atol=0)
+    torch.testing.assert_close(total, loss.detach(), rtol=1e-5, atol=0)
+    for n, p in unet.named_parameters():
+        scale = float(want[n].abs().max())
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-5 * scale, msg=n)

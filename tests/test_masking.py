@@ -78,7 +78,8 @@ def test_sharded_top_k_selects_what_one_process_selects(world, ratio):
     (the check, 31 or 32 bisection rounds, the tie table), the same in every process."""
     from salun_diffusers.masking import _select_top_k
 
-    sal = dict(_saliency(), one_row=torch.tensor([[2.0, 1.0, 2.0]]), more_ties=torch.full((7, 3), 1.0))
+    sal = dict(_saliency(), one_row=torch.tensor([[2.0, 1.0, 2.0]]), more_ties=torch.full((7, 3), 1.0),
+               negative_zeros=torch.tensor([[-0.0, 0.0], [-0.0, 1.0]]))  # -0.0 is a zero (its sign bit is set)
     k = round(ratio * sum(t.numel() for t in sal.values()))
     want = _select_top_k(sal, k)
     got, calls = _sharded_top_k(sal, k, world)

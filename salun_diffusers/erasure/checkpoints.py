@@ -313,7 +313,9 @@ def save_sharded_checkpoint(accelerator, config: EraseConfig, step: int, state: 
     _together(accelerator, lambda: main and _begin(config, step), failed)
     state = dict(state, step=step, rank=rank, world_size=accelerator.num_processes)
     _together(accelerator, lambda: torch.save(state, os.path.join(tmp, rank_file(rank))), failed)
-    _together(accelerator, lambda: main and _seal(config, step, tmp), failed)
+    _together(accelerator, lambda: main and _seal(config, step, tmp), lambda k: OSError(
+        f"process {k} failed sealing checkpoint-{step} or pruning older checkpoints (its error is in its output): "
+        f"check {config.output_dir!r} (space, permissions) before resuming from its latest complete checkpoint"))
 
 
 def load_sharded_checkpoint(accelerator, path: str, restore: Callable[[dict], None]) -> None:

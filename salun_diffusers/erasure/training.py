@@ -21,7 +21,7 @@ from ..concepts import ConceptSpec
 from ..config import EraseConfig
 from ..families import PromptCond
 from ..masking import MaskedAdamW, MaskedUpdate, _local, sum_over_shards
-from ..objectives import diffusion_loss, salun_loss
+from ..objectives import retain_loss, salun_loss
 from .checkpoints import load_sharded_checkpoint, save_checkpoint, save_sharded_checkpoint
 from .data import ConceptData
 from .sharpness import check_relearn_fits, make_perturbation
@@ -133,9 +133,7 @@ def sharpness_aware_backward(accelerator, unet, scheduler, perturbation, latents
         perturbation.undo()
     retain = torch.zeros((), device=forget.device)
     if r_lat is not None and config.alpha != 0:
-        retain = diffusion_loss(unet, scheduler, r_lat, r_emb, noise_gen)
-        if uncond_emb is not None:  # --forget_uncond_weight: the unconditional branch on the retain images too
-            retain = retain + diffusion_loss(unet, scheduler, r_lat, uncond_emb.expand(len(r_lat)), noise_gen)
+        retain = retain_loss(unet, scheduler, r_lat, r_emb, noise_gen, uncond_emb)
         check_finite(retain, "loss", step, config)
         accelerator.backward(config.alpha * retain)
     return forget.detach() + config.alpha * retain.detach(), forget.detach(), retain.detach()
