@@ -34,16 +34,23 @@ def _differs(a, b) -> int:
     return sum(int((p.detach() != wb[n].detach()).sum()) for n, p in a.unet.named_parameters())
 
 
-def test_the_loss_adds_the_unconditional_forget_and_retain_terms():
-    """``salun_loss`` with the empty prompt's conditioning and weight w: the forget term gains w x the MSE of the
-    unconditional prediction on the forget x_t against the pseudo prompt's (detached) prediction, the retain term
-    gains the unconditional prediction's MSE against the retain images' own target, on the same x_t and t."""
+def _step_inputs():
+    """The tiny U-Net, its family, forget and retain latents, forget / pseudo / retain conditionings and the empty
+    prompt's (one prompt), all seeded."""
     pipe = get_dummy_pipeline(0)
     unet, family = pipe.unet, model_family(pipe)
     g = torch.Generator().manual_seed(0)
     lat, r_lat = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     f_emb, pseudo, r_emb = (torch.randn(2, 77, unet.config.cross_attention_dim, generator=g) for _ in range(3))
-    empty = PromptCond(torch.randn(77, unet.config.cross_attention_dim, generator=g))
+    return unet, family, lat, r_lat, f_emb, pseudo, r_emb, PromptCond(
+        torch.randn(77, unet.config.cross_attention_dim, generator=g))
+
+
+def test_the_loss_adds_the_unconditional_forget_and_retain_terms():
+    """``salun_loss`` with the empty prompt's conditioning and weight w: the forget term gains w x the MSE of the
+    unconditional prediction on the forget x_t against the pseudo prompt's (detached) prediction, the retain term
+    gains the unconditional prediction's MSE against the retain images' own target, on the same x_t and t."""
+    unet, family, lat, r_lat, f_emb, pseudo, r_emb, empty = _step_inputs()
     alpha, w = 3.0, 0.7
     with torch.no_grad():
         plain, plain_f, plain_r = salun_loss(unet, family, lat, f_emb, pseudo, r_lat, r_emb, alpha,
@@ -118,12 +125,7 @@ def test_the_relearning_step_has_the_same_unconditional_terms():
     from salun_diffusers.erasure import training
     from salun_diffusers.erasure.sharpness import RelearnPerturbation
 
-    pipe = get_dummy_pipeline(0)
-    unet, family = pipe.unet, model_family(pipe)
-    g = torch.Generator().manual_seed(0)
-    lat, r_lat = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    f_emb, pseudo, r_emb = (torch.randn(2, 77, unet.config.cross_attention_dim, generator=g) for _ in range(3))
-    empty = PromptCond(torch.randn(77, unet.config.cross_attention_dim, generator=g))
+    unet, family, lat, r_lat, f_emb, pseudo, r_emb, empty = _step_inputs()
     config = EraseConfig(pretrained_model_name_or_path="x", concept="nudity", alpha=3.0, relearn_rho=1.0,
                          forget_uncond_weight=0.7)
     loss, _, retain = salun_loss(unet, family, lat, f_emb, pseudo, r_lat, r_emb, 3.0, torch.Generator().manual_seed(5),
