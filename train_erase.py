@@ -54,8 +54,8 @@ def parse_args(argv=None) -> EraseConfig:
 
 def main(argv=None) -> int:
     """Run an erasure. Exit codes: 0 done; 2 a user mistake (bad flag value, unusable folder, output in use or
-    already there), one line on stderr; 1 training diverged (non-finite loss, gradient or weight) or ran out of
-    memory; 130 interrupted."""
+    already there) or a diverged run (non-finite loss, gradient or weight), one line on stderr; 1 out of memory;
+    130 interrupted."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = erase_parser().parse_args(argv)
     return run_main(PROG, lambda: _run(config_of(args)), debug=args.debug,

