@@ -19,6 +19,7 @@ import typing
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .utils import flag_field  # noqa: F401  (the dataclass field of a flag: kept here for the CLI modules)
@@ -149,8 +150,6 @@ def leave_process_group() -> None:
     """Destroy this process's ``torch.distributed`` group if one is open. A gloo process that exited with its group
     still open aborted now and then at exit (SIGABRT, "terminate called without an active exception", after its
     one-line error: 5 of 20 two-process runs of a script that all-reduces and exits 2; 0 of 60 with this)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
