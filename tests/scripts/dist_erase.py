@@ -177,5 +177,10 @@ def checkpoint_faults(out_dir: str, record: str) -> None:
 
 
 if __name__ == "__main__":
-    {"erase": erase_run, "fsdp-probe": fsdp_probe, "fsdp-forced": fsdp_forced, "cli": cli,
-     "checkpoint-faults": checkpoint_faults}[sys.argv[1]](*sys.argv[2:])
+    from salun_diffusers.cli_args import leave_process_group
+
+    try:
+        {"erase": erase_run, "fsdp-probe": fsdp_probe, "fsdp-forced": fsdp_forced, "cli": cli,
+         "checkpoint-faults": checkpoint_faults}[sys.argv[1]](*sys.argv[2:])
+    finally:  # a gloo process exiting with its group open aborts now and then (SIGABRT)
+        leave_process_group()

@@ -42,4 +42,9 @@ def main(out_path: str, family: str = "unet") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    from salun_diffusers.cli_args import leave_process_group
+
+    try:
+        main(*sys.argv[1:3])
+    finally:  # a gloo process exiting with its group open aborts now and then (SIGABRT)
+        leave_process_group()
