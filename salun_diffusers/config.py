@@ -200,6 +200,10 @@ class EraseConfig(JsonConfigMixin):
                                               "take more than their share of the damage); off: with 1 (raise every "
                                               "prompt whose probe MSE rose; on the digit world every one rises 5-30 "
                                               "percent, so all weights reach the maximum, a larger alpha).")
+    adaptive_retain_normalize: str = _f("batch", "--adaptive_retain's retain term: sum_i w_i * MSE_i divided by the "
+                                                 "batch size ('batch': weights above 1 add retain pressure) or by "
+                                                 "sum_i w_i ('weights': the same total pressure, moved towards the "
+                                                 "heavier prompts).", choices=["batch", "weights"])
     adaptive_retain_probe: int = _f(16, "Probe images per retain prompt of --adaptive_retain (fewer if the prompt "
                                         "has fewer retain images).")
     # issue 17: relearning resistance (docs/robustness.md, "Relearning: a sharpness-aware forget step")
@@ -298,6 +302,9 @@ class EraseConfig(JsonConfigMixin):
         if self.relearn_rho and self.optimizer_in_backward:
             raise ValueError("--relearn_rho moves the weights and back around the forget term, which "
                              "--optimizer_in_backward would step in the moved state: drop one of them")
+        if self.adaptive_retain_normalize not in ("batch", "weights"):
+            raise ValueError(f"--adaptive_retain_normalize must be batch or weights, got "
+                             f"{self.adaptive_retain_normalize!r}")
         if self.relearn_scope not in ("all", "mask") or self.relearn_direction not in ("gradient", "sign"):
             raise ValueError(f"--relearn_scope must be all or mask (got {self.relearn_scope!r}) and "
                              f"--relearn_direction gradient or sign (got {self.relearn_direction!r})")

@@ -135,7 +135,8 @@ def sharpness_aware_backward(accelerator, unet, scheduler, perturbation, latents
         perturbation.undo()
     retain = torch.zeros((), device=forget.device)
     if r_lat is not None and config.alpha != 0:
-        retain = retain_loss(unet, scheduler, r_lat, r_emb, noise_gen, uncond_emb, retain_weights)
+        retain = retain_loss(unet, scheduler, r_lat, r_emb, noise_gen, uncond_emb, retain_weights,
+                             config.adaptive_retain_normalize)
         check_finite(retain, "loss", step, config)
         accelerator.backward(config.alpha * retain)
     return forget.detach() + config.alpha * retain.detach(), forget.detach(), retain.detach()
@@ -256,7 +257,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                     loss, forget_term, retain_term = salun_loss(
                         unet_prepared, scheduler, data.forget_latents[f_idx], f_emb,
                         pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight,
-                        u_emb, config.forget_uncond_weight, r_w)
+                        u_emb, config.forget_uncond_weight, r_w, config.adaptive_retain_normalize)
                     check_finite_loss(loss, global_step + 1, config, accelerator)
                     accelerator.backward(loss)
                 else:  # --relearn_rho: the forget term one relearning step away, the retain term at the weights
