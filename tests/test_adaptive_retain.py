@@ -62,6 +62,11 @@ def test_the_retain_term_is_the_weighted_per_sample_mse():
         ones = salun_loss(unet, family, lat, f_emb, pseudo, r_lat, r_emb, alpha, torch.Generator().manual_seed(5),
                           uncond_embeds=empty, uncond_weight=2.0, retain_weights=torch.ones(3))
     torch.testing.assert_close(ones[2], plain[2], rtol=1e-5, atol=0)
+    with torch.no_grad():  # --adaptive_retain_normalize weights: divided by the weights' sum, a weighted mean
+        _, _, mean = salun_loss(unet, family, lat, f_emb, pseudo, r_lat, r_emb, alpha,
+                                torch.Generator().manual_seed(5), uncond_embeds=empty, uncond_weight=2.0,
+                                retain_weights=w, retain_normalize="weights")
+    torch.testing.assert_close(mean, want * 3 / w.sum(), rtol=1e-5, atol=0)
 
 
 def test_off_the_loss_is_todays():
@@ -178,6 +183,7 @@ def test_resumed_run_equals_an_uninterrupted_one(erase_config, killed_and_resume
     (dict(adaptive_retain_tolerance=-0.1), "--adaptive_retain_tolerance must be >= 0.0"),
     (dict(adaptive_retain_probe=0), "--adaptive_retain_probe must be >= 1"),
     (dict(adaptive_retain_rate=float("nan")), "--adaptive_retain_rate must be a finite number"),
+    (dict(adaptive_retain_normalize="sum"), "--adaptive_retain_normalize must be batch or weights"),
 ])
 def test_bad_values_are_refused_in_one_line(bad, message):
     with pytest.raises(ValueError, match=message) as err:
