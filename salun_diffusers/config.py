@@ -186,8 +186,9 @@ class EraseConfig(JsonConfigMixin):
                                       "weight w_p <- clamp(w_p * exp(rate * (r_p / r0_p - ref - tolerance)), 1, "
                                       "--adaptive_retain_max), ref the mean ratio over the retain prompts "
                                       "(--adaptive_retain_relative) or 1, weights the retain term "
-                                      "alpha * sum_i w_p(i) * MSE_i / batch. Off: the plain retain mean. Needs "
-                                      "retain images; not with sharded weights.")
+                                      "alpha * sum_i w_p(i) * MSE_i / N (--adaptive_retain_normalize). Off: the "
+                                      "plain retain mean. Needs retain images; not with sharded weights. Digit "
+                                      "world: tried, not adopted (docs/robustness.md).")
     adaptive_retain_max: float = _f(4.0, "Largest weight of one retain prompt under --adaptive_retain (>= 1).")
     adaptive_retain_every: int = _f(5, "Score the --adaptive_retain probe and update the weights every k optimizer "
                                        "steps.")
@@ -199,7 +200,7 @@ class EraseConfig(JsonConfigMixin):
                                               "ratio over the retain prompts (raise the weights of the prompts that "
                                               "take more than their share of the damage); off: with 1 (raise every "
                                               "prompt whose probe MSE rose; on the digit world every one rises 5-30 "
-                                              "percent, so all weights reach the maximum, a larger alpha).")
+                                              "percent, so nearly all weights reach the maximum: a larger alpha).")
     adaptive_retain_normalize: str = _f("batch", "--adaptive_retain's retain term: sum_i w_i * MSE_i divided by the "
                                                  "batch size ('batch': weights above 1 add retain pressure) or by "
                                                  "sum_i w_i ('weights': the same total pressure, moved towards the "

@@ -14,7 +14,7 @@ from salun_diffusers.erasure.adaptive_retain import AdaptiveRetain, check_adapti
 from salun_diffusers.erasure.data import ConceptData
 from salun_diffusers.families import PromptCond, cat_conds, denoiser, load_base_pipeline, model_family
 from salun_diffusers.objectives import salun_loss
-from salun_diffusers.testing import get_dummy_pipeline
+from salun_diffusers.testing import get_dummy_pipeline, save_flow_pipeline
 
 ROBUST = dict(adversarial=True, alpha=8.0, adversarial_steps=2, adversarial_lr=0.05, forget_uncond_weight=2.0)
 # two retain prompts, so that each has its own weight; against 1 (not the mean), so that a rising probe MSE moves them
@@ -174,6 +174,17 @@ def test_resumed_run_equals_an_uninterrupted_one(erase_config, killed_and_resume
     assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
     assert full.metrics["final"]["adaptive_retain"] == resumed.metrics["final"]["adaptive_retain"]
     assert max(full.metrics["final"]["adaptive_retain"]["weights"].values()) > 1.0
+
+
+def test_flow_matching_transformer_keeps_every_weight_outside_the_mask(data_cache, tmp_path):
+    """SD3 (flow matching: the probe's targets are velocities, the conditioning carries the pooled projection)."""
+    path = save_flow_pipeline(str(tmp_path / "pipe"), "sd3")
+    on = erase(EraseConfig(pretrained_model_name_or_path=path, concept="nudity", cache_dir=data_cache,
+                           num_forget_images=4, num_retain_images=4, data_num_inference_steps=2, max_train_steps=3,
+                           train_batch_size=2, seed=0, resolution=16, output_dir=str(tmp_path / "on"),
+                           **{**RISING, "adversarial": False}, **ADAPTIVE))
+    assert _outside_mask_kept(on, path) > 0
+    assert set(on.metrics["final"]["adaptive_retain"]["weights"]) == set(ADAPTIVE["retain_prompt"])
 
 
 @pytest.mark.parametrize("bad, message", [

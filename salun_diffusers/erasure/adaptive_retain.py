@@ -67,7 +67,16 @@ class AdaptiveRetain:
 
     @torch.no_grad()
     def score(self, unet) -> torch.Tensor:
-        """The probe's MSE per prompt id (0 for prompts without retain images), with ``unet``'s current weights."""
+        """The probe's MSE per prompt id (0 for prompts without retain images), with ``unet``'s current weights (in
+        eval mode, so that no dropout draws into it; its mode is restored)."""
+        was_training = unet.training
+        unet.eval()
+        try:
+            return self._score(unet)
+        finally:
+            unet.train(was_training)
+
+    def _score(self, unet) -> torch.Tensor:
         per_sample = []
         for i in range(0, len(self.probe_ids), PROBE_CHUNK):
             sl = slice(i, i + PROBE_CHUNK)
@@ -89,11 +98,12 @@ class AdaptiveRetain:
         c = self.config
         ratio = self.ratios()
         ref = float(ratio[self.prompts].mean()) if c.adaptive_retain_relative else 1.0
+        top = math.log(c.adaptive_retain_max)
         for p in self.prompts:
-            if self.base[p] > 0:
-                w = float(self.weights[p]) * math.exp(c.adaptive_retain_rate
-                                                      * (float(ratio[p]) - ref - c.adaptive_retain_tolerance))
-                self.weights[p] = min(max(w, 1.0), c.adaptive_retain_max)
+            if self.base[p] > 0:  # in the log domain, clamped there: a large rise cannot overflow exp
+                step = c.adaptive_retain_rate * (float(ratio[p]) - ref - c.adaptive_retain_tolerance)
+                log_w = math.log(float(self.weights[p])) + (step if math.isfinite(step) else math.inf)
+                self.weights[p] = math.exp(min(max(log_w, 0.0), top))
 
     def ratios(self) -> torch.Tensor:
         return torch.where(self.base > 0, self.last / self.base.clamp(min=1e-30), torch.ones_like(self.base))
