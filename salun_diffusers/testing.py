@@ -20,6 +20,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
                           T5TokenizerFast)
 
+from .families import denoiser, load_base_pipeline
+from .masking import load_mask
 from .tokenizer import build_word_tokenizer
 
 TEST_WORDS = ("a photo of nude person wearing clothes naked handwritten digit zero one two three four five six seven "
@@ -229,3 +231,16 @@ def drop_final_outputs(output_dir: str, denoiser: str = "unet") -> None:
     for name in ("erasure.safetensors", "erasure_config.json", denoiser):
         path = os.path.join(output_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def changed_inside_mask(result, base_dir: str) -> int:
+    """Asserts that an erasure ``result`` (``erase()``'s) left every weight outside its saliency mask bit-identical to
+    the base pipeline's at ``base_dir`` (``torch.equal``); returns how many entries inside the mask it changed."""
+    mask, _ = load_mask(result.mask_path)
+    base = {n: p.detach() for n, p in denoiser(load_base_pipeline(base_dir)).named_parameters()}
+    changed = 0
+    for name, p in result.unet.named_parameters():
+        m = mask[name]
+        assert torch.equal(p.detach()[~m], base[name][~m]), name
+        changed += int((p.detach()[m] != base[name][m]).sum())
+    return changed
