@@ -22,6 +22,7 @@ in checkpoints (accelerate's custom state), so a resumed run equals an uninterru
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Dict, Optional
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 PROBE_SEED = 1_234_577  # the probe's draws (images, noise, timesteps), beside the run's --seed
 PROBE_CHUNK = 64  # probe images per forward pass
+NEEDS_RETAIN = ("--adaptive_retain weights the retain term: it needs retain images (--num_retain_images > 0 or "
+                "--retain_data_dir) and --alpha > 0; drop --adaptive_retain")
 
 
 class AdaptiveRetain:
@@ -80,10 +83,7 @@ class AdaptiveRetain:
         per_sample = []
         for i in range(0, len(self.probe_ids), PROBE_CHUNK):
             sl = slice(i, i + PROBE_CHUNK)
-            if self.autocast is not None:
-                with self.autocast():
-                    pred = self.family.predict(unet, self.noisy[sl], self.t[sl], self.embeds[sl])
-            else:
+            with (self.autocast or contextlib.nullcontext)():
                 pred = self.family.predict(unet, self.noisy[sl], self.t[sl], self.embeds[sl])
             per_sample.append((pred.float() - self.target[sl].float()).pow(2).flatten(1).mean(1).cpu())
         per_sample = torch.cat(per_sample).double()
@@ -134,8 +134,7 @@ def check_adaptive_retain_fits(config: EraseConfig, sharded: bool) -> None:
         raise ValueError("--adaptive_retain scores its probe with the whole denoiser, which sharded weights do not "
                          "hold in one process: drop --adaptive_retain or --shard_weights (and FSDP)")
     if config.adaptive_retain and (not config.alpha or (config.num_retain_images == 0 and not config.retain_data_dir)):
-        raise ValueError("--adaptive_retain weights the retain term: it needs retain images "
-                         "(--num_retain_images > 0 or --retain_data_dir) and --alpha > 0; drop --adaptive_retain")
+        raise ValueError(NEEDS_RETAIN)
 
 
 def make_adaptive_retain(unet, scheduler, data: ConceptData, config: EraseConfig, sharded: bool = False,
@@ -144,7 +143,6 @@ def make_adaptive_retain(unet, scheduler, data: ConceptData, config: EraseConfig
     if not config.adaptive_retain:
         return None
     check_adaptive_retain_fits(config, sharded)
-    if data.retain_latents is None or not config.alpha:
-        raise ValueError("--adaptive_retain weights the retain term: it needs retain images "
-                         "(--num_retain_images > 0 or --retain_data_dir) and --alpha > 0; drop --adaptive_retain")
+    if data.retain_latents is None:  # none were drawn (check_adaptive_retain_fits saw the flags)
+        raise ValueError(NEEDS_RETAIN)
     return AdaptiveRetain(unet, scheduler, data, config, autocast)
