@@ -106,10 +106,11 @@ def preset_setting(method: str) -> dict:
 FROZEN: Dict[str, dict] = {"salun": {}, "salun-adv": {}, **{m: preset_setting(m) for m in GRID if m in PEERS}}
 METHODS = tuple(GRID)
 # The SalUn rows' EraseConfig fields (train_erase.py flags); a --variant row adds its own.
-# salun-adv: --adversarial as the ten-digit table measured it (alpha 4; the digit presets' --adversarial is alpha 8 since
-# issue 17, docs/robustness.md).
-# The alpha-8 rows: --variant salun-adv-a8='{"adversarial": true, "alpha": 8.0}'.
-SALUN_ROWS: Dict[str, dict] = {"salun": {}, "salun-adv": {"adversarial": True, "alpha": 4.0}}
+# salun-adv: --adversarial as the ten-digit table measured it (alpha 4, no unconditional forget term; the digit presets'
+# --adversarial is alpha 8 with --forget_uncond_weight 2 since issue 17, docs/robustness.md).
+# The alpha-8 rows: --variant salun-adv-a8='{"adversarial": true, "alpha": 8.0, "forget_uncond_weight": 0}'.
+SALUN_ROWS: Dict[str, dict] = {"salun": {},
+                               "salun-adv": {"adversarial": True, "alpha": 4.0, "forget_uncond_weight": 0.0}}
 REFERENCE = "never learned"
 BASE = "base"
 ROW_NAMES = (BASE,) + METHODS + (REFERENCE,)

@@ -171,14 +171,13 @@ class EraseConfig(JsonConfigMixin):
     adversarial_lr: float = _f(1e-2, "Step size of the inner conditioning attack.")
     adversarial_weight: float = _f(4.0, "Weight of the forget objective on the adversarial conditionings.")
     # issue 17: the context probe (docs/robustness.md, "Context-aware forget term")
-    forget_uncond_weight: float = _f(0.0, "Weight of SalUn's forget objective on the unconditional (empty-prompt) "
-                                          "branch too: eps(x_t | '') on the forget images is mapped onto the pseudo "
-                                          "prompt's prediction, so that inpainting from context and the unguided "
-                                          "half of classifier-free guidance do not complete the concept; the retain "
-                                          "images are trained unconditionally too. 0: off. Digit world, with "
-                                          "--adversarial: 2 meets the context target on all ten digits "
-                                          "(docs/robustness.md). One more forward-backward of the forget and retain "
-                                          "batches per step.")
+    forget_uncond_weight: Optional[float] = _f(
+        None, "Weight of SalUn's forget objective on the unconditional (empty-prompt) branch too: eps(x_t | '') on "
+              "the forget images is mapped onto the pseudo prompt's prediction, so that inpainting from context and "
+              "the unguided half of classifier-free guidance do not complete the concept; the retain images are "
+              "trained unconditionally too. Default 0 (off); 2 under the digit presets' --adversarial, where it "
+              "meets the context target on all ten digits (docs/robustness.md). One more forward-backward of the "
+              "forget and retain batches per step.")
     # issue 17: the retained drop on every digit (docs/robustness.md, "An adaptive retain weight")
     adaptive_retain: bool = _f(False, "Adaptive, per-retain-prompt retain weight: a fixed probe (a few retain images "
                                       "per retain prompt with fixed noise and timesteps) is scored with the base "

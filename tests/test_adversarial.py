@@ -80,17 +80,23 @@ def test_bad_adversarial_config_is_rejected_with_the_fix(erase_config, overrides
 
 
 def test_adversarial_digit_preset_raises_the_retain_weight_unless_alpha_is_given():
-    """Issue 17: --adversarial takes the digit preset's alpha 8 (plain SalUn keeps 2); an explicit --alpha wins, also
+    """Issue 17: --adversarial takes the digit preset's alpha 8 and --forget_uncond_weight 2 (plain SalUn keeps 2 and
+    0); an explicit --alpha wins, also
     in a joint run (the first concept's preset) and with the preset's prompts overridden; presets without it (nudity)
     and concepts of your own keep their alpha."""
     from salun_diffusers.config import EraseConfig
 
     assert EraseConfig(concept="seven").alpha == 2.0
     assert EraseConfig(concept="seven", adversarial=True).alpha == 8.0
+    # and the forget objective on the unconditional branch (weight 2); off without --adversarial, an explicit 0 wins
+    assert EraseConfig(concept="seven").forget_uncond_weight == 0.0
+    assert EraseConfig(concept="seven", adversarial=True).forget_uncond_weight == 2.0
+    assert EraseConfig(concept="seven", adversarial=True, forget_uncond_weight=0.0).forget_uncond_weight == 0.0
     assert EraseConfig(concept="seven", adversarial=True, alpha=2.0).alpha == 2.0
     assert EraseConfig(concept=["two", "seven"], adversarial=True).alpha == 8.0
     assert EraseConfig(concept="seven", forget_prompt="a handwritten digit seven", adversarial=True).alpha == 8.0
     sd = dict(pretrained_model_name_or_path="CompVis/stable-diffusion-v1-4")
     assert EraseConfig(concept="nudity", adversarial=True, **sd).alpha == 0.1
+    assert EraseConfig(concept="nudity", adversarial=True, **sd).forget_uncond_weight == 0.0
     own = EraseConfig(concept="cat", forget_prompt="a cat", pseudo_prompt=["a dog"], adversarial=True, **sd)
-    assert own.alpha == 0.1
+    assert own.alpha == 0.1 and own.forget_uncond_weight == 0.0
