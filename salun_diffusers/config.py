@@ -175,8 +175,8 @@ class EraseConfig(JsonConfigMixin):
         None, "Weight of SalUn's forget objective on the unconditional (empty-prompt) branch too: eps(x_t | '') on "
               "the forget images is mapped onto the pseudo prompt's prediction, so that inpainting from context and "
               "the unguided half of classifier-free guidance do not complete the concept; the retain images are "
-              "trained unconditionally too. Default 0 (off); 2 under the digit presets' --adversarial, where it "
-              "meets the context target on all ten digits (docs/robustness.md). One more forward-backward of the "
+              "trained unconditionally too. Default 0 (off); 2 under the digit presets' --adversarial on the "
+              "U-Net digit world, where it meets the context target on all ten digits (docs/robustness.md). One more forward-backward of the "
               "forget and retain batches per step.")
     # issue 17: the retained drop on every digit (docs/robustness.md, "An adaptive retain weight")
     adaptive_retain: bool = _f(False, "Adaptive, per-retain-prompt retain weight: a fixed probe (a few retain images "

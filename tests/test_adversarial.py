@@ -92,6 +92,10 @@ def test_adversarial_digit_preset_raises_the_retain_weight_unless_alpha_is_given
     assert EraseConfig(concept="seven").forget_uncond_weight == 0.0
     assert EraseConfig(concept="seven", adversarial=True).forget_uncond_weight == 2.0
     assert EraseConfig(concept="seven", adversarial=True, forget_uncond_weight=0.0).forget_uncond_weight == 0.0
+    assert EraseConfig(concept=["two", "seven"], adversarial=True).forget_uncond_weight == 2.0
+    # not on the SD3 digit world (measured worse there): alpha 8 only
+    sd3 = EraseConfig(concept="seven", adversarial=True, pretrained_model_name_or_path="salun-diffusers/digit-sd3")
+    assert (sd3.alpha, sd3.forget_uncond_weight) == (8.0, 0.0)
     assert EraseConfig(concept="seven", adversarial=True, alpha=2.0).alpha == 2.0
     assert EraseConfig(concept=["two", "seven"], adversarial=True).alpha == 8.0
     assert EraseConfig(concept="seven", forget_prompt="a handwritten digit seven", adversarial=True).alpha == 8.0
