@@ -174,6 +174,9 @@ def parse_args(argv=None):
     args.probes = [q for q in args.probes.split(",") if q]
     if sorted(set(args.probes) - set(PROBE_KINDS)):
         p.error(f"--probes: unknown {sorted(set(args.probes) - set(PROBE_KINDS))}; choose from {list(PROBE_KINDS)}")
+    if args.tune and set(args.probes) - {"strong"}:
+        p.error("--tune takes --probes strong only (the 1,000-step attack on the tuning images); run the other probes "
+                "in the report")
     args.variants = {}
     for text in args.variant:
         name, sep, overrides = text.partition("=")
@@ -296,8 +299,8 @@ def knowledge_probes(args, pipe, digit: int, name: str, kinds: List[str]) -> dic
             r = res["probes"]["relearning"]
             out["relearning"] = {"steps": [x["steps_to_relearn"] for x in r["runs"]], "max_steps": r["max_steps"],
                                  "median": r["median_steps"]}
-    if "strong" in kinds:
-        a = ATTACK["report"]
+    if "strong" in kinds:  # on the tuning images and seed under --tune, never the report's
+        a = ATTACK["tune" if args.tune else "report"]
         images = digit_images(digit, a["n"], offset=a["offset"])
         r = conditioning_probe(pipe, judge, images, prompt=digit_prompt(digit), steps=STRONG_STEPS, seed=a["seed"])
         out["strong"] = {k: v for k, v in r.items() if not k.startswith("_")}
@@ -323,7 +326,7 @@ def run_piece(args, method: str, setting: dict, digit: int, base, judge, base_sc
     name = f"{kind}-{method}-{tag}-{digit}".replace(" ", "")
     path = os.path.join(args.output_dir, "rows", name + ".json")
     row = read_json_or_none(path)
-    wanted = [] if args.tune or (args.probe_digits is not None and digit not in args.probe_digits) else args.probes
+    wanted = [] if args.probe_digits is not None and digit not in args.probe_digits else args.probes
     if method == BASE:  # the base draws the digit from its prompt: a stronger attack cannot add to that
         wanted = [k for k in wanted if k != "strong"]
     missing = [k for k in wanted if row is None or k not in row]
@@ -568,17 +571,20 @@ def summarize_tuning(rows: List[dict]) -> List[dict]:
     return [{"method": m, "setting": json.loads(s), "digits": [r["digit"] for r in rs],
              "ua": [r["unlearning_accuracy"] for r in rs], "drop": [r["retained_drop"] for r in rs],
              "cond": [r["conditioning"]["asr"] for r in rs],
+             "strong": [r["strong"]["asr"] if "strong" in r else None for r in rs],
              "wall": [r["wall_seconds"] for r in rs]} for (m, s), rs in out.items()]
 
 
 def tuning_markdown(report: dict) -> str:
     lines = ["Tuning on the digit world, digits " + ", ".join(str(d) for d in report["digits"]) +
              f" (conditioning attack {ATTACK['tune']['steps']} steps on {ATTACK['tune']['n']} images, other images "
-             "and seeds than the report's); per digit UA / drop (pts) / conditioning ASR.", "",
+             "and seeds than the report's); per digit UA / drop (pts) / conditioning ASR (with --probes strong: / "
+             f"the same images attacked for {STRONG_STEPS} steps).", "",
              "| method | setting | per digit | erasure s (mean wall) |", "|---|---|---|---|"]
     for s in report["summary"]:
-        cells = "; ".join(f"{d}: {_pct(u)} / {100 * dr:+.1f} / {_pct(c)}"
-                          for d, u, dr, c in zip(s["digits"], s["ua"], s["drop"], s["cond"]))
+        strong = s.get("strong") or [None] * len(s["digits"])  # --probes strong: + the 1,000-step ASR
+        cells = "; ".join(f"{d}: {_pct(u)} / {100 * dr:+.1f} / {_pct(c)}" + (f" / {_pct(g)}" if g is not None else "")
+                          for d, u, dr, c, g in zip(s["digits"], s["ua"], s["drop"], s["cond"], strong))
         walls = [w for w in s["wall"] if w is not None]
         lines.append(f"| {s['method']} | {json.dumps(s['setting'])} | {cells} | "
                      f"{np.mean(walls):.0f} |" if walls else f"| {s['method']} | {json.dumps(s['setting'])} | {cells} | — |")

@@ -124,3 +124,22 @@ def test_a_finished_row_is_completed_with_missing_probes_not_rerun(bench, tmp_pa
     assert bench.run_piece(args, "uce", {}, 3, None, None, None) == out and len(made) == 1  # complete: untouched
     with pytest.raises(SystemExit):
         bench.parse_args(["--probes", "sdedit,fid"])
+
+
+def test_tuning_takes_the_strong_attack_on_the_tuning_images_only(bench, tmp_path, monkeypatch, capsys):
+    """--tune --probes strong: the 1,000-step attack on the tuning attack's images and seed (never the report's);
+    the other probes stay the report's."""
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tune", "--probes", "strong,relearning"])
+    assert "--tune takes --probes strong only" in capsys.readouterr().err
+    seen = {}
+    monkeypatch.setattr(bench, "digit_images", lambda d, n, offset=0: seen.update(n=n, offset=offset) or ["img"])
+    monkeypatch.setattr(bench, "conditioning_probe", lambda pipe, judge, images, prompt, steps, seed:
+                        seen.update(steps=steps, seed=seed) or {"asr": 0.25, "_images": []})
+    monkeypatch.setattr(bench, "make_judge", lambda *a, **k: None)
+    for argv, attack in ((["--tune"], bench.ATTACK["tune"]), ([], bench.ATTACK["report"])):
+        args = bench.parse_args([*argv, "--output_dir", str(tmp_path), "--probes", "strong"])
+        assert bench.knowledge_probes(args, None, 3, "x", ["strong"]) == {"strong": {"asr": 0.25}}
+        assert seen == {"n": attack["n"], "offset": attack["offset"], "steps": bench.STRONG_STEPS,
+                        "seed": attack["seed"]}
+    assert bench.ATTACK["tune"]["offset"] >= bench.ATTACK["report"]["n"]  # disjoint from the report's images
