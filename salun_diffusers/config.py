@@ -223,6 +223,14 @@ class EraseConfig(JsonConfigMixin):
     relearn_direction: str = _f("gradient", "Direction of the --relearn_rho move: 'gradient' (-g / ||g||, SAM's) or "
                                             "'sign' (-sign(g) / ||sign(g)||: Adam's first step, what a relearning "
                                             "fine-tune with Adam moves).", choices=["gradient", "sign"])
+    # issue 17: relearning resistance by removing knowledge (docs/robustness.md)
+    reinit_fraction: float = _f(0.0, "Re-initialise the top fraction (0 < f <= 1) of the masked weights by saliency "
+                                     "once, before the masked fine-tune, which then trains them from the reset values "
+                                     "(the retained concepts are distilled back in, the erased one is not); only "
+                                     "entries inside the mask are reset. 0: off (SalUn unchanged). Needs the saliency "
+                                     "pass (not with --mask_path) and unsharded weights.")
+    reinit_mode: str = _f("zero", "How --reinit_fraction resets a weight: 'zero', or 'random' (a normal draw with its "
+                                  "weight tensor's own mean and std, seeded with --seed).", choices=["zero", "random"])
     # the peer methods' knobs (--method esd-*, uce, advunlearn); None: the method's preset. Shared ones reuse
     # --learning_rate, --max_train_steps (their iterations), --alpha (AdvUnlearn's retain weight) and --seed
     negative_guidance: Optional[float] = _f(None, "ESD / AdvUnlearn: eta of the target eps0 - eta (eps_c - eps0) "
@@ -306,6 +314,8 @@ class EraseConfig(JsonConfigMixin):
         if self.adaptive_retain_normalize not in ("batch", "weights"):
             raise ValueError(f"--adaptive_retain_normalize must be batch or weights, got "
                              f"{self.adaptive_retain_normalize!r}")
+        if self.reinit_mode not in ("zero", "random"):
+            raise ValueError(f"--reinit_mode must be zero or random, got {self.reinit_mode!r}")
         if self.relearn_scope not in ("all", "mask") or self.relearn_direction not in ("gradient", "sign"):
             raise ValueError(f"--relearn_scope must be all or mask (got {self.relearn_scope!r}) and "
                              f"--relearn_direction gradient or sign (got {self.relearn_direction!r})")
@@ -402,6 +412,7 @@ RANGES = {
     "resolution": (8, None), "mask_ratio": (0.0, 1.0),
     "saliency_guidance_scale": (0.0, None), "saliency_retain_weight": (0.0, None), "export_lora_rank": (0, None),
     "validation_steps": (0, None), "relearn_rho": (0.0, None), "forget_uncond_weight": (0.0, None), "relearn_steps": (1, None),
+    "reinit_fraction": (0.0, 1.0),
     "adaptive_retain_max": (1.0, None), "adaptive_retain_every": (1, None), "adaptive_retain_rate": (0.0, None),
     "adaptive_retain_tolerance": (0.0, None), "adaptive_retain_probe": (1, None),
     "negative_guidance": (0.0, None), "start_guidance": (0.0, None), "preserve_scale": (0.0, None),

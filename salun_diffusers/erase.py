@@ -33,6 +33,7 @@ from .erasure.data import prepare_data, resolve_epoch_steps
 from .erasure.outputs import (check_before_compute, check_output_dir, output_lock, remove_partial_outputs,
                                save_peer_mask, write_outputs)
 from .erasure.peers import resolve_method, run_peer
+from .erasure.reinit import check_reinit_fits, reinitialise
 from .erasure.saliency import compute_or_load_mask
 from .erasure.sharpness import check_relearn_fits
 from .erasure.sharding import base_digest, check_sharding, shard_denoiser, sharding_requested
@@ -140,6 +141,7 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
         check_sharding(config, accelerator)
     check_resume_layout(resume_path, sharded, accelerator.num_processes)  # a sharded checkpoint: as many processes
     check_relearn_fits(config, accelerator.num_processes, sharded)  # --relearn_rho: one process, before any image
+    check_reinit_fits(config, sharded)  # --reinit_fraction: unsharded, with a saliency pass
     check_adaptive_retain_fits(config, sharded)  # --adaptive_retain: retain images, unsharded weights
     spec = config.concept_spec()
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
@@ -178,7 +180,7 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     # 2. saliency mask (sharded: the denoiser is sharded from here on, the computed mask too)
     if sharded:
         unet = shard_denoiser(unet, accelerator)
-    mask, mask_file = compute_or_load_mask(unet, scheduler, data, spec, config, accelerator,
+    mask, mask_file, reinit = compute_or_load_mask(unet, scheduler, data, spec, config, accelerator,
                                            reuse_saved=resume_path is not None)
     accelerator.wait_for_everyone()
     # the whole mask where the outputs are written (sharded: the main process reads back the file it wrote)
@@ -196,7 +198,9 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     digest = base_digest(unet, mask, whole_mask, accelerator) if sharded else \
         base_values_digest(unet, mask) if accelerator.is_main_process else None
 
-    # 3. masked fine-tuning
+    # 3. masked fine-tuning (--reinit_fraction: the most salient masked weights reset first, once, not on resume)
+    if reinit is not None and resume_path is None:
+        metrics["reinit_weights"] = reinitialise(unet, reinit, config)
     trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
                     on_step=validation_hook(pipe, config, accelerator),
                     adversary=make_adversary(pipe, scheduler, data, spec, config))

@@ -29,6 +29,7 @@ from ..masking import load_mask, mask_from_saliency, save_mask
 from ..objectives import diffusion_loss
 from ..saliency import compute_saliency, retain_aware_saliency, saliency_total
 from .data import ConceptData
+from .reinit import reinit_selection
 from .sharding import gather_mask
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ def combine_saliencies(per_concept, how: str, ratio: float, scope: str):
 def saliency_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig, accelerator=None):
     """Global (or per-layer) top-k mask of |grad| of the forget loss (``config.saliency_loss``), one pass over the
     forget set. Several concepts: each batch holds one concept's images with its prompt; ``--saliency_combine``
-    says how their saliencies make one mask (``sum``: the gradient of all forget losses together)."""
+    says how their saliencies make one mask (``sum``: the gradient of all forget losses together). Returns
+    ``(mask, reinit)``: ``reinit`` the masked entries ``--reinit_fraction`` resets (:mod:`.reinit`), None when off."""
     conds = [data.embeds[c.forget_prompt] for c in spec.concepts]
     guided = config.saliency_loss == "guided"
     if guided and UNCOND_PROMPT not in data.embeds:
@@ -106,14 +108,16 @@ def saliency_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config:
         if config.saliency_retain_weight:
             saliency = retain_aware_saliency(saliency, retain_saliency(unet, data, loss, config, accelerator),
                                              config.saliency_retain_weight)
-        return mask_from_saliency(saliency, config.mask_ratio, config.mask_scope)
+        mask = mask_from_saliency(saliency, config.mask_ratio, config.mask_scope)
+        reinit = reinit_selection(saliency, mask, config.reinit_fraction) if config.reinit_fraction else None
+        return mask, reinit
     per_concept = []
     for k in range(len(spec.concepts)):  # the same batches and noise seeds as the summed pass, one concept at a time
         first = next(i for i, b in enumerate(batches) if b[0] == k)
         mine = [b for b in batches if b[0] == k]
         per_concept.append(compute_saliency(unet, mine, loss_fn, seed=config.seed + first, accelerator=accelerator,
                                             desc=f"saliency {spec.concepts[k].name}"))
-    return combine_saliencies(per_concept, config.saliency_combine, config.mask_ratio, config.mask_scope)
+    return combine_saliencies(per_concept, config.saliency_combine, config.mask_ratio, config.mask_scope), None
 
 
 def retain_saliency(unet, data: ConceptData, loss, config: EraseConfig, accelerator=None):
@@ -136,7 +140,8 @@ def retain_saliency(unet, data: ConceptData, loss, config: EraseConfig, accelera
 def compute_or_load_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig, accelerator,
                          reuse_saved: bool):
     """The mask: from ``--mask_path``, from ``<output_dir>/mask.safetensors`` when ``reuse_saved`` (a resumed run), or
-    computed from saliency and saved. Returns ``(mask, path of the mask file)``; a sharded ``unet``'s computed mask is
+    computed from saliency and saved. Returns ``(mask, path of the mask file, reinit)``, ``reinit`` the entries
+    ``--reinit_fraction`` resets (None when off or when the mask was loaded, which has no saliency); a sharded ``unet``'s computed mask is
     sharded too (``DTensor`` s, each process its part; the main process gathers it to write it)."""
     mask_file = os.path.join(config.output_dir, MASK_NAME)
     if config.mask_path or (reuse_saved and os.path.isfile(mask_file)):
@@ -144,9 +149,9 @@ def compute_or_load_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, 
         if meta.get("fingerprint") and meta["fingerprint"] != model_fingerprint(unet):
             raise ValueError(f"mask {config.mask_path or mask_file!r} was computed for a different U-Net; compute a "
                              "new one (drop --mask_path)")
-        return mask, config.mask_path or mask_file
+        return mask, config.mask_path or mask_file, None
     unet.requires_grad_(True)
-    mask = saliency_mask(unet, scheduler, data, spec, config, accelerator)
+    mask, reinit = saliency_mask(unet, scheduler, data, spec, config, accelerator)
     whole = gather_mask(mask, accelerator)  # collective when sharded; None except on the main process
     if accelerator.is_main_process:
         save_mask(whole, mask_file, {"fingerprint": model_fingerprint(unet), "ratio": config.mask_ratio,
@@ -157,4 +162,4 @@ def compute_or_load_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, 
                                     **({"saliency_retain_weight": config.saliency_retain_weight}
                                        if config.saliency_retain_weight else {}),
                                     "base_model": base_model_id(config)})
-    return mask, mask_file
+    return mask, mask_file, reinit
