@@ -229,6 +229,15 @@ class EraseConfig(JsonConfigMixin):
                                      "(the retained concepts are distilled back in, the erased one is not); only "
                                      "entries inside the mask are reset. 0: off (SalUn unchanged). Needs the saliency "
                                      "pass (not with --mask_path) and unsharded weights.")
+    reinit_retain_weight: float = _f(0.0, "Rank the weights --reinit_fraction resets by the forget saliency "
+                                          "discounted where the retain saliency is high (f / (1 + w r / f), as "
+                                          "--saliency_retain_weight; one more saliency pass over the retain images): "
+                                          "the weights the erased concept needs and the retained ones do not. 0: by "
+                                          "the mask's own saliency.")
+    reinit_distill: bool = _f(False, "With --reinit_fraction: the fine-tune's targets come from a frozen copy of "
+                                     "the base (the pseudo prompt's prediction on the forget images, each retain "
+                                     "prompt's on the retain images) instead of the partly reset model and the noise. "
+                                     "One more no-grad forward per step, a second copy of the denoiser in memory.")
     reinit_mode: str = _f("zero", "How --reinit_fraction resets a weight: 'zero', or 'random' (a normal draw with its "
                                   "weight tensor's own mean and std, seeded with --seed).", choices=["zero", "random"])
     # the peer methods' knobs (--method esd-*, uce, advunlearn); None: the method's preset. Shared ones reuse
@@ -412,7 +421,7 @@ RANGES = {
     "resolution": (8, None), "mask_ratio": (0.0, 1.0),
     "saliency_guidance_scale": (0.0, None), "saliency_retain_weight": (0.0, None), "export_lora_rank": (0, None),
     "validation_steps": (0, None), "relearn_rho": (0.0, None), "forget_uncond_weight": (0.0, None), "relearn_steps": (1, None),
-    "reinit_fraction": (0.0, 1.0),
+    "reinit_fraction": (0.0, 1.0), "reinit_retain_weight": (0.0, None),
     "adaptive_retain_max": (1.0, None), "adaptive_retain_every": (1, None), "adaptive_retain_rate": (0.0, None),
     "adaptive_retain_tolerance": (0.0, None), "adaptive_retain_probe": (1, None),
     "negative_guidance": (0.0, None), "start_guidance": (0.0, None), "preserve_scale": (0.0, None),

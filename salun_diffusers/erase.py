@@ -33,7 +33,7 @@ from .erasure.data import prepare_data, resolve_epoch_steps
 from .erasure.outputs import (check_before_compute, check_output_dir, output_lock, remove_partial_outputs,
                                save_peer_mask, write_outputs)
 from .erasure.peers import resolve_method, run_peer
-from .erasure.reinit import check_reinit_fits, reinitialise
+from .erasure.reinit import base_teacher, check_reinit_fits, reinitialise
 from .erasure.saliency import compute_or_load_mask
 from .erasure.sharpness import check_relearn_fits
 from .erasure.sharding import base_digest, check_sharding, shard_denoiser, sharding_requested
@@ -199,11 +199,12 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
         base_values_digest(unet, mask) if accelerator.is_main_process else None
 
     # 3. masked fine-tuning (--reinit_fraction: the most salient masked weights reset first, once, not on resume)
+    teacher = base_teacher(unet, config)  # --reinit_distill: the base, before any reset (a resumed run's too)
     if reinit is not None and resume_path is None:
         metrics["reinit_weights"] = reinitialise(unet, reinit, config)
     trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
                     on_step=validation_hook(pipe, config, accelerator),
-                    adversary=make_adversary(pipe, scheduler, data, spec, config))
+                    adversary=make_adversary(pipe, scheduler, data, spec, config), teacher=teacher)
     unet = trained.unet
     if sharded and accelerator.is_main_process:  # the gathered weights (on the CPU) replace the sharded module
         setattr(pipe, denoiser_folder(unet), unet)

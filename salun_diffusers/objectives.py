@@ -81,7 +81,7 @@ def retain_loss(unet, scheduler, latents, embeds: Cond, generator, uncond_embeds
 def salun_loss(unet, scheduler, forget_latents, forget_embeds: Cond, pseudo_embeds: Cond, retain_latents,
                retain_embeds: Cond, alpha: float, generator: torch.Generator, adversarial_embeds=None,
                adversarial_weight: float = 1.0, uncond_embeds=None, uncond_weight: float = 0.0,
-               retain_weights: Optional[torch.Tensor] = None, retain_normalize: str = "batch"):
+               retain_weights: Optional[torch.Tensor] = None, retain_normalize: str = "batch", teacher=None):
     """SalUn's erase loss. Returns ``(total, forget_term, retain_term)``.
 
     The forget and retain predictions come from one denoiser pass over both batches (the same values as two passes:
@@ -95,14 +95,23 @@ def salun_loss(unet, scheduler, forget_latents, forget_embeds: Cond, pseudo_embe
     ``retain_weights`` (``--adaptive_retain``): one weight per retain sample, on its conditional and (with
     ``uncond_embeds``) unconditional MSE alike (:func:`weighted_mse`, normalised by ``retain_normalize``); None: the
     plain mean, as before.
+    ``teacher`` (``--reinit_distill``): a frozen copy of the base denoiser whose predictions are the targets, the
+    pseudo prompt's on the forget images and each retain prompt's (and the unconditional one's) on the retain images,
+    instead of the current model's and the noise.
     Flow families: the same with velocities (the pseudo prompt's velocity at the same ``x_t`` and sigma)."""
     family = as_family(scheduler)
     noisy, t, _ = family.noised(forget_latents, generator)
     with torch.no_grad():
-        target = family.predict(unet, noisy, t, pseudo_embeds)
+        target = family.predict(unet if teacher is None else teacher, noisy, t, pseudo_embeds)
     with_retain = retain_latents is not None and alpha != 0
     if with_retain:
         r_noisy, r_t, r_target = family.noised(retain_latents, generator)
+        r_unc_target = r_target
+        if teacher is not None:
+            with torch.no_grad():
+                r_target = family.predict(teacher, r_noisy, r_t, retain_embeds)
+                if uncond_embeds is not None and uncond_weight:
+                    r_unc_target = family.predict(teacher, r_noisy, r_t, uncond_embeds.expand(r_noisy.shape[0]))
         n = noisy.shape[0]
         both = family.predict(unet, torch.cat([noisy, r_noisy]), torch.cat([t, r_t]),
                               cat_conds([forget_embeds, retain_embeds]))
@@ -122,5 +131,5 @@ def salun_loss(unet, scheduler, forget_latents, forget_embeds: Cond, pseudo_embe
     retain = weighted_mse(r_pred, r_target, retain_weights, retain_normalize)
     if uncond:  # the unconditional branch keeps denoising the retained images (their posterior without the concept)
         r_unc = family.predict(unet, r_noisy, r_t, uncond_embeds.expand(r_noisy.shape[0]))
-        retain = retain + weighted_mse(r_unc, r_target, retain_weights, retain_normalize)
+        retain = retain + weighted_mse(r_unc, r_unc_target, retain_weights, retain_normalize)
     return forget + alpha * retain, forget.detach(), retain.detach()

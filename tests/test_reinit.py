@@ -104,7 +104,30 @@ def test_bad_values_are_refused_in_one_line(erase_config, tmp_path):
         check_reinit_fits(config, sharded=True)
     with pytest.raises(ValueError, match="drop --mask_path"):
         check_reinit_fits(erase_config(reinit_fraction=0.1, mask_path=str(tmp_path / "m.safetensors")), False)
+    with pytest.raises(ValueError, match="--reinit_distill.*--relearn_rho"):
+        check_reinit_fits(erase_config(reinit_fraction=0.1, reinit_distill=True, relearn_rho=0.5), False)
     check_reinit_fits(erase_config(), sharded=True)  # off: nothing to refuse
     with pytest.raises(ValueError) as refused:
         erase_config(reinit_fraction=2.0)
     assert "\n" not in str(refused.value)  # one line
+
+
+def test_retain_aware_ranking_and_distillation_train_only_inside_the_mask(erase_config, recorded, dummy_pipeline_dir,
+                                                                           tmp_path):
+    """``--reinit_retain_weight`` ranks by the retain-discounted saliency (another selection, still inside the mask);
+    ``--reinit_distill`` trains towards the frozen base's predictions (another result); both keep every weight outside
+    the mask bit-identical to the base."""
+    kw = dict(max_train_steps=2, reinit_fraction=0.2, forget_uncond_weight=1.0)
+    plain = erase(erase_config(output_dir=str(tmp_path / "plain"), **kw))
+    aware = erase(erase_config(output_dir=str(tmp_path / "aware"), reinit_retain_weight=10.0, **kw))
+    distill = erase(erase_config(output_dir=str(tmp_path / "distill"), reinit_distill=True, **kw))
+    (sel_plain, _), (sel_aware, _), (sel_distill, _) = recorded
+    mask, _ = load_mask(aware.mask_path)
+    assert all(not bool((sel_aware[n] & ~mask[n]).any()) for n in sel_aware)
+    assert any(not torch.equal(sel_plain[n], sel_aware[n]) for n in sel_plain)
+    assert all(torch.equal(sel_plain[n], sel_distill[n]) for n in sel_plain)  # the same reset, other targets
+    assert not _same(plain, distill)
+    for run in (aware, distill):
+        assert changed_inside_mask(run, dummy_pipeline_dir) > 0
+    with pytest.raises(ValueError, match="--reinit_retain_weight must be >= 0"):
+        erase_config(reinit_fraction=0.1, reinit_retain_weight=-1.0)

@@ -12,10 +12,16 @@ distilled into them again, the erased one is not.
 standard deviation (over the whole tensor, base values), seeded with ``--seed``. Only entries inside the mask are
 reset, so the weights outside it stay bit-identical to the base. The reset is deterministic and happens once: a
 resumed run loads the trained weights from its checkpoint and does not reset again.
+
+``--reinit_distill``: the fine-tune's targets come from a frozen copy of the base denoiser (taken before the reset)
+instead of the current, partly reset one and the noise: the pseudo prompt's base prediction on the forget images,
+each retain prompt's (and with ``--forget_uncond_weight`` the empty prompt's) base prediction on the retain images.
+One more no-grad forward of the retain batch per step and a second copy of the denoiser in memory.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Dict, Mapping
 
@@ -39,6 +45,8 @@ def check_reinit_fits(config: EraseConfig, sharded: bool) -> None:
     if config.mask_path:
         raise ValueError("--reinit_fraction ranks the masked weights by their saliency, which --mask_path does not "
                          "store: drop --mask_path (the saliency pass runs again) or --reinit_fraction")
+    if config.reinit_distill and config.relearn_rho:
+        raise ValueError("--reinit_distill's targets are not wired into --relearn_rho's two-pass step: drop one")
     if len(config.concept_spec().concepts) > 1 and config.saliency_combine != "sum":
         raise ValueError("--reinit_fraction ranks by one saliency: use --saliency_combine sum with several concepts, "
                          "or drop --reinit_fraction")
@@ -77,3 +85,10 @@ def reinitialise(unet: torch.nn.Module, selection: Mapping[str, torch.Tensor], c
     logger.info("reinit: %d masked weights reset (%s)", count, config.reinit_mode)
     return count
 
+
+
+def base_teacher(unet: torch.nn.Module, config: EraseConfig):
+    """``--reinit_distill``: a frozen copy of ``unet`` (the base, before any reset), else None."""
+    if not (config.reinit_fraction and config.reinit_distill):
+        return None
+    return copy.deepcopy(unet).requires_grad_(False).eval()

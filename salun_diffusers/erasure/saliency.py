@@ -104,13 +104,19 @@ def saliency_mask(unet, scheduler, data: ConceptData, spec: ConceptSpec, config:
         return loss(model, data.forget_latents[idx], conds[k].expand(len(idx)), generator)
 
     if len(spec.concepts) == 1 or config.saliency_combine == "sum":
-        saliency = compute_saliency(unet, batches, loss_fn, seed=config.seed, accelerator=accelerator)
-        if config.saliency_retain_weight:
-            saliency = retain_aware_saliency(saliency, retain_saliency(unet, data, loss, config, accelerator),
-                                             config.saliency_retain_weight)
+        forget = compute_saliency(unet, batches, loss_fn, seed=config.seed, accelerator=accelerator)
+        retain = retain_saliency(unet, data, loss, config, accelerator) if config.saliency_retain_weight or (
+            config.reinit_fraction and config.reinit_retain_weight) else None
+        saliency = retain_aware_saliency(forget, retain, config.saliency_retain_weight) \
+            if config.saliency_retain_weight else forget
         mask = mask_from_saliency(saliency, config.mask_ratio, config.mask_scope)
-        reinit = reinit_selection(saliency, mask, config.reinit_fraction) if config.reinit_fraction else None
-        return mask, reinit
+        if not config.reinit_fraction:
+            return mask, None
+        # --reinit_retain_weight: the reset ranks the masked weights by the forget saliency discounted where the
+        # retain saliency is high (the weights the erased concept needs and the retained ones do not)
+        rank = retain_aware_saliency(forget, retain, config.reinit_retain_weight) \
+            if config.reinit_retain_weight else saliency
+        return mask, reinit_selection(rank, mask, config.reinit_fraction)
     per_concept = []
     for k in range(len(spec.concepts)):  # the same batches and noise seeds as the summed pass, one concept at a time
         first = next(i for i, b in enumerate(batches) if b[0] == k)

@@ -150,10 +150,11 @@ class TrainResult:
 
 def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig, mask: Mapping[str, torch.Tensor],
           accelerator, resume_path: Optional[str] = None,
-          on_step: Optional[Callable[[int], None]] = None, adversary=None) -> TrainResult:
+          on_step: Optional[Callable[[int], None]] = None, adversary=None, teacher=None) -> TrainResult:
     """Run ``config.max_train_steps`` SalUn steps on the masked weights of ``unet`` (resuming from ``resume_path``);
     ``on_step(step)`` runs after each optimizer step (e.g. validation images). ``adversary`` (``--adversarial``,
-    :mod:`.adversarial`) adds the forget objective on adversarial conditionings. Sharded
+    :mod:`.adversarial`) adds the forget objective on adversarial conditionings; ``teacher`` (``--reinit_distill``,
+    :mod:`.reinit`) a frozen base copy whose predictions are the targets. Sharded
     (:mod:`.sharding`: ``--shard_weights`` or an FSDP accelerate config): ``unet`` is sharded (erase.py did it before
     the saliency pass), the optimizer and scheduler are stepped here rather than by accelerate, and the returned
     module is the gathered one on the main process (the sharded one elsewhere)."""
@@ -257,7 +258,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                     loss, forget_term, retain_term = salun_loss(
                         unet_prepared, scheduler, data.forget_latents[f_idx], f_emb,
                         pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight,
-                        u_emb, config.forget_uncond_weight, r_w, config.adaptive_retain_normalize)
+                        u_emb, config.forget_uncond_weight, r_w, config.adaptive_retain_normalize, teacher)
                     check_finite_loss(loss, global_step + 1, config, accelerator)
                     accelerator.backward(loss)
                 else:  # --relearn_rho: the forget term one relearning step away, the retain term at the weights
