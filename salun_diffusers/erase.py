@@ -181,7 +181,7 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     if sharded:
         unet = shard_denoiser(unet, accelerator)
     mask, mask_file, reinit = compute_or_load_mask(unet, scheduler, data, spec, config, accelerator,
-                                           reuse_saved=resume_path is not None)
+                                                   reuse_saved=resume_path is not None)
     accelerator.wait_for_everyone()
     # the whole mask where the outputs are written (sharded: the main process reads back the file it wrote)
     whole_mask = mask if not sharded else load_mask(mask_file)[0] if accelerator.is_main_process else None
