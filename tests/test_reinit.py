@@ -106,6 +106,8 @@ def test_bad_values_are_refused_in_one_line(erase_config, tmp_path):
         check_reinit_fits(erase_config(reinit_fraction=0.1, mask_path=str(tmp_path / "m.safetensors")), False)
     with pytest.raises(ValueError, match="--reinit_distill.*--relearn_rho"):
         check_reinit_fits(erase_config(reinit_fraction=0.1, reinit_distill=True, relearn_rho=0.5), False)
+    with pytest.raises(ValueError, match="--reinit_retain_weight needs retain images"):
+        erase(erase_config(reinit_fraction=0.1, reinit_retain_weight=1.0, num_retain_images=0))
     check_reinit_fits(erase_config(), sharded=True)  # off: nothing to refuse
     with pytest.raises(ValueError) as refused:
         erase_config(reinit_fraction=2.0)

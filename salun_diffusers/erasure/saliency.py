@@ -130,8 +130,9 @@ def retain_saliency(unet, data: ConceptData, loss, config: EraseConfig, accelera
     """|gradient| of the saliency loss on the retain images, each with its own prompt (one pass, batches of
     ``saliency_batch_size``; noise seeds apart from the forget pass's)."""
     if data.retain_latents is None:
-        raise ValueError("--saliency_retain_weight needs retain images: set --num_retain_images > 0 or "
-                         "--retain_data_dir, or drop --saliency_retain_weight")
+        flag = "--saliency_retain_weight" if config.saliency_retain_weight else "--reinit_retain_weight"
+        raise ValueError(f"{flag} needs retain images: set --num_retain_images > 0 or --retain_data_dir, or drop "
+                         f"{flag}")
     table = PromptCond.stack(list(data.embeds.values()))
     n, bs = data.retain_latents.shape[0], config.saliency_batch_size
     batches = [torch.arange(i, min(i + bs, n)) for i in range(0, n, bs)]
