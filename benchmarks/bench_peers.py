@@ -582,9 +582,8 @@ def tuning_markdown(report: dict) -> str:
              f"the same images attacked for {STRONG_STEPS} steps).", "",
              "| method | setting | per digit | erasure s (mean wall) |", "|---|---|---|---|"]
     for s in report["summary"]:
-        strong = s.get("strong") or [None] * len(s["digits"])  # --probes strong: + the 1,000-step ASR
         cells = "; ".join(f"{d}: {_pct(u)} / {100 * dr:+.1f} / {_pct(c)}" + (f" / {_pct(g)}" if g is not None else "")
-                          for d, u, dr, c, g in zip(s["digits"], s["ua"], s["drop"], s["cond"], strong))
+                          for d, u, dr, c, g in zip(s["digits"], s["ua"], s["drop"], s["cond"], s["strong"]))
         walls = [w for w in s["wall"] if w is not None]
         lines.append(f"| {s['method']} | {json.dumps(s['setting'])} | {cells} | "
                      f"{np.mean(walls):.0f} |" if walls else f"| {s['method']} | {json.dumps(s['setting'])} | {cells} | — |")

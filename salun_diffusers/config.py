@@ -176,8 +176,8 @@ class EraseConfig(JsonConfigMixin):
               "the forget images is mapped onto the pseudo prompt's prediction, so that inpainting from context and "
               "the unguided half of classifier-free guidance do not complete the concept; the retain images are "
               "trained unconditionally too. Default 0 (off); 2 under the digit presets' --adversarial on the "
-              "U-Net digit world, where it meets the context target on all ten digits (docs/robustness.md). One more forward-backward of the "
-              "forget and retain batches per step.")
+              "U-Net digit world, where it meets the context target on all ten digits (docs/robustness.md). One "
+              "more forward-backward of the forget and retain batches per step.")
     # issue 17: the retained drop on every digit (docs/robustness.md, "An adaptive retain weight")
     adaptive_retain: bool = _f(False, "Adaptive, per-retain-prompt retain weight: a fixed probe (a few retain images "
                                       "per retain prompt with fixed noise and timesteps) is scored with the base "

@@ -81,9 +81,8 @@ def test_bad_adversarial_config_is_rejected_with_the_fix(erase_config, overrides
 
 def test_adversarial_digit_preset_raises_the_retain_weight_unless_alpha_is_given():
     """Issue 17: --adversarial takes the digit preset's alpha 8 and --forget_uncond_weight 2 (plain SalUn keeps 2 and
-    0); an explicit --alpha wins, also
-    in a joint run (the first concept's preset) and with the preset's prompts overridden; presets without it (nudity)
-    and concepts of your own keep their alpha."""
+    0); an explicit flag wins, also in a joint run (the first concept's preset) and with the preset's prompts
+    overridden; presets without it (nudity), concepts of your own and the SD3 digit world keep theirs."""
     from salun_diffusers.config import EraseConfig
 
     assert EraseConfig(concept="seven").alpha == 2.0
