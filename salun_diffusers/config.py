@@ -205,7 +205,16 @@ class EraseConfig(JsonConfigMixin):
                                                  "sum_i w_i ('weights': the same total pressure, moved towards the "
                                                  "heavier prompts).", choices=["batch", "weights"])
     adaptive_retain_probe: int = _f(16, "Probe images per retain prompt of --adaptive_retain (fewer if the prompt "
-                                        "has fewer retain images).")
+                                        "has fewer retain images; with --adaptive_retain_signal judged, the images "
+                                        "drawn per retain prompt).")
+    adaptive_retain_signal: str = _f("mse", "What --adaptive_retain's probe measures: 'mse' (the denoising MSE of "
+                                            "real retain images, the ratio r_p / r0_p above) or 'judged' (images "
+                                            "drawn for each retain prompt with fixed seeds by the model being "
+                                            "trained, scored by the digit judge: s_p, the mean probability of the "
+                                            "prompt's digit; w_p <- clamp(w_p * exp(rate * (s0_p - s_p - "
+                                            "tolerance)), 1, max), the drop against the base, absolute). judged: "
+                                            "the digit worlds only (their judge; retain prompts that are digit "
+                                            "prompts).", choices=["mse", "judged"])
     # issue 17: relearning resistance (docs/robustness.md, "Relearning: a sharpness-aware forget step")
     relearn_rho: float = _f(0.0, "Sharpness-aware forget step against relearning (Fan et al., ICML 2025): each step "
                                  "evaluates the forget term at the weights moved by one relearning step of norm rho "
@@ -302,6 +311,8 @@ class EraseConfig(JsonConfigMixin):
         if self.relearn_rho and self.optimizer_in_backward:
             raise ValueError("--relearn_rho moves the weights and back around the forget term, which "
                              "--optimizer_in_backward would step in the moved state: drop one of them")
+        if self.adaptive_retain_signal not in ("mse", "judged"):
+            raise ValueError(f"--adaptive_retain_signal must be mse or judged, got {self.adaptive_retain_signal!r}")
         if self.adaptive_retain_normalize not in ("batch", "weights"):
             raise ValueError(f"--adaptive_retain_normalize must be batch or weights, got "
                              f"{self.adaptive_retain_normalize!r}")

@@ -199,7 +199,7 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     # 3. masked fine-tuning
     trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
                     on_step=validation_hook(pipe, config, accelerator),
-                    adversary=make_adversary(pipe, scheduler, data, spec, config))
+                    adversary=make_adversary(pipe, scheduler, data, spec, config), pipe=pipe)
     unet = trained.unet
     if sharded and accelerator.is_main_process:  # the gathered weights (on the CPU) replace the sharded module
         setattr(pipe, denoiser_folder(unet), unet)
