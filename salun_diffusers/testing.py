@@ -244,3 +244,11 @@ def changed_inside_mask(result, base_dir: str) -> int:
         assert torch.equal(p.detach()[~m], base[name][~m]), name
         changed += int((p.detach()[m] != base[name][m]).sum())
     return changed
+
+
+class PlainBackward:
+    """What a training step needs of an ``accelerate.Accelerator`` to run outside one: ``backward``."""
+
+    @staticmethod
+    def backward(loss):
+        loss.backward()

@@ -11,7 +11,7 @@ from salun_diffusers.config import EraseConfig
 from salun_diffusers.erase import erase
 from salun_diffusers.families import PromptCond, model_family
 from salun_diffusers.objectives import salun_loss
-from salun_diffusers.testing import changed_inside_mask, get_dummy_pipeline, save_flow_pipeline
+from salun_diffusers.testing import PlainBackward, changed_inside_mask, get_dummy_pipeline, save_flow_pipeline
 
 ROBUST = dict(adversarial=True, alpha=8.0, adversarial_steps=2, adversarial_lr=0.05)
 
@@ -100,12 +100,6 @@ def test_a_negative_weight_is_refused_in_one_line(erase_config):
         erase_config(forget_uncond_weight=-1.0)
 
 
-class _Backward:  # what the step needs of accelerate: backward
-    @staticmethod
-    def backward(loss):
-        loss.backward()
-
-
 def test_the_relearning_step_has_the_same_unconditional_terms():
     """``--relearn_rho`` computes the forget and the retain term in two passes: with a zero move and the unconditional
     terms on, its loss and gradients are SalUn's one-pass ones (the same draws: the unconditional retain term on the
@@ -124,7 +118,7 @@ def test_the_relearning_step_has_the_same_unconditional_terms():
     move = RelearnPerturbation(unet, {}, config)
     move.rho = 0.0
     total, _, two_pass_retain = training.sharpness_aware_backward(
-        _Backward, unet, family, move, lat, f_emb, pseudo, r_lat, r_emb, config, torch.Generator().manual_seed(5),
+        PlainBackward, unet, family, move, lat, f_emb, pseudo, r_lat, r_emb, config, torch.Generator().manual_seed(5),
         None, seed=7, step=1, uncond_emb=empty)
     torch.testing.assert_close(two_pass_retain, retain, rtol=1e-5, atol=0)
     torch.testing.assert_close(total, loss.detach(), rtol=1e-5, atol=0)

@@ -2,9 +2,11 @@
 
 import csv
 import json
+import logging
 import os
 
 import numpy as np
+
 import pytest
 import torch
 from PIL import Image
@@ -81,6 +83,21 @@ def test_read_other_schemas():
     assert len(nette100) == 100 and nette100[0].label == "cassette player" and "" not in nette100[0].extra
     church = read_prompts(data_file("prompts", "object_church.csv"))
     assert len(church) == 50 and church[0].guidance == 7.5 and church[0].prompt.startswith("Old stone church")
+
+
+def test_a_seed_the_csv_overrides_is_said_not_silently_dropped(tmp_path, caplog):
+    """--seed applies only to rows without evaluation_seed; where every row has one (the bundled digit prompts), the
+    unused seed is said in a warning; where any row uses it, nothing is said."""
+    seeded = write_csv(tmp_path / "s.csv", ["prompt", "evaluation_seed"], [["a cat", 3], ["a dog", 4]])
+    with caplog.at_level(logging.WARNING, logger="salun_diffusers.evaluation.prompts"):
+        assert [r.seed for r in read_prompts(seeded, default_seed=10)] == [3, 4]
+    assert "--seed 10 is not used" in caplog.text
+    caplog.clear()
+    mixed = write_csv(tmp_path / "m.csv", ["prompt", "evaluation_seed"], [["a cat", 3], ["a dog", ""]])
+    with caplog.at_level(logging.WARNING, logger="salun_diffusers.evaluation.prompts"):
+        assert [r.seed for r in read_prompts(mixed, default_seed=10)] == [3, 11]
+        assert [r.seed for r in read_prompts(seeded)] == [3, 4]
+    assert "is not used" not in caplog.text
 
 
 def test_bad_csvs_give_clear_errors(tmp_path):

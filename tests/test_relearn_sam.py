@@ -14,7 +14,7 @@ from salun_diffusers.erasure.sharpness import RelearnPerturbation, check_relearn
 from salun_diffusers.families import denoiser, load_base_pipeline, model_family
 from salun_diffusers.masking import mask_from_saliency
 from salun_diffusers.objectives import salun_loss
-from salun_diffusers.testing import get_dummy_pipeline, save_dummy_pipeline, save_flow_pipeline
+from salun_diffusers.testing import PlainBackward, get_dummy_pipeline, save_dummy_pipeline, save_flow_pipeline
 
 ROBUST = dict(adversarial=True, alpha=8.0, adversarial_steps=2, adversarial_lr=0.05)
 
@@ -140,12 +140,6 @@ def test_rho_zero_is_salun(erase_config, tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)  # 0 = off: the loop is main's, bit for bit
 
 
-class _Backward:  # what the step needs of accelerate: backward
-    @staticmethod
-    def backward(loss):
-        loss.backward()
-
-
 def test_the_two_pass_step_with_a_zero_move_has_salun_gradient():
     """The sharpness-aware step with rho 0 computes the forget term (with the adversarial one) and alpha x the retain
     term in two passes; SalUn's in one batched pass: the same gradients up to float32 summation order."""
@@ -164,7 +158,7 @@ def test_the_two_pass_step_with_a_zero_move_has_salun_gradient():
     move = RelearnPerturbation(unet, {}, config)
     move.rho = 0.0
     total, forget, retain = training.sharpness_aware_backward(
-        _Backward, unet, family, move, lat, f_emb, pseudo, r_lat, r_emb, config, torch.Generator().manual_seed(5),
+        PlainBackward, unet, family, move, lat, f_emb, pseudo, r_lat, r_emb, config, torch.Generator().manual_seed(5),
         adv, seed=7, step=1)
     torch.testing.assert_close(total, loss.detach(), rtol=1e-5, atol=0)
     assert move.last_norm > 0 and move.saved is None

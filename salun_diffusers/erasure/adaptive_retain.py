@@ -39,8 +39,10 @@ from typing import Dict, Optional
 
 import torch
 
+from ..concepts import digit_prompt
 from ..config import EraseConfig
-from ..families import PromptCond, as_family
+from ..digits import DigitJudge, digit_sampling
+from ..families import PromptCond, as_family, denoiser_folder
 from .data import ConceptData
 
 logger = logging.getLogger(__name__)
@@ -63,8 +65,6 @@ class JudgedProbe:
     probability the judge gives the prompt's digit (0 for prompts it does not score)."""
 
     def __init__(self, pipe, names, prompts, n: int, num_inference_steps: Optional[int] = None):
-        from ..concepts import digit_prompt  # the digit worlds' prompts
-        from ..digits import DigitJudge, digit_sampling
         by_prompt = {digit_prompt(d): d for d in range(10)}
         bad = [names[p] for p in prompts if names[p] not in by_prompt]
         if pipe is None or bad or not prompts:
@@ -81,7 +81,6 @@ class JudgedProbe:
 
     @torch.no_grad()
     def score(self, denoiser) -> torch.Tensor:
-        from ..families import denoiser_folder
         folder = denoiser_folder(denoiser)
         held = getattr(self.pipe, folder)
         setattr(self.pipe, folder, denoiser)  # the weights being trained draw the probe (the same module in erase)
@@ -217,7 +216,6 @@ def check_adaptive_retain_fits(config: EraseConfig, sharded: bool) -> None:
     if config.adaptive_retain and (not config.alpha or (config.num_retain_images == 0 and not config.retain_data_dir)):
         raise ValueError(NEEDS_RETAIN)
     if config.adaptive_retain and config.adaptive_retain_signal == "judged" and not config.retain_data_dir:
-        from ..concepts import digit_prompt
         bad = [p for p in config.concept_spec().retain_prompts if p not in {digit_prompt(d) for d in range(10)}]
         if bad:  # a retain folder's prompts are read with its images: JudgedProbe checks them
             raise ValueError(JUDGED_NEEDS_DIGITS.format(bad=f"not a digit prompt: {bad[0]!r}"))

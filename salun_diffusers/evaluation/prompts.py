@@ -99,6 +99,7 @@ def read_prompts(
                          "drop --categories or use an I2P-style CSV")
     rows: List[PromptRow] = []
     seen = set()
+    fallbacks = 0  # rows seeded from default_seed
     known = {"prompt", "evaluation_seed", "evaluation_guidance", "sd_image_width", "sd_image_height",
              "case_number", "categories"}
     for index, raw in enumerate(records):
@@ -121,6 +122,7 @@ def read_prompts(
             seed = _number(seed_text, "evaluation_seed", line, path, int)
         elif default_seed is not None:
             seed = default_seed + index
+            fallbacks += 1
         else:
             raise ValueError(f"{path}, line {line}: empty evaluation_seed; fill it in or pass --seed")
         guidance_text = (raw.get("evaluation_guidance") or "").strip()
@@ -135,6 +137,9 @@ def read_prompts(
         rows.append(PromptRow(case, prompt, seed, guidance, size[0], size[1], cats, extra))
         if limit is not None and len(rows) >= limit:
             break
+    if default_seed is not None and rows and not fallbacks:  # said, not silently dropped
+        logger.warning("--seed %d is not used: every row of %s has its own evaluation_seed (drop the column, or use "
+                       "another CSV, to draw other images)", default_seed, path)
     logger.info("read %d prompts from %s", len(rows), path)
     return rows
 
