@@ -205,28 +205,7 @@ class EraseConfig(JsonConfigMixin):
                                                  "sum_i w_i ('weights': the same total pressure, moved towards the "
                                                  "heavier prompts).", choices=["batch", "weights"])
     adaptive_retain_probe: int = _f(16, "Probe images per retain prompt of --adaptive_retain (fewer if the prompt "
-                                        "has fewer retain images; with --adaptive_retain_signal judged, the images "
-                                        "drawn per retain prompt).")
-    adaptive_retain_signal: str = _f("mse", "What --adaptive_retain's probe measures: 'mse' (the denoising MSE of "
-                                            "real retain images, the ratio r_p / r0_p above) or 'judged' (images "
-                                            "drawn for each retain prompt with fixed seeds by the model being "
-                                            "trained, scored by the digit judge: s_p, the mean probability of the "
-                                            "prompt's digit; w_p <- clamp(w_p * exp(rate * (s0_p - s_p - "
-                                            "tolerance)), 1, max), the drop against the base, absolute). judged: "
-                                            "the digit worlds only (their judge; retain prompts that are digit "
-                                            "prompts).", choices=["mse", "judged"])
-    # issue 17: relearning resistance by distillation (docs/robustness.md, "Re-noise and distil")
-    distill_steps: int = _f(0, "After the SalUn fine-tune, shrink and perturb the masked weights "
-                               "(theta <- (1 - a) theta + a std(theta) eps, a = --distill_noise) and distil the erased "
-                               "model (a frozen copy) back into them for this many steps, on the retain images with "
-                               "their prompts and the forget images with the forget prompt (and, with --adversarial, "
-                               "the banked adversarial conditionings), conditional and unconditional (UNDO, Lee et "
-                               "al. 2025). Against relearning: the concept's dormant weights are scrambled, only the "
-                               "erased behaviour is rebuilt. 0: off. Weights outside the mask stay bit-identical. One "
-                               "process, not sharded.")
-    distill_noise: float = _f(0.5, "--distill_steps: the perturbation a (0: the masked weights are kept, 1: replaced "
-                                   "by noise of each weight tensor's standard deviation).")
-    distill_learning_rate: Optional[float] = _f(None, "--distill_steps' learning rate (default: --learning_rate).")
+                                        "has fewer retain images).")
     # issue 17: relearning resistance (docs/robustness.md, "Relearning: a sharpness-aware forget step")
     relearn_rho: float = _f(0.0, "Sharpness-aware forget step against relearning (Fan et al., ICML 2025): each step "
                                  "evaluates the forget term at the weights moved by one relearning step of norm rho "
@@ -323,8 +302,6 @@ class EraseConfig(JsonConfigMixin):
         if self.relearn_rho and self.optimizer_in_backward:
             raise ValueError("--relearn_rho moves the weights and back around the forget term, which "
                              "--optimizer_in_backward would step in the moved state: drop one of them")
-        if self.adaptive_retain_signal not in ("mse", "judged"):
-            raise ValueError(f"--adaptive_retain_signal must be mse or judged, got {self.adaptive_retain_signal!r}")
         if self.adaptive_retain_normalize not in ("batch", "weights"):
             raise ValueError(f"--adaptive_retain_normalize must be batch or weights, got "
                              f"{self.adaptive_retain_normalize!r}")
@@ -426,7 +403,6 @@ RANGES = {
     "validation_steps": (0, None), "relearn_rho": (0.0, None), "forget_uncond_weight": (0.0, None), "relearn_steps": (1, None),
     "adaptive_retain_max": (1.0, None), "adaptive_retain_every": (1, None), "adaptive_retain_rate": (0.0, None),
     "adaptive_retain_tolerance": (0.0, None), "adaptive_retain_probe": (1, None),
-    "distill_steps": (0, None), "distill_noise": (0.0, 1.0), "distill_learning_rate": (0.0, None),
     "negative_guidance": (0.0, None), "start_guidance": (0.0, None), "preserve_scale": (0.0, None),
     "attack_steps": (0, None), "attack_warmup": (0, None), "partial_sampling_steps": (1, None),
     **{name: (1, None) for name in ("num_forget_images", "max_train_steps", "train_batch_size", "num_train_epochs",

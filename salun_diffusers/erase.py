@@ -27,7 +27,6 @@ from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 from .config import EraseConfig
 from .delta import base_values_digest
 from .erasure.adaptive_retain import check_adaptive_retain_fits
-from .erasure.distill import check_distill_fits, distill_erasure
 from .erasure.adversarial import check_adversarial_fits, make_adversary
 from .erasure.checkpoints import check_resume_layout, resolve_resume
 from .erasure.data import prepare_data, resolve_epoch_steps
@@ -38,7 +37,7 @@ from .erasure.saliency import compute_or_load_mask
 from .erasure.sharpness import check_relearn_fits
 from .erasure.sharding import base_digest, check_sharding, shard_denoiser, sharding_requested
 from .erasure.stacking import erased_base_lineage
-from .erasure.training import check_finite_weights, train
+from .erasure.training import train
 from .erasure.validation import validation_hook
 from .families import (SD, check_fits, denoiser_folder, load_erasure_base, model_family, pipeline_class_name,
                        text_encoders, vae_dtype)
@@ -142,7 +141,6 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     check_resume_layout(resume_path, sharded, accelerator.num_processes)  # a sharded checkpoint: as many processes
     check_relearn_fits(config, accelerator.num_processes, sharded)  # --relearn_rho: one process, before any image
     check_adaptive_retain_fits(config, sharded)  # --adaptive_retain: retain images, unsharded weights
-    check_distill_fits(config, accelerator.num_processes, sharded)  # --distill_steps: one process, not sharded
     spec = config.concept_spec()
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     if accelerator.is_main_process:
@@ -199,14 +197,10 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
         base_values_digest(unet, mask) if accelerator.is_main_process else None
 
     # 3. masked fine-tuning
-    adversary = make_adversary(pipe, scheduler, data, spec, config)
     trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
-                    on_step=validation_hook(pipe, config, accelerator), adversary=adversary, pipe=pipe)
+                    on_step=validation_hook(pipe, config, accelerator),
+                    adversary=make_adversary(pipe, scheduler, data, spec, config))
     unet = trained.unet
-    if config.distill_steps:  # re-noise the masked weights, distil the erasure back into them (one process)
-        unet, trained.logs["distill_loss"] = distill_erasure(unet, scheduler, data, spec, config, mask, adversary,
-                                                             accelerator.autocast)
-        check_finite_weights(unet, config.max_train_steps, config)
     if sharded and accelerator.is_main_process:  # the gathered weights (on the CPU) replace the sharded module
         setattr(pipe, denoiser_folder(unet), unet)
     if config.gradient_checkpointing:

@@ -1,5 +1,4 @@
-"""Issue 17, ``--adaptive_retain``: a per-retain-prompt weight of SalUn's retain term, driven by a fixed probe's MSE
-(or, ``--adaptive_retain_signal judged``, by the judged images the model draws for each retain prompt).
+"""Issue 17, ``--adaptive_retain``: a per-retain-prompt weight of SalUn's retain term, driven by a fixed probe's MSE.
 The weighted retain term is what it says, the update raises the weight of a prompt whose probe MSE rose (and only
 that one), only masked weights train (with ``--adversarial`` and ``--forget_uncond_weight``), resume equals an
 uninterrupted run, off is today's loss, and bad values are refused. Tiny config-built pipelines on CPU (mechanics)."""
@@ -187,7 +186,6 @@ def test_flow_matching_transformer_keeps_every_weight_outside_the_mask(data_cach
     (dict(adaptive_retain_probe=0), "--adaptive_retain_probe must be >= 1"),
     (dict(adaptive_retain_rate=float("nan")), "--adaptive_retain_rate must be a finite number"),
     (dict(adaptive_retain_normalize="sum"), "--adaptive_retain_normalize must be batch or weights"),
-    (dict(adaptive_retain_signal="clip"), "--adaptive_retain_signal must be mse or judged"),
 ])
 def test_bad_values_are_refused_in_one_line(bad, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -202,105 +200,3 @@ def test_where_it_does_not_apply_it_is_refused(erase_config):
     with pytest.raises(ValueError, match="drop --adaptive_retain or --shard_weights"):
         check_adaptive_retain_fits(EraseConfig(concept="seven", adaptive_retain=True), sharded=True)
     check_adaptive_retain_fits(EraseConfig(concept="seven"), sharded=True)  # off: nothing to refuse
-
-
-# --adaptive_retain_signal judged: the probe draws images with the weights being trained and the digit judge scores
-# them (the digit world: the bundled model and judge, real efficacy; a few images, a minute at most on one thread)
-JUDGED = dict(adaptive_retain=True, adaptive_retain_signal="judged")
-
-
-def _digit_data(digits):
-    """A ConceptData naming the digit prompts (forget: nine, id 0; retain: ``digits``, ids 1..): the judged probe reads
-    only the prompt names and ids."""
-    from salun_diffusers.concepts import digit_prompt
-
-    names = [digit_prompt(9)] + [digit_prompt(d) for d in digits]
-    embeds = {n: PromptCond(torch.zeros(2, 4)) for n in names}
-    ids = torch.arange(1, len(names)).repeat(2)
-    return ConceptData(torch.zeros(2, 4, 4, 4), torch.zeros(len(ids), 4, 4, 4), ids, embeds)
-
-
-@pytest.fixture(scope="module")
-def digit_pipe():
-    from salun_diffusers.digits import load_digit_pipeline
-
-    pipe = load_digit_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def test_the_judged_probe_scores_what_the_given_weights_draw(digit_pipe):
-    """The base draws each probed digit: judged high; the same weights score the same, bit for bit; a damaged copy of
-    the U-Net, passed in, is what draws (its scores fall) and the pipeline keeps its own U-Net afterwards."""
-    import copy
-
-    from salun_diffusers.erasure.adaptive_retain import JudgedProbe
-
-    data = _digit_data([2, 5])
-    probe = JudgedProbe(digit_pipe, list(data.embeds), [1, 2], n=3)
-    base = probe.score(digit_pipe.unet)
-    assert base[0] == 0 and float(base[1:].min()) > 0.8, base  # two and five, drawn by the base, judged as such
-    assert torch.equal(probe.score(digit_pipe.unet), base)
-    damaged = copy.deepcopy(digit_pipe.unet)
-    with torch.no_grad():
-        damaged.conv_out.weight.mul_(-1.0)  # the predicted noise flipped: no digit survives sampling
-    held = digit_pipe.unet
-    assert float(probe.score(damaged)[1:].max()) < float(base[1:].min()) - 0.3
-    assert digit_pipe.unet is held
-
-
-def test_a_prompt_judged_less_often_gets_a_larger_weight(digit_pipe):
-    """The judged update is absolute: weight e^(rate * (s0 - s - tolerance)), clamped to [1, max]; a prompt back at its
-    base decays to 1; a drop within the tolerance leaves it at 1."""
-    cfg = dict(concept="nine", adaptive_retain_rate=10.0, adaptive_retain_max=4.0, adaptive_retain_probe=1, **JUDGED)
-    ada = AdaptiveRetain(digit_pipe.unet, model_family(digit_pipe), _digit_data([2, 5]), EraseConfig(**cfg),
-                         pipe=digit_pipe)
-    assert ada.judged is not None and ada.prompts == [1, 2]
-
-    def update(drops, a=ada):
-        a.score = lambda unet: a.base - torch.tensor([0.0, *drops], dtype=torch.float64)
-        a.update(digit_pipe.unet)
-
-    update((0.05, -0.02))  # two judged 5 points less often, five 2 points more
-    assert ada.weights[1].item() == pytest.approx(torch.exp(torch.tensor(0.5)).item(), rel=1e-5)
-    assert ada.weights[2].item() == 1.0 and ada.weights[0].item() == 1.0
-    report = ada.report()
-    assert set(report) == {"weights", "judged", "judged_base"}
-    assert report["judged"]["a handwritten digit two"] == pytest.approx(report["judged_base"][
-        "a handwritten digit two"] - 0.05, abs=1e-4)
-    update((0.2, 0.0))
-    assert ada.weights[1].item() == 4.0  # e^(0.5 + 2.0), clamped
-    update((-0.2, 0.0))
-    update((-0.2, 0.0))
-    assert ada.weights[1].item() == 1.0  # back above its base: decays to 1
-    tolerant = AdaptiveRetain(digit_pipe.unet, model_family(digit_pipe), _digit_data([2, 5]),
-                              EraseConfig(**cfg, adaptive_retain_tolerance=0.1), pipe=digit_pipe)
-    update((0.08, 0.0), tolerant)
-    assert tolerant.weights[1].item() == 1.0
-
-
-def test_a_judged_digit_erasure_trains_only_the_mask(digit_pipe, tmp_path):
-    """Nine erased from the digit world at a large learning rate (the other digits suffer, so the judged probe moves
-    the weights); every weight outside the mask stays bit-identical to the base."""
-    from salun_diffusers.digits import DIGIT_PIPELINE_DIR, load_digit_pipeline
-
-    config = EraseConfig(concept="nine", output_dir=str(tmp_path / "no-nine"), max_train_steps=4, learning_rate=3e-2,
-                         adaptive_retain_every=2, adaptive_retain_probe=2, save_merged_unet=False,
-                         save_pipeline="none", **JUDGED)
-    result = erase(config, pipe=load_digit_pipeline())
-    assert changed_inside_mask(result, DIGIT_PIPELINE_DIR) > 0
-    final = result.metrics["final"]["adaptive_retain"]
-    assert len(final["weights"]) == 9 and "a handwritten digit nine" not in final["weights"]
-    assert min(final["judged_base"].values()) > 0.5  # the base draws every other digit
-    assert max(final["weights"].values()) > 1.0  # the large step cost some digit, whose weight rose
-
-
-def test_the_judged_signal_needs_digit_prompts():
-    SD = "CompVis/stable-diffusion-v1-4"  # a hub id, not loaded: the check reads the concept's retain prompts
-    with pytest.raises(ValueError, match="use --adaptive_retain_signal mse") as err:
-        check_adaptive_retain_fits(EraseConfig(pretrained_model_name_or_path=SD, concept="nudity", **JUDGED),
-                                   sharded=False)
-    assert "\n" not in str(err.value) and "not a digit prompt" in str(err.value)
-    check_adaptive_retain_fits(EraseConfig(concept="nine", **JUDGED), sharded=False)  # digit prompts: fits
-    check_adaptive_retain_fits(EraseConfig(pretrained_model_name_or_path=SD, concept="nudity", adaptive_retain=True),
-                               sharded=False)  # mse: any concept

@@ -18,17 +18,7 @@ prompt back under the mean decays to 1.
 
 and the retain term becomes ``alpha * sum_i w_p(i) * MSE_i / batch`` (:func:`~salun_diffusers.objectives.weighted_mse`;
 the unconditional retain term of ``--forget_uncond_weight`` is weighted alike). The weights are training state: saved
-in checkpoints (accelerate's custom state), so a resumed run equals an uninterrupted one.
-
-``--adaptive_retain_signal judged`` (:class:`JudgedProbe`) probes what the retained accuracy judges instead of the
-denoising MSE: the model being trained draws ``--adaptive_retain_probe`` images per retain prompt (fixed seeds, the
-world's sampling settings), the digit judge scores them, and ``s_p`` is the mean probability of the prompt's digit.
-The MSE probe misses where the drop is (nine's erasure loses most of its 3 points on two, whose probe ratio stays at
-1.00: docs/robustness.md); the judged one sees it. Its update is absolute, in probability units:
-
-    w_p <- clamp(w_p * exp(rate * (s0_p - s_p - tolerance)), 1, max)
-
-so a prompt whose drawn images are judged as its digit as often as the base's keeps (or decays back to) weight 1."""
+in checkpoints (accelerate's custom state), so a resumed run equals an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -39,10 +29,8 @@ from typing import Dict, Optional
 
 import torch
 
-from ..concepts import digit_prompt
 from ..config import EraseConfig
-from ..digits import DigitJudge, digit_sampling
-from ..families import PromptCond, as_family, denoiser_folder
+from ..families import PromptCond, as_family
 from .data import ConceptData
 
 logger = logging.getLogger(__name__)
@@ -53,96 +41,37 @@ NEEDS_RETAIN = ("--adaptive_retain weights the retain term: it needs retain imag
                 "--retain_data_dir) and --alpha > 0; drop --adaptive_retain")
 
 
-JUDGED_NEEDS_DIGITS = ("--adaptive_retain_signal judged scores the retain prompts' images with the digit judge: it "
-                       "needs a digit world whose retain prompts are digit prompts ({bad}); use "
-                       "--adaptive_retain_signal mse")
-
-
-class JudgedProbe:
-    """``--adaptive_retain_signal judged``: ``n`` images per retain prompt drawn by ``pipe`` with the denoiser being
-    trained (image ``i`` of digit ``d`` from seed ``PROBE_SEED + 1000 * d + i``, the same at every scoring, so the
-    score moves only with the weights), judged by the digit judge. :meth:`score` returns, per prompt id, the mean
-    probability the judge gives the prompt's digit (0 for prompts it does not score)."""
-
-    def __init__(self, pipe, names, prompts, n: int, num_inference_steps: Optional[int] = None):
-        by_prompt = {digit_prompt(d): d for d in range(10)}
-        bad = [names[p] for p in prompts if names[p] not in by_prompt]
-        if pipe is None or bad or not prompts:
-            raise ValueError(JUDGED_NEEDS_DIGITS.format(
-                bad="no pipeline" if pipe is None else f"not a digit prompt: {bad[0]!r}" if bad else
-                "no retain prompts"))
-        self.pipe, self.names, self.n = pipe, names, n
-        self.digits = {p: by_prompt[names[p]] for p in prompts}
-        self.sampling = dict(digit_sampling(pipe))
-        if num_inference_steps is not None:
-            self.sampling["num_inference_steps"] = num_inference_steps
-        self.device = getattr(pipe, "_execution_device", pipe.device)
-        self.judge = DigitJudge.from_pretrained(device=self.device)
-
-    @torch.no_grad()
-    def score(self, denoiser) -> torch.Tensor:
-        folder = denoiser_folder(denoiser)
-        held = getattr(self.pipe, folder)
-        setattr(self.pipe, folder, denoiser)  # the weights being trained draw the probe (the same module in erase)
-        try:
-            prompts, gens, order = [], [], []
-            for p, d in self.digits.items():
-                for i in range(self.n):
-                    prompts.append(self.names[p])
-                    gens.append(torch.Generator("cpu" if torch.device(self.device).type == "mps" else self.device)
-                                .manual_seed(PROBE_SEED + 1000 * d + i))
-                    order.append(p)
-            images = self.pipe(prompts, generator=gens, output_type="np", **self.sampling).images
-        finally:
-            setattr(self.pipe, folder, held)
-        proba = self.judge.predict_proba(images).double().cpu()
-        ids = torch.tensor(order)
-        right = proba[torch.arange(len(order)), torch.tensor([self.digits[p] for p in order])]
-        out = torch.zeros(len(self.names), dtype=torch.float64)
-        out.index_add_(0, ids, right)
-        return out / torch.bincount(ids, minlength=len(self.names)).clamp(min=1).double()
-
-
 class AdaptiveRetain:
-    """The probe, the base and last probe scores per retain prompt (MSE, or with ``--adaptive_retain_signal judged``
-    the judged probability of the prompt's digit: :class:`JudgedProbe`), and the weights (indexed like
-    ``list(data.embeds)``, i.e. by ``data.retain_prompt_ids``; prompts without retain images keep weight 1)."""
+    """The probe, the base and last probe MSE per retain prompt, and the weights (indexed like ``list(data.embeds)``,
+    i.e. by ``data.retain_prompt_ids``; prompts without retain images keep weight 1)."""
 
-    def __init__(self, unet, scheduler, data: ConceptData, config: EraseConfig, autocast=None, pipe=None,
-                 judged_steps: Optional[int] = None):
+    def __init__(self, unet, scheduler, data: ConceptData, config: EraseConfig, autocast=None):
         self.family = as_family(scheduler)
         self.config = config
         self.autocast = autocast
         self.names = list(data.embeds)
         ids = data.retain_prompt_ids.cpu()
         self.prompts = sorted(set(ids.tolist()))  # the retain prompts' ids
-        self.judged = None
-        if config.adaptive_retain_signal == "judged":  # drawn images, judged: no MSE probe
-            self.judged = JudgedProbe(pipe, self.names, self.prompts, config.adaptive_retain_probe, judged_steps)
-            probe = f"{config.adaptive_retain_probe} drawn, judged images per retain prompt"
-        else:
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + PROBE_SEED)
-            picks = []
-            for p in self.prompts:
-                rows = (ids == p).nonzero().flatten()
-                picks.append(rows[torch.randperm(len(rows), generator=gen)[:config.adaptive_retain_probe]])
-            self.probe_ids = ids[torch.cat(picks)]
-            latents = data.retain_latents[torch.cat(picks).to(data.retain_latents.device)]
-            noise_gen = torch.Generator(device=latents.device).manual_seed(config.seed * 1_000_003 + PROBE_SEED + 1)
-            self.noisy, self.t, self.target = self.family.noised(latents, noise_gen)
-            self.embeds = PromptCond.stack(list(data.embeds.values()))[
-                self.probe_ids.to(data.retain_prompt_ids.device)]
-            probe = f"{len(self.probe_ids)} retain images (denoising MSE)"
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + PROBE_SEED)
+        picks = []
+        for p in self.prompts:
+            rows = (ids == p).nonzero().flatten()
+            picks.append(rows[torch.randperm(len(rows), generator=gen)[:config.adaptive_retain_probe]])
+        self.probe_ids = ids[torch.cat(picks)]
+        latents = data.retain_latents[torch.cat(picks).to(data.retain_latents.device)]
+        noise_gen = torch.Generator(device=latents.device).manual_seed(config.seed * 1_000_003 + PROBE_SEED + 1)
+        self.noisy, self.t, self.target = self.family.noised(latents, noise_gen)
+        self.embeds = PromptCond.stack(list(data.embeds.values()))[self.probe_ids.to(data.retain_prompt_ids.device)]
         self.weights = torch.ones(len(self.names))
-        self.base = self.score(unet)  # r0_p (judged: s0_p)
+        self.base = self.score(unet)  # r0_p
         self.last = self.base.clone()
-        logger.info("adaptive retain: probe of %s over %d retain prompts", probe, len(self.prompts))
+        logger.info("adaptive retain: probe of %d images over %d retain prompts", len(self.probe_ids),
+                    len(self.prompts))
 
     @torch.no_grad()
     def score(self, unet) -> torch.Tensor:
-        """The probe's MSE (judged: the judged probability of the prompt's digit) per prompt id (0 for prompts without
-        retain images), with ``unet``'s current weights (in eval mode, so that no dropout draws into it; its mode is
-        restored)."""
+        """The probe's MSE per prompt id (0 for prompts without retain images), with ``unet``'s current weights (in
+        eval mode, so that no dropout draws into it; its mode is restored)."""
         was_training = unet.training
         unet.eval()
         try:
@@ -151,8 +80,6 @@ class AdaptiveRetain:
             unet.train(was_training)
 
     def _score(self, unet) -> torch.Tensor:
-        if self.judged is not None:
-            return self.judged.score(unet)
         per_sample = []
         for i in range(0, len(self.probe_ids), PROBE_CHUNK):
             sl = slice(i, i + PROBE_CHUNK)
@@ -169,16 +96,12 @@ class AdaptiveRetain:
         """Score the probe with the current weights and apply the multiplicative update to each prompt's weight."""
         self.last = self.score(unet)
         c = self.config
-        if self.judged is not None:  # the judged drop against the base, absolute
-            excess = {p: float(self.base[p] - self.last[p]) for p in self.prompts}
-        else:
-            ratio = self.ratios()
-            ref = float(ratio[self.prompts].mean()) if c.adaptive_retain_relative else 1.0
-            excess = {p: float(ratio[p]) - ref for p in self.prompts}
+        ratio = self.ratios()
+        ref = float(ratio[self.prompts].mean()) if c.adaptive_retain_relative else 1.0
         top = math.log(c.adaptive_retain_max)
         for p in self.prompts:
             if self.base[p] > 0:  # in the log domain, clamped there: a large rise cannot overflow exp
-                step = c.adaptive_retain_rate * (excess[p] - c.adaptive_retain_tolerance)
+                step = c.adaptive_retain_rate * (float(ratio[p]) - ref - c.adaptive_retain_tolerance)
                 log_w = math.log(float(self.weights[p])) + (step if math.isfinite(step) else math.inf)
                 self.weights[p] = math.exp(min(max(log_w, 0.0), top))
 
@@ -191,12 +114,9 @@ class AdaptiveRetain:
 
     def report(self) -> Dict[str, Dict[str, float]]:
         """Each retain prompt's weight and last probe ratio r_p / r0_p (logs, metrics.json's ``final``)."""
-        weights = {"weights": {self.names[p]: round(float(self.weights[p]), 4) for p in self.prompts}}
-        if self.judged is not None:  # the judged probability of each prompt's digit, now and at the base
-            return {**weights, "judged": {self.names[p]: round(float(self.last[p]), 4) for p in self.prompts},
-                    "judged_base": {self.names[p]: round(float(self.base[p]), 4) for p in self.prompts}}
         ratio = self.ratios()
-        return {**weights, "probe_ratio": {self.names[p]: round(float(ratio[p]), 4) for p in self.prompts}}
+        return {"weights": {self.names[p]: round(float(self.weights[p]), 4) for p in self.prompts},
+                "probe_ratio": {self.names[p]: round(float(ratio[p]), 4) for p in self.prompts}}
 
     def state_dict(self) -> dict:
         return {"weights": self.weights.clone(), "base": self.base.clone(), "last": self.last.clone()}
@@ -215,18 +135,14 @@ def check_adaptive_retain_fits(config: EraseConfig, sharded: bool) -> None:
                          "hold in one process: drop --adaptive_retain or --shard_weights (and FSDP)")
     if config.adaptive_retain and (not config.alpha or (config.num_retain_images == 0 and not config.retain_data_dir)):
         raise ValueError(NEEDS_RETAIN)
-    if config.adaptive_retain and config.adaptive_retain_signal == "judged" and not config.retain_data_dir:
-        bad = [p for p in config.concept_spec().retain_prompts if p not in {digit_prompt(d) for d in range(10)}]
-        if bad:  # a retain folder's prompts are read with its images: JudgedProbe checks them
-            raise ValueError(JUDGED_NEEDS_DIGITS.format(bad=f"not a digit prompt: {bad[0]!r}"))
 
 
 def make_adaptive_retain(unet, scheduler, data: ConceptData, config: EraseConfig, sharded: bool = False,
-                         autocast=None, pipe=None) -> Optional[AdaptiveRetain]:
+                         autocast=None) -> Optional[AdaptiveRetain]:
     """The adaptive retain weights of ``--adaptive_retain`` (None when off: the retain term is the plain mean)."""
     if not config.adaptive_retain:
         return None
     check_adaptive_retain_fits(config, sharded)
     if data.retain_latents is None:  # none were drawn (check_adaptive_retain_fits saw the flags)
         raise ValueError(NEEDS_RETAIN)
-    return AdaptiveRetain(unet, scheduler, data, config, autocast, pipe)
+    return AdaptiveRetain(unet, scheduler, data, config, autocast)

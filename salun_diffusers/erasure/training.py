@@ -150,11 +150,10 @@ class TrainResult:
 
 def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseConfig, mask: Mapping[str, torch.Tensor],
           accelerator, resume_path: Optional[str] = None,
-          on_step: Optional[Callable[[int], None]] = None, adversary=None, pipe=None) -> TrainResult:
+          on_step: Optional[Callable[[int], None]] = None, adversary=None) -> TrainResult:
     """Run ``config.max_train_steps`` SalUn steps on the masked weights of ``unet`` (resuming from ``resume_path``);
     ``on_step(step)`` runs after each optimizer step (e.g. validation images). ``adversary`` (``--adversarial``,
-    :mod:`.adversarial`) adds the forget objective on adversarial conditionings; ``pipe`` (holding ``unet``) draws
-    the probe of ``--adaptive_retain_signal judged``. Sharded
+    :mod:`.adversarial`) adds the forget objective on adversarial conditionings. Sharded
     (:mod:`.sharding`: ``--shard_weights`` or an FSDP accelerate config): ``unet`` is sharded (erase.py did it before
     the saliency pass), the optimizer and scheduler are stepped here rather than by accelerate, and the returned
     module is the gathered one on the main process (the sharded one elsewhere)."""
@@ -191,7 +190,7 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
         accelerator.register_for_checkpointing(adversary)  # its bank of adversarial conditionings
     # --adaptive_retain: its probe is scored here with the base weights (r0), before any resume loads trained ones
     adaptive = make_adaptive_retain(accelerator.unwrap_model(unet_prepared), scheduler, data, config, sharded,
-                                    accelerator.autocast, pipe)
+                                    accelerator.autocast)
     if adaptive is not None:
         accelerator.register_for_checkpointing(adaptive)  # its weights and base / last probe MSE
     if resume_path:
