@@ -340,10 +340,6 @@ def run_piece(args, method: str, setting: dict, digit: int, base, judge, base_sc
                "retained_drop": base_scores["retained_accuracy"] - scores["retained_accuracy"],
                "per_digit_accuracy": scores["per_digit_accuracy"], "wall_seconds": wall, "cpu_seconds": cpu,
                "threads": torch.get_num_threads(), "side_by_side": args.side_by_side or args.jobs}
-        final = (read_json_or_none(os.path.join(args.output_dir, "runs", f"{DIGIT_WORDS[digit]}-{method}",
-                                                "metrics.json")) or {}).get("final") or {}
-        if setting.get("adaptive_retain") and "adaptive_retain" in final:  # --adaptive_retain's last weights
-            row["adaptive_retain"] = final["adaptive_retain"]
         row["conditioning"] = conditioning_asr(pipe, digit, kind)
         row["context"] = context_probe(pipe, digit, kind)
         if not args.tune:

@@ -178,34 +178,6 @@ class EraseConfig(JsonConfigMixin):
               "trained unconditionally too. Default 0 (off); 2 under the digit presets' --adversarial on the "
               "U-Net digit world, where it meets the context target on all ten digits (docs/robustness.md). One "
               "more forward-backward of the forget and retain batches per step.")
-    # issue 17: the retained drop on every digit (docs/robustness.md, "An adaptive retain weight")
-    adaptive_retain: bool = _f(False, "Adaptive, per-retain-prompt retain weight: a fixed probe (a few retain images "
-                                      "per retain prompt with fixed noise and timesteps) is scored with the base "
-                                      "weights (r0_p) and every --adaptive_retain_every steps (r_p); each prompt's "
-                                      "weight w_p <- clamp(w_p * exp(rate * (r_p / r0_p - ref - tolerance)), 1, "
-                                      "--adaptive_retain_max), ref the mean ratio over the retain prompts "
-                                      "(--adaptive_retain_relative) or 1, weights the retain term "
-                                      "alpha * sum_i w_p(i) * MSE_i / N (--adaptive_retain_normalize). Off: the "
-                                      "plain retain mean. Needs retain images; not with sharded weights. Digit "
-                                      "world: tried, not adopted (docs/robustness.md).")
-    adaptive_retain_max: float = _f(4.0, "Largest weight of one retain prompt under --adaptive_retain (>= 1).")
-    adaptive_retain_every: int = _f(5, "Score the --adaptive_retain probe and update the weights every k optimizer "
-                                       "steps.")
-    adaptive_retain_rate: float = _f(4.0, "Step size (eta) of the --adaptive_retain multiplicative weight update.")
-    adaptive_retain_tolerance: float = _f(0.0, "Rise of a prompt's probe ratio r_p / r0_p above the reference that "
-                                               "--adaptive_retain tolerates before raising its weight (0.05: 5 "
-                                               "percent of its base MSE).")
-    adaptive_retain_relative: bool = _f(True, "--adaptive_retain: compare each prompt's probe ratio with the mean "
-                                              "ratio over the retain prompts (raise the weights of the prompts that "
-                                              "take more than their share of the damage); off: with 1 (raise every "
-                                              "prompt whose probe MSE rose; on the digit world every one rises 5-30 "
-                                              "percent, so nearly all weights reach the maximum: a larger alpha).")
-    adaptive_retain_normalize: str = _f("batch", "--adaptive_retain's retain term: sum_i w_i * MSE_i divided by the "
-                                                 "batch size ('batch': weights above 1 add retain pressure) or by "
-                                                 "sum_i w_i ('weights': the same total pressure, moved towards the "
-                                                 "heavier prompts).", choices=["batch", "weights"])
-    adaptive_retain_probe: int = _f(16, "Probe images per retain prompt of --adaptive_retain (fewer if the prompt "
-                                        "has fewer retain images).")
     # issue 17: relearning resistance (docs/robustness.md, "Relearning: a sharpness-aware forget step")
     relearn_rho: float = _f(0.0, "Sharpness-aware forget step against relearning (Fan et al., ICML 2025): each step "
                                  "evaluates the forget term at the weights moved by one relearning step of norm rho "
@@ -302,9 +274,6 @@ class EraseConfig(JsonConfigMixin):
         if self.relearn_rho and self.optimizer_in_backward:
             raise ValueError("--relearn_rho moves the weights and back around the forget term, which "
                              "--optimizer_in_backward would step in the moved state: drop one of them")
-        if self.adaptive_retain_normalize not in ("batch", "weights"):
-            raise ValueError(f"--adaptive_retain_normalize must be batch or weights, got "
-                             f"{self.adaptive_retain_normalize!r}")
         if self.relearn_scope not in ("all", "mask") or self.relearn_direction not in ("gradient", "sign"):
             raise ValueError(f"--relearn_scope must be all or mask (got {self.relearn_scope!r}) and "
                              f"--relearn_direction gradient or sign (got {self.relearn_direction!r})")
@@ -401,8 +370,6 @@ RANGES = {
     "resolution": (8, None), "mask_ratio": (0.0, 1.0),
     "saliency_guidance_scale": (0.0, None), "saliency_retain_weight": (0.0, None), "export_lora_rank": (0, None),
     "validation_steps": (0, None), "relearn_rho": (0.0, None), "forget_uncond_weight": (0.0, None), "relearn_steps": (1, None),
-    "adaptive_retain_max": (1.0, None), "adaptive_retain_every": (1, None), "adaptive_retain_rate": (0.0, None),
-    "adaptive_retain_tolerance": (0.0, None), "adaptive_retain_probe": (1, None),
     "negative_guidance": (0.0, None), "start_guidance": (0.0, None), "preserve_scale": (0.0, None),
     "attack_steps": (0, None), "attack_warmup": (0, None), "partial_sampling_steps": (1, None),
     **{name: (1, None) for name in ("num_forget_images", "max_train_steps", "train_batch_size", "num_train_epochs",

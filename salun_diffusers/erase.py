@@ -26,7 +26,6 @@ from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 
 from .config import EraseConfig
 from .delta import base_values_digest
-from .erasure.adaptive_retain import check_adaptive_retain_fits
 from .erasure.adversarial import check_adversarial_fits, make_adversary
 from .erasure.checkpoints import check_resume_layout, resolve_resume
 from .erasure.data import prepare_data, resolve_epoch_steps
@@ -140,7 +139,6 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
         check_sharding(config, accelerator)
     check_resume_layout(resume_path, sharded, accelerator.num_processes)  # a sharded checkpoint: as many processes
     check_relearn_fits(config, accelerator.num_processes, sharded)  # --relearn_rho: one process, before any image
-    check_adaptive_retain_fits(config, sharded)  # --adaptive_retain: retain images, unsharded weights
     spec = config.concept_spec()
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     if accelerator.is_main_process:

@@ -10,7 +10,7 @@ multi-process saliency).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,37 +51,22 @@ def diffusion_loss(unet, scheduler, latents, embeds: Cond, generator, added_cond
     return F.mse_loss(pred.float(), target.float())
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor] = None,
-                 normalize: str = "batch") -> torch.Tensor:
-    """``F.mse_loss`` (``weights`` None: the very same call), or with per-sample ``weights`` (``--adaptive_retain``):
-    ``sum_i w_i * mean_j (pred_ij - target_ij)^2 / batch`` (``normalize="batch"``: all weights 1 is the plain mean,
-    and a weight above 1 adds retain pressure on its samples without taking any from the others) or ``/ sum_i w_i``
-    (``"weights"``: a weighted mean, the same total retain pressure moved towards the heavier samples)."""
-    if weights is None:
-        return F.mse_loss(pred.float(), target.float())
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    weights = weights.to(per_sample)
-    return (weights * per_sample).sum() / (weights.sum() if normalize == "weights" else per_sample.shape[0])
-
-
-def retain_loss(unet, scheduler, latents, embeds: Cond, generator, uncond_embeds=None,
-                retain_weights: Optional[torch.Tensor] = None, normalize: str = "batch") -> torch.Tensor:
+def retain_loss(unet, scheduler, latents, embeds: Cond, generator, uncond_embeds=None) -> torch.Tensor:
     """The retain term alone (:func:`salun_loss`'s, in its own pass): the ordinary denoising MSE of the retain
     images; with ``uncond_embeds`` (one prompt's conditioning, ``--forget_uncond_weight``) plus the unconditional
-    prediction's MSE on the same ``x_t``; ``retain_weights``: per-sample weights of both (:func:`weighted_mse`)."""
+    prediction's MSE on the same ``x_t``."""
     family = as_family(scheduler)
     noisy, t, target = family.noised(latents, generator)
-    loss = weighted_mse(family.predict(unet, noisy, t, embeds), target, retain_weights, normalize)
+    loss = F.mse_loss(family.predict(unet, noisy, t, embeds).float(), target.float())
     if uncond_embeds is not None:
-        loss = loss + weighted_mse(family.predict(unet, noisy, t, uncond_embeds.expand(len(latents))), target,
-                                   retain_weights, normalize)
+        loss = loss + F.mse_loss(family.predict(unet, noisy, t, uncond_embeds.expand(len(latents))).float(),
+                                 target.float())
     return loss
 
 
 def salun_loss(unet, scheduler, forget_latents, forget_embeds: Cond, pseudo_embeds: Cond, retain_latents,
                retain_embeds: Cond, alpha: float, generator: torch.Generator, adversarial_embeds=None,
-               adversarial_weight: float = 1.0, uncond_embeds=None, uncond_weight: float = 0.0,
-               retain_weights: Optional[torch.Tensor] = None, retain_normalize: str = "batch"):
+               adversarial_weight: float = 1.0, uncond_embeds=None, uncond_weight: float = 0.0):
     """SalUn's erase loss. Returns ``(total, forget_term, retain_term)``.
 
     The forget and retain predictions come from one denoiser pass over both batches (the same values as two passes:
@@ -92,9 +77,6 @@ def salun_loss(unet, scheduler, forget_latents, forget_embeds: Cond, pseudo_embe
     branch too: ``+ uncond_weight * MSE(eps(x_t | ""), eps(x_t | c').detach())``, so that no prompt at all (what
     inpainting from context and classifier-free guidance's other half run on) completes the concept either; and the
     retain term gains the unconditional branch's ordinary MSE on the retain images (its target without the concept).
-    ``retain_weights`` (``--adaptive_retain``): one weight per retain sample, on its conditional and (with
-    ``uncond_embeds``) unconditional MSE alike (:func:`weighted_mse`, normalised by ``retain_normalize``); None: the
-    plain mean, as before.
     Flow families: the same with velocities (the pseudo prompt's velocity at the same ``x_t`` and sigma)."""
     family = as_family(scheduler)
     noisy, t, _ = family.noised(forget_latents, generator)
@@ -119,8 +101,8 @@ def salun_loss(unet, scheduler, forget_latents, forget_embeds: Cond, pseudo_embe
         forget = forget + uncond_weight * F.mse_loss(unc.float(), target.float())
     if not with_retain:
         return forget, forget.detach(), torch.zeros((), device=forget.device)
-    retain = weighted_mse(r_pred, r_target, retain_weights, retain_normalize)
+    retain = F.mse_loss(r_pred.float(), r_target.float())
     if uncond:  # the unconditional branch keeps denoising the retained images (their posterior without the concept)
         r_unc = family.predict(unet, r_noisy, r_t, uncond_embeds.expand(r_noisy.shape[0]))
-        retain = retain + weighted_mse(r_unc, r_target, retain_weights, retain_normalize)
+        retain = retain + F.mse_loss(r_unc.float(), r_target.float())
     return forget + alpha * retain, forget.detach(), retain.detach()

@@ -22,7 +22,6 @@ from ..config import EraseConfig
 from ..families import PromptCond
 from ..masking import MaskedAdamW, MaskedUpdate, _local, sum_over_shards
 from ..objectives import retain_loss, salun_loss
-from .adaptive_retain import make_adaptive_retain
 from .checkpoints import load_sharded_checkpoint, save_checkpoint, save_sharded_checkpoint
 from .data import ConceptData
 from .sharpness import check_relearn_fits, make_perturbation
@@ -119,8 +118,7 @@ def check_finite_weights(unet, step: int, config: EraseConfig) -> None:
 
 
 def sharpness_aware_backward(accelerator, unet, scheduler, perturbation, latents, f_emb, pseudo_emb, r_lat, r_emb,
-                             config: EraseConfig, noise_gen, adv_emb, seed: int, step: int, uncond_emb=None,
-                             retain_weights=None):
+                             config: EraseConfig, noise_gen, adv_emb, seed: int, step: int, uncond_emb=None):
     """``--relearn_rho`` (:mod:`.sharpness`): backward of SalUn's forget term at the weights moved by the relearning
     move (drawn with ``seed``, undone exactly after), then of ``alpha *`` the retain term at the weights."""
     relearn_gen = torch.Generator(device=latents.device).manual_seed(seed)
@@ -135,8 +133,7 @@ def sharpness_aware_backward(accelerator, unet, scheduler, perturbation, latents
         perturbation.undo()
     retain = torch.zeros((), device=forget.device)
     if r_lat is not None and config.alpha != 0:
-        retain = retain_loss(unet, scheduler, r_lat, r_emb, noise_gen, uncond_emb, retain_weights,
-                             config.adaptive_retain_normalize)
+        retain = retain_loss(unet, scheduler, r_lat, r_emb, noise_gen, uncond_emb)
         check_finite(retain, "loss", step, config)
         accelerator.backward(config.alpha * retain)
     return forget.detach() + config.alpha * retain.detach(), forget.detach(), retain.detach()
@@ -188,11 +185,6 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     global_step = 0
     if adversary is not None:
         accelerator.register_for_checkpointing(adversary)  # its bank of adversarial conditionings
-    # --adaptive_retain: its probe is scored here with the base weights (r0), before any resume loads trained ones
-    adaptive = make_adaptive_retain(accelerator.unwrap_model(unet_prepared), scheduler, data, config, sharded,
-                                    accelerator.autocast)
-    if adaptive is not None:
-        accelerator.register_for_checkpointing(adaptive)  # its weights and base / last probe MSE
     if resume_path:
         logger.info("resuming from %s", resume_path)
         if sharded:  # this process's part: its masked values (written into its shards), optimizer, scheduler
@@ -231,10 +223,6 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
     logs = {}
     unet_prepared.train()
     while global_step < config.max_train_steps:
-        if adaptive is not None and global_step and global_step % config.adaptive_retain_every == 0:
-            # at the top of the step, after any checkpoint of the previous one: a resumed run updates here too
-            adaptive.update(accelerator.unwrap_model(unet_prepared))
-            logger.info("adaptive retain at step %d: %s", global_step, adaptive.report())
         for micro in range(config.gradient_accumulation_steps):
             idx_gen, noise_gen = _step_generators(config.seed, global_step, micro, accelerator.process_index, device)
             f_idx = torch.randint(0, data.forget_latents.shape[0], (bs,), generator=idx_gen)
@@ -242,13 +230,11 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
             p_idx = offsets[k] + torch.randint(0, draws, (bs,), generator=idx_gen) % counts[k]
             # one concept: its forget prompt's conditioning broadcast, as before several were possible
             f_emb = forget_table[0].expand(bs) if len(members) == 1 else forget_table[k]
-            r_lat = r_emb = r_w = None
+            r_lat = r_emb = None
             if data.retain_latents is not None:
                 r_idx = torch.randint(0, data.retain_latents.shape[0], (bs,), generator=idx_gen)
                 r_lat = data.retain_latents[r_idx]
                 r_emb = retain_table[data.retain_prompt_ids[r_idx]]
-                if adaptive is not None:
-                    r_w = adaptive.sample_weights(data.retain_prompt_ids[r_idx], r_lat.device)
             adv_emb = None if adversary is None else adversary.embeds(
                 accelerator.unwrap_model(unet_prepared), global_step, f_idx, data.forget_latents[f_idx],
                 seed=idx_gen.initial_seed() + 2)
@@ -257,14 +243,14 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
                     loss, forget_term, retain_term = salun_loss(
                         unet_prepared, scheduler, data.forget_latents[f_idx], f_emb,
                         pseudo[p_idx], r_lat, r_emb, config.alpha, noise_gen, adv_emb, config.adversarial_weight,
-                        u_emb, config.forget_uncond_weight, r_w, config.adaptive_retain_normalize)
+                        u_emb, config.forget_uncond_weight)
                     check_finite_loss(loss, global_step + 1, config, accelerator)
                     accelerator.backward(loss)
                 else:  # --relearn_rho: the forget term one relearning step away, the retain term at the weights
                     loss, forget_term, retain_term = sharpness_aware_backward(
                         accelerator, unet_prepared, scheduler, perturbation, data.forget_latents[f_idx], f_emb,
                         pseudo[p_idx], r_lat, r_emb, config, noise_gen, adv_emb, idx_gen.initial_seed() + 3,
-                        global_step + 1, u_emb, r_w)
+                        global_step + 1, u_emb)
                 if accelerator.sync_gradients:
                     # several processes: the gradients are gathered once reduced over them (DDP reduces the ones
                     # accumulated since the last sync; with hooks, one process, they were gathered in backward)
@@ -281,8 +267,6 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
         logs = {"loss": loss.item(), "forget_loss": forget_term.item(), "retain_loss": retain_term.item(),
                 "lr": lr_scheduler.get_last_lr()[0]}
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
-        if adaptive is not None:
-            logs.update({f"retain_weight/{k}": v for k, v in adaptive.report()["weights"].items()})
         accelerator.log(logs, step=global_step)
         if on_step is not None:
             on_step(global_step)
@@ -298,8 +282,6 @@ def train(unet, scheduler, data: ConceptData, spec: ConceptSpec, config: EraseCo
             else:
                 save_checkpoint(accelerator, config, global_step)
     bar.close()
-    if adaptive is not None:  # the weights and the last probe ratios, in metrics.json's "final"
-        logs = {**logs, "adaptive_retain": adaptive.report()}
     check_finite_weights(unet, global_step, config)  # nor an erasure
     guard.remove_hooks()
     accelerator.wait_for_everyone()
