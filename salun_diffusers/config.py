@@ -178,14 +178,14 @@ class EraseConfig(JsonConfigMixin):
               "trained unconditionally too. Default 0 (off); 2 under the digit presets' --adversarial on the "
               "U-Net digit world, where it meets the context target on all ten digits (docs/robustness.md). One "
               "more forward-backward of the forget and retain batches per step.")
-    # issue 17: relearning resistance (docs/robustness.md, "Relearning: a sharpness-aware forget step")
+    # issue 17: relearning resistance (docs/robustness/studies.md, "Relearning: a sharpness-aware forget step")
     relearn_rho: float = _f(0.0, "Sharpness-aware forget step against relearning (Fan et al., ICML 2025): each step "
                                  "evaluates the forget term at the weights moved by one relearning step of norm rho "
                                  "(along -g or -sign(g), --relearn_direction; g the gradient of the forget images' "
                                  "diffusion loss with the forget prompt) and applies its gradient to the unmoved "
                                  "weights; the move is undone exactly. 0: off (SalUn's step). Digit world, with "
-                                 "--adversarial: 0.6 with --relearn_direction sign (docs/robustness.md). About one "
-                                 "more forward-backward per step; one process, no --optimizer_in_backward.")
+                                 "--adversarial: 0.6 with --relearn_direction sign (docs/robustness/studies.md). "
+                                 "About one more forward-backward per step; one process, no --optimizer_in_backward.")
     relearn_steps: int = _f(1, "Inner relearning steps of the --relearn_rho move: k normalised steps of rho / k each "
                                 "(path length rho), each direction recomputed at the moved weights on fresh noise; 1: "
                                 "one straight step. k forward-backwards per step instead of one.")
