@@ -194,6 +194,13 @@ class EraseConfig(JsonConfigMixin):
     relearn_direction: str = _f("gradient", "Direction of the --relearn_rho move: 'gradient' (-g / ||g||, SAM's) or "
                                             "'sign' (-sign(g) / ||sign(g)||: Adam's first step, what a relearning "
                                             "fine-tune with Adam moves).", choices=["gradient", "sign"])
+    # issue 17: the prompt's path (docs/robustness/studies.md, "UCE's prompt-path edit under the robust erasure")
+    uce_prompt_edit: bool = _f(False, "After the training, UCE's closed-form edit (Gandikota et al., WACV 2024; the "
+                                      "official recipe) of every cross-attention key and value projection maps the "
+                                      "forget prompt's tokens onto the pseudo prompt's, the retain prompts preserved, "
+                                      "so that relearning through the prompt must rebuild its path too. The erasure "
+                                      "then spans the saliency mask and those projections (every other weight stays "
+                                      "bit-identical). SD 1.x/2.x; a closed-form solve, under a second.")
     # the peer methods' knobs (--method esd-*, uce, advunlearn); None: the method's preset. Shared ones reuse
     # --learning_rate, --max_train_steps (their iterations), --alpha (AdvUnlearn's retain weight) and --seed
     negative_guidance: Optional[float] = _f(None, "ESD / AdvUnlearn: eta of the target eps0 - eta (eps_c - eps0) "

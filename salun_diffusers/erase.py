@@ -32,6 +32,7 @@ from .erasure.data import prepare_data, resolve_epoch_steps
 from .erasure.outputs import (check_before_compute, check_output_dir, output_lock, remove_partial_outputs,
                                save_peer_mask, write_outputs)
 from .erasure.peers import resolve_method, run_peer
+from .erasure.prompt_edit import apply_prompt_edit, check_prompt_edit_fits, with_edited_projections
 from .erasure.saliency import compute_or_load_mask
 from .erasure.sharpness import check_relearn_fits
 from .erasure.sharding import base_digest, check_sharding, shard_denoiser, sharding_requested
@@ -153,6 +154,7 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     check_fits(pipe, spec.pipeline_classes, f"concept {spec.name!r}")
     if config.adversarial:  # before any image is drawn: the inner attack must fit the family
         check_adversarial_fits(pipe, config)
+    check_prompt_edit_fits(pipe, config, sharded)
     # the family (U-Net: SD 1.x/2.x/XL; flow-matching transformer: SD3, FLUX): the denoiser, its noise, target and call
     family = model_family(pipe, config)
     unet = family.denoiser
@@ -191,8 +193,12 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
             unet.disable_gradient_checkpointing()
         return EraseResult(config.output_dir, None, mask_file, None, metrics, unet, pipe)
     # fingerprint of the base values the erasure applies to (taken before training): loaders refuse another base
-    digest = base_digest(unet, mask, whole_mask, accelerator) if sharded else \
-        base_values_digest(unet, mask) if accelerator.is_main_process else None
+    if config.uce_prompt_edit:  # the erasure spans the projections the edit after training changes (never sharded)
+        whole_mask = with_edited_projections(unet, whole_mask)
+        digest = base_values_digest(unet, whole_mask) if accelerator.is_main_process else None
+    else:
+        digest = base_digest(unet, mask, whole_mask, accelerator) if sharded else \
+            base_values_digest(unet, mask) if accelerator.is_main_process else None
 
     # 3. masked fine-tuning
     trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
@@ -203,6 +209,8 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
         setattr(pipe, denoiser_folder(unet), unet)
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
+    if config.uce_prompt_edit:  # the closed-form key / value edit of the erased U-Net (erasure.prompt_edit)
+        apply_prompt_edit(pipe, unet, spec)
     t_train = time.perf_counter()
     metrics.update({"train_seconds": t_train - t_saliency, "final": trained.logs,
                     "max_train_steps": config.max_train_steps,

@@ -1,0 +1,71 @@
+"""Issue 17, ``--uce_prompt_edit``: UCE's closed-form key / value edit on top of SalUn's erasure. The result is UCE's
+solution on the trained U-Net, only the saliency mask and the edited projections differ from the base (bit-identical
+elsewhere), the erasure loads onto the base with plain ``load_erasure`` (its base fingerprint is the base's), resume
+equals an uninterrupted run, and what it cannot take is refused in one line. Tiny config-built pipelines on CPU
+(mechanics, seconds)."""
+
+import pytest
+import torch
+
+from salun_diffusers.config import EraseConfig
+from salun_diffusers.erase import erase
+from salun_diffusers.families import load_base_pipeline
+from salun_diffusers.loaders import load_erasure
+from salun_diffusers.masking import load_mask
+from salun_diffusers.methods import UCE_PRESETS, UceConfig, uce_edit, uce_projections
+from salun_diffusers.testing import save_flow_pipeline
+
+
+def test_the_erasure_is_uce_on_the_trained_unet_and_loads_onto_the_base(erase_config, dummy_pipeline_dir, tmp_path):
+    """The flag's U-Net is exactly UCE's closed form applied to the plain run's trained U-Net (same seed: the training
+    does not see the flag); outside the saliency mask and the edited projections every weight is the base's; the
+    erasure file spans both and loads onto the base (its base fingerprint checked) to the same weights."""
+    plain = erase(erase_config(output_dir=str(tmp_path / "plain"), max_train_steps=2))
+    config = erase_config(output_dir=str(tmp_path / "edited"), max_train_steps=2, uce_prompt_edit=True)
+    edited = erase(config)
+    spec = config.concept_spec()
+    erased = [spec.forget_prompt]
+    uce = uce_edit(plain.unet, plain.pipeline.tokenizer, plain.pipeline.text_encoder, erased, [spec.pseudo_prompts[0]],
+                   [p for p in spec.retain_prompts if p not in erased], UceConfig(**UCE_PRESETS["sd14"]))
+    assert set(uce) == set(uce_projections(plain.unet)) and len(uce) > 0
+    trained = dict(plain.unet.named_parameters())
+    base = dict(load_base_pipeline(dummy_pipeline_dir).unet.named_parameters())
+    saliency, _ = load_mask(edited.mask_path)  # mask.safetensors stays the saliency mask (reusable with --mask_path)
+    only_edited = 0
+    for name, p in edited.unet.named_parameters():
+        p, m = p.detach(), saliency[name]
+        if name in uce:
+            assert torch.equal(p, uce[name]), name
+            only_edited += int((p[~m] != base[name].detach()[~m]).sum())
+        else:
+            assert torch.equal(p, trained[name].detach()), name
+            assert torch.equal(p[~m], base[name].detach()[~m]), name
+    assert only_edited > 0  # the edit moved projection entries the saliency mask does not hold
+    fresh = load_base_pipeline(dummy_pipeline_dir)
+    load_erasure(fresh, edited.erasure_path)
+    loaded = dict(fresh.unet.named_parameters())
+    assert all(torch.equal(p.detach(), loaded[n].detach()) for n, p in edited.unet.named_parameters())
+
+
+def test_resumed_run_equals_an_uninterrupted_one(erase_config, killed_and_resumed, tmp_path):
+    kw = dict(max_train_steps=4, uce_prompt_edit=True)
+    full = erase(erase_config(output_dir=str(tmp_path / "full"), **kw))
+    resumed = killed_and_resumed(**kw)
+    a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
+    assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
+
+
+def test_a_flow_model_is_refused_in_one_line(data_cache, tmp_path):
+    path = save_flow_pipeline(str(tmp_path / "pipe"), "sd3")
+    config = EraseConfig(pretrained_model_name_or_path=path, concept="nudity", cache_dir=data_cache,
+                         num_forget_images=4, num_retain_images=4, data_num_inference_steps=2, max_train_steps=2,
+                         train_batch_size=2, learning_rate=1e-2, seed=0, resolution=16, uce_prompt_edit=True,
+                         output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"--uce_prompt_edit fits StableDiffusionPipeline.*drop --uce_prompt_edit"):
+        erase(config)
+
+
+def test_a_peer_method_refuses_the_flag(dummy_pipeline_dir):
+    with pytest.raises(ValueError, match="--uce_prompt_edit does not apply to --method esd-x"):
+        EraseConfig(pretrained_model_name_or_path=dummy_pipeline_dir, concept="nudity", method="esd-x",
+                    uce_prompt_edit=True)
