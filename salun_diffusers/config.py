@@ -194,7 +194,7 @@ class EraseConfig(JsonConfigMixin):
     relearn_direction: str = _f("gradient", "Direction of the --relearn_rho move: 'gradient' (-g / ||g||, SAM's) or "
                                             "'sign' (-sign(g) / ||sign(g)||: Adam's first step, what a relearning "
                                             "fine-tune with Adam moves).", choices=["gradient", "sign"])
-    # issue 17: the prompt's path (docs/robustness/studies.md, "UCE's prompt-path edit under the robust erasure")
+    # issue 17: the prompt's path (docs/robustness/studies.md, "UCE's prompt-path edit on top of the robust erasure")
     uce_prompt_edit: bool = _f(False, "After the training, UCE's closed-form edit (Gandikota et al., WACV 2024; the "
                                       "official recipe) of every cross-attention key and value projection maps the "
                                       "forget prompt's tokens onto the pseudo prompt's, the retain prompts preserved, "
