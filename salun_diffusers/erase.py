@@ -195,10 +195,8 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
     # fingerprint of the base values the erasure applies to (taken before training): loaders refuse another base
     if config.uce_prompt_edit:  # the erasure spans the projections the edit after training changes (never sharded)
         whole_mask = with_edited_projections(unet, whole_mask)
-        digest = base_values_digest(unet, whole_mask) if accelerator.is_main_process else None
-    else:
-        digest = base_digest(unet, mask, whole_mask, accelerator) if sharded else \
-            base_values_digest(unet, mask) if accelerator.is_main_process else None
+    digest = base_digest(unet, mask, whole_mask, accelerator) if sharded else \
+        base_values_digest(unet, whole_mask) if accelerator.is_main_process else None
 
     # 3. masked fine-tuning
     trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
