@@ -170,7 +170,7 @@ class EraseConfig(JsonConfigMixin):
     adversarial_steps: int = _f(5, "Inner attack budget per attack (optimizer steps of the fast inner attack).")
     adversarial_lr: float = _f(1e-2, "Step size of the inner conditioning attack.")
     adversarial_weight: float = _f(4.0, "Weight of the forget objective on the adversarial conditionings.")
-    # issue 17: the context probe (docs/robustness.md, "Context-aware forget term")
+    # issue 17: the context probe (docs/robustness.md, "Context: the forget objective on the unconditional branch")
     forget_uncond_weight: Optional[float] = _f(
         None, "Weight of SalUn's forget objective on the unconditional (empty-prompt) branch too: eps(x_t | '') on "
               "the forget images is mapped onto the pseudo prompt's prediction, so that inpainting from context and "
