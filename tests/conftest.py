@@ -70,3 +70,19 @@ def killed_and_resumed(erase_config, tmp_path):
         return erase(erase_config(output_dir=cfg.output_dir, resume_from_checkpoint="latest", **kw))
 
     return run
+
+
+@pytest.fixture
+def resumed_equals_full(erase_config, killed_and_resumed, tmp_path):
+    """``check(**kw)``: whether the :func:`killed_and_resumed` erasure's U-Net equals an uninterrupted run's, bit for
+    bit (every parameter ``torch.equal``)."""
+    import torch
+
+    from salun_diffusers.erase import erase
+
+    def check(**kw):
+        full = erase(erase_config(output_dir=str(tmp_path / "full"), **kw))
+        a, b = dict(full.unet.named_parameters()), dict(killed_and_resumed(**kw).unet.named_parameters())
+        return all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
+
+    return check

@@ -75,12 +75,9 @@ def test_with_the_relearning_move_only_masked_weights_train(erase_config, dummy_
     assert _differs(on, off) > 0
 
 
-def test_resumed_run_equals_an_uninterrupted_one(erase_config, killed_and_resumed, tmp_path):
+def test_resumed_run_equals_an_uninterrupted_one(resumed_equals_full):
     kw = dict(max_train_steps=4, forget_uncond_weight=2.0)
-    full = erase(erase_config(output_dir=str(tmp_path / "full"), **kw))
-    resumed = killed_and_resumed(**kw)
-    a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
-    assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
+    assert resumed_equals_full(**kw)
 
 
 def test_flow_matching_transformer_keeps_every_weight_outside_the_mask(data_cache, tmp_path):

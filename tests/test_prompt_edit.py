@@ -47,12 +47,9 @@ def test_the_erasure_is_uce_on_the_trained_unet_and_loads_onto_the_base(erase_co
     assert all(torch.equal(p.detach(), loaded[n].detach()) for n, p in edited.unet.named_parameters())
 
 
-def test_resumed_run_equals_an_uninterrupted_one(erase_config, killed_and_resumed, tmp_path):
+def test_resumed_run_equals_an_uninterrupted_one(resumed_equals_full):
     kw = dict(max_train_steps=4, uce_prompt_edit=True)
-    full = erase(erase_config(output_dir=str(tmp_path / "full"), **kw))
-    resumed = killed_and_resumed(**kw)
-    a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
-    assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
+    assert resumed_equals_full(**kw)
 
 
 def test_a_flow_model_is_refused_in_one_line(data_cache, tmp_path):

@@ -177,12 +177,9 @@ def test_robust_mode_with_the_move_keeps_every_weight_outside_the_mask(scope, er
     assert changed > 0 and differs > 0  # it trained, and the move changed the step
 
 
-def test_resumed_run_with_the_move_equals_an_uninterrupted_one(erase_config, killed_and_resumed, tmp_path):
+def test_resumed_run_with_the_move_equals_an_uninterrupted_one(resumed_equals_full):
     kw = dict(max_train_steps=4, adversarial_every=3, relearn_rho=0.5, **ROBUST)
-    full = erase(erase_config(output_dir=str(tmp_path / "full"), **kw))
-    resumed = killed_and_resumed(**kw)
-    a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
-    assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
+    assert resumed_equals_full(**kw)
 
 
 def test_what_the_move_cannot_run_is_refused_in_one_line(erase_config):

@@ -67,12 +67,9 @@ def test_robust_modes_keep_every_weight_outside_the_mask(mode, erase_config, dum
     assert changed > 0.5 * selected
 
 
-def test_resumed_robust_run_equals_an_uninterrupted_one(erase_config, killed_and_resumed, tmp_path):
+def test_resumed_robust_run_equals_an_uninterrupted_one(resumed_equals_full):
     kw = dict(max_train_steps=4, adversarial_every=3, **ROBUST)
-    full = erase(erase_config(output_dir=str(tmp_path / "full"), **kw))
-    resumed = killed_and_resumed(**kw)
-    a, b = dict(full.unet.named_parameters()), dict(resumed.unet.named_parameters())
-    assert all(torch.equal(a[n].detach(), b[n].detach()) for n in a)
+    assert resumed_equals_full(**kw)
 
 
 def test_checks(erase_config):
