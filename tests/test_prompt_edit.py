@@ -54,16 +54,19 @@ def test_adversarial_rounds_move_only_the_projections_and_are_deterministic(eras
     every weight outside the saliency mask and the projections stays the base's, and a rerun is bit-identical."""
     kw = dict(max_train_steps=2, adversarial=adversarial, uce_prompt_edit=True)
     plain = erase(erase_config(output_dir=str(tmp_path / "plain"), **kw))
-    kw.update(uce_adversarial_rounds=1, uce_adversarial_steps=3)
+    kw.update(uce_adversarial_rounds=2, uce_adversarial_steps=3)  # 2: the measured setting
     runs = [erase(erase_config(output_dir=str(tmp_path / f"rounds{i}"), **kw)) for i in range(2)]
+    kw.update(uce_adversarial_rounds=1)
+    one = erase(erase_config(output_dir=str(tmp_path / "one_round"), **kw))
     projections = set(uce_projections(plain.unet))
     base = dict(load_base_pipeline(dummy_pipeline_dir).unet.named_parameters())
     saliency, _ = load_mask(runs[0].mask_path)
-    first, second, edit = (dict(r.unet.named_parameters()) for r in (*runs, plain))
+    first, second, edit, single = (dict(r.unet.named_parameters()) for r in (*runs, plain, one))
     for name, p in first.items():
         assert torch.equal(p.detach(), second[name].detach()), name
-        if name in projections:
+        if name in projections:  # the second round's rows join the first's: a new solve
             assert not torch.equal(p.detach(), edit[name].detach()), name
+            assert not torch.equal(p.detach(), single[name].detach()), name
         else:
             assert torch.equal(p.detach(), edit[name].detach()), name
             assert torch.equal(p.detach()[~saliency[name]], base[name].detach()[~saliency[name]]), name
