@@ -199,16 +199,16 @@ def _erase(config: EraseConfig, pipe, accelerator) -> EraseResult:
         base_values_digest(unet, whole_mask) if accelerator.is_main_process else None
 
     # 3. masked fine-tuning
+    adversary = make_adversary(pipe, scheduler, data, spec, config)
     trained = train(unet, scheduler, data, spec, config, mask, accelerator, resume_path,
-                    on_step=validation_hook(pipe, config, accelerator),
-                    adversary=make_adversary(pipe, scheduler, data, spec, config))
+                    on_step=validation_hook(pipe, config, accelerator), adversary=adversary)
     unet = trained.unet
     if sharded and accelerator.is_main_process:  # the gathered weights (on the CPU) replace the sharded module
         setattr(pipe, denoiser_folder(unet), unet)
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     if config.uce_prompt_edit:  # the closed-form key / value edit of the erased U-Net (erasure.prompt_edit)
-        apply_prompt_edit(pipe, unet, spec)
+        apply_prompt_edit(pipe, unet, spec, config, scheduler, data, adversary)
     t_train = time.perf_counter()
     metrics.update({"train_seconds": t_train - t_saliency, "final": trained.logs,
                     "max_train_steps": config.max_train_steps,

@@ -139,6 +139,16 @@ def test_uce_closed_form_equals_a_direct_least_squares_solve(pipe):
         torch.testing.assert_close(new[name], ours.float(), rtol=0, atol=1e-6)  # written in the weight's dtype
 
 
+def test_uce_extra_erase_rows_are_erased_pairs(pipe):
+    """``extra_erase`` rows join the prompts' pairs: a prompt's own pair given as extra rows equals erasing it twice."""
+    with torch.no_grad():
+        (c, g), = erase_pairs(pipe.tokenizer, pipe.text_encoder, ["nude person"], ["person wearing clothes"])
+    args = (pipe.unet, pipe.tokenizer, pipe.text_encoder)
+    twice = uce_edit(*args, ["nude person"] * 2, ["person wearing clothes"] * 2, ["dog"])
+    extra = uce_edit(*args, ["nude person"], ["person wearing clothes"], ["dog"], extra_erase=(c, g))
+    assert all(torch.equal(twice[n], extra[n]) for n in twice) and len(twice) == 8
+
+
 def _uce_moves(pipe, config):
     """(erased gap of the concept's word token, erased gap of all its rows, preserved rows' relative move) per edited
     projection, after the edit; gaps relative to the base projection's."""

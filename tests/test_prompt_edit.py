@@ -47,6 +47,36 @@ def test_the_erasure_is_uce_on_the_trained_unet_and_loads_onto_the_base(erase_co
     assert all(torch.equal(p.detach(), loaded[n].detach()) for n, p in edited.unet.named_parameters())
 
 
+@pytest.mark.parametrize("adversarial", [True, False])  # attacks started from the bank / from the forget prompt
+def test_adversarial_rounds_move_only_the_projections_and_are_deterministic(erase_config, dummy_pipeline_dir, tmp_path,
+                                                                            adversarial):
+    """``--uce_adversarial_rounds``: the round re-solves the projections away from the plain edit's (same training),
+    every weight outside the saliency mask and the projections stays the base's, and a rerun is bit-identical."""
+    kw = dict(max_train_steps=2, adversarial=adversarial, uce_prompt_edit=True)
+    plain = erase(erase_config(output_dir=str(tmp_path / "plain"), **kw))
+    kw.update(uce_adversarial_rounds=2, uce_adversarial_steps=3)  # 2: the measured setting
+    runs = [erase(erase_config(output_dir=str(tmp_path / f"rounds{i}"), **kw)) for i in range(2)]
+    kw.update(uce_adversarial_rounds=1)
+    one = erase(erase_config(output_dir=str(tmp_path / "one_round"), **kw))
+    projections = set(uce_projections(plain.unet))
+    base = dict(load_base_pipeline(dummy_pipeline_dir).unet.named_parameters())
+    saliency, _ = load_mask(runs[0].mask_path)
+    first, second, edit, single = (dict(r.unet.named_parameters()) for r in (*runs, plain, one))
+    for name, p in first.items():
+        assert torch.equal(p.detach(), second[name].detach()), name
+        if name in projections:  # the second round's rows join the first's: a new solve
+            assert not torch.equal(p.detach(), edit[name].detach()), name
+            assert not torch.equal(p.detach(), single[name].detach()), name
+        else:
+            assert torch.equal(p.detach(), edit[name].detach()), name
+            assert torch.equal(p.detach()[~saliency[name]], base[name].detach()[~saliency[name]]), name
+
+
+def test_rounds_need_the_edit():
+    with pytest.raises(ValueError, match="add --uce_prompt_edit"):
+        EraseConfig(concept="seven", uce_adversarial_rounds=1)
+
+
 def test_resumed_run_equals_an_uninterrupted_one(resumed_equals_full):
     kw = dict(max_train_steps=4, uce_prompt_edit=True)
     assert resumed_equals_full(**kw)
@@ -66,3 +96,6 @@ def test_a_peer_method_refuses_the_flag(dummy_pipeline_dir):
     with pytest.raises(ValueError, match="--uce_prompt_edit does not apply to --method esd-x"):
         EraseConfig(pretrained_model_name_or_path=dummy_pipeline_dir, concept="nudity", method="esd-x",
                     uce_prompt_edit=True)
+    with pytest.raises(ValueError, match="--uce_adversarial_rounds does not apply to --method uce"):
+        EraseConfig(pretrained_model_name_or_path=dummy_pipeline_dir, concept="nudity", method="uce",
+                    uce_adversarial_rounds=1)

@@ -12,19 +12,31 @@ out of reach of the conditioning attack (docs/robustness/studies.md, "UCE's prom
 The erasure then spans the saliency mask and the edited projections (their union is the erasure file's mask); every
 weight outside it stays bit-identical to the base, and the base fingerprint covers the union's base values (taken
 before training). ``mask.safetensors`` stays the saliency mask (reusable with ``--mask_path``).
+
+``--uce_adversarial_rounds R`` (RECE, Gong et al., ECCV 2024): R rounds after the edit, each a conditioning attack on
+the edited U-Net (the first batch of forget latents, warm-started from the ``--adversarial`` bank or the forget
+prompt); every token row of each conditioning found joins the erased rows, mapped onto the pseudo prompt's row at its
+position (weight ``uce_adversarial_weight`` per round, split over its images), and UCE is solved again from the trained
+weights over the prompts' pairs and every round's rows so far.
 """
 
 from __future__ import annotations
 
 import logging
 
+import math
+from typing import Optional
+
 import torch
 
+from ..attacks import CONDITIONING_DEFAULTS, conditioning_attack
 from ..concepts import AnySpec
 from ..config import EraseConfig
 from ..families import SD, check_fits
 from ..masking import Mask
-from ..methods import UCE_PRESETS, UceConfig, apply_uce, uce_edit, uce_projections
+from ..methods import UCE_PRESETS, UceConfig, apply_uce, token_embeddings, uce_edit, uce_projections
+from .adversarial import Adversary
+from .data import ConceptData
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +60,44 @@ def with_edited_projections(unet: torch.nn.Module, mask: Mask) -> Mask:
 
 
 @torch.no_grad()
-def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec) -> None:
+def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseConfig, scheduler, data: ConceptData,
+                      adversary: Optional[Adversary] = None) -> None:
     """UCE's closed form on ``unet``'s current key / value projections: each concept's forget prompt onto its first
-    pseudo prompt, the retain prompts preserved."""
+    pseudo prompt, the retain prompts preserved; then the ``--uce_adversarial_rounds`` (module docstring)."""
     cfg = UceConfig(**UCE_PRESETS["sd14"])  # lamb 0.5, erase 1, preserve 0.1, to_k and to_v, replace
     erased = [c.forget_prompt for c in spec.concepts]
     guides = [c.pseudo_prompts[0] for c in spec.concepts]
     preserved = [p for p in spec.retain_prompts if p not in erased]
     logger.info("--uce_prompt_edit: %d forget prompt(s) mapped onto their pseudo prompts in the cross-attention keys "
                 "and values, %d retain prompt(s) preserved", len(erased), len(preserved))
-    apply_uce(unet, uce_edit(unet, pipe.tokenizer, pipe.text_encoder, erased, guides, preserved, cfg))
+    trained = {n: layer.weight.detach().clone() for n, layer in uce_projections(unet, cfg.with_to_k).items()}
+
+    def edit(extra=None):  # always solved from the trained weights
+        apply_uce(unet, trained)
+        apply_uce(unet, uce_edit(unet, pipe.tokenizer, pipe.text_encoder, erased, guides, preserved, cfg, extra))
+
+    edit()
+    if not config.uce_adversarial_rounds:
+        return
+    latents = data.forget_latents[:config.train_batch_size]
+    n, device = latents.shape[0], latents.device
+    ids = data.concept_ids()[:n]
+    init = adversary.bank[:n] if adversary is not None else \
+        torch.stack([data.embeds[p].embeds.float().cpu() for p in erased])[ids]  # [n, 77, D]
+    # each image's target rows: its concept's pseudo prompt, position by position (UCE's replace: v* = W0 g)
+    pseudo = token_embeddings(pipe.tokenizer, pipe.text_encoder, guides)[0][ids].float()
+    scale = math.sqrt(config.uce_adversarial_weight / n)  # each row's squared error weighs weight / n
+    inputs, targets = [], []
+    was_training = unet.training
+    unet.eval()
+    for r in range(config.uce_adversarial_rounds):
+        generator = torch.Generator(device).manual_seed(config.seed + 7919 * (r + 1))
+        adv = conditioning_attack(unet, scheduler, latents, init.to(device, torch.float32),
+                                  steps=config.uce_adversarial_steps, lr=config.adversarial_lr, generator=generator,
+                                  min_timestep=CONDITIONING_DEFAULTS["min_timestep"])
+        inputs.append(scale * adv.reshape(-1, adv.shape[-1]))
+        targets.append(scale * pseudo.reshape(-1, pseudo.shape[-1]).to(adv.device))
+        edit((torch.cat(inputs), torch.cat(targets)))
+        logger.info("--uce_adversarial_rounds: round %d of %d, %d adversarial rows erased", r + 1,
+                    config.uce_adversarial_rounds, sum(len(x) for x in inputs))
+    unet.train(was_training)

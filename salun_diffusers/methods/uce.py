@@ -146,15 +146,18 @@ def uce_closed_form(weight: torch.Tensor, erase_inputs: torch.Tensor, erase_targ
 
 @torch.no_grad()
 def uce_edit(unet, tokenizer, text_encoder, erase_prompts: Sequence[str], guide_prompts: Sequence[str],
-             preserve_prompts: Sequence[str] = (), config: Optional[UceConfig] = None) -> Dict[str, torch.Tensor]:
+             preserve_prompts: Sequence[str] = (), config: Optional[UceConfig] = None,
+             extra_erase: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """The edited weights (parameter name -> new weight in its dtype) of every cross-attention key/value projection.
-    Nothing in ``unet`` changes; :func:`apply_uce` writes them."""
+    Nothing in ``unet`` changes; :func:`apply_uce` writes them. ``extra_erase``: further erased rows ``(c [N, d],
+    g [N, d])`` beside the prompts' pairs, each mapped onto ``W g`` (``replace``, whatever the technique; e.g.
+    adversarial conditionings, ``--uce_adversarial_rounds``)."""
     config = config or UceConfig()
     if not erase_prompts:
         raise ValueError("UCE needs at least one prompt to erase")
     projections = uce_projections(unet, config.with_to_k)
     pairs = erase_pairs(tokenizer, text_encoder, erase_prompts, guide_prompts)
-    c_e = torch.cat([c for c, _ in pairs]).double()
+    c_e = torch.cat([c for c, _ in pairs] + ([] if extra_erase is None else [extra_erase[0]])).double()
     preserve = list(preserve_prompts) or [""]  # official: the empty prompt when no preserved concepts are given
     hidden, _ = token_embeddings(tokenizer, text_encoder, preserve)
     c_p = hidden.reshape(-1, hidden.shape[-1]).double()
@@ -169,6 +172,8 @@ def uce_edit(unet, tokenizer, text_encoder, erase_prompts: Sequence[str], guide_
                 u = u / u.norm()
                 v = v - (u * v).sum() * u
             targets.append(v)
+        if extra_erase is not None:
+            targets.append(extra_erase[1].double() @ w.T)
         solved = uce_closed_form(w, c_e, torch.cat(targets), c_p, lamb=config.lamb, erase_scale=config.erase_scale,
                                  preserve_scale=config.preserve_scale)
         new[name] = solved.to(layer.weight.dtype)
