@@ -206,6 +206,10 @@ class EraseConfig(JsonConfigMixin):
                                         "images, adds what it finds to the erased rows and re-solves UCE from the "
                                         "trained weights. 0: off; 2 is the measured setting.")
     uce_adversarial_steps: int = _f(100, "Conditioning-attack steps of each --uce_adversarial_rounds round.")
+    uce_adversarial_target: str = _f("pseudo", "What the rounds' adversarial rows map onto, row by row: 'pseudo' "
+                                               "(each concept's pseudo prompt, as the edit maps its forget prompt) or "
+                                               "'empty' (the unconditional ' ', RECE's official 'towards_uncond').",
+                                     choices=["pseudo", "empty"])
     # 0.5, measured on the digit world (docs/robustness/studies.md, "Two rounds at half weight"): tuned on seven and
     # four, two rounds at 0.5 let the 1,000-step attack in on 52 of 128 images (one round at 1: 58; the edit alone:
     # 70); two rounds at 1 (48) lost 2.67 points of the other digits erasing seven. On ten digits at a fresh seed (4):
@@ -292,6 +296,8 @@ class EraseConfig(JsonConfigMixin):
         if self.uce_adversarial_rounds and not self.uce_prompt_edit:
             raise ValueError("--uce_adversarial_rounds re-solves --uce_prompt_edit's edit: add --uce_prompt_edit or "
                              "drop --uce_adversarial_rounds")
+        if self.uce_adversarial_target not in ("pseudo", "empty"):
+            raise ValueError(f"--uce_adversarial_target must be pseudo or empty, got {self.uce_adversarial_target!r}")
         if self.relearn_rho and self.optimizer_in_backward:
             raise ValueError("--relearn_rho moves the weights and back around the forget term, which "
                              "--optimizer_in_backward would step in the moved state: drop one of them")

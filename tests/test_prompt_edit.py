@@ -72,9 +72,25 @@ def test_adversarial_rounds_move_only_the_projections_and_are_deterministic(eras
             assert torch.equal(p.detach()[~saliency[name]], base[name].detach()[~saliency[name]]), name
 
 
+def test_rounds_target_empty_maps_the_rows_elsewhere(erase_config, tmp_path):
+    """``--uce_adversarial_target empty`` (RECE's towards_uncond): the same attack's rows map onto the unconditional's
+    rows instead of the pseudo prompt's, so the solved projections differ; nothing else does, and the saliency mask's
+    outside stays the base's."""
+    kw = dict(max_train_steps=2, adversarial=True, uce_prompt_edit=True, uce_adversarial_rounds=1,
+              uce_adversarial_steps=3)
+    pseudo, empty = (erase(erase_config(output_dir=str(tmp_path / t), uce_adversarial_target=t, **kw))
+                     for t in ("pseudo", "empty"))
+    projections = set(uce_projections(pseudo.unet))
+    a, b = dict(pseudo.unet.named_parameters()), dict(empty.unet.named_parameters())
+    for name, p in a.items():
+        assert torch.equal(p.detach(), b[name].detach()) != (name in projections), name
+
+
 def test_rounds_need_the_edit():
     with pytest.raises(ValueError, match="add --uce_prompt_edit"):
         EraseConfig(concept="seven", uce_adversarial_rounds=1)
+    with pytest.raises(ValueError, match="--uce_adversarial_target must be pseudo or empty"):
+        EraseConfig(concept="seven", uce_prompt_edit=True, uce_adversarial_rounds=1, uce_adversarial_target="nine")
 
 
 def test_resumed_run_equals_an_uninterrupted_one(resumed_equals_full):

@@ -16,7 +16,8 @@ before training). ``mask.safetensors`` stays the saliency mask (reusable with ``
 ``--uce_adversarial_rounds R`` (RECE, Gong et al., ECCV 2024): R rounds after the edit, each a conditioning attack on
 the edited U-Net (the first batch of forget latents, warm-started from the ``--adversarial`` bank or the forget
 prompt); every token row of each conditioning found joins the erased rows, mapped onto the pseudo prompt's row at its
-position (weight ``uce_adversarial_weight`` per round, split over its images), and UCE is solved again from the trained
+position (``--uce_adversarial_target empty``: onto the unconditional ``" "``'s, RECE's default; weight
+``uce_adversarial_weight`` per round, split over its images), and UCE is solved again from the trained
 weights over the prompts' pairs and every round's rows so far.
 """
 
@@ -84,8 +85,10 @@ def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseC
     ids = data.concept_ids()[:n]
     init = adversary.bank[:n] if adversary is not None else \
         torch.stack([data.embeds[p].embeds.float().cpu() for p in erased])[ids]  # [n, 77, D]
-    # each image's target rows: its concept's pseudo prompt, position by position (UCE's replace: v* = W0 g)
-    pseudo = token_embeddings(pipe.tokenizer, pipe.text_encoder, guides)[0][ids].float()
+    # each image's target rows, position by position (UCE's replace: v* = W0 g): its concept's pseudo prompt, or the
+    # unconditional " " (RECE's towards_uncond) with --uce_adversarial_target empty
+    targets_of = guides if config.uce_adversarial_target == "pseudo" else [" "] * len(guides)
+    pseudo = token_embeddings(pipe.tokenizer, pipe.text_encoder, targets_of)[0][ids].float()
     scale = math.sqrt(config.uce_adversarial_weight / n)  # each row's squared error weighs weight / n
     inputs, targets = [], []
     was_training = unet.training
