@@ -209,7 +209,7 @@ class EraseConfig(JsonConfigMixin):
     # 0.5, measured on the digit world (docs/robustness/studies.md, "Two rounds at half weight"): tuned on seven and
     # four, two rounds at 0.5 let the 1,000-step attack in on 52 of 128 images (one round at 1: 58; the edit alone:
     # 70); two rounds at 1 (48) lost 2.67 points of the other digits erasing seven. On ten digits at a fresh seed (4):
-    # 20.2% mean against the edit's 28.6% (seed 0: 24.1% against 35.9%)
+    # 20.2% mean against the edit's 28.6% (seed 0: 24.1% against 35.9%; seed 5: 22.2% against 32.7%)
     uce_adversarial_weight: float = _f(0.5, "Erase weight of one round's adversarial rows, split evenly over its "
                                             "images (the prompt's pairs weigh 1).")
     # the peer methods' knobs (--method esd-*, uce, advunlearn); None: the method's preset. Shared ones reuse
