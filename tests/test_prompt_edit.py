@@ -72,9 +72,27 @@ def test_adversarial_rounds_move_only_the_projections_and_are_deterministic(eras
             assert torch.equal(p.detach()[~saliency[name]], base[name].detach()[~saliency[name]]), name
 
 
+def test_rounds_attack_the_images_asked_for_in_batch_chunks(erase_config, tmp_path):
+    """``--uce_adversarial_images``: left unset it is one training batch (bit-identical to giving the batch size);
+    the whole forget set (two batch chunks) finds other rows, so only the projections differ (the training does not see
+    the flag); asking for more images than the forget set has attacks every one of them, as asking for all does."""
+    kw = dict(max_train_steps=2, adversarial=True, uce_prompt_edit=True, uce_adversarial_rounds=1,
+              uce_adversarial_steps=3)  # the forget set: 4 images, the batch: 2
+    runs = {n: dict(erase(erase_config(output_dir=str(tmp_path / str(n)), uce_adversarial_images=n,
+                                       **kw)).unet.named_parameters()) for n in (None, 2, 4, 9)}
+    projections = set(uce_projections(erase(erase_config(output_dir=str(tmp_path / "edit"), max_train_steps=1,
+                                                         uce_prompt_edit=True)).unet))
+    for name, p in runs[None].items():
+        assert torch.equal(p.detach(), runs[2][name].detach()), name
+        assert torch.equal(runs[4][name].detach(), runs[9][name].detach()), name
+        assert torch.equal(p.detach(), runs[4][name].detach()) == (name not in projections), name
+
+
 def test_rounds_need_the_edit():
     with pytest.raises(ValueError, match="add --uce_prompt_edit"):
         EraseConfig(concept="seven", uce_adversarial_rounds=1)
+    with pytest.raises(ValueError, match="add --uce_adversarial_rounds or drop --uce_adversarial_images"):
+        EraseConfig(concept="seven", uce_prompt_edit=True, uce_adversarial_images=64)
 
 
 def test_resumed_run_equals_an_uninterrupted_one(resumed_equals_full):

@@ -14,10 +14,11 @@ weight outside it stays bit-identical to the base, and the base fingerprint cove
 before training). ``mask.safetensors`` stays the saliency mask (reusable with ``--mask_path``).
 
 ``--uce_adversarial_rounds R`` (RECE, Gong et al., ECCV 2024): R rounds after the edit, each a conditioning attack on
-the edited U-Net (the first batch of forget latents, warm-started from the ``--adversarial`` bank or the forget
-prompt); every token row of each conditioning found joins the erased rows, mapped onto the pseudo prompt's row at its
-position (weight ``uce_adversarial_weight`` per round, split over its images), and UCE is solved again from the trained
-weights over the prompts' pairs and every round's rows so far.
+the edited U-Net (the first ``--uce_adversarial_images`` forget latents, default one training batch, attacked in
+training-batch chunks, warm-started from the ``--adversarial`` bank or the forget prompt); every token row of each
+conditioning found joins the erased rows, mapped onto the pseudo prompt's row at its position (weight
+``uce_adversarial_weight`` per round, split over its images), and UCE is solved again from the trained weights over the
+prompts' pairs and every round's rows so far.
 """
 
 from __future__ import annotations
@@ -79,8 +80,11 @@ def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseC
     edit()
     if not config.uce_adversarial_rounds:
         return
-    latents = data.forget_latents[:config.train_batch_size]
+    wanted = config.uce_adversarial_images or config.train_batch_size
+    latents = data.forget_latents[:wanted]
     n, device = latents.shape[0], latents.device
+    if n < wanted:
+        logger.info("--uce_adversarial_images %d: the forget set has %d images, every one is attacked", wanted, n)
     ids = data.concept_ids()[:n]
     init = adversary.bank[:n] if adversary is not None else \
         torch.stack([data.embeds[p].embeds.float().cpu() for p in erased])[ids]  # [n, 77, D]
@@ -92,9 +96,12 @@ def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseC
     unet.eval()
     for r in range(config.uce_adversarial_rounds):
         generator = torch.Generator(device).manual_seed(config.seed + 7919 * (r + 1))
-        adv = conditioning_attack(unet, scheduler, latents, init.to(device, torch.float32),
-                                  steps=config.uce_adversarial_steps, lr=config.adversarial_lr, generator=generator,
-                                  min_timestep=CONDITIONING_DEFAULTS["min_timestep"])
+        chunk = config.train_batch_size  # the training batch's memory, whatever the image count
+        adv = torch.cat([conditioning_attack(unet, scheduler, latents[i:i + chunk],
+                                             init[i:i + chunk].to(device, torch.float32),
+                                             steps=config.uce_adversarial_steps, lr=config.adversarial_lr,
+                                             generator=generator, min_timestep=CONDITIONING_DEFAULTS["min_timestep"])
+                         for i in range(0, n, chunk)])
         inputs.append(scale * adv.reshape(-1, adv.shape[-1]))
         targets.append(scale * pseudo.reshape(-1, pseudo.shape[-1]).to(adv.device))
         edit((torch.cat(inputs), torch.cat(targets)))
