@@ -9,6 +9,7 @@ import torch
 
 from salun_diffusers.config import EraseConfig
 from salun_diffusers.erase import erase
+from salun_diffusers.erasure.prompt_edit import round_images
 from salun_diffusers.families import load_base_pipeline
 from salun_diffusers.loaders import load_erasure
 from salun_diffusers.masking import load_mask
@@ -72,9 +73,36 @@ def test_adversarial_rounds_move_only_the_projections_and_are_deterministic(eras
             assert torch.equal(p.detach()[~saliency[name]], base[name].detach()[~saliency[name]]), name
 
 
+def test_rounds_attack_the_images_asked_for_in_batch_chunks(erase_config, tmp_path):
+    """``--uce_adversarial_images``: left unset it is 64, here more than the forget set has, so every image is
+    attacked (bit-identical to asking for all 4 or for 9, two batch chunks); one batch (2) finds other rows, so only the
+    projections differ (the training does not see the flag)."""
+    kw = dict(max_train_steps=2, adversarial=True, uce_prompt_edit=True, uce_adversarial_rounds=1,
+              uce_adversarial_steps=3)  # the forget set: 4 images, the batch: 2
+    runs = {n: dict(erase(erase_config(output_dir=str(tmp_path / str(n)), uce_adversarial_images=n,
+                                       **kw)).unet.named_parameters()) for n in (None, 2, 4, 9)}
+    projections = set(uce_projections(erase(erase_config(output_dir=str(tmp_path / "edit"), max_train_steps=1,
+                                                         uce_prompt_edit=True)).unet))
+    for name, p in runs[None].items():
+        assert torch.equal(p.detach(), runs[4][name].detach()), name
+        assert torch.equal(p.detach(), runs[9][name].detach()), name
+        assert torch.equal(p.detach(), runs[2][name].detach()) == (name not in projections), name
+    assert EraseConfig(concept="seven", uce_prompt_edit=True, uce_adversarial_rounds=2).uce_adversarial_images == 64
+    assert EraseConfig(concept="seven", uce_prompt_edit=True).uce_adversarial_images is None
+
+
+def test_rounds_take_images_from_every_concept_in_turn():
+    ids = torch.tensor([0, 0, 0, 1, 1, 2])  # three concepts' forget images, each concept's in a block
+    assert round_images(ids, 4).tolist() == [0, 3, 5, 1]
+    assert round_images(ids, 99).tolist() == [0, 3, 5, 1, 4, 2]
+    assert round_images(torch.zeros(5, dtype=torch.long), 3).tolist() == [0, 1, 2]  # one concept: the first ones
+
+
 def test_rounds_need_the_edit():
     with pytest.raises(ValueError, match="add --uce_prompt_edit"):
         EraseConfig(concept="seven", uce_adversarial_rounds=1)
+    with pytest.raises(ValueError, match="add --uce_adversarial_rounds or drop --uce_adversarial_images"):
+        EraseConfig(concept="seven", uce_prompt_edit=True, uce_adversarial_images=64)
 
 
 def test_resumed_run_equals_an_uninterrupted_one(resumed_equals_full):

@@ -14,10 +14,11 @@ weight outside it stays bit-identical to the base, and the base fingerprint cove
 before training). ``mask.safetensors`` stays the saliency mask (reusable with ``--mask_path``).
 
 ``--uce_adversarial_rounds R`` (RECE, Gong et al., ECCV 2024): R rounds after the edit, each a conditioning attack on
-the edited U-Net (the first batch of forget latents, warm-started from the ``--adversarial`` bank or the forget
-prompt); every token row of each conditioning found joins the erased rows, mapped onto the pseudo prompt's row at its
-position (weight ``uce_adversarial_weight`` per round, split over its images), and UCE is solved again from the trained
-weights over the prompts' pairs and every round's rows so far.
+the edited U-Net (``--uce_adversarial_images`` forget latents, 64 by default, taken in turn from each concept and
+attacked in training-batch chunks, warm-started from the ``--adversarial`` bank or the forget prompt); every token row
+of each conditioning found joins the erased rows, mapped onto the pseudo prompt's row at its position (weight
+``uce_adversarial_weight`` per round, split over its images), and UCE is solved again from the trained weights over the
+prompts' pairs and every round's rows so far.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def with_edited_projections(unet: torch.nn.Module, mask: Mask) -> Mask:
     return {n: torch.ones_like(m) if n in edited else m for n, m in mask.items()}
 
 
+def round_images(concept_ids: torch.Tensor, wanted: int) -> torch.Tensor:
+    """The forget images a round attacks: the first ``wanted`` taken in turn from each concept (each concept's own in
+    order), so that with several concepts every one is attacked; one concept: the first ``wanted``."""
+    rank = torch.zeros_like(concept_ids)
+    for k in concept_ids.unique():
+        where = concept_ids == k
+        rank[where] = torch.arange(int(where.sum()))
+    order = sorted(range(len(concept_ids)), key=lambda i: (int(rank[i]), int(concept_ids[i])))
+    return torch.tensor(order[:wanted], dtype=torch.long)
+
+
 @torch.no_grad()
 def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseConfig, scheduler, data: ConceptData,
                       adversary: Optional[Adversary] = None) -> None:
@@ -79,10 +91,14 @@ def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseC
     edit()
     if not config.uce_adversarial_rounds:
         return
-    latents = data.forget_latents[:config.train_batch_size]
+    wanted = config.uce_adversarial_images
+    picked = round_images(data.concept_ids(), wanted)
+    latents = data.forget_latents[picked]
     n, device = latents.shape[0], latents.device
-    ids = data.concept_ids()[:n]
-    init = adversary.bank[:n] if adversary is not None else \
+    if n < wanted:
+        logger.info("--uce_adversarial_images %d: the forget set has %d images, every one is attacked", wanted, n)
+    ids = data.concept_ids()[picked]
+    init = adversary.bank[picked] if adversary is not None else \
         torch.stack([data.embeds[p].embeds.float().cpu() for p in erased])[ids]  # [n, 77, D]
     # each image's target rows: its concept's pseudo prompt, position by position (UCE's replace: v* = W0 g)
     pseudo = token_embeddings(pipe.tokenizer, pipe.text_encoder, guides)[0][ids].float()
@@ -92,9 +108,12 @@ def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseC
     unet.eval()
     for r in range(config.uce_adversarial_rounds):
         generator = torch.Generator(device).manual_seed(config.seed + 7919 * (r + 1))
-        adv = conditioning_attack(unet, scheduler, latents, init.to(device, torch.float32),
-                                  steps=config.uce_adversarial_steps, lr=config.adversarial_lr, generator=generator,
-                                  min_timestep=CONDITIONING_DEFAULTS["min_timestep"])
+        chunk = config.train_batch_size  # the training batch's memory, whatever the image count
+        adv = torch.cat([conditioning_attack(unet, scheduler, latents[i:i + chunk],
+                                             init[i:i + chunk].to(device, torch.float32),
+                                             steps=config.uce_adversarial_steps, lr=config.adversarial_lr,
+                                             generator=generator, min_timestep=CONDITIONING_DEFAULTS["min_timestep"])
+                         for i in range(0, n, chunk)])
         inputs.append(scale * adv.reshape(-1, adv.shape[-1]))
         targets.append(scale * pseudo.reshape(-1, pseudo.shape[-1]).to(adv.device))
         edit((torch.cat(inputs), torch.cat(targets)))
