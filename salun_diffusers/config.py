@@ -202,16 +202,15 @@ class EraseConfig(JsonConfigMixin):
                                       "then spans the saliency mask and those projections (every other weight stays "
                                       "bit-identical). SD 1.x/2.x; a closed-form solve, under a second.")
     uce_adversarial_rounds: int = _f(0, "RECE-style rounds after --uce_prompt_edit's edit (Gong et al., ECCV 2024): "
-                                        "each attacks the edited U-Net's conditioning on the first "
-                                        "--uce_adversarial_images forget images, adds what it finds to the erased "
-                                        "rows and re-solves UCE from the trained weights. 0: off; 2 is the "
-                                        "measured setting.")
+                                        "each attacks the edited U-Net's conditioning on --uce_adversarial_images "
+                                        "forget images, adds what it finds to the erased rows and re-solves UCE "
+                                        "from the trained weights. 0: off; 2 is the measured setting.")
     # 64, measured on the digit world (docs/robustness/studies.md, "Every forget image in the rounds"): tuned on eight
     # and seven at seed 0, every forget image (64) let the 1,000-step attack in on 35 of 128 images against one batch's
     # (16) 46; on ten digits at a fresh seed (6) 17.8% mean against 21.2%, at 3.4x the plain README command's time
     uce_adversarial_images: Optional[int] = _f(None, "Forget images each --uce_adversarial_rounds round attacks "
-                                                     "(the first N, in --train_batch_size chunks; at most the forget "
-                                                     "set). Default with the rounds: 64.")
+                                                     "(taken in turn from each concept, attacked in --train_batch_size "
+                                                     "chunks; at most the forget set). Default with the rounds: 64.")
     uce_adversarial_steps: int = _f(100, "Conditioning-attack steps of each --uce_adversarial_rounds round.")
     # 0.5, measured on the digit world (docs/robustness/studies.md, "Two rounds at half weight"): tuned on seven and
     # four, two rounds at 0.5 let the 1,000-step attack in on 52 of 128 images (one round at 1: 58; the edit alone:
@@ -393,9 +392,9 @@ class EraseConfig(JsonConfigMixin):
                                 self.concept_rows())
 
 
-# (lower, upper) bound of each number (None: unbounded; see _STRICT_LOWER, _OPEN_UPPER); checked after the presets apply
 UCE_ADVERSARIAL_IMAGES = 64  # --uce_adversarial_images' default with the rounds (its measurement: the field's comment)
 
+# (lower, upper) bound of each number (None: unbounded; see _STRICT_LOWER, _OPEN_UPPER); checked after the presets apply
 RANGES = {
     "learning_rate": (0.0, None), "alpha": (0.0, None), "adam_beta1": (0.0, 1.0), "adam_beta2": (0.0, 1.0),
     "adam_epsilon": (0.0, None), "adam_weight_decay": (0.0, None), "max_grad_norm": (0.0, None),
