@@ -91,13 +91,13 @@ def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseC
     edit()
     if not config.uce_adversarial_rounds:
         return
-    wanted = config.uce_adversarial_images
-    picked = round_images(data.concept_ids(), wanted)
+    wanted, concept_ids = config.uce_adversarial_images, data.concept_ids()
+    picked = round_images(concept_ids, wanted)
     latents = data.forget_latents[picked]
     n, device = latents.shape[0], latents.device
     if n < wanted:
         logger.info("--uce_adversarial_images %d: the forget set has %d images, every one is attacked", wanted, n)
-    ids = data.concept_ids()[picked]
+    ids = concept_ids[picked]
     init = adversary.bank[picked] if adversary is not None else \
         torch.stack([data.embeds[p].embeds.float().cpu() for p in erased])[ids]  # [n, 77, D]
     # each image's target rows: its concept's pseudo prompt, position by position (UCE's replace: v* = W0 g)
@@ -106,9 +106,9 @@ def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseC
     inputs, targets = [], []
     was_training = unet.training
     unet.eval()
+    chunk = config.train_batch_size  # the training batch's memory, whatever the image count
     for r in range(config.uce_adversarial_rounds):
         generator = torch.Generator(device).manual_seed(config.seed + 7919 * (r + 1))
-        chunk = config.train_batch_size  # the training batch's memory, whatever the image count
         adv = torch.cat([conditioning_attack(unet, scheduler, latents[i:i + chunk],
                                              init[i:i + chunk].to(device, torch.float32),
                                              steps=config.uce_adversarial_steps, lr=config.adversarial_lr,
