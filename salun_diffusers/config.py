@@ -218,6 +218,9 @@ class EraseConfig(JsonConfigMixin):
     # 20.2% mean against the edit's 28.6% (seed 0: 24.1% against 35.9%; seed 5: 22.2% against 32.7%)
     uce_adversarial_weight: float = _f(0.5, "Erase weight of one round's adversarial rows, split evenly over its "
                                             "images (the prompt's pairs weigh 1).")
+    uce_preserve_scale: Optional[float] = _f(None, "Weight of keeping the retain prompts' key/value outputs in every "
+                                                   "solve of --uce_prompt_edit (and its rounds). Default with the "
+                                                   "edit: 0.1, UCE's official.")
     # the peer methods' knobs (--method esd-*, uce, advunlearn); None: the method's preset. Shared ones reuse
     # --learning_rate, --max_train_steps (their iterations), --alpha (AdvUnlearn's retain weight) and --seed
     negative_guidance: Optional[float] = _f(None, "ESD / AdvUnlearn: eta of the target eps0 - eta (eps_c - eps0) "
@@ -298,6 +301,9 @@ class EraseConfig(JsonConfigMixin):
         if self.uce_adversarial_rounds and not self.uce_prompt_edit:
             raise ValueError("--uce_adversarial_rounds re-solves --uce_prompt_edit's edit: add --uce_prompt_edit or "
                              "drop --uce_adversarial_rounds")
+        if self.uce_preserve_scale is not None and not self.uce_prompt_edit:
+            raise ValueError("--uce_preserve_scale weighs the retain prompts in --uce_prompt_edit's solves: add "
+                             "--uce_prompt_edit or drop --uce_preserve_scale")
         if self.uce_adversarial_images is not None and not self.uce_adversarial_rounds:
             raise ValueError("--uce_adversarial_images sets the images --uce_adversarial_rounds attacks: add "
                              "--uce_adversarial_rounds or drop --uce_adversarial_images")
@@ -340,6 +346,8 @@ class EraseConfig(JsonConfigMixin):
             self.saliency_retain_weight = 0.0
         if self.uce_adversarial_images is None and self.uce_adversarial_rounds:
             self.uce_adversarial_images = UCE_ADVERSARIAL_IMAGES
+        if self.uce_preserve_scale is None and self.uce_prompt_edit:
+            self.uce_preserve_scale = UCE_PRESERVE_SCALE
 
     def _check_method_flags(self) -> None:
         """Refuse a flag the chosen ``--method`` does not read (one given away from its default), naming the fix."""
@@ -393,6 +401,7 @@ class EraseConfig(JsonConfigMixin):
 
 
 UCE_ADVERSARIAL_IMAGES = 64  # --uce_adversarial_images' default with the rounds (its measurement: the field's comment)
+UCE_PRESERVE_SCALE = 0.1  # --uce_preserve_scale's default with the edit: UCE's official (methods.uce.UCE_PRESETS)
 
 # (lower, upper) bound of each number (None: unbounded; see _STRICT_LOWER, _OPEN_UPPER); checked after the presets apply
 RANGES = {
@@ -407,7 +416,7 @@ RANGES = {
     "negative_guidance": (0.0, None), "start_guidance": (0.0, None), "preserve_scale": (0.0, None),
     "attack_steps": (0, None), "attack_warmup": (0, None), "partial_sampling_steps": (1, None),
     "uce_adversarial_rounds": (0, None), "uce_adversarial_images": (1, None), "uce_adversarial_steps": (1, None),
-    "uce_adversarial_weight": (0.0, None),
+    "uce_adversarial_weight": (0.0, None), "uce_preserve_scale": (0.0, None),
     **{name: (1, None) for name in ("num_forget_images", "max_train_steps", "train_batch_size", "num_train_epochs",
                                     "gradient_accumulation_steps", "saliency_batch_size", "data_num_inference_steps",
                                     "threads", "num_validation_images", "data_batch_size")},

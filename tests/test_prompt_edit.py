@@ -13,7 +13,7 @@ from salun_diffusers.erasure.prompt_edit import round_images
 from salun_diffusers.families import load_base_pipeline
 from salun_diffusers.loaders import load_erasure
 from salun_diffusers.masking import load_mask
-from salun_diffusers.methods import UCE_PRESETS, UceConfig, uce_edit, uce_projections
+from salun_diffusers.methods import UCE_PRESETS, UceConfig, token_embeddings, uce_edit, uce_projections
 from salun_diffusers.testing import save_flow_pipeline
 
 
@@ -46,6 +46,38 @@ def test_the_erasure_is_uce_on_the_trained_unet_and_loads_onto_the_base(erase_co
     load_erasure(fresh, edited.erasure_path)
     loaded = dict(fresh.unet.named_parameters())
     assert all(torch.equal(p.detach(), loaded[n].detach()) for n, p in edited.unet.named_parameters())
+
+
+def test_preserve_scale_reaches_every_solve_and_keeps_the_retain_prompts_closer(erase_config, tmp_path):
+    """``--uce_preserve_scale``: the erasure is exactly UCE's closed form at that scale on the trained U-Net (unset:
+    0.1, the official, as above); a larger scale keeps the retain prompts' key / value outputs nearer the trained
+    weights' (the solve's preserve term), and the forget prompt's still move."""
+    plain = erase(erase_config(output_dir=str(tmp_path / "plain"), max_train_steps=2))
+    runs = {s: erase(erase_config(output_dir=str(tmp_path / str(s)), max_train_steps=2, uce_prompt_edit=True,
+                                  uce_preserve_scale=s)) for s in (0.1, 3.0)}
+    config = erase_config(output_dir=str(tmp_path / "x"), uce_prompt_edit=True)
+    assert config.uce_preserve_scale == 0.1
+    spec = config.concept_spec()
+    pipe = plain.pipeline
+    erased, kept = [spec.forget_prompt], [p for p in spec.retain_prompts if p != spec.forget_prompt]
+    uce = uce_edit(plain.unet, pipe.tokenizer, pipe.text_encoder, erased, [spec.pseudo_prompts[0]], kept,
+                   UceConfig(**{**UCE_PRESETS["sd14"], "preserve_scale": 3.0}))
+    edited = dict(runs[3.0].unet.named_parameters())
+    assert all(torch.equal(edited[n].detach(), w) for n, w in uce.items())
+    trained = dict(plain.unet.named_parameters())
+    retain, _ = token_embeddings(pipe.tokenizer, pipe.text_encoder, kept)
+    forget, _ = token_embeddings(pipe.tokenizer, pipe.text_encoder, erased)
+
+    def moved(scale, rows):  # how far the edit moved these rows' outputs from the trained weights', every projection
+        params = dict(runs[scale].unet.named_parameters())
+        rows = rows.reshape(-1, rows.shape[-1]).double()
+        return sum(float((rows @ (params[n].detach().double() - trained[n].detach().double()).T).norm())
+                   for n in uce)
+
+    assert moved(3.0, retain) < moved(0.1, retain)
+    assert moved(3.0, forget) > 0
+    with pytest.raises(ValueError, match="add --uce_prompt_edit or drop --uce_preserve_scale"):
+        EraseConfig(concept="seven", uce_preserve_scale=1.0)
 
 
 @pytest.mark.parametrize("adversarial", [True, False])  # attacks started from the bank / from the forget prompt

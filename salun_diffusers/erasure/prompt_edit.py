@@ -76,7 +76,8 @@ def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseC
                       adversary: Optional[Adversary] = None) -> None:
     """UCE's closed form on ``unet``'s current key / value projections: each concept's forget prompt onto its first
     pseudo prompt, the retain prompts preserved; then the ``--uce_adversarial_rounds`` (module docstring)."""
-    cfg = UceConfig(**UCE_PRESETS["sd14"])  # lamb 0.5, erase 1, preserve 0.1, to_k and to_v, replace
+    # lamb 0.5, erase 1, to_k and to_v, replace; preserve --uce_preserve_scale (0.1, the official, by default)
+    cfg = UceConfig(**{**UCE_PRESETS["sd14"], "preserve_scale": config.uce_preserve_scale})
     erased = [c.forget_prompt for c in spec.concepts]
     guides = [c.pseudo_prompts[0] for c in spec.concepts]
     preserved = [p for p in spec.retain_prompts if p not in erased]
