@@ -98,24 +98,25 @@ def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseC
     if n < wanted:
         logger.info("--uce_adversarial_images %d: the forget set has %d images, every one is attacked", wanted, n)
     ids = concept_ids[picked]
-    init = adversary.bank[picked] if adversary is not None else \
-        torch.stack([data.embeds[p].embeds.float().cpu() for p in erased])[ids]  # [n, 77, D]
-    # each image's target rows: its concept's pseudo prompt, position by position (UCE's replace: v* = W0 g)
+    init = (adversary.bank[picked] if adversary is not None else  # [n, 77, D], moved once for every round
+            torch.stack([data.embeds[p].embeds.float().cpu() for p in erased])[ids]).to(device, torch.float32)
+    # each image's target rows: its concept's pseudo prompt, position by position (UCE's replace: v* = W0 g); the
+    # same every round (the attack starts from init each round and does not change it)
     pseudo = token_embeddings(pipe.tokenizer, pipe.text_encoder, guides)[0][ids].float()
     scale = math.sqrt(config.uce_adversarial_weight / n)  # each row's squared error weighs weight / n
+    target_rows = scale * pseudo.reshape(-1, pseudo.shape[-1]).to(device)
     inputs, targets = [], []
     was_training = unet.training
     unet.eval()
     chunk = config.train_batch_size  # the training batch's memory, whatever the image count
     for r in range(config.uce_adversarial_rounds):
         generator = torch.Generator(device).manual_seed(config.seed + 7919 * (r + 1))
-        adv = torch.cat([conditioning_attack(unet, scheduler, latents[i:i + chunk],
-                                             init[i:i + chunk].to(device, torch.float32),
+        adv = torch.cat([conditioning_attack(unet, scheduler, latents[i:i + chunk], init[i:i + chunk],
                                              steps=config.uce_adversarial_steps, lr=config.adversarial_lr,
                                              generator=generator, min_timestep=CONDITIONING_DEFAULTS["min_timestep"])
                          for i in range(0, n, chunk)])
         inputs.append(scale * adv.reshape(-1, adv.shape[-1]))
-        targets.append(scale * pseudo.reshape(-1, pseudo.shape[-1]).to(adv.device))
+        targets.append(target_rows)
         edit((torch.cat(inputs), torch.cat(targets)))
         logger.info("--uce_adversarial_rounds: round %d of %d, %d adversarial rows erased", r + 1,
                     config.uce_adversarial_rounds, sum(len(x) for x in inputs))
