@@ -91,6 +91,23 @@ def test_rounds_attack_the_images_asked_for_in_batch_chunks(erase_config, tmp_pa
     assert EraseConfig(concept="seven", uce_prompt_edit=True).uce_adversarial_images is None
 
 
+def test_rounds_train_at_the_lighter_adversarial_weight(erase_config, tmp_path):
+    """``--adversarial_weight`` left unset is 2 under the rounds (4 without them): the run trains exactly as with 2
+    asked for, and not as with 4 (the masked weights differ)."""
+    assert EraseConfig(concept="seven", adversarial=True).adversarial_weight == 4.0
+    assert EraseConfig(concept="seven", adversarial=True, uce_prompt_edit=True).adversarial_weight == 4.0
+    assert EraseConfig(concept="seven", adversarial=True, uce_prompt_edit=True,
+                       uce_adversarial_rounds=2).adversarial_weight == 2.0
+    assert EraseConfig(concept="seven", adversarial=True, uce_prompt_edit=True, uce_adversarial_rounds=2,
+                       adversarial_weight=4.0).adversarial_weight == 4.0
+    kw = dict(max_train_steps=2, adversarial=True, uce_prompt_edit=True, uce_adversarial_rounds=1,
+              uce_adversarial_steps=2, uce_adversarial_images=2)
+    runs = {w: dict(erase(erase_config(output_dir=str(tmp_path / str(w)), adversarial_weight=w,
+                                       **kw)).unet.named_parameters()) for w in (None, 2.0, 4.0)}
+    assert all(torch.equal(p.detach(), runs[2.0][n].detach()) for n, p in runs[None].items())
+    assert not all(torch.equal(p.detach(), runs[4.0][n].detach()) for n, p in runs[None].items())
+
+
 def test_rounds_take_images_from_every_concept_in_turn():
     ids = torch.tensor([0, 0, 0, 1, 1, 2])  # three concepts' forget images, each concept's in a block
     assert round_images(ids, 4).tolist() == [0, 3, 5, 1]
