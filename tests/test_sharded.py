@@ -426,3 +426,28 @@ def test_shard_weights_in_one_process_is_refused_in_one_line(tmp_path, capsys):
     assert code == 2 and "\n" not in err and "Traceback" not in err, err
     assert "--shard_weights shards the weights over processes but this run has one" in err
     assert not any(f.endswith(".png") for _, _, files in os.walk(tmp_path / "cache") for f in files)
+
+
+@pytest.mark.parametrize("flags", [dict(save_mask_only=True), dict(max_train_steps=1), dict(method="uce")])
+def test_every_way_out_of_erase_leaves_the_group_together(flags, erase_config, dummy_pipeline_dir, tmp_path):
+    """Each return of ``erase`` (a mask only, a whole erasure, a peer method) ends with every process waiting for the
+    others and then leaving: a process that returned while the main one still read the mask back tore gloo down
+    under it (SIGABRT at exit, once in CI on ``--save_mask_only``). One process, its accelerator's calls recorded."""
+    from accelerate import Accelerator
+
+    calls = []
+
+    class Recording(Accelerator):
+        def wait_for_everyone(self):
+            calls.append("wait")
+            super().wait_for_everyone()
+
+        def end_training(self):
+            calls.append("end")
+            super().end_training()
+
+    config = (EraseConfig(pretrained_model_name_or_path=dummy_pipeline_dir, concept="nudity", method="uce",
+                          output_dir=str(tmp_path / "out"), save_pipeline="none") if "method" in flags else
+              erase_config(output_dir=str(tmp_path / "out"), **flags))
+    erase(config, accelerator=Recording())
+    assert calls[-2:] == ["wait", "end"] and calls.count("end") == 1, calls
