@@ -218,6 +218,10 @@ class EraseConfig(JsonConfigMixin):
     # 20.2% mean against the edit's 28.6% (seed 0: 24.1% against 35.9%; seed 5: 22.2% against 32.7%)
     uce_adversarial_weight: float = _f(0.5, "Erase weight of one round's adversarial rows, split evenly over its "
                                             "images (the prompt's pairs weigh 1).")
+    uce_adversarial_filter: bool = _f(False, "Drop each --uce_adversarial_rounds token row that lies nearer "
+                                             "(cosine, at its position) to a retain prompt's row than to its "
+                                             "concept's forget prompt's, so the rounds do not erase what the retain "
+                                             "prompts say.")
     # the peer methods' knobs (--method esd-*, uce, advunlearn); None: the method's preset. Shared ones reuse
     # --learning_rate, --max_train_steps (their iterations), --alpha (AdvUnlearn's retain weight) and --seed
     negative_guidance: Optional[float] = _f(None, "ESD / AdvUnlearn: eta of the target eps0 - eta (eps_c - eps0) "
@@ -298,6 +302,9 @@ class EraseConfig(JsonConfigMixin):
         if self.uce_adversarial_rounds and not self.uce_prompt_edit:
             raise ValueError("--uce_adversarial_rounds re-solves --uce_prompt_edit's edit: add --uce_prompt_edit or "
                              "drop --uce_adversarial_rounds")
+        if self.uce_adversarial_filter and not self.uce_adversarial_rounds:
+            raise ValueError("--uce_adversarial_filter filters the rounds' rows: add --uce_adversarial_rounds or "
+                             "drop --uce_adversarial_filter")
         if self.uce_adversarial_images is not None and not self.uce_adversarial_rounds:
             raise ValueError("--uce_adversarial_images sets the images --uce_adversarial_rounds attacks: add "
                              "--uce_adversarial_rounds or drop --uce_adversarial_images")

@@ -9,7 +9,7 @@ import torch
 
 from salun_diffusers.config import EraseConfig
 from salun_diffusers.erase import erase
-from salun_diffusers.erasure.prompt_edit import round_images
+from salun_diffusers.erasure.prompt_edit import nearer_forget, round_images
 from salun_diffusers.families import load_base_pipeline
 from salun_diffusers.loaders import load_erasure
 from salun_diffusers.masking import load_mask
@@ -96,6 +96,34 @@ def test_rounds_take_images_from_every_concept_in_turn():
     assert round_images(ids, 4).tolist() == [0, 3, 5, 1]
     assert round_images(ids, 99).tolist() == [0, 3, 5, 1, 4, 2]
     assert round_images(torch.zeros(5, dtype=torch.long), 3).tolist() == [0, 1, 2]  # one concept: the first ones
+
+
+def test_filter_keeps_rows_at_least_as_near_the_forget_prompt():
+    """``--uce_adversarial_filter``: a row is kept when its cosine to its image's forget row at its position is at
+    least its cosine to every retain row there; ties (positions all prompts share) kept; no retain prompt: all kept."""
+    forget = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]]])  # [n=1, L=3, D=2]
+    retain = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]],
+                           [[-1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])  # [M=2, L, D]; position 2 shared by all
+    adv = torch.tensor([[[2.0, 1.0], [1.0, 3.0], [5.0, 5.0]]])
+    # position 0: cos 0.89 to forget, 0.45 / -0.89 to retain: kept; position 1: 0.32 to forget, 0.95 to the second
+    # retain prompt: dropped; position 2: a tie: kept
+    assert nearer_forget(adv, forget, retain).tolist() == [[True, False, True]]
+    assert nearer_forget(adv, forget, retain[:0]).tolist() == [[True, True, True]]
+    assert nearer_forget(adv * 7.0, forget, retain).tolist() == [[True, False, True]]  # cosine: scale-free
+
+
+def test_filtered_rounds_change_only_the_projections(erase_config, tmp_path):
+    """The filter changes the rounds' solve and nothing else (the training does not see it); it needs the rounds."""
+    kw = dict(max_train_steps=2, adversarial=True, uce_prompt_edit=True, uce_adversarial_rounds=1,
+              uce_adversarial_steps=3)
+    plain, filtered = (dict(erase(erase_config(output_dir=str(tmp_path / str(f)), uce_adversarial_filter=f,
+                                               **kw)).unet.named_parameters()) for f in (False, True))
+    projections = set(uce_projections(erase(erase_config(output_dir=str(tmp_path / "edit"), max_train_steps=1,
+                                                         uce_prompt_edit=True)).unet))
+    for name, p in plain.items():
+        assert torch.equal(p.detach(), filtered[name].detach()) == (name not in projections), name
+    with pytest.raises(ValueError, match="add --uce_adversarial_rounds or drop --uce_adversarial_filter"):
+        EraseConfig(concept="seven", uce_prompt_edit=True, uce_adversarial_filter=True)
 
 
 def test_rounds_need_the_edit():

@@ -18,7 +18,8 @@ the edited U-Net (``--uce_adversarial_images`` forget latents, 64 by default, ta
 attacked in training-batch chunks, warm-started from the ``--adversarial`` bank or the forget prompt); every token row
 of each conditioning found joins the erased rows, mapped onto the pseudo prompt's row at its position (weight
 ``uce_adversarial_weight`` per round, split over its images), and UCE is solved again from the trained weights over the
-prompts' pairs and every round's rows so far.
+prompts' pairs and every round's rows so far. ``--uce_adversarial_filter`` drops a round's rows that lie nearer
+(cosine, at their position) to a retain prompt's row than to their concept's forget prompt's.
 """
 
 from __future__ import annotations
@@ -71,6 +72,19 @@ def round_images(concept_ids: torch.Tensor, wanted: int) -> torch.Tensor:
     return torch.tensor(order[:wanted], dtype=torch.long)
 
 
+def nearer_forget(adv: torch.Tensor, forget_rows: torch.Tensor, retain_rows: torch.Tensor) -> torch.Tensor:
+    """``[n, L]`` bool: which adversarial token rows (``adv`` ``[n, L, D]``) lie at least as near (cosine, at their
+    position) to their image's forget-prompt row (``forget_rows`` ``[n, L, D]``) as to every retain prompt's
+    (``retain_rows`` ``[M, L, D]``; none: all kept). Ties (positions every prompt shares) are kept."""
+    if retain_rows.numel() == 0:
+        return torch.ones(adv.shape[:2], dtype=torch.bool, device=adv.device)
+    unit = torch.nn.functional.normalize
+    a = unit(adv.float(), dim=-1)
+    to_forget = (a * unit(forget_rows, dim=-1)).sum(-1)  # [n, L]
+    to_retain = torch.einsum("nld,mld->nml", a, unit(retain_rows, dim=-1)).amax(1)  # [n, L]
+    return to_forget >= to_retain
+
+
 @torch.no_grad()
 def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseConfig, scheduler, data: ConceptData,
                       adversary: Optional[Adversary] = None) -> None:
@@ -105,6 +119,11 @@ def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseC
     pseudo = token_embeddings(pipe.tokenizer, pipe.text_encoder, guides)[0][ids].float()
     scale = math.sqrt(config.uce_adversarial_weight / n)  # each row's squared error weighs weight / n
     target_rows = scale * pseudo.reshape(-1, pseudo.shape[-1]).to(device)
+    keep_rows = None
+    if config.uce_adversarial_filter:
+        forget_rows = token_embeddings(pipe.tokenizer, pipe.text_encoder, erased)[0][ids].float().to(device)
+        retain_rows = token_embeddings(pipe.tokenizer, pipe.text_encoder, preserved)[0].float().to(device)
+        keep_rows = lambda adv: nearer_forget(adv, forget_rows, retain_rows)
     inputs, targets = [], []
     was_training = unet.training
     unet.eval()
@@ -115,8 +134,13 @@ def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseC
                                              steps=config.uce_adversarial_steps, lr=config.adversarial_lr,
                                              generator=generator, min_timestep=CONDITIONING_DEFAULTS["min_timestep"])
                          for i in range(0, n, chunk)])
-        inputs.append(scale * adv.reshape(-1, adv.shape[-1]))
-        targets.append(target_rows)
+        keep = torch.ones(adv.shape[:2], dtype=torch.bool, device=device) if keep_rows is None else keep_rows(adv)
+        keep = keep.reshape(-1)
+        if keep_rows is not None:
+            logger.info("--uce_adversarial_filter: round %d keeps %d of %d rows (the others lie nearer a retain "
+                        "prompt)", r + 1, int(keep.sum()), keep.numel())
+        inputs.append(scale * adv.reshape(-1, adv.shape[-1])[keep])
+        targets.append(target_rows[keep])
         edit((torch.cat(inputs), torch.cat(targets)))
         logger.info("--uce_adversarial_rounds: round %d of %d, %d adversarial rows erased", r + 1,
                     config.uce_adversarial_rounds, sum(len(x) for x in inputs))
