@@ -218,6 +218,9 @@ class EraseConfig(JsonConfigMixin):
     # 20.2% mean against the edit's 28.6% (seed 0: 24.1% against 35.9%; seed 5: 22.2% against 32.7%)
     uce_adversarial_weight: float = _f(0.5, "Erase weight of one round's adversarial rows, split evenly over its "
                                             "images (the prompt's pairs weigh 1).")
+    uce_preserve_word_weight: float = _f(0.0, "--uce_prompt_edit: weight of keeping each retain prompt's last word "
+                                              "and end token rows in every solve, beside the whole prompt's 0.1 per "
+                                              "row (0: off).")
     # the peer methods' knobs (--method esd-*, uce, advunlearn); None: the method's preset. Shared ones reuse
     # --learning_rate, --max_train_steps (their iterations), --alpha (AdvUnlearn's retain weight) and --seed
     negative_guidance: Optional[float] = _f(None, "ESD / AdvUnlearn: eta of the target eps0 - eta (eps_c - eps0) "
@@ -407,7 +410,7 @@ RANGES = {
     "negative_guidance": (0.0, None), "start_guidance": (0.0, None), "preserve_scale": (0.0, None),
     "attack_steps": (0, None), "attack_warmup": (0, None), "partial_sampling_steps": (1, None),
     "uce_adversarial_rounds": (0, None), "uce_adversarial_images": (1, None), "uce_adversarial_steps": (1, None),
-    "uce_adversarial_weight": (0.0, None),
+    "uce_adversarial_weight": (0.0, None), "uce_preserve_word_weight": (0.0, None),
     **{name: (1, None) for name in ("num_forget_images", "max_train_steps", "train_batch_size", "num_train_epochs",
                                     "gradient_accumulation_steps", "saliency_batch_size", "data_num_inference_steps",
                                     "threads", "num_validation_images", "data_batch_size")},

@@ -84,9 +84,16 @@ def apply_prompt_edit(pipe, unet: torch.nn.Module, spec: AnySpec, config: EraseC
                 "and values, %d retain prompt(s) preserved", len(erased), len(preserved))
     trained = {n: layer.weight.detach().clone() for n, layer in uce_projections(unet, cfg.with_to_k).items()}
 
+    kept = None
+    if config.uce_preserve_word_weight and preserved:  # each retain prompt's last word and end token rows
+        hidden, last = token_embeddings(pipe.tokenizer, pipe.text_encoder, preserved)
+        rows = torch.cat([hidden[i, j:j + 2] for i, j in enumerate(last)])
+        kept = math.sqrt(config.uce_preserve_word_weight / cfg.preserve_scale) * rows
+
     def edit(extra=None):  # always solved from the trained weights
         apply_uce(unet, trained)
-        apply_uce(unet, uce_edit(unet, pipe.tokenizer, pipe.text_encoder, erased, guides, preserved, cfg, extra))
+        apply_uce(unet, uce_edit(unet, pipe.tokenizer, pipe.text_encoder, erased, guides, preserved, cfg, extra,
+                                 extra_preserve=kept))
 
     edit()
     if not config.uce_adversarial_rounds:

@@ -147,7 +147,8 @@ def uce_closed_form(weight: torch.Tensor, erase_inputs: torch.Tensor, erase_targ
 @torch.no_grad()
 def uce_edit(unet, tokenizer, text_encoder, erase_prompts: Sequence[str], guide_prompts: Sequence[str],
              preserve_prompts: Sequence[str] = (), config: Optional[UceConfig] = None,
-             extra_erase: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+             extra_erase: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+             extra_preserve: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """The edited weights (parameter name -> new weight in its dtype) of every cross-attention key/value projection.
     Nothing in ``unet`` changes; :func:`apply_uce` writes them. ``extra_erase``: further erased rows ``(c [N, d],
     g [N, d])`` beside the prompts' pairs, each mapped onto ``W g`` (``replace``, whatever the technique; e.g.
@@ -161,6 +162,8 @@ def uce_edit(unet, tokenizer, text_encoder, erase_prompts: Sequence[str], guide_
     preserve = list(preserve_prompts) or [""]  # official: the empty prompt when no preserved concepts are given
     hidden, _ = token_embeddings(tokenizer, text_encoder, preserve)
     c_p = hidden.reshape(-1, hidden.shape[-1]).double()
+    if extra_preserve is not None:  # further kept rows, pre-scaled by sqrt(their weight / preserve_scale)
+        c_p = torch.cat([c_p, extra_preserve.double().to(c_p.device)])
     new = {}
     for name, layer in projections.items():
         w = layer.weight.detach().double()
